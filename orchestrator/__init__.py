@@ -1,0 +1,1 @@
+"""Session orchestrator for DeepBrain AI Streamer avatar sessions."""
