@@ -1,0 +1,373 @@
+"""Synchronous, thread-safe client for the DeepBrain AI Streamer API.
+
+One instance is shared by every thread of a worker: it owns one ``httpx.Client`` (one
+connection pool sized by ``max_connections``) and one session-token cache. Every request has a
+timeout (``timeout_seconds`` for connect, read, write and pool wait) and goes through the one
+retry loop of :mod:`orchestrator.deepbrain.retry`.
+
+Authentication: start uses ``Authorization: Bearer <session token>`` (fetched from the token
+endpoint, cached, refreshed when its JWT ``exp`` is within ``token_refresh_margin_seconds``, and
+once more after a 401); stop, list and detail use ``STUDIO-API-KEY: <userKey>``, where a 401
+raises at once. The token endpoint has no auth header; it is fetched inside the start's retry
+loop, so its transient failures use the same attempts and backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import quote
+
+import httpx
+from pydantic import SecretStr
+
+from orchestrator.deepbrain.auth import SessionTokenCache
+from orchestrator.deepbrain.errors import (
+    DeepBrainError,
+    VendorAuthError,
+    VendorConflict,
+    VendorNotFound,
+    VendorServerError,
+    VendorUnavailable,
+    error_from_reply,
+    error_from_transport,
+    sanitize_message,
+)
+from orchestrator.deepbrain.models import (
+    StartedSession,
+    StopOutcome,
+    VendorSession,
+    parse_started_session,
+    parse_vendor_session,
+)
+from orchestrator.deepbrain.retry import RetryPolicy, call_with_retry
+
+__all__ = ["DeepBrainClient"]
+
+logger = logging.getLogger("orchestrator.deepbrain")
+
+SUCCESS_CODE = 1000
+TOKEN_PATH = "/api/v2/sessions/token"  # noqa: S105 -- a URL path, not a password
+START_PATH = "/api/v2/sessions/start"
+STOP_PATH = "/api/v2/sessions/stop"
+LIST_PATH = "/api/v2/sessions"
+MAX_PAGES = 10_000  # a vendor whose "next" never ends must not loop us forever
+
+
+def _secret(value: str | SecretStr, name: str) -> SecretStr:
+    secret = value if isinstance(value, SecretStr) else SecretStr(value)
+    if not secret.get_secret_value():
+        raise ValueError(f"DeepBrainClient: {name} must not be empty")
+    return secret
+
+
+def _is_uncertain(exc: DeepBrainError) -> bool:
+    """True when a failed start may still have created a vendor session.
+
+    That is a 5xx or garbage reply, a timeout or connection lost after sending, or a success
+    status whose reply we could not use (an unknown code, data not as documented).
+    """
+    if isinstance(exc, VendorUnavailable):
+        return exc.uncertain
+    if isinstance(exc, VendorServerError):
+        return True
+    unclassified = type(exc) is DeepBrainError
+    return unclassified and (exc.http_status is None or 200 <= exc.http_status < 300)
+
+
+@dataclass
+class _StartState:
+    sent: int = 0
+    uncertain: int = 0
+    refreshed: bool = False
+
+
+class DeepBrainClient:
+    """Client for token, start, stop, list and detail. Safe to share between threads.
+
+    ``app_id``/``user_key`` may be ``str`` or ``SecretStr``; they are never shown by ``repr``,
+    logs or exceptions. ``transport`` replaces the HTTP transport (then ``max_connections`` is
+    the transport's business); ``sleep`` is called with each retry delay.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        app_id: str | SecretStr,
+        user_key: str | SecretStr,
+        *,
+        timeout_seconds: float = 30.0,
+        retry: RetryPolicy | None = None,
+        max_connections: int = 256,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        token_refresh_margin_seconds: float = 60.0,
+    ) -> None:
+        if timeout_seconds <= 0:
+            raise ValueError("DeepBrainClient: timeout_seconds must be positive")
+        if max_connections < 1:
+            raise ValueError("DeepBrainClient: max_connections must be at least 1")
+        self._base_url = base_url.rstrip("/")
+        self._app_id = _secret(app_id, "app_id")
+        self._user_key = _secret(user_key, "user_key")
+        self._timeout_seconds = timeout_seconds
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._sleep = sleep
+        self._http = httpx.Client(
+            base_url=self._base_url,
+            timeout=httpx.Timeout(timeout_seconds),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+            headers={"Accept": "application/json", "User-Agent": "session-orchestrator"},
+            follow_redirects=False,
+        )
+        self._tokens = SessionTokenCache(
+            self._fetch_token, refresh_margin=token_refresh_margin_seconds
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self._base_url!r})"
+
+    __str__ = __repr__
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- public calls --------------------------------------------------------------------
+
+    def start_session(self, body: Mapping[str, Any]) -> StartedSession:
+        """``POST /api/v2/sessions/start`` with ``body`` sent as JSON as given.
+
+        Retries connect failures and 429 freely; retries 5xx, read timeouts and dropped
+        connections too but logs a WARNING for each (the vendor may have created a session
+        the reconciler will stop) and counts them in ``uncertain_attempts``. A 401 fetches a
+        new token and resends once; a second 401 raises :class:`VendorAuthError`. Any error
+        raised carries ``attempts`` and ``uncertain_attempts``.
+        """
+        endpoint = f"POST {START_PATH}"
+        payload = dict(body)
+        state = _StartState()
+        try:
+            started = call_with_retry(
+                lambda: self._start_once(payload, state, endpoint),
+                policy=self._retry,
+                sleep=self._sleep,
+                endpoint=endpoint,
+            )
+        except DeepBrainError as exc:
+            exc.attempts = state.sent
+            exc.uncertain_attempts = state.uncertain
+            raise
+        return replace(started, attempts=state.sent, uncertain_attempts=state.uncertain)
+
+    def stop_session(self, session_id: str, reason: str) -> StopOutcome:
+        """``POST /api/v2/sessions/stop``. 409/4090 → ALREADY_ENDED, 404/4040 → NOT_FOUND.
+
+        A 404 or 409 that does not carry the vendor's JSON envelope (a proxy or a wrong base
+        URL answering) is raised, not taken as an outcome. A 401 raises at once.
+        """
+        self._require_id(session_id)
+        endpoint = f"POST {STOP_PATH}"
+        try:
+            self._call_with_key(
+                "POST", STOP_PATH, endpoint, json={"session_id": session_id, "reason": reason}
+            )
+        except VendorConflict as exc:
+            if exc.code is None:
+                raise
+            return StopOutcome.ALREADY_ENDED
+        except VendorNotFound as exc:
+            if exc.code is None:
+                raise
+            return StopOutcome.NOT_FOUND
+        return StopOutcome.STOPPED
+
+    def list_sessions(
+        self, kind: Literal["active", "historic"] = "active", page_size: int = 100
+    ) -> list[VendorSession]:
+        """``GET /api/v2/sessions``, every page (a session seen twice is kept once)."""
+        if kind not in ("active", "historic"):
+            raise ValueError("list_sessions: kind must be 'active' or 'historic'")
+        if not 1 <= page_size <= 100:
+            raise ValueError("list_sessions: page_size must be between 1 and 100")
+        endpoint = f"GET {LIST_PATH}"
+        sessions: dict[str, VendorSession] = {}
+        for page in range(1, MAX_PAGES + 1):
+            data = self._call_with_key(
+                "GET",
+                LIST_PATH,
+                endpoint,
+                params={"page": page, "page_size": page_size, "type": kind},
+            )
+            results = data.get("results") if isinstance(data, Mapping) else None
+            if not isinstance(results, list):
+                raise DeepBrainError(
+                    endpoint, f"unexpected reply shape: page {page} has no results"
+                )
+            for row in results:
+                session = parse_vendor_session(row, endpoint)
+                sessions.setdefault(session.session_id, session)
+            if not data.get("next") or not results:
+                return list(sessions.values())
+        raise DeepBrainError(endpoint, f"more than {MAX_PAGES} pages; refusing to go on")
+
+    def get_session(self, session_id: str) -> VendorSession:
+        """``GET /api/v2/sessions/{session_id}``; 404 raises :class:`VendorNotFound`."""
+        self._require_id(session_id)
+        path = f"{LIST_PATH}/{quote(session_id, safe='')}"
+        endpoint = f"GET {path}"
+        data = self._call_with_key("GET", path, endpoint)
+        return parse_vendor_session(data, endpoint)
+
+    # -- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _require_id(session_id: str) -> None:
+        if not isinstance(session_id, str) or not session_id.strip():
+            raise ValueError("session_id must be a non-empty string")
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (self._app_id.get_secret_value(), self._user_key.get_secret_value())
+
+    def _call_with_key(self, method: str, path: str, endpoint: str, **kwargs: Any) -> Any:
+        headers = {"STUDIO-API-KEY": self._user_key.get_secret_value()}
+        return call_with_retry(
+            lambda: self._send(method, path, endpoint, headers=headers, **kwargs),
+            policy=self._retry,
+            sleep=self._sleep,
+            endpoint=endpoint,
+        )
+
+    def _fetch_token(self) -> str:
+        """One ``POST /api/v2/sessions/token`` (the caller's retry loop retries it)."""
+        endpoint = f"POST {TOKEN_PATH}"
+        data = self._send(
+            "POST",
+            TOKEN_PATH,
+            endpoint,
+            json={
+                "appId": self._app_id.get_secret_value(),
+                "userKey": self._user_key.get_secret_value(),
+            },
+        )
+        token = data.get("session_token") if isinstance(data, Mapping) else None
+        if not isinstance(token, str) or not token:
+            raise DeepBrainError(endpoint, "unexpected reply shape: data.session_token missing")
+        return token
+
+    def _start_once(
+        self, payload: dict[str, Any], state: _StartState, endpoint: str
+    ) -> StartedSession:
+        token = self._tokens.get()  # its failures are not start attempts: nothing was started
+        try:
+            return self._send_start(token, payload, state, endpoint)
+        except VendorAuthError:
+            if state.refreshed:
+                raise
+            state.refreshed = True
+            logger.info("deepbrain %s: token rejected (401), fetching a new one", endpoint)
+            self._tokens.invalidate(token)
+            token = self._tokens.get()
+            return self._send_start(token, payload, state, endpoint)
+
+    def _send_start(
+        self, token: str, payload: dict[str, Any], state: _StartState, endpoint: str
+    ) -> StartedSession:
+        state.sent += 1
+        try:
+            data = self._send(
+                "POST",
+                START_PATH,
+                endpoint,
+                headers={"Authorization": f"Bearer {token}"},
+                json=payload,
+            )
+            return parse_started_session(data, endpoint)
+        except DeepBrainError as exc:
+            if _is_uncertain(exc):
+                state.uncertain += 1
+                logger.warning(
+                    "deepbrain %s: start attempt %d is uncertain (%s): the vendor may have "
+                    "created a session; the reconciler stops any orphan",
+                    endpoint,
+                    state.sent,
+                    exc.error_code,
+                    extra={"vendor_endpoint": endpoint, "vendor_error_code": exc.error_code},
+                )
+            raise
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        params: Mapping[str, str | int] | None = None,
+    ) -> Any:
+        """One HTTP request; returns the envelope's ``data`` or raises a DeepBrainError."""
+        try:
+            response = self._http.request(method, path, headers=headers, json=json, params=params)
+        except httpx.TransportError as exc:
+            raise error_from_transport(
+                endpoint, exc, timeout_seconds=self._timeout_seconds, secrets=self._secrets()
+            ) from exc
+        return self._unwrap(endpoint, response)
+
+    def _unwrap(self, endpoint: str, response: httpx.Response) -> Any:
+        status = response.status_code
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, Mapping) or "code" not in payload:
+            kind = "a non-JSON body" if payload is None else "JSON without the vendor envelope"
+            content_type = response.headers.get("content-type", "none")
+            summary = (
+                f"reply has {kind} (content-type {content_type}, {len(response.content)} bytes)"
+            )
+            raise error_from_reply(
+                endpoint,
+                status,
+                None,
+                sanitize_message(summary, self._secrets()),
+                retry_after=response.headers.get("retry-after"),
+                has_envelope=False,
+            )
+        raw_code = payload.get("code")
+        code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
+        if code is None and isinstance(raw_code, str) and raw_code.isdigit():
+            code = int(raw_code)
+        if 200 <= status < 300 and code == SUCCESS_CODE:
+            return payload.get("data")
+        vendor_message = payload.get("message")
+        raise error_from_reply(
+            endpoint,
+            status,
+            code,
+            sanitize_message(vendor_message if vendor_message is not None else "", self._secrets())
+            or "(no message)",
+            retry_after=response.headers.get("retry-after"),
+            has_envelope=True,
+        )
