@@ -1,0 +1,33 @@
+"""A fake DeepBrain AI Streamer API (aiohttp), written from deepbrain-api.md only.
+
+It shares no code with the orchestrator's DeepBrain client, so a test of one
+against the other proves something. Vendor endpoints live under
+``/api/v2/sessions``; the test/admin API (not part of DeepBrain) under ``/_sim/``.
+
+    from orchestrator.simulator import SimulatorConfig, SimulatorServer
+    with SimulatorServer(SimulatorConfig(max_concurrent_sessions=3)) as sim:
+        ...  # point the client at sim.base_url
+"""
+
+from orchestrator.simulator.app import create_app
+from orchestrator.simulator.config import (
+    ENDPOINTS,
+    Fault,
+    SimulatorConfig,
+    default_code_for_status,
+    parse_endpoint_values,
+)
+from orchestrator.simulator.server import SimulatorServer, run
+from orchestrator.simulator.state import SimulatorState
+
+__all__ = [
+    "ENDPOINTS",
+    "Fault",
+    "SimulatorConfig",
+    "SimulatorServer",
+    "SimulatorState",
+    "create_app",
+    "default_code_for_status",
+    "parse_endpoint_values",
+    "run",
+]
