@@ -1,0 +1,111 @@
+"""Settings, read once from ``ORCHESTRATOR_*`` environment variables and passed down.
+
+A bad or missing setting becomes :class:`ConfigError`, whose message is one line
+naming the variable; the CLI prints it and exits without a traceback.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ORCHESTRATOR_"
+DEFAULT_DEEPBRAIN_BASE_URL = "https://ai-streamer.deepbrain.io"
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "xxx", "todo", "placeholder"})
+
+
+def default_state_dir() -> Path:
+    return Path.cwd() / ".orchestrator"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+    )
+
+    state_dir: Path = Field(default_factory=default_state_dir)
+    database_url: str = ""
+    broker_url: str = ""
+    deepbrain_base_url: str = DEFAULT_DEEPBRAIN_BASE_URL
+    deepbrain_app_id: SecretStr | None = None
+    deepbrain_user_key: SecretStr | None = None
+    max_concurrent_sessions: int = Field(default=10, ge=1, le=100_000)
+    reaper_interval_seconds: PositiveSeconds = 5.0
+    reconcile_interval_seconds: PositiveSeconds = 30.0
+    orphan_grace_seconds: float = Field(default=60.0, ge=0)
+    start_timeout_seconds: PositiveSeconds = 120.0
+    vendor_timeout_seconds: PositiveSeconds = 30.0
+    max_session_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    stop_retry_seconds: PositiveSeconds = 30.0
+    heartbeat_max_age_seconds: PositiveSeconds = 60.0
+    db_pool_size: int = Field(default=10, ge=1, le=500)
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+
+    @field_validator("deepbrain_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @cached_property
+    def effective_database_url(self) -> str:
+        """The configured URL, or an SQLite file in the state directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+pysqlite:///{self.state_dir / 'orchestrator.sqlite3'}"
+
+    @cached_property
+    def effective_broker_url(self) -> str:
+        """The configured URL, or kombu's SQLAlchemy transport on an SQLite file."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{self.state_dir / 'broker.sqlite3'}"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.effective_broker_url.startswith(("sqla+", "filesystem:", "memory:"))
+
+    def vendor_credentials(self) -> tuple[SecretStr, SecretStr]:
+        """The account secrets, or :class:`ConfigError` naming the missing one."""
+        creds: list[SecretStr] = []
+        for name in ("deepbrain_app_id", "deepbrain_user_key"):
+            value: SecretStr | None = getattr(self, name)
+            variable = ENV_PREFIX + name.upper()
+            if value is None or not value.get_secret_value().strip():
+                raise ConfigError(f"{variable} is required to call the DeepBrain API")
+            if (
+                self.deepbrain_base_url == DEFAULT_DEEPBRAIN_BASE_URL
+                and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS
+            ):
+                raise ConfigError(f"{variable} is a placeholder, not a real DeepBrain credential")
+            creds.append(value)
+        return creds[0], creds[1]
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    variable = ENV_PREFIX + field.upper()
+    value = first.get("input")
+    shown = "" if "secret" in field or "key" in field or "url" in field else f" (got {value!r})"
+    return f"{variable}: {first['msg']}{shown}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; overrides win (the demo and tests use them)."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

@@ -1,0 +1,180 @@
+"""Typed SQLAlchemy 2 models for ``sessions`` and ``session_events`` (names per design.md)."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from orchestrator.db.types import JSONDocument, UTCDateTime, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class SessionStatus(enum.StrEnum):
+    WAITING = "waiting"
+    STARTING = "starting"
+    ACTIVE = "active"
+    STOPPING = "stopping"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+class EventKind(enum.StrEnum):
+    CREATED = "created"
+    ADMITTED = "admitted"
+    START_ATTEMPT = "start_attempt"
+    ACTIVE = "active"
+    STOP_REQUESTED = "stop_requested"
+    STOP_ATTEMPT_FAILED = "stop_attempt_failed"
+    ENDED = "ended"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+    DUPLICATE_CONFLICT = "duplicate_conflict"
+    COMPENSATED = "compensated"
+    ORPHAN_STOPPED = "orphan_stopped"
+
+
+LIVE_STATUSES = (SessionStatus.STARTING, SessionStatus.ACTIVE, SessionStatus.STOPPING)
+TERMINAL_STATUSES = (SessionStatus.ENDED, SessionStatus.FAILED)
+
+Timestamp = Annotated[datetime, mapped_column(UTCDateTime())]
+CreatedAt = Annotated[
+    datetime, mapped_column(UTCDateTime(), default=utcnow, server_default=text("CURRENT_TIMESTAMP"))
+]
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONDocument,
+    }
+
+
+def _status_check(values: tuple[str, ...]) -> str:
+    return "status IN (" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+class SessionRow(Base):
+    """One row per start request (``request_id`` unique), from enqueue to its end."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        CheckConstraint(_status_check(tuple(s.value for s in SessionStatus)), name="status"),
+        # The reaper's sweep: cost follows the live set, not the table.
+        Index(
+            "ix_sessions_active_expires_at",
+            "expires_at",
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+        Index(
+            "ix_sessions_stopping_stop_retry_at",
+            "stop_retry_at",
+            postgresql_where=text("status = 'stopping'"),
+            sqlite_where=text("status = 'stopping'"),
+        ),
+        Index(
+            "ix_sessions_waiting_created_at",
+            "created_at",
+            postgresql_where=text("status = 'waiting'"),
+            sqlite_where=text("status = 'waiting'"),
+        ),
+        Index("ix_sessions_status_created_at", "status", "created_at"),
+        Index("ix_sessions_avatar_id", "avatar_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    request_id: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    avatar_id: Mapped[str | None] = mapped_column(Text)
+    request_payload: Mapped[dict[str, Any]]
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    claim_id: Mapped[str | None] = mapped_column(String(255))
+    vendor_session_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    voice_id: Mapped[str | None] = mapped_column(Text)
+    livekit_url: Mapped[str | None] = mapped_column(Text)
+    livekit_room: Mapped[str | None] = mapped_column(Text)
+    livekit_token: Mapped[str | None] = mapped_column(Text)
+    livekit_token_expires_at: Mapped[datetime | None]
+    granted_max_duration_minutes: Mapped[int | None] = mapped_column(Integer)
+    max_session_numbers: Mapped[int | None] = mapped_column(Integer)
+    max_duration_seconds: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[CreatedAt]
+    start_deadline_at: Mapped[datetime | None]
+    start_sent_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    stop_requested_at: Mapped[datetime | None]
+    stop_retry_at: Mapped[datetime | None]
+    stop_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    ended_at: Mapped[datetime | None]
+    end_reason: Mapped[str | None] = mapped_column(String(64))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    traceparent: Mapped[str | None] = mapped_column(String(128))
+    session_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+
+
+class SessionEvent(Base):
+    """Append-only log of what happened; ``session_id`` is null for an orphan with no row."""
+
+    __tablename__ = "session_events"
+    __table_args__ = (Index("ix_session_events_session_id_id", "session_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    session_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("sessions.id", ondelete="SET NULL")
+    )
+    vendor_session_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    occurred_at: Mapped[CreatedAt]
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
+
+
+class OutboxEvent(Base):
+    """A lifecycle event written in the transaction that caused it, published after commit."""
+
+    __tablename__ = "event_outbox"
+    __table_args__ = (
+        Index(
+            "ix_event_outbox_unpublished",
+            "id",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    event_id: Mapped[uuid.UUID] = mapped_column(unique=True, default=uuid.uuid4)
+    routing_key: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    created_at: Mapped[CreatedAt]
+    published_at: Mapped[datetime | None]
+    traceparent: Mapped[str | None] = mapped_column(String(128))
