@@ -1,0 +1,167 @@
+"""The Celery application: JSON only, late acks, dead-lettering instead of silent drops."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+from celery.beat import PersistentScheduler
+from celery.worker.consumer import Consumer
+
+from orchestrator import heartbeat
+from orchestrator.config import Settings
+from orchestrator.lifecycle import Lifecycle
+from orchestrator.messaging import (
+    CONTROL_QUEUE,
+    REAP_TASK,
+    RECONCILE_TASK,
+    TASK_QUEUES,
+    WORK_QUEUES,
+)
+
+logger = logging.getLogger(__name__)
+HEARTBEAT_EVERY_SECONDS = 10.0
+
+
+class DeadLetteringConsumer(Consumer):
+    """Rejects (into ``orchestrator.dead``) what Celery would ack and drop, and never logs
+    message bodies: they may carry the customer's LLM keys."""
+
+    @property
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        errors: tuple[type[BaseException], ...] = getattr(self, "connection_errors", ())
+        return errors
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        logger.error(
+            "undecodable message dead-lettered (content type %r): %s",
+            message.content_type,
+            type(exc).__name__,
+        )
+        message.reject_log_error(logger, self._connection_errors, requeue=False)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        logger.error("message for unknown task %r dead-lettered", message.headers.get("task"))
+        message.reject_log_error(logger, self._connection_errors, requeue=False)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        logger.error("invalid task message dead-lettered: %s", exc)
+        message.reject_log_error(logger, self._connection_errors, requeue=False)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+
+class WorkerHeartbeat(bootsteps.StartStopStep):
+    """Touches ``worker.heartbeat`` while the consumer is connected to the broker."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        self._timer_entry: Any = None
+
+    def start(self, consumer: Any) -> None:
+        state_dir = consumer.app.settings.state_dir
+
+        def beat() -> None:
+            if consumer.connection is not None and consumer.connection.connected:
+                heartbeat.touch(state_dir, "worker")
+
+        beat()
+        self._timer_entry = consumer.timer.call_repeatedly(HEARTBEAT_EVERY_SECONDS, beat)
+
+    def stop(self, consumer: Any) -> None:
+        if self._timer_entry is not None:
+            self._timer_entry.cancel()
+
+
+class HeartbeatScheduler(PersistentScheduler):
+    """Celery beat's scheduler, touching ``beat.heartbeat`` on every tick."""
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        settings: Settings = getattr(self.app, "settings")  # noqa: B009 - our Celery subclass
+        heartbeat.touch(settings.state_dir, "beat")
+        return float(super().tick(*args, **kwargs))
+
+
+class OrchestratorCelery(Celery):
+    """Celery with the settings attached and one lazily built :class:`Lifecycle` per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        broker = settings.effective_broker_url
+        if broker.startswith("sqla+"):  # the embedded broker, with a faster poll
+            broker = broker.removeprefix("sqla+")
+        super().__init__("orchestrator", broker=broker, set_as_current=False)
+        self.settings = settings
+        self._lifecycle: Lifecycle | None = None
+        self._lifecycle_lock = threading.Lock()
+
+    def lifecycle(self) -> Lifecycle:
+        with self._lifecycle_lock:
+            if self._lifecycle is None:
+                self._lifecycle = Lifecycle.from_settings(self.settings)
+            return self._lifecycle
+
+    def forget_lifecycle(self) -> None:
+        """After a fork: the parent's connections must not be shared with the child."""
+        with self._lifecycle_lock:
+            self._lifecycle = None
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport_options: dict[str, Any] = {}
+    if settings.effective_broker_url.startswith(("amqp", "pyamqp")):
+        transport_options["confirm_publish"] = True
+    beat_expiry = {"expires": settings.reaper_interval_seconds * 2, "queue": CONTROL_QUEUE}
+    embedded = settings.effective_broker_url.startswith("sqla+")
+    return {
+        "broker_transport": "orchestrator.embedded_broker:EmbeddedTransport" if embedded else None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_queues": WORK_QUEUES,
+        "task_default_queue": CONTROL_QUEUE,
+        "task_routes": {name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        "task_create_missing_queues": False,
+        "task_publish_retry": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport_options,
+        "worker_consumer": f"{__name__}:DeadLetteringConsumer",
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "beat_scheduler": f"{__name__}:HeartbeatScheduler",
+        "beat_schedule_filename": str(settings.state_dir / "beat-schedule"),
+        "beat_max_loop_interval": min(settings.reaper_interval_seconds, 5.0),
+        "beat_schedule": {
+            "reap-expired-sessions": {
+                "task": REAP_TASK,
+                "schedule": settings.reaper_interval_seconds,
+                "options": beat_expiry,
+            },
+            "reconcile-with-vendor": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_interval_seconds,
+                "options": {**beat_expiry, "expires": settings.reconcile_interval_seconds},
+            },
+        },
+    }
+
+
+def create_app(settings: Settings) -> OrchestratorCelery:
+    from orchestrator import tasks
+
+    app = OrchestratorCelery(settings)
+    app.conf.update(celery_config(settings))
+    app.steps["consumer"].add(WorkerHeartbeat)
+    tasks.register(app)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _after_fork(**_: Any) -> None:
+        app.forget_lifecycle()
+
+    return app

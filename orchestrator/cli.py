@@ -1,0 +1,301 @@
+"""``orchestrator`` command line: worker, beat, db, simulator, producer commands, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from orchestrator.config import ConfigError, Settings, load_settings
+from orchestrator.logging_setup import configure_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.group()
+@click.version_option(package_name="session-orchestrator")
+def main() -> None:
+    """Start, track and end DeepBrain AI Streamer sessions (see README.md)."""
+
+
+@main.command()
+@click.option("--queues", default="orchestrator.start,orchestrator.control", show_default=True)
+@click.option(
+    "--pool",
+    type=click.Choice(["threads", "prefork", "solo", "gevent"]),
+    default="threads",
+    show_default=True,
+)
+@click.option("--concurrency", type=click.IntRange(1, 2000), default=64, show_default=True)
+@click.option("--beat", "with_beat", is_flag=True, help="Also run beat inside (one process only).")
+@click.option("--hostname", default="orchestrator@%h", show_default=True)
+def worker(queues: str, pool: str, concurrency: int, with_beat: bool, hostname: str) -> None:
+    """Run a Celery worker consuming the start and control queues."""
+    from orchestrator.celery_app import create_app
+    from orchestrator.messaging import declare_topology
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    try:
+        settings.vendor_credentials()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    app = create_app(settings)
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=10)
+        declare_topology(connection)
+    argv = [
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        f"--queues={queues}",
+        f"--loglevel={settings.log_level}",
+        f"--hostname={hostname}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if with_beat:
+        argv.append("--beat")
+    app.worker_main(argv)
+
+
+@main.command()
+def beat() -> None:
+    """Run Celery beat: the reaper and reconciler schedules (run exactly one)."""
+    from orchestrator.celery_app import create_app
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    app.start(["beat", f"--loglevel={settings.log_level}"])
+
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic)."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Migrate the database to REVISION (default: head). Safe to run twice at once."""
+    from orchestrator.db.migrate import upgrade
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    upgrade(settings.effective_database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION (e.g. base)."""
+    from orchestrator.db.migrate import downgrade
+
+    settings = _settings()
+    downgrade(settings.effective_database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8800, show_default=True)
+@click.option("--latency", type=float, help="Seconds added to every request.")
+@click.option("--failure-rate", "failure_rates", multiple=True, help="ENDPOINT=P, e.g. start=0.1")
+@click.option("--max-concurrent", type=int, help="Vendor concurrent-session limit.")
+@click.option("--idle-timeout", help="Seconds without ping before IDLE_TIMEOUT ('none' disables).")
+@click.option("--token-ttl", type=float, help="Session token lifetime in seconds.")
+@click.option("--app-id", help="Accepted appId (default demo-app-id).")
+@click.option("--user-key", help="Accepted userKey (default demo-user-key).")
+def simulator(
+    host: str,
+    port: int,
+    latency: float | None,
+    failure_rates: tuple[str, ...],
+    max_concurrent: int | None,
+    idle_timeout: str | None,
+    token_ttl: float | None,
+    app_id: str | None,
+    user_key: str | None,
+) -> None:
+    """Serve a fake DeepBrain API (for the demo, tests, staging)."""
+    from orchestrator import simulator as sim
+
+    configure_logging("INFO")
+    try:
+        config = sim.SimulatorConfig.from_options(
+            latency=latency,
+            failure_rates=failure_rates,
+            max_concurrent=max_concurrent,
+            idle_timeout=idle_timeout,
+            token_ttl=token_ttl,
+            app_id=app_id,
+            user_key=user_key,
+        )
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    sim.run(config, host, port, on_ready=lambda url: click.echo(f"simulator on {url}", err=True))
+
+
+@main.command()
+@click.argument("role", type=click.Choice(["worker", "beat"]))
+def health(role: str) -> None:
+    """Exit 0 if this pod's worker/beat heartbeat is fresh (for liveness probes)."""
+    from orchestrator.heartbeat import age_seconds
+
+    settings = _settings()
+    age = age_seconds(settings.state_dir, role)
+    if age is None:
+        raise click.ClickException(f"no {role} heartbeat yet in {settings.state_dir}")
+    if age > settings.heartbeat_max_age_seconds:
+        raise click.ClickException(f"{role} heartbeat is {age:.0f} s old")
+    click.echo(f"{role} ok ({age:.0f} s)")
+
+
+@main.command()
+@click.option("--avatar-id", required=True)
+@click.option("--request-id")
+@click.option("--max-session-duration", type=int, help="Minutes (sent to the vendor).")
+@click.option("--max-duration-seconds", type=int, help="Orchestrator cap in seconds.")
+@click.option("--start-deadline-seconds", type=int)
+@click.option("--greeting-text")
+@click.option("--persona", help="avatar_persona as JSON.")
+@click.option("--metadata", help="metadata as JSON.")
+@click.option("--wait", "wait_seconds", type=float, help="Wait up to N s and print the result.")
+def enqueue(
+    avatar_id: str,
+    request_id: str | None,
+    max_session_duration: int | None,
+    max_duration_seconds: int | None,
+    start_deadline_seconds: int | None,
+    greeting_text: str | None,
+    persona: str | None,
+    metadata: str | None,
+    wait_seconds: float | None,
+) -> None:
+    """Publish a start job; prints its request_id."""
+    from orchestrator.lifecycle.requests import InvalidStartRequest
+    from orchestrator.producer import Producer, PublishError
+
+    kwargs: dict[str, Any] = {"avatar_id": avatar_id}
+    optional = {
+        "request_id": request_id,
+        "max_session_duration": max_session_duration,
+        "max_duration_seconds": max_duration_seconds,
+        "start_deadline_seconds": start_deadline_seconds,
+        "greeting_text": greeting_text,
+        "avatar_persona": _json_option("--persona", persona),
+        "metadata": _json_option("--metadata", metadata),
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    producer = Producer(_settings())
+    try:
+        rid = producer.enqueue_start_session(**kwargs)
+        click.echo(rid)
+        if wait_seconds:
+            _print_info(producer.wait_for_session(rid, wait_seconds))
+    except (InvalidStartRequest, PublishError, TimeoutError) as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        producer.close()
+
+
+def _json_option(name: str, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise click.BadParameter(f"not JSON: {error}", param_hint=name) from None
+
+
+@main.command()
+@click.option("--request-id")
+@click.option("--session-id", help="The vendor's session id.")
+@click.option("--reason", default="USER_CLOSED", show_default=True)
+def stop(request_id: str | None, session_id: str | None, reason: str) -> None:
+    """Ask for a session to be stopped."""
+    from orchestrator.producer import Producer, PublishError
+
+    if (request_id is None) == (session_id is None):
+        raise click.UsageError("give exactly one of --request-id or --session-id")
+    producer = Producer(_settings())
+    try:
+        producer.request_stop(request_id=request_id, session_id=session_id, reason=reason)
+    except PublishError as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        producer.close()
+    click.echo("stop requested")
+
+
+def _print_info(info: Any) -> None:
+    fields = {
+        "request_id": info.request_id,
+        "status": info.status,
+        "session_id": info.session_id,
+        "livekit_url": info.livekit_url,
+        "livekit_room": info.livekit_room,
+        "livekit_token": info.livekit_token,
+        "expires_at": info.expires_at.isoformat() if info.expires_at else None,
+        "end_reason": info.end_reason,
+        "error_code": info.error_code,
+        "error_message": info.error_message,
+    }
+    click.echo(json.dumps({k: v for k, v in fields.items() if v is not None}, indent=2))
+
+
+@main.command()
+@click.argument("request_id")
+def status(request_id: str) -> None:
+    """Print one request's state (JSON), including its LiveKit credentials while active."""
+    from orchestrator.producer import Producer, SessionNotFound
+
+    producer = Producer(_settings())
+    try:
+        _print_info(producer.session_info(request_id))
+    except SessionNotFound:
+        raise click.ClickException(f"no session for request {request_id} (yet)") from None
+    finally:
+        producer.close()
+
+
+@main.command()
+@click.option("--all", "show_all", is_flag=True, help="Include ended and failed sessions.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+def sessions(show_all: bool, limit: int) -> None:
+    """A table of sessions (live ones unless --all); never shows tokens."""
+    from orchestrator.db import Database
+    from orchestrator.reporting import session_table
+
+    settings = _settings()
+    database = Database(settings.effective_database_url, pool_size=1)
+    try:
+        click.echo(session_table(database, live_only=not show_all, limit=limit))
+    finally:
+        database.dispose()
+
+
+@main.command()
+@click.option("--sessions", "count", type=click.IntRange(2, 20), default=5, show_default=True)
+def demo(count: int) -> None:
+    """Run the whole lifecycle on embedded defaults against the simulator (no servers)."""
+    from orchestrator.demo import run_demo
+
+    sys.exit(run_demo(count))
+
+
+if __name__ == "__main__":
+    main()

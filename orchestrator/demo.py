@@ -1,0 +1,187 @@
+"""``orchestrator demo``: the whole lifecycle on embedded defaults, in well under a minute.
+
+No Postgres, no broker server, no vendor account, no network: an SQLite database and kombu's
+SQLite transport in a temporary folder, the built-in DeepBrain simulator on localhost, and a
+real Celery worker process (with beat inside, so the reaper runs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator.config import Settings, load_settings
+from orchestrator.db import Database
+from orchestrator.db.migrate import upgrade
+from orchestrator.producer import Producer, SessionInfo, SessionNotFound
+from orchestrator.reporting import format_table, session_table
+from orchestrator.simulator import SimulatorConfig, SimulatorServer
+
+DEMO_APP_ID = "demo-app-id"
+DEMO_USER_KEY = "demo-user-key"
+TIME_LIMIT_SECONDS = 50.0
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    env.update(
+        ORCHESTRATOR_STATE_DIR=str(settings.state_dir),
+        ORCHESTRATOR_DEEPBRAIN_BASE_URL=settings.deepbrain_base_url,
+        ORCHESTRATOR_DEEPBRAIN_APP_ID=DEMO_APP_ID,
+        ORCHESTRATOR_DEEPBRAIN_USER_KEY=DEMO_USER_KEY,
+        ORCHESTRATOR_REAPER_INTERVAL_SECONDS=str(settings.reaper_interval_seconds),
+        ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS=str(settings.reconcile_interval_seconds),
+        ORCHESTRATOR_LOG_LEVEL="INFO",
+    )
+    return env
+
+
+@contextmanager
+def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    command = [sys.executable, "-m", "orchestrator.cli", "worker", "--beat", "--concurrency", "8"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            command, env=_env(settings), stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _say(message: str, **style: Any) -> None:
+    click.secho(f"{time.strftime('%H:%M:%S')}  {message}", **style)
+
+
+def _describe(info: SessionInfo) -> str:
+    if info.status == "active":
+        assert info.expires_at is not None
+        left = info.expires_at.timestamp() - time.time()
+        return f"active in room {info.livekit_room}, expires in {left:.0f} s"
+    if info.status == "ended":
+        return f"ended: {info.end_reason}"
+    if info.status == "failed":
+        return f"failed: {info.error_code} {info.error_message}"
+    return info.status
+
+
+def run_demo(count: int) -> int:
+    started = time.monotonic()
+    state_dir = Path(tempfile.mkdtemp(prefix="orchestrator-demo-"))
+    click.secho("session-orchestrator demo", bold=True)
+    click.echo(f"state (SQLite database, embedded broker, worker log): {state_dir}")
+    with SimulatorServer(
+        SimulatorConfig(app_id=DEMO_APP_ID, user_key=DEMO_USER_KEY, max_concurrent_sessions=count)
+    ) as sim:
+        settings = load_settings(
+            state_dir=state_dir,
+            deepbrain_base_url=sim.base_url,
+            deepbrain_app_id=DEMO_APP_ID,
+            deepbrain_user_key=DEMO_USER_KEY,
+            reaper_interval_seconds=1.0,
+            reconcile_interval_seconds=5.0,
+        )
+        _say(f"DeepBrain simulator on {sim.base_url}")
+        upgrade(settings.effective_database_url)
+        _say("database migrated (Alembic, SQLite)")
+        with _worker(settings, state_dir / "worker.log"):
+            _say("worker started (threads pool, beat inside: reaper every 1 s)")
+            producer = Producer(settings)
+            try:
+                code = _scenario(producer, sim, count, started)
+            finally:
+                producer.close()
+        database = Database(settings.effective_database_url, pool_size=1)
+        click.echo()
+        click.secho("All sessions (from the sessions table; tokens are never shown):", bold=True)
+        click.echo(session_table(database, live_only=False))
+        database.dispose()
+        click.echo()
+        click.secho("What the vendor (simulator) saw:", bold=True)
+        rows = [
+            (s["session_id"][:14], s["status"], str(s["end_reason"]), str(s["stop_calls"]))
+            for s in sim.sessions()
+        ]
+        click.echo(format_table(("vendor session", "status", "end reason", "stop calls"), rows))
+    click.echo()
+    elapsed = time.monotonic() - started
+    if code == 0:
+        _say(f"demo finished in {elapsed:.1f} s: every session ended on time", fg="green")
+    else:
+        _say(f"demo FAILED after {elapsed:.1f} s; see {state_dir / 'worker.log'}", fg="red")
+    return code
+
+
+def _scenario(producer: Producer, sim: SimulatorServer, count: int, started: float) -> int:
+    durations = [6 + 2 * i for i in range(count - 1)]
+    request_ids = [
+        producer.enqueue_start_session(
+            avatar_id=f"avatar-{i + 1}", max_duration_seconds=seconds, request_id=f"demo-{i + 1}"
+        )
+        for i, seconds in enumerate(durations)
+    ]
+    stop_me = producer.enqueue_start_session(
+        avatar_id="avatar-stop", max_duration_seconds=60, request_id="demo-stopped-by-user"
+    )
+    request_ids.append(stop_me)
+    _say(f"enqueued {count} start jobs: {', '.join(request_ids)}")
+
+    seen: dict[str, str] = {}
+    shown_credentials = stop_sent = False
+    while time.monotonic() - started < TIME_LIMIT_SECONDS:
+        for rid in request_ids:
+            try:
+                info = producer.session_info(rid)
+            except SessionNotFound:
+                continue
+            text = _describe(info)
+            if seen.get(rid, "").split(" ")[0] != text.split(" ")[0]:
+                seen[rid] = text
+                _say(f"{rid:<22} {text}")
+                if info.status == "active" and not shown_credentials:
+                    shown_credentials = True
+                    _show_credentials(info)
+            if rid == stop_me and info.status == "active" and not stop_sent:
+                stop_sent = True
+                producer.request_stop(request_id=rid)
+                _say(f"{rid:<22} stop requested by the user (USER_CLOSED)")
+        if all(seen.get(rid, "").startswith(("ended", "failed")) for rid in request_ids):
+            break
+        time.sleep(0.2)
+    return _verdict(producer, request_ids, stop_me)
+
+
+def _show_credentials(info: SessionInfo) -> None:
+    token = info.livekit_token or ""
+    click.echo(f"           LiveKit url:   {info.livekit_url}")
+    click.echo(f"           room:          {info.livekit_room}")
+    click.echo(f"           token:         {token[:16]}… ({len(token)} chars, a real LiveKit JWT)")
+    click.echo(f"           token expires: {info.livekit_token_expires_at}")
+    click.echo(f"           session ends:  {info.expires_at}")
+
+
+def _verdict(producer: Producer, request_ids: list[str], stop_me: str) -> int:
+    problems = []
+    for rid in request_ids:
+        info = producer.session_info(rid)
+        expected = "USER_CLOSED" if rid == stop_me else "MAX_DURATION_REACHED"
+        if info.status != "ended" or info.end_reason != expected:
+            problems.append(f"{rid}: {info.status} {info.end_reason or info.error_code}")
+    for problem in problems:
+        click.secho(f"unexpected: {problem}", fg="red")
+    return 1 if problems else 0

@@ -1,0 +1,20 @@
+"""The session lifecycle as plain functions: no Celery here, so tests call them directly."""
+
+from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.reaper import ReapReport, reap
+from orchestrator.lifecycle.reconciler import ReconcileReport, reconcile
+from orchestrator.lifecycle.start import StartOutcome, handle_start_message, run_start
+from orchestrator.lifecycle.stop import StopResult, request_stop
+
+__all__ = [
+    "Lifecycle",
+    "ReapReport",
+    "ReconcileReport",
+    "StartOutcome",
+    "StopResult",
+    "handle_start_message",
+    "reap",
+    "reconcile",
+    "request_stop",
+    "run_start",
+]

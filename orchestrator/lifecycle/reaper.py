@@ -1,0 +1,41 @@
+"""The reaper: ends every session whose ``expires_at`` has passed, and retries stuck stops."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from orchestrator.lifecycle import store
+from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.stop import execute_stop
+
+logger = logging.getLogger(__name__)
+BATCH_SIZE = 200
+MAX_PARALLEL_STOPS = 16
+
+
+@dataclass(frozen=True)
+class ReapReport:
+    claimed: int
+    stopped: int
+    failed: int
+
+
+def reap(lc: Lifecycle, *, max_batches: int = 50) -> ReapReport:
+    """One sweep: claim due rows in batches (SKIP LOCKED), stop each at the vendor in parallel."""
+    claimed = stopped = 0
+    with ThreadPoolExecutor(MAX_PARALLEL_STOPS, thread_name_prefix="reaper") as pool:
+        for _ in range(max_batches):
+            tickets = store.claim_due_stops(
+                lc.db, limit=BATCH_SIZE, retry_in=lc.settings.stop_retry_seconds
+            )
+            claimed += len(tickets)
+            stopped += sum(pool.map(lambda ticket: execute_stop(lc, ticket), tickets))
+            if len(tickets) < BATCH_SIZE:
+                break
+    if claimed:
+        logger.info(
+            "reaper: %d due, %d stopped, %d left for retry", claimed, stopped, claimed - stopped
+        )
+    return ReapReport(claimed, stopped, claimed - stopped)

@@ -1,0 +1,200 @@
+"""The ``start_session`` message contract: validation, what goes to the vendor, what is secret."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
+MAX_METADATA_BYTES = 16 * 1024
+MAX_DURATION_SECONDS = 86_400
+VENDOR_FIELDS = (
+    "avatar_id",
+    "avatar_persona",
+    "max_session_duration",
+    "lip_audio_mode",
+    "greeting_text",
+)
+SECRET_CUSTOM_HTTP_KEYS = ("headers", "extra_headers", "auth_plugins")
+STOP_REASONS = (
+    "USER_CLOSED",
+    "TIMEOUT",
+    "ERROR",
+    "MAX_DURATION_REACHED",
+    "IDLE_TIMEOUT",
+    "ZOMBIE_SESSION_REAP",
+    "SERVER_SHUTDOWN",
+)
+
+
+class _Open(BaseModel):
+    """Known fields are type-checked; unknown nested fields pass through to the vendor."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CustomSettings(_Open):
+    greeting_text: StrictStr | None = None
+    system_prompt: StrictStr | None = None
+
+
+class LlmConfigurations(_Open):
+    provider: StrictStr | None = None
+    model: StrictStr | None = None
+    temperature: StrictFloat | StrictInt | None = None
+    custom_settings: CustomSettings | None = None
+    custom_http: dict[str, Any] | None = None
+
+
+class AvatarPersona(_Open):
+    language: StrictStr | None = None
+    llm_configurations: LlmConfigurations | None = None
+
+
+class StartRequest(BaseModel):
+    """kwargs of ``orchestrator.start_session`` (design.md); unknown top-level keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: StrictStr | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
+    avatar_id: StrictStr = Field(min_length=1)
+    avatar_persona: AvatarPersona | None = None
+    max_session_duration: StrictInt | None = Field(default=None, ge=1)
+    lip_audio_mode: StrictStr | None = None
+    greeting_text: StrictStr | None = None
+    max_duration_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_DURATION_SECONDS)
+    start_deadline_seconds: StrictInt | None = Field(default=None, ge=1)
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("avatar_id")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(canonical_json(value).encode()) > MAX_METADATA_BYTES:
+            raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+        return value
+
+    def vendor_duration_minutes(self) -> int | None:
+        """``max_session_duration``, or ceil(max_duration_seconds / 60) as the vendor's backstop."""
+        if self.max_session_duration is not None:
+            return self.max_session_duration
+        if self.max_duration_seconds is not None:
+            return math.ceil(self.max_duration_seconds / 60)
+        return None
+
+    def vendor_body(self) -> dict[str, Any]:
+        """The start body: only the five vendor fields, unknown nested fields kept as given."""
+        body: dict[str, Any] = {"avatar_id": self.avatar_id}
+        if self.avatar_persona is not None:
+            body["avatar_persona"] = self.avatar_persona.model_dump(exclude_unset=True)
+        minutes = self.vendor_duration_minutes()
+        if minutes is not None:
+            body["max_session_duration"] = minutes
+        if self.lip_audio_mode is not None:
+            body["lip_audio_mode"] = self.lip_audio_mode
+        if self.greeting_text is not None:
+            body["greeting_text"] = self.greeting_text
+        return body
+
+
+class InvalidStartRequest(ValueError):
+    """The message decoded but breaks the contract; ``str()`` names the fields."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        location = ".".join(str(p) for p in item["loc"]) or "kwargs"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{location}'")
+        elif item["type"] == "missing":
+            parts.append(f"'{location}' is required")
+        else:
+            parts.append(f"'{location}': {item['msg']}")
+    more = len(error.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def parse_start_request(
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, max_session_minutes: int
+) -> StartRequest:
+    if args:
+        raise InvalidStartRequest(
+            "positional arguments are not accepted; send every field as a keyword"
+        )
+    try:
+        request = StartRequest.model_validate(kwargs)
+    except ValidationError as error:
+        raise InvalidStartRequest(describe_validation_error(error)) from None
+    if (
+        request.max_session_duration is not None
+        and request.max_session_duration > max_session_minutes
+    ):
+        raise InvalidStartRequest(
+            f"'max_session_duration': must be at most {max_session_minutes} minutes"
+            " (ORCHESTRATOR_MAX_SESSION_MINUTES)"
+        )
+    minutes = request.vendor_duration_minutes()
+    if minutes is not None and minutes > max_session_minutes:
+        raise InvalidStartRequest(
+            f"'max_duration_seconds': {request.max_duration_seconds} s is longer than"
+            f" {max_session_minutes} minutes (ORCHESTRATOR_MAX_SESSION_MINUTES)"
+        )
+    return request
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def payload_digest(kwargs: dict[str, Any]) -> str:
+    """Tells a redelivery (same payload) from a conflicting reuse of a request_id."""
+    return hashlib.sha256(canonical_json(kwargs).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def without_secrets(payload: dict[str, Any]) -> dict[str, Any]:
+    """A copy with ``custom_http`` ``headers``/``extra_headers``/``auth_plugins`` removed."""
+    copy: dict[str, Any] = json.loads(canonical_json(payload))
+    persona = copy.get("avatar_persona")
+    llm = persona.get("llm_configurations") if isinstance(persona, dict) else None
+    custom_http = llm.get("custom_http") if isinstance(llm, dict) else None
+    if isinstance(custom_http, dict):
+        for key in SECRET_CUSTOM_HTTP_KEYS:
+            if key in custom_http:
+                custom_http[key] = "[removed]"
+    return copy
+
+
+def has_secrets(payload: dict[str, Any]) -> bool:
+    original: dict[str, Any] = json.loads(canonical_json(payload))
+    return without_secrets(payload) != original
+
+
+StopReason = Literal[
+    "USER_CLOSED",
+    "TIMEOUT",
+    "ERROR",
+    "MAX_DURATION_REACHED",
+    "IDLE_TIMEOUT",
+    "ZOMBIE_SESSION_REAP",
+    "SERVER_SHUTDOWN",
+]

@@ -1,0 +1,160 @@
+"""Handling one ``start_session`` message: validate, claim the request, start at the vendor
+with no transaction open, record the answer (or stop the vendor session again)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from sqlalchemy.exc import SQLAlchemyError
+
+from orchestrator.deepbrain import DeepBrainError, StartedSession
+from orchestrator.lifecycle import store
+from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.requests import (
+    REQUEST_ID_PATTERN,
+    InvalidStartRequest,
+    StartRequest,
+    parse_start_request,
+    payload_digest,
+)
+from orchestrator.lifecycle.stop import compensate, execute_stop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    request_id: str
+    status: str  # the row's status when this message was done with it
+    detail: str
+
+
+def handle_start_message(
+    lc: Lifecycle,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    claim_id: str,
+    traceparent: str | None = None,
+) -> StartOutcome:
+    """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id."""
+    digest = payload_digest({"args": list(args), "kwargs": kwargs} if args else kwargs)
+    try:
+        request = parse_start_request(
+            args, kwargs, max_session_minutes=lc.settings.max_session_minutes
+        )
+    except InvalidStartRequest as error:
+        request_id = _usable_request_id(kwargs.get("request_id")) or claim_id
+        logger.warning("start request %s rejected: %s", request_id, error)
+        store.record_invalid(
+            lc.db,
+            request_id=request_id,
+            claim_id=claim_id,
+            payload=kwargs if not args else {"args": list(args), "kwargs": kwargs},
+            digest=digest,
+            message=str(error),
+            traceparent=traceparent,
+        )
+        return StartOutcome(request_id, "failed", f"VALIDATION_ERROR: {error}")
+
+    request_id = request.request_id or claim_id
+    now = datetime.now(UTC)
+    claim = store.claim(
+        lc.db,
+        request_id=request_id,
+        claim_id=claim_id,
+        payload=kwargs,
+        digest=digest,
+        avatar_id=request.avatar_id,
+        metadata=request.metadata,
+        max_duration_seconds=request.max_duration_seconds,
+        start_deadline_at=(
+            now + timedelta(seconds=request.start_deadline_seconds)
+            if request.start_deadline_seconds
+            else None
+        ),
+        traceparent=traceparent,
+    )
+    if claim.outcome in (store.ClaimOutcome.DUPLICATE, store.ClaimOutcome.CONFLICT):
+        logger.info("start request %s: %s, ignored", request_id, claim.outcome.value)
+        return StartOutcome(request_id, claim.status, claim.outcome.value)
+    return run_start(lc, claim.session_id, claim_id)
+
+
+def _usable_request_id(value: object) -> str | None:
+    if isinstance(value, str) and re.fullmatch(REQUEST_ID_PATTERN, value):
+        return value
+    return None
+
+
+def run_start(lc: Lifecycle, session_id: uuid.UUID, claim_id: str) -> StartOutcome:
+    """One vendor start for a ``starting`` row this claim owns; safe to call again."""
+    ticket = store.begin_attempt(lc.db, session_id, claim_id)
+    if ticket is None:
+        return StartOutcome("", "unchanged", "no start needed")
+    request = StartRequest.model_validate(ticket.payload)
+    try:
+        started = lc.vendor.start_session(request.vendor_body())
+    except DeepBrainError as error:
+        logger.warning("start of request %s failed: %s", ticket.request_id, error)
+        store.record_failed(
+            lc.db, session_id, error_code=error.error_code, error_message=error.vendor_message
+        )
+        return StartOutcome(ticket.request_id, "failed", error.error_code)
+
+    vendor_start = _vendor_start(lc, request, ticket, started)
+    try:
+        recorded = store.record_started(lc.db, session_id, vendor_start)
+    except SQLAlchemyError:
+        compensate(
+            lc, started.session_id, request_id=ticket.request_id, why="database write failed"
+        )
+        raise
+    if recorded is False:
+        compensate(
+            lc, started.session_id, request_id=ticket.request_id, why="request no longer starting"
+        )
+        return StartOutcome(ticket.request_id, "unchanged", "compensated")
+    if isinstance(recorded, store.StopTicket):
+        execute_stop(lc, recorded)
+        return StartOutcome(ticket.request_id, "stopping", "stop requested during start")
+    return StartOutcome(ticket.request_id, "active", started.session_id)
+
+
+def _vendor_start(
+    lc: Lifecycle, request: StartRequest, ticket: store.StartTicket, started: StartedSession
+) -> store.VendorStart:
+    granted_minutes = started.max_session_duration
+    minutes = (
+        granted_minutes or request.vendor_duration_minutes() or lc.settings.max_session_minutes
+    )
+    lifetime = timedelta(minutes=minutes)
+    if request.max_duration_seconds is not None:
+        lifetime = min(lifetime, timedelta(seconds=request.max_duration_seconds))
+    return store.VendorStart(
+        vendor_session_id=started.session_id,
+        voice_id=started.voice_id,
+        livekit_url=started.livekit_url,
+        livekit_room=started.livekit_room,
+        livekit_token=started.livekit_token,
+        livekit_token_expires_at=jwt_expiry(started.livekit_token),
+        granted_minutes=granted_minutes,
+        max_session_numbers=started.max_session_numbers,
+        expires_at=ticket.sent_at + lifetime,
+    )
+
+
+def jwt_expiry(token: str) -> datetime | None:
+    """The ``exp`` claim of a JWT, read without verifying it (we only display it)."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    exp = claims.get("exp")
+    return datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None

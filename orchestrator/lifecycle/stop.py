@@ -1,0 +1,96 @@
+"""Stopping sessions at the vendor: on request, by the reaper, and as compensation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from orchestrator.db import EventKind
+from orchestrator.deepbrain import DeepBrainError, StopOutcome
+from orchestrator.lifecycle import events, store
+from orchestrator.lifecycle.context import Lifecycle
+
+logger = logging.getLogger(__name__)
+MAX_STOP_BACKOFF_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class StopResult:
+    found: bool
+    status_before: str | None
+    vendor_stopped: bool
+
+
+def request_stop(
+    lc: Lifecycle,
+    *,
+    request_id: str | None = None,
+    session_id: str | None = None,
+    reason: str = "USER_CLOSED",
+) -> StopResult:
+    """Apply a stop; only the caller that moved the row to ``stopping`` calls the vendor."""
+    if (request_id is None) == (session_id is None):
+        raise ValueError("give exactly one of request_id or session_id")
+    result = store.request_stop(
+        lc.db,
+        request_id=request_id,
+        vendor_session_id=session_id,
+        reason=reason,
+        retry_in=lc.settings.stop_retry_seconds,
+    )
+    if not result.found:
+        logger.warning("stop for an unknown %s ignored", "request" if request_id else "session")
+        return StopResult(False, None, False)
+    stopped = execute_stop(lc, result.ticket) if result.ticket is not None else False
+    return StopResult(True, result.status_before, stopped)
+
+
+def vendor_stop(lc: Lifecycle, vendor_session_id: str, reason: str) -> StopOutcome:
+    """Stop at the vendor. A 404 counts as gone only if our key still lists sessions."""
+    outcome = lc.vendor.stop_session(vendor_session_id, reason)
+    if outcome is StopOutcome.NOT_FOUND:
+        lc.vendor.list_sessions("active", page_size=1)  # raises VendorAuthError on a wrong key
+    return outcome
+
+
+def execute_stop(lc: Lifecycle, ticket: store.StopTicket) -> bool:
+    """Call the vendor for a ``stopping`` row; on failure leave it for the reaper's retry."""
+    try:
+        outcome = vendor_stop(lc, ticket.vendor_session_id, ticket.reason)
+    except DeepBrainError as error:
+        logger.warning("vendor stop failed for request %s: %s", ticket.request_id, error)
+        store.stop_failed(
+            lc.db,
+            ticket.session_id,
+            error=str(error),
+            base_delay=min(lc.settings.stop_retry_seconds, lc.settings.reaper_interval_seconds),
+            max_delay=MAX_STOP_BACKOFF_SECONDS,
+        )
+        return False
+    return store.finish_stop(lc.db, ticket.session_id, outcome=outcome.value)
+
+
+def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: str) -> bool:
+    """Stop a vendor session that no row will own (the DB write failed or the row moved on)."""
+    try:
+        vendor_stop(lc, vendor_session_id, "ERROR")
+    except DeepBrainError as error:
+        logger.error(
+            "compensating stop failed for request %s (the reconciler will stop it): %s",
+            request_id,
+            error,
+        )
+        return False
+    logger.warning("stopped vendor session of request %s again: %s", request_id, why)
+    try:
+        with lc.db.transaction() as session:
+            events.log(
+                session,
+                EventKind.COMPENSATED,
+                vendor_session_id=vendor_session_id,
+                request_id=request_id,
+                why=why,
+            )
+    except Exception:  # noqa: BLE001 - the stop is what matters; the DB may be the cause
+        logger.warning("could not record the compensation of request %s", request_id)
+    return True

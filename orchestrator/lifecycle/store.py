@@ -1,0 +1,483 @@
+"""Every state change of a session row: one short transaction each, guarded by a row lock
+(``SELECT … FOR UPDATE`` on Postgres; SQLite takes its one write lock at BEGIN)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from orchestrator.db import Database, EventKind, SessionRow, SessionStatus
+from orchestrator.db.types import utcnow
+from orchestrator.lifecycle import events
+from orchestrator.lifecycle.requests import without_secrets
+
+S = SessionStatus
+
+
+class ClaimOutcome(Enum):
+    NEW = "new"  # this message created the row
+    RESUME = "resume"  # the same message again (redelivery): carry on from the row's state
+    DUPLICATE = "duplicate"  # another message with the same request_id and payload
+    CONFLICT = "conflict"  # same request_id, different payload: ignored, recorded
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    session_id: uuid.UUID
+    status: str
+
+
+@dataclass(frozen=True)
+class StartTicket:
+    """What a worker needs to call the vendor, read in the transaction that claimed the attempt."""
+
+    session_id: uuid.UUID
+    request_id: str
+    payload: dict[str, Any]
+    attempt: int
+    sent_at: datetime
+
+
+@dataclass(frozen=True)
+class StopTicket:
+    """A session this caller moved to ``stopping``; it owes the vendor stop."""
+
+    session_id: uuid.UUID
+    request_id: str
+    vendor_session_id: str
+    reason: str
+
+
+def _lock_row(session: Session, session_id: uuid.UUID) -> SessionRow | None:
+    return session.scalars(
+        select(SessionRow).where(SessionRow.id == session_id).with_for_update()
+    ).one_or_none()
+
+
+def _insert_ignoring_conflict(db: Database, values: dict[str, Any]) -> Any:
+    dialect_insert = postgresql.insert if db.is_postgres else sqlite.insert
+    return (
+        dialect_insert(SessionRow)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(SessionRow.id)
+    )
+
+
+def claim(
+    db: Database,
+    *,
+    request_id: str,
+    claim_id: str,
+    payload: dict[str, Any],
+    digest: str,
+    avatar_id: str,
+    metadata: dict[str, Any] | None,
+    max_duration_seconds: int | None,
+    start_deadline_at: datetime | None,
+    traceparent: str | None,
+) -> Claim:
+    """Create the row for ``request_id`` or say why this message finds one already."""
+    with db.transaction() as session:
+        new_id = session.execute(
+            _insert_ignoring_conflict(
+                db,
+                {
+                    "id": uuid.uuid4(),
+                    "request_id": request_id,
+                    "claim_id": claim_id,
+                    "status": S.STARTING.value,
+                    "avatar_id": avatar_id,
+                    "request_payload": payload,
+                    "payload_sha256": digest,
+                    "session_metadata": metadata,
+                    "max_duration_seconds": max_duration_seconds,
+                    "start_deadline_at": start_deadline_at,
+                    "traceparent": traceparent,
+                    "created_at": utcnow(),
+                },
+            )
+        ).scalar_one_or_none()
+        if new_id is not None:
+            row = session.get_one(SessionRow, new_id)
+            events.log(session, EventKind.CREATED, row=row, claim_id=claim_id)
+            return Claim(ClaimOutcome.NEW, new_id, row.status)
+        row = session.scalars(
+            select(SessionRow).where(SessionRow.request_id == request_id).with_for_update()
+        ).one()
+        if row.claim_id == claim_id:
+            return Claim(ClaimOutcome.RESUME, row.id, row.status)
+        if row.payload_sha256 == digest:
+            events.log(session, EventKind.DUPLICATE, row=row, claim_id=claim_id)
+            return Claim(ClaimOutcome.DUPLICATE, row.id, row.status)
+        events.log(
+            session,
+            EventKind.DUPLICATE_CONFLICT,
+            row=row,
+            claim_id=claim_id,
+            note="same request_id with a different payload; the repeat was ignored",
+        )
+        return Claim(ClaimOutcome.CONFLICT, row.id, row.status)
+
+
+def record_invalid(
+    db: Database,
+    *,
+    request_id: str,
+    claim_id: str,
+    payload: dict[str, Any],
+    digest: str,
+    message: str,
+    traceparent: str | None,
+) -> uuid.UUID | None:
+    """A message that decoded but breaks the contract becomes a ``failed`` row."""
+    avatar = payload.get("avatar_id")
+    with db.transaction() as session:
+        new_id = session.execute(
+            _insert_ignoring_conflict(
+                db,
+                {
+                    "id": uuid.uuid4(),
+                    "request_id": request_id,
+                    "claim_id": claim_id,
+                    "status": S.FAILED.value,
+                    "avatar_id": avatar if isinstance(avatar, str) else None,
+                    "request_payload": without_secrets(payload),
+                    "payload_sha256": digest,
+                    "error_code": "VALIDATION_ERROR",
+                    "error_message": message,
+                    "traceparent": traceparent,
+                    "created_at": utcnow(),
+                    "ended_at": utcnow(),
+                },
+            )
+        ).scalar_one_or_none()
+        if new_id is None:
+            row = session.scalars(
+                select(SessionRow).where(SessionRow.request_id == request_id)
+            ).one()
+            if row.claim_id != claim_id:
+                events.log(
+                    session, EventKind.DUPLICATE_CONFLICT, row=row, claim_id=claim_id, error=message
+                )
+            return None
+        row = session.get_one(SessionRow, new_id)
+        events.log(session, EventKind.FAILED, row=row, error_code="VALIDATION_ERROR", error=message)
+        events.emit(session, row)
+        return row.id
+
+
+def begin_attempt(db: Database, session_id: uuid.UUID, claim_id: str) -> StartTicket | None:
+    """Count a vendor start attempt, or None if this row needs no start from this claim.
+
+    A stop that arrived before any vendor call ends the row here, with no call at all.
+    """
+    with db.transaction() as session:
+        row = _lock_row(session, session_id)
+        if (
+            row is None
+            or row.status != S.STARTING
+            or row.vendor_session_id is not None
+            or row.claim_id != claim_id
+        ):
+            return None
+        now = utcnow()
+        if row.stop_requested_at is not None:
+            _finish(session, row, S.ENDED, end_reason=row.end_reason or "USER_CLOSED")
+            return None
+        row.attempts += 1
+        row.start_sent_at = now
+        events.log(session, EventKind.START_ATTEMPT, row=row, attempt=row.attempts)
+        return StartTicket(row.id, row.request_id, dict(row.request_payload), row.attempts, now)
+
+
+@dataclass(frozen=True)
+class VendorStart:
+    vendor_session_id: str
+    voice_id: str | None
+    livekit_url: str
+    livekit_room: str
+    livekit_token: str
+    livekit_token_expires_at: datetime | None
+    granted_minutes: int | None
+    max_session_numbers: int | None
+    expires_at: datetime
+
+
+def record_started(
+    db: Database, session_id: uuid.UUID, start: VendorStart
+) -> StopTicket | bool | None:
+    """Store the vendor's answer. Returns False if the row no longer wants this session (the
+    caller must stop it: compensation), a StopTicket if a stop was requested meanwhile, else None.
+    """
+    with db.transaction() as session:
+        row = _lock_row(session, session_id)
+        if row is None or row.status != S.STARTING or row.vendor_session_id is not None:
+            return False
+        row.status = S.ACTIVE.value
+        row.vendor_session_id = start.vendor_session_id
+        row.voice_id = start.voice_id
+        row.livekit_url = start.livekit_url
+        row.livekit_room = start.livekit_room
+        row.livekit_token = start.livekit_token
+        row.livekit_token_expires_at = start.livekit_token_expires_at
+        row.granted_max_duration_minutes = start.granted_minutes
+        row.max_session_numbers = start.max_session_numbers
+        row.started_at = utcnow()
+        row.expires_at = start.expires_at
+        row.request_payload = without_secrets(row.request_payload)
+        session.flush()
+        events.log(session, EventKind.ACTIVE, row=row, attempt=row.attempts)
+        events.emit(session, row)
+        if row.stop_requested_at is not None:
+            return _to_stopping(session, row, row.end_reason or "USER_CLOSED")
+        return None
+
+
+def record_failed(
+    db: Database, session_id: uuid.UUID, *, error_code: str, error_message: str
+) -> bool:
+    """``starting`` → ``failed``; False if the row had already moved on."""
+    with db.transaction() as session:
+        row = _lock_row(session, session_id)
+        if row is None or row.status not in (S.STARTING, S.WAITING):
+            return False
+        row.error_code = error_code
+        row.error_message = error_message
+        _finish(session, row, S.FAILED)
+        return True
+
+
+def _finish(
+    session: Session,
+    row: SessionRow,
+    status: SessionStatus,
+    *,
+    end_reason: str | None = None,
+    **detail: Any,
+) -> None:
+    """The one terminal transition: clears the LiveKit token and the payload's secrets."""
+    row.status = status.value
+    row.ended_at = utcnow()
+    if end_reason is not None:
+        row.end_reason = end_reason
+    row.livekit_token = None
+    row.stop_retry_at = None
+    row.request_payload = without_secrets(row.request_payload)
+    session.flush()
+    events.log(
+        session,
+        EventKind.ENDED if status == S.ENDED else EventKind.FAILED,
+        row=row,
+        end_reason=row.end_reason,
+        error_code=row.error_code,
+        **detail,
+    )
+    events.emit(session, row)
+
+
+def _to_stopping(
+    session: Session, row: SessionRow, reason: str, retry_in: float = 30.0
+) -> StopTicket:
+    assert row.vendor_session_id is not None
+    now = utcnow()
+    row.status = S.STOPPING.value
+    row.end_reason = reason
+    row.stop_requested_at = row.stop_requested_at or now
+    row.stop_retry_at = now + timedelta(seconds=retry_in)
+    events.log(session, EventKind.STOP_REQUESTED, row=row, reason=reason)
+    return StopTicket(row.id, row.request_id, row.vendor_session_id, reason)
+
+
+@dataclass(frozen=True)
+class StopRequestResult:
+    found: bool
+    status_before: str | None
+    ticket: StopTicket | None
+
+
+def request_stop(
+    db: Database,
+    *,
+    request_id: str | None = None,
+    vendor_session_id: str | None = None,
+    reason: str,
+    retry_in: float = 30.0,
+) -> StopRequestResult:
+    """Apply a stop request to the row; a ticket means this caller owes the vendor stop."""
+    with db.transaction() as session:
+        query = select(SessionRow).with_for_update()
+        if request_id is not None:
+            query = query.where(SessionRow.request_id == request_id)
+        else:
+            query = query.where(SessionRow.vendor_session_id == vendor_session_id)
+        row = session.scalars(query).one_or_none()
+        if row is None:
+            return StopRequestResult(False, None, None)
+        before = row.status
+        if row.status == S.WAITING:
+            _finish(session, row, S.ENDED, end_reason=reason)
+        elif row.status == S.STARTING and row.stop_requested_at is None:
+            row.stop_requested_at = utcnow()
+            row.end_reason = reason
+            events.log(
+                session, EventKind.STOP_REQUESTED, row=row, reason=reason, while_status=before
+            )
+        elif row.status == S.ACTIVE:
+            return StopRequestResult(True, before, _to_stopping(session, row, reason, retry_in))
+        return StopRequestResult(True, before, None)
+
+
+def finish_stop(db: Database, session_id: uuid.UUID, *, outcome: str) -> bool:
+    """``stopping`` → ``ended`` once the vendor confirmed (or said it was already gone)."""
+    with db.transaction() as session:
+        row = _lock_row(session, session_id)
+        if row is None or row.status != S.STOPPING:
+            return False
+        _finish(session, row, S.ENDED, vendor_outcome=outcome)
+        return True
+
+
+def stop_failed(
+    db: Database, session_id: uuid.UUID, *, error: str, base_delay: float, max_delay: float
+) -> None:
+    """Keep the row ``stopping``; the reaper tries again after a jittered, capped backoff."""
+    with db.transaction() as session:
+        row = _lock_row(session, session_id)
+        if row is None or row.status != S.STOPPING:
+            return
+        row.stop_attempts += 1
+        delay = min(max_delay, base_delay * 2 ** (row.stop_attempts - 1))
+        row.stop_retry_at = utcnow() + timedelta(seconds=delay * random.uniform(0.5, 1.0))
+        events.log(
+            session, EventKind.STOP_ATTEMPT_FAILED, row=row, attempt=row.stop_attempts, error=error
+        )
+
+
+def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTicket]:
+    """The reaper's claim: expired ``active`` rows → ``stopping`` (MAX_DURATION_REACHED), plus
+    ``stopping`` rows whose last attempt is due again. SKIP LOCKED lets sweeps run side by side."""
+    now = utcnow()
+    tickets: list[StopTicket] = []
+    with db.transaction() as session:
+        expired: Sequence[SessionRow] = session.scalars(
+            select(SessionRow)
+            .where(SessionRow.status == S.ACTIVE.value, SessionRow.expires_at <= now)
+            .order_by(SessionRow.expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        tickets.extend(
+            _to_stopping(session, row, "MAX_DURATION_REACHED", retry_in) for row in expired
+        )
+        due: Sequence[SessionRow] = session.scalars(
+            select(SessionRow)
+            .where(SessionRow.status == S.STOPPING.value, SessionRow.stop_retry_at <= now)
+            .order_by(SessionRow.stop_retry_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for row in due:
+            assert row.vendor_session_id is not None
+            row.stop_retry_at = now + timedelta(seconds=retry_in)
+            tickets.append(
+                StopTicket(row.id, row.request_id, row.vendor_session_id, row.end_reason or "ERROR")
+            )
+    return tickets
+
+
+def live_count(session: Session) -> int:
+    statuses = [s.value for s in (S.STARTING, S.ACTIVE, S.STOPPING)]
+    return session.scalar(select(func.count()).where(SessionRow.status.in_(statuses))) or 0
+
+
+def live_vendor_rows(db: Database) -> list[tuple[uuid.UUID, str, datetime | None]]:
+    """(row id, vendor session id, started_at) of every row we believe the vendor runs."""
+    with db.transaction() as session:
+        rows = session.execute(
+            select(SessionRow.id, SessionRow.vendor_session_id, SessionRow.started_at).where(
+                SessionRow.status.in_([S.ACTIVE.value, S.STOPPING.value]),
+                SessionRow.vendor_session_id.is_not(None),
+            )
+        ).all()
+    return [(r.id, r.vendor_session_id, r.started_at) for r in rows]
+
+
+def owned_vendor_ids(
+    db: Database, vendor_session_ids: Sequence[str], *, ended_after: datetime
+) -> set[str]:
+    """The ids a row still owns: live rows, and rows that ended so recently that a vendor list
+    fetched a moment ago may still show them. A session listed active whose row ended long ago
+    is billing for nothing, and is treated as an orphan."""
+    if not vendor_session_ids:
+        return set()
+    with db.transaction() as session:
+        found = session.scalars(
+            select(SessionRow.vendor_session_id).where(
+                SessionRow.vendor_session_id.in_(list(vendor_session_ids)),
+                (SessionRow.ended_at.is_(None)) | (SessionRow.ended_at > ended_after),
+            )
+        ).all()
+    return {v for v in found if v is not None}
+
+
+def record_vendor_ended(
+    db: Database, session_id: uuid.UUID, *, end_reason: str, ended_at: datetime | None
+) -> bool:
+    """The vendor ended a session on its own (idle, error): ``ended`` with the vendor's reason."""
+    with db.transaction() as session:
+        row = _lock_row(session, session_id)
+        if row is None or row.status not in (S.ACTIVE, S.STOPPING):
+            return False
+        reason = row.end_reason if row.status == S.STOPPING and row.end_reason else end_reason
+        _finish(session, row, S.ENDED, end_reason=reason, source="reconciler")
+        if ended_at is not None:
+            row.ended_at = ended_at
+        return True
+
+
+def fail_stuck_starts(db: Database, *, older_than: datetime) -> list[str]:
+    """``starting`` rows with no vendor id whose last attempt began before ``older_than``."""
+    failed: list[str] = []
+    with db.transaction() as session:
+        rows = session.scalars(
+            select(SessionRow)
+            .where(
+                SessionRow.status == S.STARTING.value,
+                SessionRow.vendor_session_id.is_(None),
+                func.coalesce(SessionRow.start_sent_at, SessionRow.created_at) < older_than,
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            row.error_code = "START_TIMEOUT"
+            row.error_message = (
+                "no vendor answer recorded within ORCHESTRATOR_START_TIMEOUT_SECONDS"
+            )
+            _finish(session, row, S.FAILED)
+            failed.append(row.request_id)
+    return failed
+
+
+def log_orphan_stop(
+    db: Database, vendor_session_id: str, *, outcome: str, created_at: str | None
+) -> None:
+    with db.transaction() as session:
+        events.log(
+            session,
+            EventKind.ORPHAN_STOPPED,
+            vendor_session_id=vendor_session_id,
+            reason="ZOMBIE_SESSION_REAP",
+            vendor_outcome=outcome,
+            vendor_created_at=created_at,
+        )
