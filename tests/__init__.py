@@ -1,0 +1,1 @@
+"""Test suite: real Postgres, real RabbitMQ, the simulator as the vendor."""

@@ -1,0 +1,227 @@
+"""Real parts: a Postgres database and a RabbitMQ vhost made for this run, the simulator as the
+vendor, and real worker processes where a test needs the broker in the loop.
+
+Environment (defaults suit this repo's CI machine):
+  TEST_POSTGRES_URL  server to create the run's database on (postgresql://postgres@127.0.0.1:5432)
+  TEST_AMQP_HOST     RabbitMQ host:port (127.0.0.1:5672), guest/guest; vhosts made with rabbitmqctl
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Connection
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from orchestrator.config import Settings, load_settings
+from orchestrator.db import Database
+from orchestrator.db.migrate import upgrade
+from orchestrator.lifecycle import Lifecycle
+from orchestrator.simulator import SimulatorConfig, SimulatorServer
+
+POSTGRES_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1:5672")
+APP_ID = "test-app-id-7f3a"
+USER_KEY = "test-user-key-91bd"
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _admin_conninfo() -> str:
+    url = make_url(POSTGRES_SERVER).set(database="postgres", drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+def _database_url(name: str) -> str:
+    url = make_url(POSTGRES_SERVER).set(database=name, drivername="postgresql+psycopg")
+    return url.render_as_string(hide_password=False)
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new, empty Postgres database; dropped afterwards."""
+    name = f"{prefix}_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _database_url(name)
+    finally:
+        with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """The run's Postgres database, migrated to head."""
+    with fresh_postgres_database("orch_test") as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """The run's database, emptied before each test (worker processes need committed rows)."""
+    database = Database(database_url, pool_size=5)
+    with database.engine.begin() as conn:
+        conn.execute(text("TRUNCATE sessions, session_events, event_outbox RESTART IDENTITY CASCADE"))
+    yield database
+    database.dispose()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """A RabbitMQ vhost of this run's own: the contract's queue names, nobody else's messages."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl not found: the broker tests need a local RabbitMQ")
+    vhost = f"orch_test_{RUN_ID}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def purge_queues(broker_url: str) -> Callable[[], None]:
+    def purge() -> None:
+        with Connection(broker_url) as conn:
+            channel = conn.default_channel
+            for queue in ("orchestrator.start", "orchestrator.control", "orchestrator.dead"):
+                try:
+                    channel.queue_purge(queue)
+                except Exception:  # noqa: BLE001 - the queue may not exist yet
+                    channel = conn.channel()
+
+    return purge
+
+
+@pytest.fixture(scope="session")
+def simulator_server() -> Iterator[SimulatorServer]:
+    with SimulatorServer(SimulatorConfig(app_id=APP_ID, user_key=USER_KEY)) as sim:
+        yield sim
+
+
+@pytest.fixture
+def simulator(simulator_server: SimulatorServer) -> SimulatorServer:
+    """The simulator with no sessions, no faults and default knobs."""
+    simulator_server.reset(restore_config=True)
+    return simulator_server
+
+
+@pytest.fixture
+def settings_for(
+    tmp_path: Path, database_url: str, simulator: SimulatorServer
+) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "state_dir": tmp_path / "state",
+            "database_url": database_url,
+            "deepbrain_base_url": simulator.base_url,
+            "deepbrain_app_id": APP_ID,
+            "deepbrain_user_key": USER_KEY,
+            "vendor_timeout_seconds": 5.0,
+            "orphan_grace_seconds": 0.0,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def lifecycle(settings_for: Callable[..., Settings], db: Database) -> Iterator[Lifecycle]:
+    lc = Lifecycle.from_settings(settings_for())
+    yield lc
+    lc.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker process needs to run with ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATOR_", "OTEL_"))}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"ORCHESTRATOR_{name.upper()}"] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class WorkerProcess:
+    """``orchestrator worker`` in a subprocess, its output in a log file."""
+
+    def __init__(self, settings: Settings, log_path: Path, *extra: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        heartbeat = settings.state_dir / "worker.heartbeat"
+        heartbeat.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", "8", *extra]
+        self.process = subprocess.Popen(
+            command, env=settings_env(settings), stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        while not heartbeat.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"worker did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+
+    def start(settings: Settings, *extra: str) -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log", *extra)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(interval)

@@ -1,0 +1,42 @@
+"""Small readers over the real database for assertions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from orchestrator.db import Database, SessionEvent, SessionRow
+
+
+def row(db: Database, request_id: str) -> SessionRow:
+    with db.transaction() as session:
+        found = session.scalars(select(SessionRow).where(SessionRow.request_id == request_id)).one()
+        session.expunge(found)
+        return found
+
+
+def rows(db: Database) -> list[SessionRow]:
+    with db.transaction() as session:
+        found = list(session.scalars(select(SessionRow).order_by(SessionRow.created_at)).all())
+        session.expunge_all()
+        return found
+
+
+def event_kinds(db: Database, request_id: str | None = None) -> list[str]:
+    with db.transaction() as session:
+        query = select(SessionEvent.kind).order_by(SessionEvent.id)
+        if request_id is not None:
+            query = query.join(SessionRow, SessionRow.id == SessionEvent.session_id).where(
+                SessionRow.request_id == request_id
+            )
+        return list(session.scalars(query).all())
+
+
+def events(db: Database, kind: str) -> list[dict[str, Any]]:
+    with db.transaction() as session:
+        found = session.scalars(select(SessionEvent).where(SessionEvent.kind == kind)).all()
+        return [
+            {"session_id": e.session_id, "vendor_session_id": e.vendor_session_id, **e.detail}
+            for e in found
+        ]

@@ -1,0 +1,76 @@
+"""Settings: defaults, and one readable line naming the variable when something is wrong."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, load_settings
+
+
+def test_defaults_are_embedded_and_match_the_design(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("ORCHESTRATOR_"):
+            monkeypatch.delenv(name)
+    settings = load_settings()
+    assert settings.effective_database_url.startswith("sqlite")
+    assert settings.effective_broker_url.startswith("sqla+sqlite")
+    assert settings.deepbrain_base_url == "https://ai-streamer.deepbrain.io"
+    assert (settings.max_concurrent_sessions, settings.max_session_minutes) == (10, 60)
+    assert (settings.reaper_interval_seconds, settings.reconcile_interval_seconds) == (5, 30)
+    assert (settings.orphan_grace_seconds, settings.start_timeout_seconds) == (60, 120)
+    assert settings.vendor_timeout_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ORCHESTRATOR_MAX_CONCURRENT_SESSIONS", "lots"),
+        ("ORCHESTRATOR_MAX_CONCURRENT_SESSIONS", "0"),
+        ("ORCHESTRATOR_REAPER_INTERVAL_SECONDS", "-1"),
+        ("ORCHESTRATOR_DEEPBRAIN_BASE_URL", "ftp://x"),
+        ("ORCHESTRATOR_MAX_SESSION_MINUTES", "1.5"),
+    ],
+)
+def test_malformed_setting_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert message.startswith(variable)
+    assert "\n" not in message
+
+
+def test_missing_vendor_credentials_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ORCHESTRATOR_DEEPBRAIN_APP_ID", raising=False)
+    with pytest.raises(ConfigError, match="^ORCHESTRATOR_DEEPBRAIN_APP_ID is required"):
+        load_settings().vendor_credentials()
+
+
+def test_placeholder_secret_is_refused_for_the_real_vendor() -> None:
+    settings = load_settings(deepbrain_app_id="real-app", deepbrain_user_key="changeme")
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_DEEPBRAIN_USER_KEY is a placeholder"):
+        settings.vendor_credentials()
+
+
+def test_cli_prints_one_line_and_no_traceback() -> None:
+    result = CliRunner().invoke(
+        main, ["sessions"], env={"ORCHESTRATOR_MAX_CONCURRENT_SESSIONS": "lots"}
+    )
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("Error: ORCHESTRATOR_MAX_CONCURRENT_SESSIONS")
+    assert "Traceback" not in result.output
+
+
+def test_worker_without_credentials_fails_with_one_line(tmp_path: object) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["worker"],
+        env={"ORCHESTRATOR_DEEPBRAIN_APP_ID": "", "ORCHESTRATOR_DEEPBRAIN_USER_KEY": ""},
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: ORCHESTRATOR_DEEPBRAIN_APP_ID is required to call the DeepBrain API"
