@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -14,9 +15,11 @@ from orchestrator import heartbeat
 from orchestrator.config import Settings
 from orchestrator.lifecycle import Lifecycle
 from orchestrator.messaging import (
+    ADMIT_TASK,
     CONTROL_QUEUE,
     REAP_TASK,
     RECONCILE_TASK,
+    START_ADMITTED_TASK,
     TASK_QUEUES,
     WORK_QUEUES,
 )
@@ -100,13 +103,30 @@ class OrchestratorCelery(Celery):
     def lifecycle(self) -> Lifecycle:
         with self._lifecycle_lock:
             if self._lifecycle is None:
-                self._lifecycle = Lifecycle.from_settings(self.settings)
+                self._lifecycle = Lifecycle.from_settings(
+                    self.settings, dispatcher=CeleryDispatcher(self)
+                )
             return self._lifecycle
 
     def forget_lifecycle(self) -> None:
         """After a fork: the parent's connections must not be shared with the child."""
         with self._lifecycle_lock:
             self._lifecycle = None
+
+
+class CeleryDispatcher:
+    """Hands admission work to the queues: admission on control, admitted starts on start."""
+
+    def __init__(self, app: OrchestratorCelery) -> None:
+        self.app = app
+
+    def admit_waiting(self) -> None:
+        self.app.send_task(ADMIT_TASK)
+
+    def start_admitted(self, session_id: uuid.UUID, claim_id: str) -> None:
+        self.app.send_task(
+            START_ADMITTED_TASK, kwargs={"session_id": str(session_id), "claim_id": claim_id}
+        )
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -140,6 +160,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "reap-expired-sessions": {
                 "task": REAP_TASK,
+                "schedule": settings.reaper_interval_seconds,
+                "options": beat_expiry,
+            },
+            "admit-waiting-backstop": {
+                "task": ADMIT_TASK,
                 "schedule": settings.reaper_interval_seconds,
                 "options": beat_expiry,
             },

@@ -16,6 +16,8 @@ STOP_TASK = "orchestrator.stop_session"
 REAP_TASK = "orchestrator.reap_sessions"
 RECONCILE_TASK = "orchestrator.reconcile_sessions"
 ADMIT_TASK = "orchestrator.admit_waiting"
+# Internal: the vendor start of a request that waited for a slot (published by admission).
+START_ADMITTED_TASK = "orchestrator.start_admitted"
 
 dead_letter_exchange = Exchange(DEAD_LETTER_EXCHANGE, type="fanout", durable=True)
 dead_letter_queue = Queue(DEAD_LETTER_QUEUE, exchange=dead_letter_exchange, durable=True)
@@ -38,6 +40,7 @@ def work_queue(name: str) -> Queue:
 WORK_QUEUES = (work_queue(START_QUEUE), work_queue(CONTROL_QUEUE))
 TASK_QUEUES = {
     START_TASK: START_QUEUE,
+    START_ADMITTED_TASK: START_QUEUE,
     STOP_TASK: CONTROL_QUEUE,
     REAP_TASK: CONTROL_QUEUE,
     RECONCILE_TASK: CONTROL_QUEUE,

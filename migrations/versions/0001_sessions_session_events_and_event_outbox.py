@@ -115,6 +115,7 @@ def upgrade() -> None:
         sqlite_where=sa.text("status = 'active'"),
     )
     op.create_index("ix_sessions_avatar_id", "sessions", ["avatar_id"], unique=False)
+    op.create_index("ix_sessions_started_at", "sessions", ["started_at"], unique=False)
     op.create_index(
         "ix_sessions_status_created_at", "sessions", ["status", "created_at"], unique=False
     )
@@ -192,6 +193,7 @@ def downgrade() -> None:
         sqlite_where=sa.text("status = 'stopping'"),
     )
     op.drop_index("ix_sessions_status_created_at", table_name="sessions")
+    op.drop_index("ix_sessions_started_at", table_name="sessions")
     op.drop_index("ix_sessions_avatar_id", table_name="sessions")
     op.drop_index(
         "ix_sessions_active_expires_at",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SIGNALS_KEY = "orchestrator.after_commit_signals"
+logger = logging.getLogger(__name__)
+
+
+def signal_after_commit(session: Session, name: str) -> None:
+    """Ask :meth:`Database.transaction` to call the ``name`` listeners once this commits."""
+    session.info.setdefault(SIGNALS_KEY, set()).add(name)
 
 
 def normalize_database_url(url: str) -> str:
@@ -60,6 +68,11 @@ class Database:
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._listeners: dict[str, list[Callable[[], None]]] = {}
+
+    def on_commit(self, name: str, listener: Callable[[], None]) -> None:
+        """Run ``listener`` after every commit that raised signal ``name``."""
+        self._listeners.setdefault(name, []).append(listener)
 
     @property
     def is_postgres(self) -> bool:
@@ -67,9 +80,18 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A short transaction: commits on success, rolls back on error, always closes."""
+        """A short transaction: commits on success, rolls back on error, always closes.
+
+        Signals raised inside (``signal_after_commit``) reach their listeners after the commit.
+        """
         with self._sessions.begin() as session:
             yield session
+        for name in session.info.pop(SIGNALS_KEY, ()):
+            for listener in self._listeners.get(name, ()):
+                try:
+                    listener()
+                except Exception:  # the commit stands; a listener must not undo the caller's work
+                    logger.exception("after-commit listener for %r failed", name)
 
     def dispose(self) -> None:
         self.engine.dispose()

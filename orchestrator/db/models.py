@@ -43,6 +43,7 @@ class SessionStatus(enum.StrEnum):
 class EventKind(enum.StrEnum):
     CREATED = "created"
     ADMITTED = "admitted"
+    BACK_TO_WAITING = "back_to_waiting"
     START_ATTEMPT = "start_attempt"
     ACTIVE = "active"
     STOP_REQUESTED = "stop_requested"
@@ -102,6 +103,7 @@ class SessionRow(Base):
             sqlite_where=text("status = 'waiting'"),
         ),
         Index("ix_sessions_status_created_at", "status", "created_at"),
+        Index("ix_sessions_started_at", "started_at"),
         Index("ix_sessions_avatar_id", "avatar_id"),
     )
 

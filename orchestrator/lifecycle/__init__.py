@@ -1,5 +1,6 @@
 """The session lifecycle as plain functions: no Celery here, so tests call them directly."""
 
+from orchestrator.lifecycle.admission import AdmitReport, admit_waiting
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.reaper import ReapReport, reap
 from orchestrator.lifecycle.reconciler import ReconcileReport, reconcile
@@ -7,11 +8,13 @@ from orchestrator.lifecycle.start import StartOutcome, handle_start_message, run
 from orchestrator.lifecycle.stop import StopResult, request_stop
 
 __all__ = [
+    "AdmitReport",
     "Lifecycle",
     "ReapReport",
     "ReconcileReport",
     "StartOutcome",
     "StopResult",
+    "admit_waiting",
     "handle_start_message",
     "reap",
     "reconcile",

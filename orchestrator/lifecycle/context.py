@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
+from orchestrator.lifecycle.dispatch import Dispatcher, InlineDispatcher
 
 
 @dataclass
@@ -14,9 +15,21 @@ class Lifecycle:
     settings: Settings
     db: Database
     vendor: DeepBrainClient
+    dispatcher: Dispatcher = field(default_factory=InlineDispatcher)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dispatcher, InlineDispatcher):
+            self.dispatcher.lifecycle = self
+        self.db.on_commit("slot_freed", self._slot_freed)
+
+    def _slot_freed(self) -> None:
+        from orchestrator.lifecycle import store
+
+        if store.has_waiting(self.db):
+            self.dispatcher.admit_waiting()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Lifecycle:
+    def from_settings(cls, settings: Settings, dispatcher: Dispatcher | None = None) -> Lifecycle:
         app_id, user_key = settings.vendor_credentials()
         return cls(
             settings=settings,
@@ -27,6 +40,7 @@ class Lifecycle:
                 user_key,
                 timeout_seconds=settings.vendor_timeout_seconds,
             ),
+            dispatcher=dispatcher or InlineDispatcher(),
         )
 
     def close(self) -> None:

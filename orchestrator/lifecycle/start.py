@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 from sqlalchemy.exc import SQLAlchemyError
 
-from orchestrator.deepbrain import DeepBrainError, StartedSession
+from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
 from orchestrator.lifecycle import store
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.requests import (
@@ -26,6 +26,7 @@ from orchestrator.lifecycle.requests import (
 from orchestrator.lifecycle.stop import compensate, execute_stop
 
 logger = logging.getLogger(__name__)
+MAX_CAPACITY_BOUNCES = 5
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,13 @@ def handle_start_message(
             else None
         ),
         traceparent=traceparent,
+        max_concurrent_sessions=lc.settings.max_concurrent_sessions,
     )
     if claim.outcome in (store.ClaimOutcome.DUPLICATE, store.ClaimOutcome.CONFLICT):
         logger.info("start request %s: %s, ignored", request_id, claim.outcome.value)
         return StartOutcome(request_id, claim.status, claim.outcome.value)
+    if claim.status == "waiting":
+        return StartOutcome(request_id, "waiting", "waiting for a free slot")
     return run_start(lc, claim.session_id, claim_id)
 
 
@@ -99,32 +103,56 @@ def run_start(lc: Lifecycle, session_id: uuid.UUID, claim_id: str) -> StartOutco
     if ticket is None:
         return StartOutcome("", "unchanged", "no start needed")
     request = StartRequest.model_validate(ticket.payload)
-    try:
-        started = lc.vendor.start_session(request.vendor_body())
-    except DeepBrainError as error:
-        logger.warning("start of request %s failed: %s", ticket.request_id, error)
-        store.record_failed(
-            lc.db, session_id, error_code=error.error_code, error_message=error.vendor_message
-        )
-        return StartOutcome(ticket.request_id, "failed", error.error_code)
+    started = _call_vendor(lc, ticket, request)
+    if isinstance(started, StartOutcome):
+        return started
+    return _record(lc, ticket, _vendor_start(lc, request, ticket, started))
 
-    vendor_start = _vendor_start(lc, request, ticket, started)
+
+def _call_vendor(
+    lc: Lifecycle, ticket: store.StartTicket, request: StartRequest
+) -> StartedSession | StartOutcome:
+    """The vendor start, with no transaction open; a refusal is recorded and returned."""
     try:
-        recorded = store.record_started(lc.db, session_id, vendor_start)
+        return lc.vendor.start_session(request.vendor_body())
+    except (VendorForbidden, VendorConflict) as error:
+        # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
+        # likely): wait for a slot again, a bounded number of times.
+        if ticket.attempt < MAX_CAPACITY_BOUNCES and store.back_to_waiting(
+            lc.db, ticket.session_id, vendor_error=error.error_code
+        ):
+            logger.warning(
+                "vendor refused start of %s: waiting again: %s", ticket.request_id, error
+            )
+            return StartOutcome(ticket.request_id, "waiting", error.error_code)
+        failure: DeepBrainError = error
+    except DeepBrainError as error:
+        failure = error
+    logger.warning("start of request %s failed: %s", ticket.request_id, failure)
+    store.record_failed(
+        lc.db,
+        ticket.session_id,
+        error_code=failure.error_code,
+        error_message=failure.vendor_message,
+    )
+    return StartOutcome(ticket.request_id, "failed", failure.error_code)
+
+
+def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) -> StartOutcome:
+    """Store the vendor's yes; if the row cannot take it, stop that vendor session again."""
+    vendor_id = start.vendor_session_id
+    try:
+        recorded = store.record_started(lc.db, ticket.session_id, start)
     except SQLAlchemyError:
-        compensate(
-            lc, started.session_id, request_id=ticket.request_id, why="database write failed"
-        )
+        compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
         raise
     if recorded is False:
-        compensate(
-            lc, started.session_id, request_id=ticket.request_id, why="request no longer starting"
-        )
+        compensate(lc, vendor_id, request_id=ticket.request_id, why="request no longer starting")
         return StartOutcome(ticket.request_id, "unchanged", "compensated")
     if isinstance(recorded, store.StopTicket):
         execute_stop(lc, recorded)
         return StartOutcome(ticket.request_id, "stopping", "stop requested during start")
-    return StartOutcome(ticket.request_id, "active", started.session_id)
+    return StartOutcome(ticket.request_id, "active", vendor_id)
 
 
 def _vendor_start(

@@ -11,16 +11,20 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from orchestrator.db import Database, EventKind, SessionRow, SessionStatus
+from orchestrator.db import LIVE_STATUSES, Database, EventKind, SessionRow, SessionStatus
+from orchestrator.db.engine import signal_after_commit
 from orchestrator.db.types import utcnow
 from orchestrator.lifecycle import events
 from orchestrator.lifecycle.requests import without_secrets
 
 S = SessionStatus
+SLOT_FREED = "slot_freed"
+ADMISSION_LOCK_KEY = 0x5E5511  # pg_advisory_xact_lock: one admission decision at a time
+LIVE_VALUES = [s.value for s in LIVE_STATUSES]
 
 
 class ClaimOutcome(Enum):
@@ -86,9 +90,13 @@ def claim(
     max_duration_seconds: int | None,
     start_deadline_at: datetime | None,
     traceparent: str | None,
+    max_concurrent_sessions: int,
 ) -> Claim:
-    """Create the row for ``request_id`` or say why this message finds one already."""
+    """Create the row for ``request_id`` — ``starting`` if a slot is free and nobody waits,
+    else ``waiting`` — or say why this message finds one already."""
     with db.transaction() as session:
+        admission = _admission_state(session, db, max_concurrent_sessions)
+        status = S.STARTING if admission.free > 0 and admission.waiting == 0 else S.WAITING
         new_id = session.execute(
             _insert_ignoring_conflict(
                 db,
@@ -96,7 +104,7 @@ def claim(
                     "id": uuid.uuid4(),
                     "request_id": request_id,
                     "claim_id": claim_id,
-                    "status": S.STARTING.value,
+                    "status": status.value,
                     "avatar_id": avatar_id,
                     "request_payload": payload,
                     "payload_sha256": digest,
@@ -110,7 +118,16 @@ def claim(
         ).scalar_one_or_none()
         if new_id is not None:
             row = session.get_one(SessionRow, new_id)
-            events.log(session, EventKind.CREATED, row=row, claim_id=claim_id)
+            events.log(
+                session,
+                EventKind.CREATED,
+                row=row,
+                claim_id=claim_id,
+                live=admission.live,
+                cap=admission.cap,
+            )
+            if status == S.WAITING and admission.free > 0:
+                signal_after_commit(session, SLOT_FREED)  # others wait: admit in FIFO order
             return Claim(ClaimOutcome.NEW, new_id, row.status)
         row = session.scalars(
             select(SessionRow).where(SessionRow.request_id == request_id).with_for_update()
@@ -267,6 +284,8 @@ def _finish(
     **detail: Any,
 ) -> None:
     """The one terminal transition: clears the LiveKit token and the payload's secrets."""
+    if row.status in LIVE_VALUES:
+        signal_after_commit(session, SLOT_FREED)
     row.status = status.value
     row.ended_at = utcnow()
     if end_reason is not None:
@@ -396,11 +415,6 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
     return tickets
 
 
-def live_count(session: Session) -> int:
-    statuses = [s.value for s in (S.STARTING, S.ACTIVE, S.STOPPING)]
-    return session.scalar(select(func.count()).where(SessionRow.status.in_(statuses))) or 0
-
-
 def live_vendor_rows(db: Database) -> list[tuple[uuid.UUID, str, datetime | None]]:
     """(row id, vendor session id, started_at) of every row we believe the vendor runs."""
     with db.transaction() as session:
@@ -480,4 +494,104 @@ def log_orphan_stop(
             reason="ZOMBIE_SESSION_REAP",
             vendor_outcome=outcome,
             vendor_created_at=created_at,
+        )
+
+
+@dataclass(frozen=True)
+class AdmissionState:
+    cap: int
+    live: int
+    waiting: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.cap - self.live)
+
+
+def _admission_state(session: Session, db: Database, configured_cap: int) -> AdmissionState:
+    """Counted under one lock, so no two workers hand out the same free slot.
+
+    The effective cap is the lower of ours and the vendor's last reported limit.
+    """
+    if db.is_postgres:
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
+    # SQLite: the transaction began with BEGIN IMMEDIATE, the one write lock.
+    vendor_cap = session.scalar(
+        select(SessionRow.max_session_numbers)
+        .where(SessionRow.max_session_numbers.is_not(None))
+        .order_by(SessionRow.started_at.desc())
+        .limit(1)
+    )
+    cap = min(configured_cap, vendor_cap) if vendor_cap else configured_cap
+    live = session.scalar(select(func.count()).where(SessionRow.status.in_(LIVE_VALUES))) or 0
+    waiting = session.scalar(select(func.count()).where(SessionRow.status == S.WAITING.value)) or 0
+    return AdmissionState(cap, live, waiting)
+
+
+def admission_state(db: Database, configured_cap: int) -> AdmissionState:
+    with db.transaction() as session:
+        return _admission_state(session, db, configured_cap)
+
+
+def admit(db: Database, *, configured_cap: int) -> list[tuple[uuid.UUID, str]]:
+    """Move the oldest ``waiting`` rows into the free slots; (row id, new claim id) each."""
+    admitted: list[tuple[uuid.UUID, str]] = []
+    with db.transaction() as session:
+        state = _admission_state(session, db, configured_cap)
+        if state.free == 0 or state.waiting == 0:
+            return admitted
+        rows = session.scalars(
+            select(SessionRow)
+            .where(SessionRow.status == S.WAITING.value)
+            .order_by(SessionRow.created_at, SessionRow.id)
+            .limit(state.free)
+            .with_for_update()
+        ).all()
+        for row in rows:
+            row.status = S.STARTING.value
+            row.claim_id = f"admit-{uuid.uuid4()}"
+            waited = (utcnow() - row.created_at).total_seconds()
+            events.log(session, EventKind.ADMITTED, row=row, waited_seconds=round(waited, 3))
+            admitted.append((row.id, row.claim_id))
+    return admitted
+
+
+def expire_waiting(db: Database) -> list[str]:
+    """``waiting`` rows past their ``start_deadline_at`` → ``failed`` ``CAPACITY_TIMEOUT``."""
+    expired: list[str] = []
+    with db.transaction() as session:
+        rows = session.scalars(
+            select(SessionRow)
+            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= utcnow())
+            .with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            row.error_code = "CAPACITY_TIMEOUT"
+            row.error_message = "no free session slot before start_deadline_seconds passed"
+            _finish(session, row, S.FAILED)
+            expired.append(row.request_id)
+    return expired
+
+
+def back_to_waiting(db: Database, session_id: uuid.UUID, *, vendor_error: str) -> bool:
+    """The vendor said the account is at its limit: wait again (first in line, by age)."""
+    with db.transaction() as session:
+        row = _lock_row(session, session_id)
+        if row is None or row.status != S.STARTING or row.vendor_session_id is not None:
+            return False
+        if row.stop_requested_at is not None:
+            _finish(session, row, S.ENDED, end_reason=row.end_reason or "USER_CLOSED")
+            return True
+        row.status = S.WAITING.value
+        events.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
+        return True
+
+
+def has_waiting(db: Database) -> bool:
+    with db.transaction() as session:
+        return (
+            session.scalar(
+                select(SessionRow.id).where(SessionRow.status == S.WAITING.value).limit(1)
+            )
+            is not None
         )
