@@ -50,6 +50,7 @@ def worker(queues: str, pool: str, concurrency: int, with_beat: bool, hostname: 
         settings.vendor_credentials()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=10)
