@@ -74,7 +74,9 @@ def db(database_url: str) -> Iterator[Database]:
     """The run's database, emptied before each test (worker processes need committed rows)."""
     database = Database(database_url, pool_size=5)
     with database.engine.begin() as conn:
-        conn.execute(text("TRUNCATE sessions, session_events, event_outbox RESTART IDENTITY CASCADE"))
+        conn.execute(
+            text("TRUNCATE sessions, session_events, event_outbox RESTART IDENTITY CASCADE")
+        )
     yield database
     database.dispose()
 
@@ -105,7 +107,7 @@ def purge_queues(broker_url: str) -> Callable[[], None]:
             for queue in ("orchestrator.start", "orchestrator.control", "orchestrator.dead"):
                 try:
                     channel.queue_purge(queue)
-                except Exception:  # noqa: BLE001 - the queue may not exist yet
+                except Exception:
                     channel = conn.channel()
 
     return purge
@@ -155,11 +157,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment a worker process needs to run with ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATOR_", "OTEL_"))}
     for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"ORCHESTRATOR_{name.upper()}"] = str(value)
+        if value is not None:
+            plain = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            env[f"ORCHESTRATOR_{name.upper()}"] = str(plain)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

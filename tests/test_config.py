@@ -46,7 +46,7 @@ def test_malformed_setting_names_the_variable(
 
 def test_missing_vendor_credentials_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ORCHESTRATOR_DEEPBRAIN_APP_ID", raising=False)
-    with pytest.raises(ConfigError, match="^ORCHESTRATOR_DEEPBRAIN_APP_ID is required"):
+    with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_DEEPBRAIN_APP_ID is required"):
         load_settings().vendor_credentials()
 
 
@@ -62,7 +62,9 @@ def test_cli_prints_one_line_and_no_traceback() -> None:
     )
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert lines == [lines[0]] and lines[0].startswith("Error: ORCHESTRATOR_MAX_CONCURRENT_SESSIONS")
+    assert lines == [lines[0]] and lines[0].startswith(
+        "Error: ORCHESTRATOR_MAX_CONCURRENT_SESSIONS"
+    )
     assert "Traceback" not in result.output
 
 
@@ -73,4 +75,7 @@ def test_worker_without_credentials_fails_with_one_line(tmp_path: object) -> Non
         env={"ORCHESTRATOR_DEEPBRAIN_APP_ID": "", "ORCHESTRATOR_DEEPBRAIN_USER_KEY": ""},
     )
     assert result.exit_code == 1
-    assert result.output.strip() == "Error: ORCHESTRATOR_DEEPBRAIN_APP_ID is required to call the DeepBrain API"
+    assert (
+        result.output.strip()
+        == "Error: ORCHESTRATOR_DEEPBRAIN_APP_ID is required to call the DeepBrain API"
+    )

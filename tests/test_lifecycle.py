@@ -10,8 +10,7 @@ import pytest
 from sqlalchemy import update
 
 from orchestrator.db import SessionRow
-from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop
-from orchestrator.lifecycle import store
+from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop, store
 from orchestrator.simulator import SimulatorServer
 from tests.helpers import event_kinds, events, row, rows
 
@@ -23,7 +22,9 @@ def start(lc: Lifecycle, claim_id: str = "task-1", **kwargs: object) -> str:
     return handle_start_message(lc, (), dict(kwargs), claim_id=claim_id).request_id
 
 
-def test_start_stores_credentials_and_expiry(lifecycle: Lifecycle, simulator: SimulatorServer) -> None:
+def test_start_stores_credentials_and_expiry(
+    lifecycle: Lifecycle, simulator: SimulatorServer
+) -> None:
     before = datetime.now(UTC)
     start(lifecycle, request_id="r-1", max_session_duration=3, max_duration_seconds=90)
 
@@ -137,7 +138,9 @@ def test_invalid_payload_becomes_a_failed_row_naming_the_field(
 
 
 def test_invalid_request_id_falls_back_to_the_task_id(lifecycle: Lifecycle) -> None:
-    handle_start_message(lifecycle, (), {"avatar_id": "a", "request_id": "has space"}, claim_id="t-7")
+    handle_start_message(
+        lifecycle, (), {"avatar_id": "a", "request_id": "has space"}, claim_id="t-7"
+    )
     r = row(lifecycle.db, "t-7")
     assert r.status == "failed" and "'request_id'" in (r.error_message or "")
 
@@ -145,7 +148,9 @@ def test_invalid_request_id_falls_back_to_the_task_id(lifecycle: Lifecycle) -> N
 def test_vendor_error_fails_with_vendor_code_and_message(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:
-    simulator.push_fault({"endpoint": "start", "status": 402, "code": 4020, "message": "out of credits"})
+    simulator.push_fault(
+        {"endpoint": "start", "status": 402, "code": 4020, "message": "out of credits"}
+    )
     start(lifecycle, request_id="r-1")
     r = row(lifecycle.db, "r-1")
     assert (r.status, r.error_code) == ("failed", "VENDOR_4020")
@@ -221,7 +226,7 @@ def test_stop_requested_while_starting_is_honoured_once_the_session_has_an_id(
 def row_or_none(lc: Lifecycle, request_id: str) -> SessionRow | None:
     try:
         return row(lc.db, request_id)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 

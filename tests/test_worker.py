@@ -55,7 +55,10 @@ def worker(e2e_settings: Settings) -> Iterator[WorkerProcess]:
 
 @pytest.fixture
 def running(
-    worker: WorkerProcess, db: Database, simulator: SimulatorServer, purge_queues: Callable[[], None]
+    worker: WorkerProcess,
+    db: Database,
+    simulator: SimulatorServer,
+    purge_queues: Callable[[], None],
 ) -> WorkerProcess:
     purge_queues()
     assert worker.process.poll() is None, worker.log()
@@ -88,7 +91,9 @@ def publish_raw(
     if traceparent:
         headers["traceparent"] = traceparent
     if body is None:
-        body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
+        body = json.dumps(
+            [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+        ).encode()
     with Connection(broker_url) as conn:
         producer = conn.Producer()
         producer.publish(
@@ -115,9 +120,15 @@ def dead_letters(broker_url: str) -> list[Any]:
 
 
 def test_raw_message_becomes_active_then_the_reaper_ends_it(
-    running: WorkerProcess, e2e_settings: Settings, broker_url: str, db: Database, simulator: SimulatorServer
+    running: WorkerProcess,
+    e2e_settings: Settings,
+    broker_url: str,
+    db: Database,
+    simulator: SimulatorServer,
 ) -> None:
-    publish_raw(broker_url, {"request_id": "raw-1", "avatar_id": "avatar-raw", "max_duration_seconds": 2})
+    publish_raw(
+        broker_url, {"request_id": "raw-1", "avatar_id": "avatar-raw", "max_duration_seconds": 2}
+    )
 
     active = wait_until(lambda: (r := row_if(db, "raw-1")) and r.status == "active" and r)
     assert active.livekit_url and active.livekit_room and active.livekit_token
@@ -134,7 +145,7 @@ def test_raw_message_becomes_active_then_the_reaper_ends_it(
 def row_if(db: Database, request_id: str) -> Any:
     try:
         return row(db, request_id)
-    except Exception:  # noqa: BLE001 - not there yet
+    except Exception:
         return None
 
 
@@ -173,9 +184,10 @@ def test_bad_messages_fail_or_dead_letter_and_the_worker_keeps_going(
     assert "'avatar_id' is required" in failed.error_message
 
     dead = wait_until(lambda: dead_letters_acc(broker_url, 4), timeout=10)
-    assert sorted(m.headers["task"] for m in dead) == ["orchestrator.no_such_task"] + [
-        "orchestrator.start_session"
-    ] * 3
+    assert (
+        sorted(m.headers["task"] for m in dead)
+        == ["orchestrator.no_such_task"] + ["orchestrator.start_session"] * 3
+    )
     assert running.process.poll() is None
     assert len(simulator.sessions()) == 1
 
@@ -207,7 +219,9 @@ def test_python_producer_enqueue_wait_and_stop(
         producer.close()
 
 
-def test_worker_heartbeat_answers_the_health_command(running: WorkerProcess, e2e_settings: Settings) -> None:
+def test_worker_heartbeat_answers_the_health_command(
+    running: WorkerProcess, e2e_settings: Settings
+) -> None:
     from click.testing import CliRunner
 
     from orchestrator.cli import main
