@@ -5,23 +5,27 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery, bootsteps, signals
 from celery.beat import PersistentScheduler
 from celery.worker.consumer import Consumer
 
-from orchestrator import heartbeat
+from orchestrator import heartbeat, outbox
 from orchestrator.config import Settings
+from orchestrator.db import OutboxEvent
 from orchestrator.lifecycle import Lifecycle
 from orchestrator.messaging import (
     ADMIT_TASK,
     CONTROL_QUEUE,
+    PUBLISH_EVENTS_TASK,
     REAP_TASK,
     RECONCILE_TASK,
     START_ADMITTED_TASK,
     TASK_QUEUES,
     WORK_QUEUES,
+    events_exchange,
 )
 
 logger = logging.getLogger(__name__)
@@ -128,6 +132,30 @@ class CeleryDispatcher:
             START_ADMITTED_TASK, kwargs={"session_id": str(session_id), "claim_id": claim_id}
         )
 
+    def publish_events(self) -> None:
+        try:
+            outbox.relay(self.app.lifecycle().db, self._publish_batch)
+        except Exception:
+            logger.warning("event relay failed; events stay in the outbox", exc_info=True)
+
+    def _publish_batch(self, batch: Sequence[OutboxEvent]) -> None:
+        """Publish persistently; with publisher confirms each publish returns once confirmed."""
+        with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
+            for event in batch:
+                headers = {"traceparent": event.traceparent} if event.traceparent else {}
+                producer.publish(
+                    event.body,
+                    exchange=events_exchange,
+                    routing_key=event.routing_key,
+                    serializer="json",
+                    delivery_mode=2,
+                    message_id=str(event.event_id),
+                    headers=headers,
+                    declare=[events_exchange],
+                    retry=True,
+                    retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+                )
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport_options: dict[str, Any] = {}
@@ -160,6 +188,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "reap-expired-sessions": {
                 "task": REAP_TASK,
+                "schedule": settings.reaper_interval_seconds,
+                "options": beat_expiry,
+            },
+            "relay-events-backstop": {
+                "task": PUBLISH_EVENTS_TASK,
                 "schedule": settings.reaper_interval_seconds,
                 "options": beat_expiry,
             },

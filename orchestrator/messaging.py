@@ -18,6 +18,8 @@ RECONCILE_TASK = "orchestrator.reconcile_sessions"
 ADMIT_TASK = "orchestrator.admit_waiting"
 # Internal: the vendor start of a request that waited for a slot (published by admission).
 START_ADMITTED_TASK = "orchestrator.start_admitted"
+# Internal: beat's backstop for the outbox relay (events are normally relayed after commit).
+PUBLISH_EVENTS_TASK = "orchestrator.publish_events"
 
 dead_letter_exchange = Exchange(DEAD_LETTER_EXCHANGE, type="fanout", durable=True)
 dead_letter_queue = Queue(DEAD_LETTER_QUEUE, exchange=dead_letter_exchange, durable=True)
@@ -45,6 +47,7 @@ TASK_QUEUES = {
     REAP_TASK: CONTROL_QUEUE,
     RECONCILE_TASK: CONTROL_QUEUE,
     ADMIT_TASK: CONTROL_QUEUE,
+    PUBLISH_EVENTS_TASK: CONTROL_QUEUE,
 }
 
 

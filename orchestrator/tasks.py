@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from orchestrator import lifecycle
 from orchestrator.messaging import (
     ADMIT_TASK,
+    PUBLISH_EVENTS_TASK,
     REAP_TASK,
     RECONCILE_TASK,
     START_ADMITTED_TASK,
@@ -114,6 +115,10 @@ def register(app: OrchestratorCelery) -> None:
     @app.task(name=RECONCILE_TASK, acks_late=True)
     def reconcile_sessions() -> dict[str, int]:
         return lifecycle.reconcile(app.lifecycle()).as_dict()
+
+    @app.task(name=PUBLISH_EVENTS_TASK, acks_late=True)
+    def publish_events() -> None:
+        app.lifecycle().dispatcher.publish_events()
 
     @app.task(name=ADMIT_TASK, acks_late=True)
     def admit_waiting() -> dict[str, int]:

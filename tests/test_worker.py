@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from kombu import Connection, Exchange
+from kombu import Connection, Exchange, Queue
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database
-from orchestrator.messaging import dead_letter_queue
+from orchestrator.messaging import dead_letter_queue, events_exchange
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess, wait_until
@@ -230,3 +231,54 @@ def test_worker_heartbeat_answers_the_health_command(
     result = CliRunner().invoke(main, ["health", "worker"], env=settings_env(e2e_settings))
     assert result.exit_code == 0, result.output
     assert "worker ok" in result.output
+
+
+def test_lifecycle_events_reach_a_consumer_once_each_in_order(
+    running: WorkerProcess, broker_url: str, db: Database, simulator: SimulatorServer
+) -> None:
+    events_queue = Queue(
+        f"test-events-{uuid.uuid4().hex[:6]}", exchange=events_exchange, routing_key="session.#"
+    )
+    with Connection(broker_url) as conn:
+        events_queue(conn.default_channel).declare()
+        publish_raw(broker_url, {"request_id": "ev-1", "avatar_id": "a", "max_duration_seconds": 1})
+        publish_raw(broker_url, {"request_id": "ev-bad"})  # invalid: session.failed
+        wait_until(lambda: (r := row_if(db, "ev-1")) and r.status == "ended")
+        wait_until(lambda: row_if(db, "ev-bad"))
+
+        def received() -> list[Any] | None:
+            found = []
+            queue = events_queue(conn.default_channel)
+            while (message := queue.get(no_ack=True)) is not None:
+                found.append(message)
+            _events_seen.extend(found)
+            return _events_seen if len(_events_seen) >= 3 else None
+
+        messages = wait_until(received, timeout=15)
+        time.sleep(1.0)  # anything extra (a duplicate) would arrive by now
+        received()
+        events_queue(conn.default_channel).delete()
+
+    bodies = [json.loads(m.body) for m in _events_seen]
+    mine = [b for b in bodies if b["request_id"] == "ev-1"]
+    assert [b["status"] for b in mine] == ["active", "ended"]
+    assert [
+        m.delivery_info["routing_key"]
+        for m in messages
+        if json.loads(m.body)["request_id"] == "ev-1"
+    ] == [
+        "session.active",
+        "session.ended",
+    ]
+    active, ended = mine
+    assert active["token"] and active["url"] and active["room_name"] and active["expires_at"]
+    assert ended["end_reason"] == "MAX_DURATION_REACHED" and "token" not in ended
+    assert active["session_id"] == ended["session_id"] == row(db, "ev-1").vendor_session_id
+    assert len({b["event_id"] for b in bodies}) == len(bodies) == 3
+    assert all(b["version"] == 1 for b in bodies)
+    (failed,) = [b for b in bodies if b["request_id"] == "ev-bad"]
+    assert failed["status"] == "failed" and failed["error_code"] == "VALIDATION_ERROR"
+    assert "'avatar_id' is required" in failed["error_message"]
+
+
+_events_seen: list[Any] = []

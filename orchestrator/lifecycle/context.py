@@ -21,6 +21,7 @@ class Lifecycle:
         if isinstance(self.dispatcher, InlineDispatcher):
             self.dispatcher.lifecycle = self
         self.db.on_commit("slot_freed", self._slot_freed)
+        self.db.on_commit("events_pending", self.dispatcher.publish_events)
 
     def _slot_freed(self) -> None:
         from orchestrator.lifecycle import store

@@ -17,6 +17,9 @@ class Dispatcher(Protocol):
     def start_admitted(self, session_id: uuid.UUID, claim_id: str) -> None:
         """Run the vendor start of a row that admission moved to ``starting``."""
 
+    def publish_events(self) -> None:
+        """Relay the outbox's unpublished lifecycle events to the broker."""
+
 
 class InlineDispatcher:
     """Does the work in the calling thread; re-entrant calls are folded into one more pass."""
@@ -46,3 +49,6 @@ class InlineDispatcher:
 
         assert self.lifecycle is not None
         run_start(self.lifecycle, session_id, claim_id)
+
+    def publish_events(self) -> None:
+        """No broker here: events stay in the outbox for a worker's relay to publish."""

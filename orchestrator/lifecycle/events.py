@@ -10,9 +10,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from orchestrator.db import EventKind, OutboxEvent, SessionEvent, SessionRow
+from orchestrator.db.engine import signal_after_commit
 from orchestrator.db.types import utcnow
 
 EVENT_VERSION = 1
+EVENTS_PENDING = "events_pending"
 ROUTING_KEYS = {"active": "session.active", "ended": "session.ended", "failed": "session.failed"}
 
 
@@ -51,6 +53,7 @@ def emit(session: Session, row: SessionRow) -> None:
             traceparent=row.traceparent,
         )
     )
+    signal_after_commit(session, EVENTS_PENDING)
 
 
 def log(
