@@ -15,7 +15,7 @@ from celery.worker.consumer import Consumer
 from orchestrator import heartbeat, outbox
 from orchestrator.config import Settings
 from orchestrator.db import OutboxEvent
-from orchestrator.lifecycle import Lifecycle
+from orchestrator.lifecycle import Lifecycle, metrics, tracing
 from orchestrator.messaging import (
     ADMIT_TASK,
     CONTROL_QUEUE,
@@ -110,6 +110,7 @@ class OrchestratorCelery(Celery):
                 self._lifecycle = Lifecycle.from_settings(
                     self.settings, dispatcher=CeleryDispatcher(self)
                 )
+                metrics.register_gauges(self._lifecycle.db)
             return self._lifecycle
 
     def forget_lifecycle(self) -> None:
@@ -142,19 +143,30 @@ class CeleryDispatcher:
         """Publish persistently; with publisher confirms each publish returns once confirmed."""
         with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
             for event in batch:
-                headers = {"traceparent": event.traceparent} if event.traceparent else {}
-                producer.publish(
-                    event.body,
-                    exchange=events_exchange,
-                    routing_key=event.routing_key,
-                    serializer="json",
-                    delivery_mode=2,
-                    message_id=str(event.event_id),
-                    headers=headers,
-                    declare=[events_exchange],
-                    retry=True,
-                    retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-                )
+                with tracing.session_span(
+                    "session.event.publish",
+                    event.traceparent,
+                    request_id=event.body.get("request_id"),
+                    event=event.routing_key,
+                    event_id=str(event.event_id),
+                ):
+                    headers = {"traceparent": event.traceparent} if event.traceparent else {}
+                    producer.publish(
+                        event.body,
+                        exchange=events_exchange,
+                        routing_key=event.routing_key,
+                        serializer="json",
+                        delivery_mode=2,
+                        message_id=str(event.event_id),
+                        headers=headers,
+                        declare=[events_exchange],
+                        retry=True,
+                        retry_policy={
+                            "max_retries": 2,
+                            "interval_start": 0.2,
+                            "interval_step": 0.5,
+                        },
+                    )
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -15,6 +15,15 @@ from orchestrator.logging_setup import configure_logging
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _setup_telemetry() -> None:
+    from orchestrator.telemetry import setup_telemetry
+
+    try:
+        setup_telemetry()
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+
+
 def _settings() -> Settings:
     try:
         return load_settings()
@@ -46,6 +55,7 @@ def worker(queues: str, pool: str, concurrency: int, with_beat: bool, hostname: 
 
     settings = _settings()
     configure_logging(settings.log_level)
+    _setup_telemetry()
     try:
         settings.vendor_credentials()
     except ConfigError as error:
@@ -201,6 +211,7 @@ def enqueue(
         "metadata": _json_option("--metadata", metadata),
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
+    _setup_telemetry()
     producer = Producer(_settings())
     try:
         rid = producer.enqueue_start_session(**kwargs)

@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy import func, select
 
 from orchestrator.config import Settings, load_settings
-from orchestrator.db import Database
+from orchestrator.db import Database, OutboxEvent
 from orchestrator.db.migrate import upgrade
 from orchestrator.producer import Producer, SessionInfo, SessionNotFound
 from orchestrator.reporting import format_table, session_table
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
+from orchestrator.telemetry import TRACE_FILE_VARIABLE, setup_telemetry, shutdown_telemetry
+from orchestrator.trace_view import find_trace, read_span_files, render_trace
 
 DEMO_APP_ID = "demo-app-id"
 DEMO_USER_KEY = "demo-user-key"
 TIME_LIMIT_SECONDS = 50.0
+DEMO_CAP = 3
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -42,6 +46,8 @@ def _env(settings: Settings) -> dict[str, str]:
         ORCHESTRATOR_REAPER_INTERVAL_SECONDS=str(settings.reaper_interval_seconds),
         ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS=str(settings.reconcile_interval_seconds),
         ORCHESTRATOR_LOG_LEVEL="INFO",
+        ORCHESTRATOR_MAX_CONCURRENT_SESSIONS=str(settings.max_concurrent_sessions),
+        ORCHESTRATOR_TRACE_FILE=str(settings.state_dir / "spans-worker.jsonl"),
     )
     return env
 
@@ -73,6 +79,8 @@ def _describe(info: SessionInfo) -> str:
         assert info.expires_at is not None
         left = info.expires_at.timestamp() - time.time()
         return f"active in room {info.livekit_room}, expires in {left:.0f} s"
+    if info.status == "waiting":
+        return f"waiting: all {DEMO_CAP} slots busy"
     if info.status == "ended":
         return f"ended: {info.end_reason}"
     if info.status == "failed":
@@ -85,6 +93,8 @@ def run_demo(count: int) -> int:
     state_dir = Path(tempfile.mkdtemp(prefix="orchestrator-demo-"))
     click.secho("session-orchestrator demo", bold=True)
     click.echo(f"state (SQLite database, embedded broker, worker log): {state_dir}")
+    os.environ[TRACE_FILE_VARIABLE] = str(state_dir / "spans-demo.jsonl")
+    setup_telemetry()
     with SimulatorServer(
         SimulatorConfig(app_id=DEMO_APP_ID, user_key=DEMO_USER_KEY, max_concurrent_sessions=count)
     ) as sim:
@@ -95,12 +105,16 @@ def run_demo(count: int) -> int:
             deepbrain_user_key=DEMO_USER_KEY,
             reaper_interval_seconds=1.0,
             reconcile_interval_seconds=5.0,
+            max_concurrent_sessions=DEMO_CAP,
         )
         _say(f"DeepBrain simulator on {sim.base_url}")
         upgrade(settings.effective_database_url)
         _say("database migrated (Alembic, SQLite)")
         with _worker(settings, state_dir / "worker.log"):
-            _say("worker started (threads pool, beat inside: reaper every 1 s)")
+            _say(
+                f"worker started (threads pool, beat inside: reaper every 1 s);"
+                f" at most {DEMO_CAP} sessions at once"
+            )
             producer = Producer(settings)
             try:
                 code = _scenario(producer, sim, count, started)
@@ -110,6 +124,11 @@ def run_demo(count: int) -> int:
         click.echo()
         click.secho("All sessions (from the sessions table; tokens are never shown):", bold=True)
         click.echo(session_table(database, live_only=False))
+        click.echo()
+        click.secho(
+            "Lifecycle events published (outbox → exchange orchestrator.events):", bold=True
+        )
+        click.echo(_event_counts(database))
         database.dispose()
         click.echo()
         click.secho("What the vendor (simulator) saw:", bold=True)
@@ -118,6 +137,8 @@ def run_demo(count: int) -> int:
             for s in sim.sessions()
         ]
         click.echo(format_table(("vendor session", "status", "end reason", "stop calls"), rows))
+    click.echo()
+    _show_trace(state_dir, "demo-1")
     click.echo()
     elapsed = time.monotonic() - started
     if code == 0:
@@ -164,6 +185,29 @@ def _scenario(producer: Producer, sim: SimulatorServer, count: int, started: flo
             break
         time.sleep(0.2)
     return _verdict(producer, request_ids, stop_me)
+
+
+def _event_counts(database: Database) -> str:
+    with database.transaction() as session:
+        counts = session.execute(
+            select(OutboxEvent.routing_key, func.count(), func.count(OutboxEvent.published_at))
+            .group_by(OutboxEvent.routing_key)
+            .order_by(OutboxEvent.routing_key)
+        ).all()
+    rows = [(key, str(total), str(published)) for key, total, published in counts]
+    return format_table(("routing key", "events", "published"), rows)
+
+
+def _show_trace(state_dir: Path, request_id: str) -> None:
+    shutdown_telemetry()
+    spans = read_span_files(sorted(state_dir.glob("spans-*.jsonl")))
+    trace_id = find_trace(spans, request_id)
+    click.secho(
+        f"One trace per session: {request_id}, from enqueue to the reaper's stop"
+        " (OpenTelemetry; SQL folded):",
+        bold=True,
+    )
+    click.echo(render_trace(spans, trace_id) if trace_id else "no spans recorded")
 
 
 def _show_credentials(info: SessionInfo) -> None:

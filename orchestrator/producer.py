@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
+from opentelemetry import propagate, trace
 from sqlalchemy import select
 
 from orchestrator.config import Settings, load_settings
@@ -81,9 +82,10 @@ class SessionInfo:
         )
 
 
-def _current_traceparent() -> str | None:
-    from opentelemetry import propagate
+tracer = trace.get_tracer("orchestrator.producer")
 
+
+def _current_traceparent() -> str | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent")
@@ -141,7 +143,12 @@ class Producer:
         kwargs.setdefault("request_id", uuid.uuid4().hex)
         parse_start_request((), kwargs, max_session_minutes=self.settings.max_session_minutes)
         request_id = str(kwargs["request_id"])
-        self._send(START_TASK, kwargs)
+        attributes = {
+            "orchestrator.request_id": request_id,
+            "orchestrator.avatar_id": str(kwargs.get("avatar_id")),
+        }
+        with tracer.start_as_current_span("session.enqueue", attributes=attributes):
+            self._send(START_TASK, kwargs)
         return request_id
 
     def request_stop(
@@ -155,7 +162,8 @@ class Producer:
             raise ValueError("give exactly one of request_id or session_id")
         kwargs: dict[str, Any] = {"reason": reason}
         kwargs.update({"request_id": request_id} if request_id else {"session_id": session_id})
-        self._send(STOP_TASK, kwargs)
+        with tracer.start_as_current_span("session.stop.request"):
+            self._send(STOP_TASK, kwargs)
 
     def session_info(self, request_id: str) -> SessionInfo:
         with self.db.transaction() as session:

@@ -167,7 +167,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """``orchestrator worker`` in a subprocess, its output in a log file."""
 
-    def __init__(self, settings: Settings, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        *extra: str,
+        env_extra: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
         self._log = log_path.open("ab")
@@ -175,7 +181,10 @@ class WorkerProcess:
         heartbeat.unlink(missing_ok=True)
         command = [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", "8", *extra]
         self.process = subprocess.Popen(
-            command, env=settings_env(settings), stdout=self._log, stderr=subprocess.STDOUT
+            command,
+            env={**settings_env(settings), **(env_extra or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
         while not heartbeat.exists():

@@ -14,6 +14,8 @@ import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
+from opentelemetry import trace
+
 from orchestrator.deepbrain import (
     DeepBrainError,
     VendorAuthError,
@@ -21,7 +23,7 @@ from orchestrator.deepbrain import (
     VendorNotFound,
     VendorSession,
 )
-from orchestrator.lifecycle import store
+from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.stop import vendor_stop
 
@@ -49,10 +51,20 @@ class _AuthRefused(Exception):
 
 def reconcile(lc: Lifecycle) -> ReconcileReport:
     """One pass; every change is its own short transaction, no vendor call inside one."""
+    with tracing.sweep_span("session.reconcile") as span:
+        report = _reconcile(lc)
+        tracing.set_attributes(span, **report.as_dict())
+        if report.auth_error:
+            tracing.mark_error(span, "VENDOR_AUTH")
+        return report
+
+
+def _reconcile(lc: Lifecycle) -> ReconcileReport:
     report = ReconcileReport()
     listed_at = datetime.now(UTC)
     try:
-        active = lc.vendor.list_sessions("active")
+        with metrics.vendor_call("list"):
+            active = lc.vendor.list_sessions("active")
     except (VendorAuthError, VendorForbidden) as error:
         logger.critical("reconciler: the vendor refused our key, nothing changed: %s", error)
         report.auth_error = True
@@ -82,7 +94,8 @@ def reconcile(lc: Lifecycle) -> ReconcileReport:
 def _vendor_end(lc: Lifecycle, vendor_id: str) -> tuple[str, datetime | None] | None:
     """(end reason, end time) if the vendor has ended the session, None if it still runs."""
     try:
-        detail = lc.vendor.get_session(vendor_id)
+        with metrics.vendor_call("detail"):
+            detail = lc.vendor.get_session(vendor_id)
     except VendorNotFound:
         return UNKNOWN_END_REASON, None
     except (VendorAuthError, VendorForbidden) as error:
@@ -99,16 +112,22 @@ def _close_rows_the_vendor_ended(
     lc: Lifecycle, vendor_active: dict[str, VendorSession], listed_at: datetime
 ) -> int:
     closed = 0
-    for row_id, vendor_id, started_at in store.live_vendor_rows(lc.db):
-        if vendor_id in vendor_active:
+    sweep = trace.get_current_span()
+    for row in store.live_vendor_rows(lc.db):
+        if row.vendor_session_id in vendor_active:
             continue
-        if started_at is not None and started_at > listed_at - LIST_RACE_MARGIN:
+        if row.started_at is not None and row.started_at > listed_at - LIST_RACE_MARGIN:
             continue
-        ended = _vendor_end(lc, vendor_id)
-        if ended is not None and store.record_vendor_ended(
-            lc.db, row_id, end_reason=ended[0], ended_at=ended[1]
-        ):
-            closed += 1
+        tracing.link_sessions(sweep, [row.traceparent])
+        with tracing.session_span(
+            "session.reconcile.check", row.traceparent, session_id=row.vendor_session_id
+        ) as span:
+            ended = _vendor_end(lc, row.vendor_session_id)
+            if ended is not None and store.record_vendor_ended(
+                lc.db, row.session_id, end_reason=ended[0], ended_at=ended[1]
+            ):
+                tracing.set_attributes(span, end_reason=ended[0])
+                closed += 1
     return closed
 
 

@@ -11,10 +11,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
-from orchestrator.lifecycle import store
+from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.requests import (
     REQUEST_ID_PATTERN,
@@ -44,7 +45,28 @@ def handle_start_message(
     claim_id: str,
     traceparent: str | None = None,
 ) -> StartOutcome:
-    """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id."""
+    """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id.
+
+    ``traceparent`` is the producer's, from the message headers: the ``session.admit`` span
+    continues that trace (when no instrumented consumer span already does), and the row keeps
+    the admit span's context so every later span of the session joins the same trace.
+    """
+    parent = None if trace.get_current_span().get_span_context().is_valid else traceparent
+    with tracing.session_span("session.admit", parent) as span:
+        outcome = _admit(lc, args, kwargs, claim_id, tracing.current_traceparent() or traceparent)
+        tracing.set_attributes(span, request_id=outcome.request_id, status=outcome.status)
+        if outcome.status == "failed":
+            tracing.mark_error(span, outcome.detail.split(":")[0])
+        return outcome
+
+
+def _admit(
+    lc: Lifecycle,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    claim_id: str,
+    traceparent: str | None,
+) -> StartOutcome:
     digest = payload_digest({"args": list(args), "kwargs": kwargs} if args else kwargs)
     try:
         request = parse_start_request(
@@ -62,9 +84,11 @@ def handle_start_message(
             message=str(error),
             traceparent=traceparent,
         )
+        metrics.record_start("failed")
         return StartOutcome(request_id, "failed", f"VALIDATION_ERROR: {error}")
 
     request_id = request.request_id or claim_id
+    tracing.set_attributes(trace.get_current_span(), avatar_id=request.avatar_id)
     now = datetime.now(UTC)
     claim = store.claim(
         lc.db,
@@ -87,6 +111,7 @@ def handle_start_message(
         logger.info("start request %s: %s, ignored", request_id, claim.outcome.value)
         return StartOutcome(request_id, claim.status, claim.outcome.value)
     if claim.status == "waiting":
+        metrics.record_start("waiting")
         return StartOutcome(request_id, "waiting", "waiting for a free slot")
     return run_start(lc, claim.session_id, claim_id)
 
@@ -103,10 +128,24 @@ def run_start(lc: Lifecycle, session_id: uuid.UUID, claim_id: str) -> StartOutco
     if ticket is None:
         return StartOutcome("", "unchanged", "no start needed")
     request = StartRequest.model_validate(ticket.payload)
-    started = _call_vendor(lc, ticket, request)
-    if isinstance(started, StartOutcome):
-        return started
-    return _record(lc, ticket, _vendor_start(lc, request, ticket, started))
+    with tracing.session_span(
+        "session.start",
+        ticket.traceparent,
+        request_id=ticket.request_id,
+        avatar_id=request.avatar_id,
+        attempt=ticket.attempt,
+    ) as span:
+        started = _call_vendor(lc, ticket, request)
+        if isinstance(started, StartOutcome):
+            outcome = started
+        else:
+            tracing.set_attributes(span, session_id=started.session_id)
+            outcome = _record(lc, ticket, _vendor_start(lc, request, ticket, started))
+        tracing.set_attributes(span, status=outcome.status)
+        if outcome.status == "failed":
+            tracing.mark_error(span, outcome.detail)
+        metrics.record_start(outcome.status, ticket.created_at)
+        return outcome
 
 
 def _call_vendor(
@@ -114,28 +153,25 @@ def _call_vendor(
 ) -> StartedSession | StartOutcome:
     """The vendor start, with no transaction open; a refusal is recorded and returned."""
     try:
-        return lc.vendor.start_session(request.vendor_body())
+        with metrics.vendor_call("start"):
+            return lc.vendor.start_session(request.vendor_body())
     except (VendorForbidden, VendorConflict) as error:
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
         if ticket.attempt < MAX_CAPACITY_BOUNCES and store.back_to_waiting(
             lc.db, ticket.session_id, vendor_error=error.error_code
         ):
-            logger.warning(
-                "vendor refused start of %s: waiting again: %s", ticket.request_id, error
-            )
+            logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
             return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure: DeepBrainError = error
     except DeepBrainError as error:
         failure = error
     logger.warning("start of request %s failed: %s", ticket.request_id, failure)
+    code = failure.error_code
     store.record_failed(
-        lc.db,
-        ticket.session_id,
-        error_code=failure.error_code,
-        error_message=failure.vendor_message,
+        lc.db, ticket.session_id, error_code=code, error_message=failure.vendor_message
     )
-    return StartOutcome(ticket.request_id, "failed", failure.error_code)
+    return StartOutcome(ticket.request_id, "failed", code)
 
 
 def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) -> StartOutcome:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from orchestrator.db import EventKind
 from orchestrator.deepbrain import DeepBrainError, StopOutcome
-from orchestrator.lifecycle import events, store
+from orchestrator.lifecycle import events, metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 
 logger = logging.getLogger(__name__)
@@ -47,27 +47,41 @@ def request_stop(
 
 def vendor_stop(lc: Lifecycle, vendor_session_id: str, reason: str) -> StopOutcome:
     """Stop at the vendor. A 404 counts as gone only if our key still lists sessions."""
-    outcome = lc.vendor.stop_session(vendor_session_id, reason)
+    with metrics.vendor_call("stop"):
+        outcome = lc.vendor.stop_session(vendor_session_id, reason)
     if outcome is StopOutcome.NOT_FOUND:
-        lc.vendor.list_sessions("active", page_size=1)  # raises VendorAuthError on a wrong key
+        with metrics.vendor_call("list"):
+            lc.vendor.list_sessions("active", page_size=1)  # VendorAuthError on a wrong key
     return outcome
 
 
 def execute_stop(lc: Lifecycle, ticket: store.StopTicket) -> bool:
     """Call the vendor for a ``stopping`` row; on failure leave it for the reaper's retry."""
-    try:
-        outcome = vendor_stop(lc, ticket.vendor_session_id, ticket.reason)
-    except DeepBrainError as error:
-        logger.warning("vendor stop failed for request %s: %s", ticket.request_id, error)
-        store.stop_failed(
-            lc.db,
-            ticket.session_id,
-            error=str(error),
-            base_delay=min(lc.settings.stop_retry_seconds, lc.settings.reaper_interval_seconds),
-            max_delay=MAX_STOP_BACKOFF_SECONDS,
-        )
-        return False
-    return store.finish_stop(lc.db, ticket.session_id, outcome=outcome.value)
+    with tracing.session_span(
+        "session.stop",
+        ticket.traceparent,
+        request_id=ticket.request_id,
+        session_id=ticket.vendor_session_id,
+        end_reason=ticket.reason,
+    ) as span:
+        try:
+            outcome = vendor_stop(lc, ticket.vendor_session_id, ticket.reason)
+        except DeepBrainError as error:
+            logger.warning("vendor stop failed for request %s: %s", ticket.request_id, error)
+            tracing.mark_error(span, error.error_code)
+            store.stop_failed(
+                lc.db,
+                ticket.session_id,
+                error=str(error),
+                base_delay=min(lc.settings.stop_retry_seconds, lc.settings.reaper_interval_seconds),
+                max_delay=MAX_STOP_BACKOFF_SECONDS,
+            )
+            return False
+        tracing.set_attributes(span, vendor_outcome=outcome.value)
+        finished = store.finish_stop(lc.db, ticket.session_id, outcome=outcome.value)
+        if finished and ticket.reason == "MAX_DURATION_REACHED":
+            metrics.record_reaper_lag(ticket.expires_at)
+        return finished
 
 
 def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: str) -> bool:

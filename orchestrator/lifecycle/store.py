@@ -50,6 +50,8 @@ class StartTicket:
     payload: dict[str, Any]
     attempt: int
     sent_at: datetime
+    created_at: datetime
+    traceparent: str | None
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class StopTicket:
     request_id: str
     vendor_session_id: str
     reason: str
+    traceparent: str | None = None
+    expires_at: datetime | None = None
 
 
 def _lock_row(session: Session, session_id: uuid.UUID) -> SessionRow | None:
@@ -215,7 +219,15 @@ def begin_attempt(db: Database, session_id: uuid.UUID, claim_id: str) -> StartTi
         row.attempts += 1
         row.start_sent_at = now
         events.log(session, EventKind.START_ATTEMPT, row=row, attempt=row.attempts)
-        return StartTicket(row.id, row.request_id, dict(row.request_payload), row.attempts, now)
+        return StartTicket(
+            row.id,
+            row.request_id,
+            dict(row.request_payload),
+            row.attempts,
+            now,
+            row.created_at,
+            row.traceparent,
+        )
 
 
 @dataclass(frozen=True)
@@ -315,7 +327,9 @@ def _to_stopping(
     row.stop_requested_at = row.stop_requested_at or now
     row.stop_retry_at = now + timedelta(seconds=retry_in)
     events.log(session, EventKind.STOP_REQUESTED, row=row, reason=reason)
-    return StopTicket(row.id, row.request_id, row.vendor_session_id, reason)
+    return StopTicket(
+        row.id, row.request_id, row.vendor_session_id, reason, row.traceparent, row.expires_at
+    )
 
 
 @dataclass(frozen=True)
@@ -410,21 +424,41 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
             assert row.vendor_session_id is not None
             row.stop_retry_at = now + timedelta(seconds=retry_in)
             tickets.append(
-                StopTicket(row.id, row.request_id, row.vendor_session_id, row.end_reason or "ERROR")
+                StopTicket(
+                    row.id,
+                    row.request_id,
+                    row.vendor_session_id,
+                    row.end_reason or "ERROR",
+                    row.traceparent,
+                    row.expires_at,
+                )
             )
     return tickets
 
 
-def live_vendor_rows(db: Database) -> list[tuple[uuid.UUID, str, datetime | None]]:
-    """(row id, vendor session id, started_at) of every row we believe the vendor runs."""
+@dataclass(frozen=True)
+class LiveVendorRow:
+    session_id: uuid.UUID
+    vendor_session_id: str
+    started_at: datetime | None
+    traceparent: str | None
+
+
+def live_vendor_rows(db: Database) -> list[LiveVendorRow]:
+    """Every row we believe the vendor runs (``active`` or ``stopping``)."""
     with db.transaction() as session:
         rows = session.execute(
-            select(SessionRow.id, SessionRow.vendor_session_id, SessionRow.started_at).where(
+            select(
+                SessionRow.id,
+                SessionRow.vendor_session_id,
+                SessionRow.started_at,
+                SessionRow.traceparent,
+            ).where(
                 SessionRow.status.in_([S.ACTIVE.value, S.STOPPING.value]),
                 SessionRow.vendor_session_id.is_not(None),
             )
         ).all()
-    return [(r.id, r.vendor_session_id, r.started_at) for r in rows]
+    return [LiveVendorRow(r.id, r.vendor_session_id, r.started_at, r.traceparent) for r in rows]
 
 
 def owned_vendor_ids(

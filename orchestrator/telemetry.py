@@ -1,0 +1,160 @@
+"""OpenTelemetry set-up for our own processes (worker, beat, CLI, demo), from the standard
+``OTEL_*`` environment. Library use (the producer inside someone else's app) never calls this:
+it uses whatever global provider that app installed.
+
+With no exporter configured nothing is installed, so tracing costs nothing: the API's
+no-op tracer answers our spans. Exporters: ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``
+= ``otlp`` | ``console`` | ``none`` (default ``none``, or ``otlp`` when an
+``OTEL_EXPORTER_OTLP_*ENDPOINT`` is set). ``ORCHESTRATOR_TRACE_FILE`` adds a JSON-lines span
+file (the demo reads it to show a trace without a collector).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+SERVICE_NAME = "session-orchestrator"
+TRACE_FILE_VARIABLE = "ORCHESTRATOR_TRACE_FILE"
+_lock = threading.Lock()
+_configured = False
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends one JSON object per finished span to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = [json.dumps(span_record(span)) + "\n" for span in spans]
+        with self._lock, self.path.open("a", encoding="utf-8") as out:
+            out.writelines(lines)
+        return SpanExportResult.SUCCESS
+
+
+def span_record(span: ReadableSpan) -> dict[str, Any]:
+    context = span.get_span_context()
+    assert context is not None
+    return {
+        "name": span.name,
+        "trace_id": f"{context.trace_id:032x}",
+        "span_id": f"{context.span_id:016x}",
+        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "attributes": dict(span.attributes or {}),
+        "links": [f"{link.context.trace_id:032x}" for link in span.links],
+        "resource": dict(span.resource.attributes),
+        "events": [event.name for event in span.events],
+    }
+
+
+def _exporter_names(signal: str) -> list[str]:
+    configured = os.environ.get(f"OTEL_{signal}_EXPORTER")
+    if configured is None:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+            f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+        )
+        return ["otlp"] if endpoint else []
+    return [n.strip() for n in configured.split(",") if n.strip() and n.strip() != "none"]
+
+
+def _span_exporter(name: str) -> SpanExporter:
+    if name == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r} (otlp, console, none)")
+
+
+def _metric_reader(name: str) -> MetricReader:
+    if name == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        return PeriodicExportingMetricReader(OTLPMetricExporter())
+    if name == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        return PeriodicExportingMetricReader(ConsoleMetricExporter())
+    raise ValueError(f"OTEL_METRICS_EXPORTER: unsupported exporter {name!r} (otlp, console, none)")
+
+
+def setup_telemetry(
+    *,
+    span_exporters: Sequence[SpanExporter] = (),
+    metric_readers: Sequence[MetricReader] = (),
+) -> bool:
+    """Install providers and instrumentations once per process; False if nothing to export.
+
+    Tests pass in-memory exporters/readers; everything else comes from the environment.
+    """
+    global _configured  # noqa: PLW0603 - once per process, guarded by the lock
+    with _lock:
+        if _configured:
+            return True
+        if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+            return False
+        trace_file = os.environ.get(TRACE_FILE_VARIABLE)
+        processors: list[Any] = [SimpleSpanProcessor(e) for e in span_exporters]
+        processors += [BatchSpanProcessor(_span_exporter(n)) for n in _exporter_names("TRACES")]
+        if trace_file:
+            processors.append(SimpleSpanProcessor(JsonLinesSpanExporter(Path(trace_file))))
+        readers = list(metric_readers) + [_metric_reader(n) for n in _exporter_names("METRICS")]
+        if not processors and not readers:
+            return False
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVICE_NAME)}
+        )
+        if processors:
+            provider = TracerProvider(resource=resource)
+            for processor in processors:
+                provider.add_span_processor(processor)
+            trace.set_tracer_provider(provider)
+            _instrument_libraries()
+        if readers:
+            metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+        _configured = True
+        return True
+
+
+def _instrument_libraries() -> None:
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    CeleryInstrumentor().instrument()  # type: ignore[no-untyped-call]
+    HTTPXClientInstrumentor().instrument()
+    SQLAlchemyInstrumentor().instrument(enable_commenter=False)
+
+
+def shutdown_telemetry() -> None:
+    """Flush what is buffered (call before a process exits on its own)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush()
+    meter_provider = metrics.get_meter_provider()
+    if isinstance(meter_provider, MeterProvider):
+        meter_provider.force_flush()

@@ -1,0 +1,251 @@
+"""One trace per session lifecycle, across the producer, a real worker process and the reaper;
+metrics through an in-memory reader; no secret in any span."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from orchestrator.config import Settings
+from orchestrator.db import Database
+from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop
+from orchestrator.lifecycle.metrics import register_gauges
+from orchestrator.producer import Producer
+from orchestrator.simulator import SimulatorServer
+from orchestrator.telemetry import setup_telemetry, span_record
+from tests.conftest import APP_ID, USER_KEY, WorkerProcess, settings_env, wait_until
+from tests.helpers import row
+from tests.test_worker import publish_raw
+
+pytestmark = [pytest.mark.postgres]
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.metrics = InMemoryMetricReader()
+
+    def span_records(self) -> list[dict[str, Any]]:
+        return [span_record(s) for s in self.spans.get_finished_spans()]
+
+    def metric_points(self, name: str) -> list[Any]:
+        data = self.metrics.get_metrics_data()
+        points = []
+        for resource in data.resource_metrics if data else []:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        points.extend(metric.data.data_points)
+        return points
+
+
+@pytest.fixture(scope="session")
+def telemetry() -> Telemetry:
+    """In-memory exporters for this test process (providers are global: installed once)."""
+    installed = Telemetry()
+    assert setup_telemetry(span_exporters=[installed.spans], metric_readers=[installed.metrics])
+    return installed
+
+
+@pytest.fixture
+def traced_worker(
+    settings_for: Callable[..., Settings],
+    broker_url: str,
+    db: Database,
+    simulator: SimulatorServer,
+    purge_queues: Callable[[], None],
+    tmp_path: Path,
+) -> Iterator[tuple[Settings, Path]]:
+    purge_queues()
+    settings = settings_for(broker_url=broker_url, reaper_interval_seconds=0.5)
+    span_file = tmp_path / "worker-spans.jsonl"
+    env_extra = {"ORCHESTRATOR_TRACE_FILE": str(span_file), "OTEL_TRACES_EXPORTER": "none"}
+    worker = WorkerProcess(settings, tmp_path / "worker.log", "--beat", env_extra=env_extra)
+    try:
+        yield settings, span_file
+    finally:
+        worker.stop()
+
+
+def read_spans(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def all_strings(records: list[dict[str, Any]]) -> str:
+    return json.dumps([{k: r[k] for k in ("name", "attributes", "events")} for r in records])
+
+
+@pytest.mark.broker
+@pytest.mark.worker
+def test_one_trace_from_enqueue_to_the_reapers_stop(
+    telemetry: Telemetry,
+    traced_worker: tuple[Settings, Path],
+    db: Database,
+    simulator: SimulatorServer,
+) -> None:
+    settings, span_file = traced_worker
+    telemetry.spans.clear()
+    producer = Producer(settings)
+    try:
+        request_id = producer.enqueue_start_session(avatar_id="traced", max_duration_seconds=1)
+        info = producer.wait_for_session(request_id, timeout=20)
+    finally:
+        producer.close()
+    livekit_token = info.livekit_token
+    assert livekit_token
+    wait_until(lambda: row(db, request_id).status == "ended", timeout=20)
+
+    (enqueue,) = [s for s in telemetry.span_records() if s["name"] == "session.enqueue"]
+    trace_id = enqueue["trace_id"]
+    assert enqueue["attributes"]["orchestrator.request_id"] == request_id
+
+    def session_spans() -> list[dict[str, Any]] | None:
+        spans = [s for s in read_spans(span_file) if s["trace_id"] == trace_id]
+        names = {s["name"] for s in spans}
+        publishes = [s for s in spans if s["name"] == "session.event.publish"]
+        if "session.stop" in names and len(publishes) >= 2:
+            return spans
+        return None
+
+    spans = wait_until(session_spans, timeout=15)
+    names = [s["name"] for s in spans]
+    for expected in ("session.admit", "session.start", "session.stop", "session.event.publish"):
+        assert expected in names, names
+    assert any(n.startswith("run/orchestrator.start_session") for n in names), names
+    assert any(
+        s["attributes"].get("http.request.method") == "POST" or s["name"] == "POST" for s in spans
+    )
+    assert any(
+        s["attributes"].get("db.system") == "postgresql"
+        or s["attributes"].get("db.system.name") == "postgresql"
+        for s in spans
+    )
+    (stop,) = [s for s in spans if s["name"] == "session.stop"]
+    assert stop["attributes"]["orchestrator.end_reason"] == "MAX_DURATION_REACHED"
+    assert stop["attributes"]["orchestrator.session_id"] == row(db, request_id).vendor_session_id
+    assert {s["resource"]["service.name"] for s in spans} == {"session-orchestrator"}
+    # The sweep that ended it is its own trace, linked to this one.
+    sweeps = [
+        s for s in read_spans(span_file) if s["name"] == "session.reap" and trace_id in s["links"]
+    ]
+    assert sweeps and sweeps[0]["trace_id"] != trace_id
+
+    everything = all_strings(read_spans(span_file) + telemetry.span_records())
+    for secret in (APP_ID, USER_KEY, livekit_token, "eyJ"):
+        assert secret not in everything
+
+
+@pytest.mark.broker
+@pytest.mark.worker
+def test_traceparent_from_a_plain_kombu_producer_is_continued(
+    telemetry: Telemetry, traced_worker: tuple[Settings, Path], broker_url: str, db: Database
+) -> None:
+    _, span_file = traced_worker
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    publish_raw(
+        broker_url,
+        {"request_id": "foreign-1", "avatar_id": "a"},
+        traceparent=traceparent,
+    )
+    wait_until(lambda: (r := _row_if(db, "foreign-1")) and r.status == "active")
+    spans = wait_until(
+        lambda: [
+            s
+            for s in read_spans(span_file)
+            if s["name"] == "session.start" and s["trace_id"] == trace_id
+        ],
+        timeout=10,
+    )
+    assert spans
+    assert row(db, "foreign-1").traceparent.split("-")[1] == trace_id
+
+
+def _row_if(db: Database, request_id: str) -> Any:
+    try:
+        return row(db, request_id)
+    except Exception:
+        return None
+
+
+def test_lifecycle_metrics_and_spans_in_process(
+    telemetry: Telemetry, lifecycle: Lifecycle, simulator: SimulatorServer
+) -> None:
+    telemetry.spans.clear()
+    register_gauges(lifecycle.db)
+    handle_start_message(lifecycle, (), {"avatar_id": "m", "request_id": "m-1"}, claim_id="m-1")
+    handle_start_message(
+        lifecycle,
+        (),
+        {"avatar_id": "m", "request_id": "m-2", "max_duration_seconds": 1},
+        claim_id="m-2",
+    )
+    handle_start_message(lifecycle, (), {"request_id": "m-bad"}, claim_id="m-bad")
+    simulator.push_fault({"endpoint": "start", "status": 402, "code": 4020})
+    handle_start_message(
+        lifecycle, (), {"avatar_id": "m", "request_id": "m-broke"}, claim_id="m-broke"
+    )
+    request_stop(lifecycle, request_id="m-1")
+    wait_until(lambda: reap(lifecycle).claimed == 1, timeout=5, interval=0.2)
+
+    outcomes = {
+        dict(p.attributes)["outcome"]: p.value
+        for p in telemetry.metric_points("orchestrator.session.starts")
+    }
+    assert outcomes["active"] >= 2 and outcomes["failed"] >= 2
+    vendor = {
+        (dict(p.attributes)["endpoint"], dict(p.attributes)["outcome"]): p.count
+        for p in telemetry.metric_points("orchestrator.vendor.duration")
+    }
+    assert vendor[("start", "ok")] >= 2 and vendor[("start", "VENDOR_4020")] >= 1
+    assert vendor[("stop", "ok")] >= 2
+    errors = {
+        dict(p.attributes)["error_code"]
+        for p in telemetry.metric_points("orchestrator.vendor.errors")
+    }
+    assert "VENDOR_4020" in errors
+    assert sum(p.count for p in telemetry.metric_points("orchestrator.reaper.lag")) >= 1
+    assert sum(p.count for p in telemetry.metric_points("orchestrator.session.start_latency")) >= 2
+    assert [p.value for p in telemetry.metric_points("orchestrator.sessions.live")][-1] == 0
+
+    failed_start = [
+        s
+        for s in telemetry.span_records()
+        if s["name"] == "session.start"
+        and s["attributes"].get("orchestrator.error_code") == "VENDOR_4020"
+    ]
+    assert failed_start and failed_start[0]["status"] == "ERROR"
+    assert "eyJ" not in all_strings(telemetry.span_records())
+
+
+def test_disabled_sdk_installs_nothing(tmp_path: Path) -> None:
+    code = "from orchestrator.telemetry import setup_telemetry; print(setup_telemetry())"
+    for env in ({"OTEL_SDK_DISABLED": "true"}, {"OTEL_TRACES_EXPORTER": "none"}):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**settings_env_base(), **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.strip() == "False"
+
+
+def settings_env_base() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ORCHESTRATOR_"))}
+
+
+_ = settings_env
