@@ -22,7 +22,7 @@ from orchestrator.lifecycle.metrics import register_gauges
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from orchestrator.telemetry import setup_telemetry, span_record
-from tests.conftest import APP_ID, USER_KEY, WorkerProcess, settings_env, wait_until
+from tests.conftest import APP_ID, USER_KEY, WorkerProcess, wait_until
 from tests.helpers import row
 from tests.test_worker import publish_raw
 
@@ -247,5 +247,3 @@ def settings_env_base() -> dict[str, str]:
 
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ORCHESTRATOR_"))}
 
-
-_ = settings_env
