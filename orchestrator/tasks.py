@@ -71,7 +71,7 @@ def _traceparent(task: AnyTask) -> str | None:
 def register(app: OrchestratorCelery) -> None:
     """Register every task of design.md on ``app``."""
 
-    @app.task(name=START_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=START_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
     def start_session(self: AnyTask, *args: Any, **kwargs: Any) -> dict[str, str]:
         with retry_when_database_is_away(self):
             outcome = lifecycle.handle_start_message(
@@ -83,13 +83,19 @@ def register(app: OrchestratorCelery) -> None:
             )
         return {"request_id": outcome.request_id, "status": outcome.status}
 
-    @app.task(name=START_ADMITTED_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(
+        name=START_ADMITTED_TASK,
+        shared=False,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+    )
     def start_admitted(self: AnyTask, session_id: str, claim_id: str) -> dict[str, str]:
         with retry_when_database_is_away(self):
             outcome = lifecycle.run_start(app.lifecycle(), uuid.UUID(session_id), claim_id)
         return {"request_id": outcome.request_id, "status": outcome.status}
 
-    @app.task(name=STOP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=STOP_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
     def stop_session(
         self: AnyTask,
         request_id: str | None = None,
@@ -107,20 +113,20 @@ def register(app: OrchestratorCelery) -> None:
             )
         return {"found": result.found, "status_before": result.status_before}
 
-    @app.task(name=REAP_TASK, acks_late=True)
+    @app.task(name=REAP_TASK, shared=False, acks_late=True)
     def reap_sessions() -> dict[str, int]:
         report = lifecycle.reap(app.lifecycle())
         return {"claimed": report.claimed, "stopped": report.stopped}
 
-    @app.task(name=RECONCILE_TASK, acks_late=True)
+    @app.task(name=RECONCILE_TASK, shared=False, acks_late=True)
     def reconcile_sessions() -> dict[str, int]:
         return lifecycle.reconcile(app.lifecycle()).as_dict()
 
-    @app.task(name=PUBLISH_EVENTS_TASK, acks_late=True)
+    @app.task(name=PUBLISH_EVENTS_TASK, shared=False, acks_late=True)
     def publish_events() -> None:
         app.lifecycle().dispatcher.publish_events()
 
-    @app.task(name=ADMIT_TASK, acks_late=True)
+    @app.task(name=ADMIT_TASK, shared=False, acks_late=True)
     def admit_waiting() -> dict[str, int]:
         report = lifecycle.admit_waiting(app.lifecycle())
         return {"admitted": report.admitted, "expired": report.expired}
