@@ -56,6 +56,9 @@ class EventKind(enum.StrEnum):
     ORPHAN_STOPPED = "orphan_stopped"
 
 
+RARE_EVENT_KINDS = (
+    "kind IN ('orphan_stopped', 'compensated', 'duplicate_conflict', 'stop_attempt_failed')"
+)
 LIVE_STATUSES = (SessionStatus.STARTING, SessionStatus.ACTIVE, SessionStatus.STOPPING)
 TERMINAL_STATUSES = (SessionStatus.ENDED, SessionStatus.FAILED)
 
@@ -144,7 +147,17 @@ class SessionEvent(Base):
     """Append-only log of what happened; ``session_id`` is null for an orphan with no row."""
 
     __tablename__ = "session_events"
-    __table_args__ = (Index("ix_session_events_session_id_id", "session_id", "id"),)
+    __table_args__ = (
+        Index("ix_session_events_session_id_id", "session_id", "id"),
+        # Operators' queries for rare kinds (orphans, compensations, conflicts, failing stops).
+        Index(
+            "ix_session_events_rare_kind_occurred_at",
+            "kind",
+            "occurred_at",
+            postgresql_where=text(RARE_EVENT_KINDS),
+            sqlite_where=text(RARE_EVENT_KINDS),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True

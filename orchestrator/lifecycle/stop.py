@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from orchestrator.db import EventKind
 from orchestrator.deepbrain import DeepBrainError, StopOutcome
-from orchestrator.lifecycle import events, metrics, store, tracing
+from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 
 logger = logging.getLogger(__name__)
@@ -97,14 +96,7 @@ def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: s
         return False
     logger.warning("stopped vendor session of request %s again: %s", request_id, why)
     try:
-        with lc.db.transaction() as session:
-            events.log(
-                session,
-                EventKind.COMPENSATED,
-                vendor_session_id=vendor_session_id,
-                request_id=request_id,
-                why=why,
-            )
+        store.log_compensation(lc.db, request_id, vendor_session_id, why=why)
     except Exception:  # noqa: BLE001 - the stop is what matters; the DB may be the cause
         logger.warning("could not record the compensation of request %s", request_id)
     return True

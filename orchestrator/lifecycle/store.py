@@ -629,3 +629,19 @@ def has_waiting(db: Database) -> bool:
             )
             is not None
         )
+
+
+def log_compensation(db: Database, request_id: str, vendor_session_id: str, *, why: str) -> None:
+    """Record a vendor session stopped again because no row could own it."""
+    with db.transaction() as session:
+        row = session.scalars(
+            select(SessionRow).where(SessionRow.request_id == request_id)
+        ).one_or_none()
+        events.log(
+            session,
+            EventKind.COMPENSATED,
+            row=row,
+            vendor_session_id=vendor_session_id,
+            request_id=request_id,
+            why=why,
+        )
