@@ -938,11 +938,42 @@ def test_secrets_never_in_repr_str_exceptions_or_logs(
     assert caplog.records  # the scenario did log
 
 
-def test_default_transport_pool_is_sized_by_max_connections() -> None:
-    with DeepBrainClient(BASE, APP_ID, USER_KEY, max_connections=7) as c:
-        pool = c._http._transport._pool  # type: ignore[attr-defined]
-        assert pool._max_connections == 7
-        assert pool._max_keepalive_connections == 7
+def test_each_thread_gets_its_own_pool_up_to_max_connections() -> None:
+    """One shared pool serialises hundreds of threads; each thread keeps its own client."""
+    with DeepBrainClient(BASE, APP_ID, USER_KEY, max_connections=3) as c:
+        mine = c._http
+        assert c._http is mine  # the same thread reuses its client
+        others: list[object] = []
+        errors: list[BaseException] = []
+
+        def grab() -> None:
+            try:
+                others.append(c._http)
+            except RuntimeError as error:
+                errors.append(error)
+
+        for _ in range(3):
+            thread = threading.Thread(target=grab)
+            thread.start()
+            thread.join()
+        # Finished threads give their slot back, so three threads one after another all fit.
+        assert len({id(o) for o in others}) == 3 and mine not in others
+        assert errors == []
+        barrier = threading.Barrier(3)
+
+        def grab_together() -> None:
+            try:
+                others.append(c._http)
+            except RuntimeError as error:
+                errors.append(error)
+            barrier.wait()
+
+        threads = [threading.Thread(target=grab_together) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(errors) == 1 and "max_connections" in str(errors[0])
 
 
 def test_empty_credentials_are_rejected() -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.lifecycle.dispatch import Dispatcher, InlineDispatcher
+
+MAX_PARALLEL_STOPS = 16
 
 
 @dataclass
@@ -16,6 +20,16 @@ class Lifecycle:
     db: Database
     vendor: DeepBrainClient
     dispatcher: Dispatcher = field(default_factory=InlineDispatcher)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def stop_pool(self) -> ThreadPoolExecutor:
+        """Threads for the reaper's parallel vendor stops; long-lived, so their HTTP clients
+        and connections are reused from one sweep to the next."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(MAX_PARALLEL_STOPS, thread_name_prefix="stops")
+            return self._pool
 
     def __post_init__(self) -> None:
         if isinstance(self.dispatcher, InlineDispatcher):
@@ -45,5 +59,9 @@ class Lifecycle:
         )
 
     def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
         self.vendor.close()
         self.db.dispose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from orchestrator.lifecycle import store, tracing
@@ -12,7 +11,6 @@ from orchestrator.lifecycle.stop import execute_stop
 
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 200
-MAX_PARALLEL_STOPS = 16
 
 
 @dataclass(frozen=True)
@@ -25,10 +23,8 @@ class ReapReport:
 def reap(lc: Lifecycle, *, max_batches: int = 50) -> ReapReport:
     """One sweep: claim due rows in batches (SKIP LOCKED), stop each at the vendor in parallel."""
     claimed = stopped = 0
-    with (
-        tracing.sweep_span("session.reap") as span,
-        ThreadPoolExecutor(MAX_PARALLEL_STOPS, thread_name_prefix="reaper") as pool,
-    ):
+    pool = lc.stop_pool()
+    with tracing.sweep_span("session.reap") as span:
         for _ in range(max_batches):
             tickets = store.claim_due_stops(
                 lc.db, limit=BATCH_SIZE, retry_in=lc.settings.stop_retry_seconds
