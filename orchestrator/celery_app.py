@@ -103,13 +103,12 @@ class OrchestratorCelery(Celery):
         self.settings = settings
         self._lifecycle: Lifecycle | None = None
         self._lifecycle_lock = threading.Lock()
+        self.dispatcher = CeleryDispatcher(self)
 
     def lifecycle(self) -> Lifecycle:
         with self._lifecycle_lock:
             if self._lifecycle is None:
-                self._lifecycle = Lifecycle.from_settings(
-                    self.settings, dispatcher=CeleryDispatcher(self)
-                )
+                self._lifecycle = Lifecycle.from_settings(self.settings, dispatcher=self.dispatcher)
                 metrics.register_gauges(self._lifecycle.db)
             return self._lifecycle
 
@@ -124,6 +123,9 @@ class CeleryDispatcher:
 
     def __init__(self, app: OrchestratorCelery) -> None:
         self.app = app
+        self._relay_wanted = threading.Event()
+        self._relay_thread: threading.Thread | None = None
+        self._relay_lock = threading.Lock()
 
     def admit_waiting(self) -> None:
         self.app.send_task(ADMIT_TASK)
@@ -134,10 +136,27 @@ class CeleryDispatcher:
         )
 
     def publish_events(self) -> None:
+        """Wake this process's relay thread: events leave the task's thread and go in batches."""
+        self._relay_wanted.set()
+        with self._relay_lock:
+            if self._relay_thread is None or not self._relay_thread.is_alive():
+                self._relay_thread = threading.Thread(
+                    target=self._relay_forever, name="event-relay", daemon=True
+                )
+                self._relay_thread.start()
+
+    def relay_now(self) -> None:
+        """One relay pass in this thread (beat's backstop); failures leave the rows for later."""
         try:
             outbox.relay(self.app.lifecycle().db, self._publish_batch)
         except Exception:
             logger.warning("event relay failed; events stay in the outbox", exc_info=True)
+
+    def _relay_forever(self) -> None:
+        while True:
+            self._relay_wanted.wait()
+            self._relay_wanted.clear()
+            self.relay_now()
 
     def _publish_batch(self, batch: Sequence[OutboxEvent]) -> None:
         """Publish persistently; with publisher confirms each publish returns once confirmed."""

@@ -124,7 +124,7 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=PUBLISH_EVENTS_TASK, shared=False, acks_late=True)
     def publish_events() -> None:
-        app.lifecycle().dispatcher.publish_events()
+        app.dispatcher.relay_now()
 
     @app.task(name=ADMIT_TASK, shared=False, acks_late=True)
     def admit_waiting() -> dict[str, int]:
