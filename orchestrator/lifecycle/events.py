@@ -61,13 +61,14 @@ def log(
     kind: EventKind,
     *,
     row: SessionRow | None = None,
+    session_id: uuid.UUID | None = None,
     vendor_session_id: str | None = None,
     **detail: Any,
 ) -> None:
     """Append to ``session_events``; never pass secrets in ``detail``."""
     session.add(
         SessionEvent(
-            session_id=row.id if row is not None else None,
+            session_id=row.id if row is not None else session_id,
             vendor_session_id=vendor_session_id or (row.vendor_session_id if row else None),
             kind=kind.value,
             detail=detail,

@@ -113,7 +113,9 @@ def _admit(
     if claim.status == "waiting":
         metrics.record_start("waiting")
         return StartOutcome(request_id, "waiting", "waiting for a free slot")
-    return run_start(lc, claim.session_id, claim_id)
+    if claim.ticket is not None:
+        return _start_with(lc, claim.ticket)
+    return run_start(lc, claim.session_id, claim_id)  # a redelivery: carry on from the row
 
 
 def _usable_request_id(value: object) -> str | None:
@@ -127,6 +129,10 @@ def run_start(lc: Lifecycle, session_id: uuid.UUID, claim_id: str) -> StartOutco
     ticket = store.begin_attempt(lc.db, session_id, claim_id)
     if ticket is None:
         return StartOutcome("", "unchanged", "no start needed")
+    return _start_with(lc, ticket)
+
+
+def _start_with(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
     request = StartRequest.model_validate(ticket.payload)
     with tracing.session_span(
         "session.start",

@@ -39,6 +39,7 @@ class Claim:
     outcome: ClaimOutcome
     session_id: uuid.UUID
     status: str
+    ticket: StartTicket | None = None  # a new row admitted at once: its first attempt counted
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,12 @@ def claim(
 ) -> Claim:
     """Create the row for ``request_id`` — ``starting`` if a slot is free and nobody waits,
     else ``waiting`` — or say why this message finds one already."""
+    # Few round trips while the admission lock is held: it serialises every claim.
     with db.transaction() as session:
         admission = _admission_state(session, db, max_concurrent_sessions)
         status = S.STARTING if admission.free > 0 and admission.waiting == 0 else S.WAITING
+        now = utcnow()
+        starting = status == S.STARTING
         new_id = session.execute(
             _insert_ignoring_conflict(
                 db,
@@ -116,23 +120,28 @@ def claim(
                     "max_duration_seconds": max_duration_seconds,
                     "start_deadline_at": start_deadline_at,
                     "traceparent": traceparent,
-                    "created_at": utcnow(),
+                    "created_at": now,
+                    "attempts": 1 if starting else 0,
+                    "start_sent_at": now if starting else None,
                 },
             )
         ).scalar_one_or_none()
         if new_id is not None:
-            row = session.get_one(SessionRow, new_id)
             events.log(
                 session,
                 EventKind.CREATED,
-                row=row,
+                session_id=new_id,
                 claim_id=claim_id,
+                status=status.value,
                 live=admission.live,
                 cap=admission.cap,
             )
-            if status == S.WAITING and admission.free > 0:
-                signal_after_commit(session, SLOT_FREED)  # others wait: admit in FIFO order
-            return Claim(ClaimOutcome.NEW, new_id, row.status)
+            if not starting:
+                if admission.free > 0:
+                    signal_after_commit(session, SLOT_FREED)  # others wait: admit FIFO
+                return Claim(ClaimOutcome.NEW, new_id, status.value)
+            ticket = StartTicket(new_id, request_id, payload, 1, now, now, traceparent)
+            return Claim(ClaimOutcome.NEW, new_id, status.value, ticket)
         row = session.scalars(
             select(SessionRow).where(SessionRow.request_id == request_id).with_for_update()
         ).one()
@@ -550,16 +559,19 @@ def _admission_state(session: Session, db: Database, configured_cap: int) -> Adm
     if db.is_postgres:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
     # SQLite: the transaction began with BEGIN IMMEDIATE, the one write lock.
-    vendor_cap = session.scalar(
-        select(SessionRow.max_session_numbers)
-        .where(SessionRow.max_session_numbers.is_not(None))
-        .order_by(SessionRow.started_at.desc())
-        .limit(1)
-    )
+    vendor_cap, live, waiting = session.execute(
+        select(
+            select(SessionRow.max_session_numbers)
+            .where(SessionRow.max_session_numbers.is_not(None))
+            .order_by(SessionRow.started_at.desc())
+            .limit(1)
+            .scalar_subquery(),
+            select(func.count()).where(SessionRow.status.in_(LIVE_VALUES)).scalar_subquery(),
+            select(func.count()).where(SessionRow.status == S.WAITING.value).scalar_subquery(),
+        )
+    ).one()
     cap = min(configured_cap, vendor_cap) if vendor_cap else configured_cap
-    live = session.scalar(select(func.count()).where(SessionRow.status.in_(LIVE_VALUES))) or 0
-    waiting = session.scalar(select(func.count()).where(SessionRow.status == S.WAITING.value)) or 0
-    return AdmissionState(cap, live, waiting)
+    return AdmissionState(cap, live or 0, waiting or 0)
 
 
 def admission_state(db: Database, configured_cap: int) -> AdmissionState:
