@@ -11,7 +11,7 @@ from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.lifecycle.dispatch import Dispatcher, InlineDispatcher
 
-MAX_PARALLEL_STOPS = 16
+MAX_PARALLEL_STOPS = 32
 
 
 @dataclass
