@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -19,6 +20,8 @@ from pydantic import (
 )
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
+# Postgres text and jsonb refuse NUL, and UTF-8 cannot encode a lone surrogate.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_METADATA_BYTES = 16 * 1024
 MAX_DURATION_SECONDS = 86_400
 VENDOR_FIELDS = (
@@ -134,12 +137,46 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def _unstorable_path(value: Any, path: str) -> str | None:
+    """The first place holding text Postgres cannot store (NUL, an unpaired surrogate)."""
+    if isinstance(value, str):
+        return path if _UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            found = _unstorable_path(key, where) or _unstorable_path(item, where)
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unstorable_path(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def storable(value: Any) -> Any:
+    """A copy with unstorable characters replaced by U+FFFD (for recording a bad request)."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
+
+
 def parse_start_request(
     args: tuple[Any, ...], kwargs: dict[str, Any], *, max_session_minutes: int
 ) -> StartRequest:
     if args:
         raise InvalidStartRequest(
             "positional arguments are not accepted; send every field as a keyword"
+        )
+    unstorable = _unstorable_path(kwargs, "")
+    if unstorable:
+        raise InvalidStartRequest(
+            f"'{unstorable}': contains a NUL character or an unpaired surrogate"
         )
     try:
         request = StartRequest.model_validate(kwargs)

@@ -19,7 +19,7 @@ from orchestrator.db import LIVE_STATUSES, Database, EventKind, SessionRow, Sess
 from orchestrator.db.engine import signal_after_commit
 from orchestrator.db.types import utcnow
 from orchestrator.lifecycle import events
-from orchestrator.lifecycle.requests import without_secrets
+from orchestrator.lifecycle.requests import storable, without_secrets
 
 S = SessionStatus
 SLOT_FREED = "slot_freed"
@@ -171,6 +171,8 @@ def record_invalid(
     traceparent: str | None,
 ) -> uuid.UUID | None:
     """A message that decoded but breaks the contract becomes a ``failed`` row."""
+    payload = storable(payload)
+    message = storable(message)
     avatar = payload.get("avatar_id")
     with db.transaction() as session:
         new_id = session.execute(
