@@ -1,0 +1,156 @@
+"""A small threaded TCP proxy for outage tests: forwards a local port to a target, and can
+refuse new connections and cut the existing ones, so a process behind it loses its server
+while the server itself (shared with the rest of the suite) keeps running.
+
+    with TcpProxy("127.0.0.1", 5432) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/db"
+        proxy.cut()       # existing connections reset, new ones refused (nothing listens)
+        proxy.restore()   # listen again on the same port
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from types import TracebackType
+
+ACCEPT_POLL_SECONDS = 0.1
+CHUNK = 65536
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.listen_host = listen_host
+        self.port = 0
+        self.accepted = 0
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._pairs: set[tuple[socket.socket, socket.socket]] = set()
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._serving = threading.Event()
+
+    # -- control ----------------------------------------------------------------------
+
+    def start(self) -> TcpProxy:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.listen_host, self.port))
+        listener.listen(128)
+        listener.settimeout(ACCEPT_POLL_SECONDS)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._serving.set()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, args=(listener,), name=f"tcp-proxy-{self.port}", daemon=True
+        )
+        self._accept_thread.start()
+        return self
+
+    @property
+    def refusing(self) -> bool:
+        return not self._serving.is_set()
+
+    def cut(self) -> int:
+        """Stop listening (new connections are refused) and reset every open connection.
+        Returns how many connections were cut."""
+        self._stop_listening()
+        self.cuts += 1
+        return self.drop_connections()
+
+    def drop_connections(self) -> int:
+        """Reset every open connection (the listener stays as it is)."""
+        with self._lock:
+            pairs = list(self._pairs)
+            self._pairs.clear()
+        for client, upstream in pairs:
+            _reset(client)
+            _reset(upstream)
+        return len(pairs)
+
+    def restore(self) -> None:
+        """Listen again, on the same port."""
+        if self._serving.is_set():
+            return
+        self.start()
+
+    def close(self) -> None:
+        self._stop_listening()
+        self.drop_connections()
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _stop_listening(self) -> None:
+        self._serving.clear()
+        thread, listener = self._accept_thread, self._listener
+        if thread is not None:
+            thread.join(5)
+        if listener is not None:
+            listener.close()
+        self._accept_thread = self._listener = None
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while self._serving.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _reset(client)
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            pair = (client, upstream)
+            with self._lock:
+                self._pairs.add(pair)
+                self.accepted += 1
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink, pair), daemon=True).start()
+
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        pair: tuple[socket.socket, socket.socket],
+    ) -> None:
+        try:
+            while data := source.recv(CHUNK):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            self._pairs.discard(pair)
+        # One side is done: end both (a half-open proxy would only confuse the client).
+        for sock in pair:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (linger 0), like a server or a firewall dropping the connection."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
