@@ -30,7 +30,9 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
+## Benchmarks (about 12 min; do not run beside `make test`, whose fault suite restarts RabbitMQ).
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run
 
 clean:

@@ -1,0 +1,127 @@
+"""The Markdown report (and plots, when matplotlib is installed) from the results document."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def _target_line(t: dict[str, Any]) -> str:
+    verdict = "**met**" if t.get("met") else "**missed**"
+    miss = t.get("miss_by")
+    if not t.get("met") and isinstance(miss, float):
+        verdict += f" (by {miss:.0%})"
+    value = f"{_fmt(t.get('value'))} {t.get('unit', '')}"
+    goal = f"{t['op']} {_fmt(t['target'])}"
+    return f"| {t['name']} | {value} | {goal} | {verdict} | {t.get('detail', '')} |"
+
+
+def write_report(document: dict[str, Any], results_dir: Path, name: str) -> Path:
+    machine = document["machine"]
+    load = " ".join(machine["loadavg_at_start"])
+    lines = [
+        "# session-orchestrator benchmarks",
+        "",
+        f"Run {machine['date']} with `{document['command']}`"
+        f"{' (quick variants)' if document['quick'] else ''}, {document['total_seconds']} s.",
+        "",
+        f"Machine: {machine['nproc']} x {machine['cpu_model']}, {machine['memory_gib']} GiB RAM,"
+        f" Linux {machine['kernel']}, Python {machine['python']}, PostgreSQL {machine['postgres']},"
+        f" RabbitMQ {machine['rabbitmq']}; load average at start {load}."
+        " Everything (Postgres, RabbitMQ, the simulator, the workers, the load generator) shares"
+        " these cores, so every figure is given beside a baseline measured in the same run.",
+        "",
+        *[
+            f"Re-run and merged in on {m['date']}: {', '.join(m['replaced'])} (`{m['command']}`)."
+            for m in document.get("merged", [])
+        ],
+        "",
+        "## Targets",
+        "",
+        "| benchmark | measure | value | target | verdict | context |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, result in document["benchmarks"].items():
+        if "skipped" in result:
+            lines.append(f"| {key} | {result['title']} | — | — | skipped: {result['skipped']} | |")
+            continue
+        if "error" in result:
+            lines.append(f"| {key} | {result['title']} | — | — | **error**: {result['error']} | |")
+            continue
+        for t in result.get("targets", []):
+            lines.append(f"| {key} " + _target_line(t))
+        for f in result.get("figures", []):
+            rel = f["value"] / f["baseline"] if f.get("baseline") else math.nan
+            lines.append(
+                f"| {key} | {f['name']} | {_fmt(f['value'])} {f.get('unit', '')} | no target |"
+                f" {_fmt(rel)}x {f['baseline_name']} ({_fmt(f['baseline'])} {f.get('unit', '')})"
+                f" | {f.get('detail', '')} |"
+            )
+    for key, result in document["benchmarks"].items():
+        lines += ["", f"## {key}: {result['title']}", ""]
+        if "skipped" in result:
+            lines.append(f"Skipped: {result['skipped']}.")
+            continue
+        if "error" in result:
+            lines += ["Failed:", "", "```", result.get("traceback", result["error"]), "```"]
+            continue
+        for paragraph in result.get("notes", []):
+            lines += [paragraph, ""]
+        for table in result.get("tables", []):
+            lines += [f"**{table['title']}**", "", *_table(table["columns"], table["rows"]), ""]
+        for image in result.get("plots", []):
+            lines += [f"![{key}]({image})", ""]
+        for block in result.get("code", []):
+            lines += [f"**{block['title']}**", "", "```", block["text"].rstrip(), "```", ""]
+    path = results_dir / f"{name}.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return out
+
+
+def try_plot(
+    path: Path,
+    series: dict[str, tuple[list[float], list[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    hlines: dict[str, float] | None = None,
+) -> bool:
+    """Line plot of ``series`` (label → (xs, ys)); False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label, linewidth=1.4)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="grey", linewidth=1)
+        ax.annotate(label, (0, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
