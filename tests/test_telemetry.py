@@ -22,9 +22,9 @@ from orchestrator.lifecycle.metrics import register_gauges
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from orchestrator.telemetry import setup_telemetry, span_record
+from tests.amqp import publish_raw
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess, wait_until
 from tests.helpers import row
-from tests.test_worker import publish_raw
 
 pytestmark = [pytest.mark.postgres]
 
@@ -157,7 +157,7 @@ def test_traceparent_from_a_plain_kombu_producer_is_continued(
     publish_raw(
         broker_url,
         {"request_id": "foreign-1", "avatar_id": "a"},
-        traceparent=traceparent,
+        headers={"traceparent": traceparent},
     )
     wait_until(lambda: (r := _row_if(db, "foreign-1")) and r.status == "active")
     spans = wait_until(

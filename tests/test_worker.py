@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Queue
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database
 from orchestrator.messaging import dead_letter_queue, events_exchange
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
+from tests.amqp import publish_raw
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess, wait_until
 from tests.helpers import row, rows
 
@@ -64,50 +65,6 @@ def running(
     purge_queues()
     assert worker.process.poll() is None, worker.log()
     return worker
-
-
-def publish_raw(
-    broker_url: str,
-    kwargs: Any,
-    *,
-    task: str = "orchestrator.start_session",
-    body: bytes | None = None,
-    content_type: str = "application/json",
-    traceparent: str | None = None,
-) -> str:
-    """The documented Celery protocol v2 message, as any AMQP client would publish it."""
-    task_id = str(uuid.uuid4())
-    headers: dict[str, Any] = {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "eta": None,
-        "expires": None,
-        "timelimit": [None, None],
-    }
-    if traceparent:
-        headers["traceparent"] = traceparent
-    if body is None:
-        body = json.dumps(
-            [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-        ).encode()
-    with Connection(broker_url) as conn:
-        producer = conn.Producer()
-        producer.publish(
-            body,
-            exchange=Exchange("orchestrator.start", type="direct", durable=True),
-            routing_key="orchestrator.start",
-            headers=headers,
-            content_type=content_type,
-            content_encoding="utf-8",
-            delivery_mode=2,
-            correlation_id=task_id,
-        )
-    return task_id
 
 
 def dead_letters(broker_url: str) -> list[Any]:

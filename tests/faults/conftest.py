@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu import Connection, Exchange
+from kombu import Connection
 from sqlalchemy import select, text
 
 from orchestrator.config import Settings
@@ -42,7 +41,6 @@ START_TIMEOUT_SECONDS = 10.0
 ORPHAN_BOUND_SECONDS = ORPHAN_GRACE_SECONDS + RECONCILE_INTERVAL_SECONDS + 4.0
 TERMINAL = ("ended", "failed")
 SETTLED = ("active", "ended", "failed")
-START_QUEUE_EXCHANGE = Exchange("orchestrator.start", type="direct", durable=True)
 
 
 @pytest.fixture
@@ -94,61 +92,6 @@ def purge_queues(broker_url: str) -> None:
 
 
 # -- raw AMQP ---------------------------------------------------------------------------
-
-
-def celery_headers(task: str, task_id: str) -> dict[str, Any]:
-    return {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "root_id": task_id,
-        "parent_id": None,
-        "group": None,
-        "retries": 0,
-        "eta": None,
-        "expires": None,
-        "timelimit": [None, None],
-    }
-
-
-def raw_body(kwargs: Any, args: Any = None, embed: Any = None) -> bytes:
-    embed = embed if embed is not None else {"callbacks": None, "errbacks": None, "chain": None}
-    return json.dumps([args if args is not None else [], kwargs, embed]).encode()
-
-
-def publish_raw(
-    broker_url: str,
-    kwargs: Any = None,
-    *,
-    task: str = "orchestrator.start_session",
-    body: bytes | None = None,
-    content_type: str = "application/json",
-    content_encoding: str = "utf-8",
-    headers: dict[str, Any] | None = None,
-    drop_headers: tuple[str, ...] = (),
-    task_id: str | None = None,
-) -> str:
-    """The Celery protocol v2 message as a non-Python producer publishes it (docs/messages.md),
-    with every part overridable to make it wrong. Returns the task id."""
-    task_id = task_id or str(uuid.uuid4())
-    all_headers = celery_headers(task, task_id)
-    all_headers.update(headers or {})
-    for name in drop_headers:
-        all_headers.pop(name, None)
-    if body is None:
-        body = raw_body(kwargs)
-    with Connection(broker_url) as conn:
-        conn.Producer().publish(
-            body,
-            exchange=START_QUEUE_EXCHANGE,
-            routing_key="orchestrator.start",
-            headers=all_headers,
-            content_type=content_type,
-            content_encoding=content_encoding,
-            delivery_mode=2,
-            correlation_id=task_id,
-        )
-    return task_id
 
 
 def take_dead_letters(broker_url: str) -> list[Any]:

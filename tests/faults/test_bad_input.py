@@ -23,14 +23,13 @@ from sqlalchemy import text
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.simulator import SimulatorServer
+from tests.amqp import publish_raw, raw_body
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess
 from tests.faults.conftest import (
     dead_letter_ids,
     events_of,
-    publish_raw,
     purge_queues,
     queue_depths,
-    raw_body,
     rows_by_request,
     take_dead_letters,
 )

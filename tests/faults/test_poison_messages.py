@@ -14,8 +14,13 @@ import pytest
 
 from orchestrator.db import Database
 from orchestrator.simulator import SimulatorServer
+from tests.amqp import publish_raw
 from tests.conftest import WorkerProcess
-from tests.faults.conftest import dead_letter_ids, publish_raw, rows_by_request, take_dead_letters
+from tests.faults.conftest import (
+    dead_letter_ids,
+    rows_by_request,
+    take_dead_letters,
+)
 from tests.faults.test_bad_input import corpus_settings, wait_rows
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.postgres, pytest.mark.worker]

@@ -27,9 +27,9 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.deepbrain import DeepBrainClient, DeepBrainError
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
+from tests.amqp import publish_raw
 from tests.conftest import WorkerProcess, settings_env
 from tests.faults.conftest import (
-    publish_raw,
     purge_queues,
     rows_by_request,
     table_dump,
