@@ -65,3 +65,14 @@ def publish_raw(
             correlation_id=task_id,
         )
     return task_id
+
+
+def purge_work_queues(broker_url: str) -> None:
+    """Empty the start, control and dead-letter queues (those not declared yet are skipped)."""
+    with Connection(broker_url) as conn:
+        channel = conn.channel()
+        for queue in ("orchestrator.start", "orchestrator.control", "orchestrator.dead"):
+            try:
+                channel.queue_purge(queue)
+            except Exception:
+                channel = conn.channel()

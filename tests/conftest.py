@@ -21,7 +21,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from kombu import Connection
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -30,6 +29,7 @@ from orchestrator.db import Database
 from orchestrator.db.migrate import upgrade
 from orchestrator.lifecycle import Lifecycle
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
+from tests.amqp import purge_work_queues
 
 POSTGRES_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1:5672")
@@ -102,13 +102,7 @@ def broker_url() -> Iterator[str]:
 @pytest.fixture
 def purge_queues(broker_url: str) -> Callable[[], None]:
     def purge() -> None:
-        with Connection(broker_url) as conn:
-            channel = conn.default_channel
-            for queue in ("orchestrator.start", "orchestrator.control", "orchestrator.dead"):
-                try:
-                    channel.queue_purge(queue)
-                except Exception:
-                    channel = conn.channel()
+        purge_work_queues(broker_url)
 
     return purge
 

@@ -16,6 +16,17 @@ def row(db: Database, request_id: str) -> SessionRow:
         return found
 
 
+def row_or_none(db: Database, request_id: str) -> SessionRow | None:
+    """The row, or None while no worker has claimed the request yet."""
+    with db.transaction() as session:
+        found = session.scalars(
+            select(SessionRow).where(SessionRow.request_id == request_id)
+        ).one_or_none()
+        if found is not None:
+            session.expunge(found)
+        return found
+
+
 def rows(db: Database) -> list[SessionRow]:
     with db.transaction() as session:
         found = list(session.scalars(select(SessionRow).order_by(SessionRow.created_at)).all())

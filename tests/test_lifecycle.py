@@ -12,7 +12,8 @@ from sqlalchemy import update
 from orchestrator.db import SessionRow
 from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop, store
 from orchestrator.simulator import SimulatorServer
-from tests.helpers import event_kinds, events, row, rows
+from tests.conftest import wait_until
+from tests.helpers import event_kinds, events, row, row_or_none, rows
 
 pytestmark = pytest.mark.postgres
 
@@ -158,6 +159,16 @@ def test_vendor_error_fails_with_vendor_code_and_message(
     assert r.ended_at is not None and r.livekit_token is None
 
 
+def start_with_the_vendor_call_in_flight(lc: Lifecycle, request_id: str) -> threading.Thread:
+    """Start in a thread and return once its (slow) vendor call has been sent."""
+    thread = threading.Thread(target=start, args=(lc,), kwargs={"request_id": request_id})
+    thread.start()
+    wait_until(
+        lambda: (r := row_or_none(lc.db, request_id)) is not None and r.attempts > 0, 5, 0.01
+    )
+    return thread
+
+
 def test_stop_of_active_session_stops_vendor_once(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:
@@ -209,25 +220,13 @@ def test_stop_requested_while_starting_is_honoured_once_the_session_has_an_id(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:
     simulator.configure(endpoint_latency="start=1.0")
-    thread = threading.Thread(target=start, args=(lifecycle,), kwargs={"request_id": "r-1"})
-    thread.start()
-    # Wait until the vendor call is in flight, then ask for the stop.
-    deadline = datetime.now(UTC) + timedelta(seconds=5)
-    while row_or_none(lifecycle, "r-1") is None or row(lifecycle.db, "r-1").attempts == 0:
-        assert datetime.now(UTC) < deadline
+    thread = start_with_the_vendor_call_in_flight(lifecycle, "r-1")
     assert request_stop(lifecycle, request_id="r-1").status_before == "starting"
     thread.join()
     r = row(lifecycle.db, "r-1")
     assert (r.status, r.end_reason) == ("ended", "USER_CLOSED")
     (vendor,) = simulator.sessions()
     assert (vendor["status"], vendor["end_reason"]) == ("ended", "USER_CLOSED")
-
-
-def row_or_none(lc: Lifecycle, request_id: str) -> SessionRow | None:
-    try:
-        return row(lc.db, request_id)
-    except Exception:
-        return None
 
 
 def test_reaper_ends_expired_sessions_at_the_vendor(
@@ -276,11 +275,7 @@ def test_vendor_session_is_stopped_again_if_the_row_moved_on_during_the_start(
 ) -> None:
     """Compensation: the vendor said yes, but the row can no longer take the session."""
     simulator.configure(endpoint_latency="start=1.0")
-    thread = threading.Thread(target=start, args=(lifecycle,), kwargs={"request_id": "r-1"})
-    thread.start()
-    deadline = datetime.now(UTC) + timedelta(seconds=5)
-    while row_or_none(lifecycle, "r-1") is None or row(lifecycle.db, "r-1").attempts == 0:
-        assert datetime.now(UTC) < deadline
+    thread = start_with_the_vendor_call_in_flight(lifecycle, "r-1")
     # The reconciler gives up on the start meanwhile (as after a long vendor hang).
     assert store.fail_stuck_starts(lifecycle.db, older_than=datetime.now(UTC) + timedelta(hours=1))
     thread.join()

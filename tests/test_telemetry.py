@@ -24,7 +24,7 @@ from orchestrator.simulator import SimulatorServer
 from orchestrator.telemetry import setup_telemetry, span_record
 from tests.amqp import publish_raw
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess, wait_until
-from tests.helpers import row
+from tests.helpers import row, row_or_none
 
 pytestmark = [pytest.mark.postgres]
 
@@ -159,7 +159,7 @@ def test_traceparent_from_a_plain_kombu_producer_is_continued(
         {"request_id": "foreign-1", "avatar_id": "a"},
         headers={"traceparent": traceparent},
     )
-    wait_until(lambda: (r := _row_if(db, "foreign-1")) and r.status == "active")
+    wait_until(lambda: (r := row_or_none(db, "foreign-1")) and r.status == "active")
     spans = wait_until(
         lambda: [
             s
@@ -170,13 +170,6 @@ def test_traceparent_from_a_plain_kombu_producer_is_continued(
     )
     assert spans
     assert row(db, "foreign-1").traceparent.split("-")[1] == trace_id
-
-
-def _row_if(db: Database, request_id: str) -> Any:
-    try:
-        return row(db, request_id)
-    except Exception:
-        return None
 
 
 def test_lifecycle_metrics_and_spans_in_process(

@@ -23,7 +23,7 @@ from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from tests.amqp import publish_raw
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess, wait_until
-from tests.helpers import row, rows
+from tests.helpers import row, row_or_none, rows
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres, pytest.mark.worker]
 
@@ -88,23 +88,18 @@ def test_raw_message_becomes_active_then_the_reaper_ends_it(
         broker_url, {"request_id": "raw-1", "avatar_id": "avatar-raw", "max_duration_seconds": 2}
     )
 
-    active = wait_until(lambda: (r := row_if(db, "raw-1")) and r.status == "active" and r)
+    active = wait_until(lambda: (r := row_or_none(db, "raw-1")) and r.status == "active" and r)
     assert active.livekit_url and active.livekit_room and active.livekit_token
     assert active.livekit_token_expires_at and active.expires_at
 
-    ended = wait_until(lambda: (r := row_if(db, "raw-1")) and r.status == "ended" and r, timeout=15)
+    ended = wait_until(
+        lambda: (r := row_or_none(db, "raw-1")) and r.status == "ended" and r, timeout=15
+    )
     assert ended.end_reason == "MAX_DURATION_REACHED"
     assert ended.ended_at >= ended.expires_at
     assert ended.livekit_token is None
     (vendor,) = simulator.sessions()
     assert (vendor["status"], vendor["end_reason"]) == ("ended", "MAX_DURATION_REACHED")
-
-
-def row_if(db: Database, request_id: str) -> Any:
-    try:
-        return row(db, request_id)
-    except Exception:
-        return None
 
 
 def test_same_request_id_twice_makes_one_vendor_session(
@@ -113,8 +108,8 @@ def test_same_request_id_twice_makes_one_vendor_session(
     for _ in range(2):
         publish_raw(broker_url, {"request_id": "twice", "avatar_id": "a"})
     publish_raw(broker_url, {"request_id": "marker", "avatar_id": "a"})
-    wait_until(lambda: (r := row_if(db, "marker")) and r.status == "active")
-    wait_until(lambda: (r := row_if(db, "twice")) and r.status == "active")
+    wait_until(lambda: (r := row_or_none(db, "marker")) and r.status == "active")
+    wait_until(lambda: (r := row_or_none(db, "twice")) and r.status == "active")
     assert len([r for r in rows(db) if r.request_id == "twice"]) == 1
     assert len(simulator.sessions()) == 2  # "twice" once, "marker" once
 
@@ -135,9 +130,9 @@ def test_bad_messages_fail_or_dead_letter_and_the_worker_keeps_going(
     publish_raw(broker_url, {"avatar_id": "a"}, task="orchestrator.no_such_task")
     publish_raw(broker_url, {"request_id": "good-after", "avatar_id": "a"})
 
-    good = wait_until(lambda: (r := row_if(db, "good-after")) and r.status == "active" and r)
+    good = wait_until(lambda: (r := row_or_none(db, "good-after")) and r.status == "active" and r)
     assert good.vendor_session_id
-    failed = wait_until(lambda: row_if(db, "no-avatar"))
+    failed = wait_until(lambda: row_or_none(db, "no-avatar"))
     assert (failed.status, failed.error_code) == ("failed", "VALIDATION_ERROR")
     assert "'avatar_id' is required" in failed.error_message
 
@@ -200,8 +195,8 @@ def test_lifecycle_events_reach_a_consumer_once_each_in_order(
         events_queue(conn.default_channel).declare()
         publish_raw(broker_url, {"request_id": "ev-1", "avatar_id": "a", "max_duration_seconds": 1})
         publish_raw(broker_url, {"request_id": "ev-bad"})  # invalid: session.failed
-        wait_until(lambda: (r := row_if(db, "ev-1")) and r.status == "ended")
-        wait_until(lambda: row_if(db, "ev-bad"))
+        wait_until(lambda: (r := row_or_none(db, "ev-1")) and r.status == "ended")
+        wait_until(lambda: row_or_none(db, "ev-bad"))
 
         def received() -> list[Any] | None:
             found = []

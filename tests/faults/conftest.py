@@ -28,6 +28,7 @@ from orchestrator.config import Settings
 from orchestrator.db import Database, SessionEvent, SessionRow
 from orchestrator.messaging import dead_letter_queue
 from orchestrator.simulator import SimulatorServer
+from tests.amqp import purge_work_queues
 from tests.conftest import WorkerProcess
 from tests.faults.tcp_proxy import TcpProxy
 
@@ -78,17 +79,7 @@ def big_vendor(simulator: SimulatorServer) -> SimulatorServer:
 @pytest.fixture
 def clean_queues(broker_url: str) -> None:
     """Empty the work and dead-letter queues (leftovers of earlier tests, beat ticks)."""
-    purge_queues(broker_url)
-
-
-def purge_queues(broker_url: str) -> None:
-    with Connection(broker_url) as conn:
-        channel = conn.channel()
-        for queue in ("orchestrator.start", "orchestrator.control", "orchestrator.dead"):
-            try:
-                channel.queue_purge(queue)
-            except Exception:  # not declared yet: nothing to purge
-                channel = conn.channel()
+    purge_work_queues(broker_url)
 
 
 # -- raw AMQP ---------------------------------------------------------------------------

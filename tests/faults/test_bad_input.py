@@ -23,12 +23,11 @@ from sqlalchemy import text
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.simulator import SimulatorServer
-from tests.amqp import publish_raw, raw_body
+from tests.amqp import publish_raw, purge_work_queues, raw_body
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess
 from tests.faults.conftest import (
     dead_letter_ids,
     events_of,
-    purge_queues,
     queue_depths,
     rows_by_request,
     take_dead_letters,
@@ -340,7 +339,7 @@ def corpus_run(
     simulator_server.reset(restore_config=True)
     simulator_server.configure(max_concurrent_sessions=1000, idle_timeout_seconds=None)
     db = fresh_database(database_url)
-    purge_queues(broker_url)
+    purge_work_queues(broker_url)
     state = tmp_path_factory.mktemp("corpus")
     settings = corpus_settings(state, database_url, broker_url, simulator_server.base_url)
     worker = WorkerProcess(settings, state / "worker.log")

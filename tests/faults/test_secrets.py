@@ -27,10 +27,9 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.deepbrain import DeepBrainClient, DeepBrainError
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
-from tests.amqp import publish_raw
+from tests.amqp import publish_raw, purge_work_queues
 from tests.conftest import WorkerProcess, settings_env
 from tests.faults.conftest import (
-    purge_queues,
     rows_by_request,
     table_dump,
     wait_settled,
@@ -126,7 +125,7 @@ def _scenario(
     collect: _Collect,
 ) -> SecretRun:
     db = fresh_database(database_url)
-    purge_queues(broker_url)
+    purge_work_queues(broker_url)
     settings: Settings = load_settings(
         state_dir=state,
         database_url=database_url,
