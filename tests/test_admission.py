@@ -7,11 +7,17 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from orchestrator.config import Settings
 from orchestrator.db import Database, SessionEvent, SessionRow
-from orchestrator.lifecycle import Lifecycle, admit_waiting, handle_start_message, request_stop
+from orchestrator.lifecycle import (
+    Lifecycle,
+    admit_waiting,
+    handle_start_message,
+    request_stop,
+    store,
+)
 from orchestrator.lifecycle.store import admission_state
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
@@ -119,6 +125,41 @@ def test_concurrent_claims_never_exceed_the_cap(
         t.join()
     assert simulator.stats()["sessions"]["max_active"] <= 2
     assert sorted(r.status for r in rows(capped.db)).count("active") == 2
+
+
+def test_a_claim_that_waited_for_the_admission_lock_counts_what_the_holder_committed(
+    capped: Lifecycle,
+) -> None:
+    """``orchestrator_claim`` takes the lock, then counts: a claim queued behind another
+    decision must see that decision's rows (a statement snapshot taken before the lock was
+    granted would not, and would hand out a slot twice)."""
+    holder = capped.db.engine.connect()
+    holder.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": store.ADMISSION_LOCK_KEY})
+    for i in range(2):  # fill the cap of 2 while the lock is held
+        holder.execute(
+            text(
+                "INSERT INTO sessions (id, request_id, status, request_payload, payload_sha256,"
+                " created_at, attempts, stop_attempts)"
+                " VALUES (gen_random_uuid(), :r, 'starting', '{}', 'x', now(), 1, 0)"
+            ),
+            {"r": f"held-{i}"},
+        )
+    outcome: list[str] = []
+    claimer = threading.Thread(target=lambda: outcome.append(start(capped, "queued")))
+    claimer.start()
+
+    def claim_is_waiting_for_the_lock() -> bool:
+        with capped.db.engine.connect() as conn:
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            return bool(conn.execute(text(waiting)).scalar_one() == 1)
+
+    wait_until(claim_is_waiting_for_the_lock, timeout=10)
+    assert outcome == []  # the claim waits for the lock
+    holder.commit()
+    holder.close()
+    claimer.join(timeout=10)
+    assert outcome == ["waiting"]
+    assert row(capped.db, "queued").attempts == 0
 
 
 @pytest.mark.broker

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -87,11 +87,23 @@ class Database:
         with self._sessions.begin() as session:
             yield session
         for name in session.info.pop(SIGNALS_KEY, ()):
-            for listener in self._listeners.get(name, ()):
-                try:
-                    listener()
-                except Exception:  # the commit stands; a listener must not undo the caller's work
-                    logger.exception("after-commit listener for %r failed", name)
+            self.signal(name)
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A connection where each statement commits on its own: for a statement that is a
+        whole transaction, so the server holds its locks only while it runs (no round trip
+        back to this process, which may wait for the GIL, before the commit)."""
+        with self.engine.connect() as connection:
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    def signal(self, name: str) -> None:
+        """Call the ``name`` listeners now (after a commit made outside ``transaction()``)."""
+        for listener in self._listeners.get(name, ()):
+            try:
+                listener()
+            except Exception:  # the commit stands; a listener must not undo the caller's work
+                logger.exception("after-commit listener for %r failed", name)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from orchestrator.db import EventKind, OutboxEvent, SessionEvent, SessionRow
@@ -23,37 +24,126 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def event_body(row: SessionRow, event_id: uuid.UUID, occurred_at: datetime) -> dict[str, Any]:
+    return _body(
+        event_id,
+        occurred_at,
+        status=row.status,
+        request_id=row.request_id,
+        vendor_session_id=row.vendor_session_id,
+        expires_at=row.expires_at,
+        livekit_url=row.livekit_url,
+        livekit_room=row.livekit_room,
+        livekit_token=row.livekit_token,
+        end_reason=row.end_reason,
+        error_code=row.error_code,
+        error_message=row.error_message,
+    )
+
+
+def _body(
+    event_id: uuid.UUID,
+    occurred_at: datetime,
+    *,
+    status: str,
+    request_id: str,
+    vendor_session_id: str | None,
+    expires_at: datetime | None,
+    livekit_url: str | None = None,
+    livekit_room: str | None = None,
+    livekit_token: str | None = None,
+    end_reason: str | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "event_id": str(event_id),
         "version": EVENT_VERSION,
-        "request_id": row.request_id,
-        "session_id": row.vendor_session_id,
-        "status": row.status,
+        "request_id": request_id,
+        "session_id": vendor_session_id,
+        "status": status,
         "occurred_at": _iso(occurred_at),
-        "expires_at": _iso(row.expires_at),
+        "expires_at": _iso(expires_at),
     }
-    if row.status == "active":
-        body.update(url=row.livekit_url, room_name=row.livekit_room, token=row.livekit_token)
-    elif row.status == "ended":
-        body["end_reason"] = row.end_reason
-    elif row.status == "failed":
-        body.update(error_code=row.error_code, error_message=row.error_message)
+    if status == "active":
+        body.update(url=livekit_url, room_name=livekit_room, token=livekit_token)
+    elif status == "ended":
+        body["end_reason"] = end_reason
+    elif status == "failed":
+        body.update(error_code=error_code, error_message=error_message)
     return body
 
 
 def emit(session: Session, row: SessionRow) -> None:
     """Queue the event for the row's current (active/ended/failed) status."""
-    routing_key = ROUTING_KEYS[row.status]
     event_id = uuid.uuid4()
     session.add(
         OutboxEvent(
             event_id=event_id,
-            routing_key=routing_key,
+            routing_key=ROUTING_KEYS[row.status],
             body=event_body(row, event_id, utcnow()),
             traceparent=row.traceparent,
         )
     )
     signal_after_commit(session, EVENTS_PENDING)
+
+
+def emit_active(
+    session: Session,
+    *,
+    request_id: str,
+    vendor_session_id: str,
+    expires_at: datetime,
+    livekit_url: str,
+    livekit_room: str,
+    livekit_token: str,
+    traceparent: str | None,
+) -> None:
+    """``emit`` for a row just made ``active`` by a Core UPDATE (the start's hot path): the
+    same body, from the values written, without loading the row."""
+    event_id, now = uuid.uuid4(), utcnow()
+    body = _body(
+        event_id,
+        now,
+        status="active",
+        request_id=request_id,
+        vendor_session_id=vendor_session_id,
+        expires_at=expires_at,
+        livekit_url=livekit_url,
+        livekit_room=livekit_room,
+        livekit_token=livekit_token,
+    )
+    session.connection().execute(
+        insert(OutboxEvent),
+        {
+            "event_id": event_id,
+            "routing_key": ROUTING_KEYS["active"],
+            "body": body,
+            "traceparent": traceparent,
+            "created_at": now,
+        },
+    )
+    signal_after_commit(session, EVENTS_PENDING)
+
+
+def log_now(
+    session: Session,
+    kind: EventKind,
+    *,
+    session_id: uuid.UUID,
+    vendor_session_id: str | None = None,
+    **detail: Any,
+) -> None:
+    """``log`` as one Core INSERT, executed at once (no ORM object, no flush)."""
+    session.connection().execute(
+        insert(SessionEvent),
+        {
+            "session_id": session_id,
+            "vendor_session_id": vendor_session_id,
+            "kind": kind.value,
+            "detail": detail,
+            "occurred_at": utcnow(),
+        },
+    )
 
 
 def log(

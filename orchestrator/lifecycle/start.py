@@ -184,7 +184,7 @@ def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) 
     """Store the vendor's yes; if the row cannot take it, stop that vendor session again."""
     vendor_id = start.vendor_session_id
     try:
-        recorded = store.record_started(lc.db, ticket.session_id, start)
+        recorded = store.record_started(lc.db, ticket, start)
     except SQLAlchemyError:
         compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
         raise

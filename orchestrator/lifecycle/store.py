@@ -11,13 +11,13 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Table, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from orchestrator.db import LIVE_STATUSES, Database, EventKind, SessionRow, SessionStatus
 from orchestrator.db.engine import signal_after_commit
-from orchestrator.db.types import utcnow
+from orchestrator.db.types import JSONDocument, UTCDateTime, utcnow
 from orchestrator.lifecycle import events
 from orchestrator.lifecycle.requests import storable, without_secrets
 
@@ -99,49 +99,31 @@ def claim(
 ) -> Claim:
     """Create the row for ``request_id`` — ``starting`` if a slot is free and nobody waits,
     else ``waiting`` — or say why this message finds one already."""
-    # Few round trips while the admission lock is held: it serialises every claim.
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "request_id": request_id,
+        "claim_id": claim_id,
+        "avatar_id": avatar_id,
+        "payload": payload,
+        "digest": digest,
+        "metadata": metadata,
+        "max_duration_seconds": max_duration_seconds,
+        "start_deadline_at": start_deadline_at,
+        "traceparent": traceparent,
+        "now": utcnow(),
+        "configured_cap": max_concurrent_sessions,
+    }
+    created = _claim_new_row_postgres(db, values) if db.is_postgres else _claim_new_row(db, values)
+    if created is not None:
+        new_id, status, admission = created
+        if status == S.WAITING and admission.free > 0:
+            db.signal(SLOT_FREED)  # others wait while slots are free: admit them FIFO
+        if status == S.WAITING:
+            return Claim(ClaimOutcome.NEW, new_id, status.value)
+        now = values["now"]
+        ticket = StartTicket(new_id, request_id, payload, 1, now, now, traceparent)
+        return Claim(ClaimOutcome.NEW, new_id, status.value, ticket)
     with db.transaction() as session:
-        admission = _admission_state(session, db, max_concurrent_sessions)
-        status = S.STARTING if admission.free > 0 and admission.waiting == 0 else S.WAITING
-        now = utcnow()
-        starting = status == S.STARTING
-        new_id = session.execute(
-            _insert_ignoring_conflict(
-                db,
-                {
-                    "id": uuid.uuid4(),
-                    "request_id": request_id,
-                    "claim_id": claim_id,
-                    "status": status.value,
-                    "avatar_id": avatar_id,
-                    "request_payload": payload,
-                    "payload_sha256": digest,
-                    "session_metadata": metadata,
-                    "max_duration_seconds": max_duration_seconds,
-                    "start_deadline_at": start_deadline_at,
-                    "traceparent": traceparent,
-                    "created_at": now,
-                    "attempts": 1 if starting else 0,
-                    "start_sent_at": now if starting else None,
-                },
-            )
-        ).scalar_one_or_none()
-        if new_id is not None:
-            events.log(
-                session,
-                EventKind.CREATED,
-                session_id=new_id,
-                claim_id=claim_id,
-                status=status.value,
-                live=admission.live,
-                cap=admission.cap,
-            )
-            if not starting:
-                if admission.free > 0:
-                    signal_after_commit(session, SLOT_FREED)  # others wait: admit FIFO
-                return Claim(ClaimOutcome.NEW, new_id, status.value)
-            ticket = StartTicket(new_id, request_id, payload, 1, now, now, traceparent)
-            return Claim(ClaimOutcome.NEW, new_id, status.value, ticket)
         row = session.scalars(
             select(SessionRow).where(SessionRow.request_id == request_id).with_for_update()
         ).one()
@@ -158,6 +140,74 @@ def claim(
             note="same request_id with a different payload; the repeat was ignored",
         )
         return Claim(ClaimOutcome.CONFLICT, row.id, row.status)
+
+
+NewRow = tuple[uuid.UUID, SessionStatus, "AdmissionState"]
+
+_CLAIM_POSTGRES = text(
+    "SELECT session_id, status, cap, live, waiting FROM orchestrator_claim("
+    ":id, :request_id, :claim_id, :avatar_id, :payload, :digest, :metadata,"
+    " :max_duration_seconds, :start_deadline_at, :traceparent, :now, :configured_cap)"
+).bindparams(
+    bindparam("payload", type_=JSONDocument),
+    bindparam("metadata", type_=JSONDocument),
+    bindparam("start_deadline_at", type_=UTCDateTime()),
+    bindparam("now", type_=UTCDateTime()),
+)
+
+
+def _claim_new_row_postgres(db: Database, values: dict[str, Any]) -> NewRow | None:
+    """The admission decision, the insert and its ``created`` event in one autocommitted
+    statement (migration 0003): the admission lock is held only while the server runs it."""
+    with db.autocommit() as connection:
+        found = connection.execute(_CLAIM_POSTGRES, values).one()
+    if found.session_id is None:
+        return None
+    admission = AdmissionState(found.cap, found.live, found.waiting)
+    return found.session_id, SessionStatus(found.status), admission
+
+
+def _claim_new_row(db: Database, values: dict[str, Any]) -> NewRow | None:
+    """The same steps as ``orchestrator_claim`` (migration 0003), for SQLite: the transaction
+    began with BEGIN IMMEDIATE, its one write lock, so no other claim runs meanwhile."""
+    with db.transaction() as session:
+        admission = _admission_state(session, db, values["configured_cap"])
+        status = S.STARTING if admission.free > 0 and admission.waiting == 0 else S.WAITING
+        starting = status == S.STARTING
+        now = values["now"]
+        new_id = session.execute(
+            _insert_ignoring_conflict(
+                db,
+                {
+                    "id": values["id"],
+                    "request_id": values["request_id"],
+                    "claim_id": values["claim_id"],
+                    "status": status.value,
+                    "avatar_id": values["avatar_id"],
+                    "request_payload": values["payload"],
+                    "payload_sha256": values["digest"],
+                    "session_metadata": values["metadata"],
+                    "max_duration_seconds": values["max_duration_seconds"],
+                    "start_deadline_at": values["start_deadline_at"],
+                    "traceparent": values["traceparent"],
+                    "created_at": now,
+                    "attempts": 1 if starting else 0,
+                    "start_sent_at": now if starting else None,
+                },
+            )
+        ).scalar_one_or_none()
+        if new_id is None:
+            return None
+        events.log(
+            session,
+            EventKind.CREATED,
+            session_id=new_id,
+            claim_id=values["claim_id"],
+            status=status.value,
+            live=admission.live,
+            cap=admission.cap,
+        )
+        return new_id, status, admission
 
 
 def record_invalid(
@@ -254,34 +304,87 @@ class VendorStart:
     expires_at: datetime
 
 
+_SESSIONS: Table = SessionRow.__table__  # type: ignore[assignment]
+_MARK_ACTIVE = (
+    _SESSIONS.update()
+    .where(
+        _SESSIONS.c.id == bindparam("b_id"),
+        _SESSIONS.c.status == S.STARTING.value,
+        _SESSIONS.c.vendor_session_id.is_(None),
+    )
+    .values(
+        status=S.ACTIVE.value,
+        vendor_session_id=bindparam("b_vendor_session_id"),
+        voice_id=bindparam("b_voice_id"),
+        livekit_url=bindparam("b_livekit_url"),
+        livekit_room=bindparam("b_livekit_room"),
+        livekit_token=bindparam("b_livekit_token"),
+        livekit_token_expires_at=bindparam("b_livekit_token_expires_at"),
+        granted_max_duration_minutes=bindparam("b_granted_minutes"),
+        max_session_numbers=bindparam("b_max_session_numbers"),
+        started_at=bindparam("b_started_at"),
+        expires_at=bindparam("b_expires_at"),
+        request_payload=bindparam("b_request_payload"),
+    )
+    .returning(_SESSIONS.c.attempts, _SESSIONS.c.stop_requested_at)
+)
+
+
 def record_started(
-    db: Database, session_id: uuid.UUID, start: VendorStart
+    db: Database, ticket: StartTicket, start: VendorStart
 ) -> StopTicket | bool | None:
     """Store the vendor's answer. Returns False if the row no longer wants this session (the
     caller must stop it: compensation), a StopTicket if a stop was requested meanwhile, else None.
+
+    The hot path of every start, so Core statements: one conditional UPDATE (the guard), the
+    ``active`` event and the outbox row — no row load, no ORM flush.
     """
     with db.transaction() as session:
-        row = _lock_row(session, session_id)
-        if row is None or row.status != S.STARTING or row.vendor_session_id is not None:
+        marked = (
+            session.connection()
+            .execute(
+                _MARK_ACTIVE,
+                {
+                    "b_id": ticket.session_id,
+                    "b_vendor_session_id": start.vendor_session_id,
+                    "b_voice_id": start.voice_id,
+                    "b_livekit_url": start.livekit_url,
+                    "b_livekit_room": start.livekit_room,
+                    "b_livekit_token": start.livekit_token,
+                    "b_livekit_token_expires_at": start.livekit_token_expires_at,
+                    "b_granted_minutes": start.granted_minutes,
+                    "b_max_session_numbers": start.max_session_numbers,
+                    "b_started_at": utcnow(),
+                    "b_expires_at": start.expires_at,
+                    "b_request_payload": without_secrets(ticket.payload),
+                },
+            )
+            .one_or_none()
+        )
+        if marked is None:
             return False
-        row.status = S.ACTIVE.value
-        row.vendor_session_id = start.vendor_session_id
-        row.voice_id = start.voice_id
-        row.livekit_url = start.livekit_url
-        row.livekit_room = start.livekit_room
-        row.livekit_token = start.livekit_token
-        row.livekit_token_expires_at = start.livekit_token_expires_at
-        row.granted_max_duration_minutes = start.granted_minutes
-        row.max_session_numbers = start.max_session_numbers
-        row.started_at = utcnow()
-        row.expires_at = start.expires_at
-        row.request_payload = without_secrets(row.request_payload)
-        session.flush()
-        events.log(session, EventKind.ACTIVE, row=row, attempt=row.attempts)
-        events.emit(session, row)
-        if row.stop_requested_at is not None:
-            return _to_stopping(session, row, row.end_reason or "USER_CLOSED")
-        return None
+        events.log_now(
+            session,
+            EventKind.ACTIVE,
+            session_id=ticket.session_id,
+            vendor_session_id=start.vendor_session_id,
+            attempt=marked.attempts,
+        )
+        events.emit_active(
+            session,
+            request_id=ticket.request_id,
+            vendor_session_id=start.vendor_session_id,
+            expires_at=start.expires_at,
+            livekit_url=start.livekit_url,
+            livekit_room=start.livekit_room,
+            livekit_token=start.livekit_token,
+            traceparent=ticket.traceparent,
+        )
+        if marked.stop_requested_at is None:
+            return None
+        row = _lock_row(session, ticket.session_id)
+        assert row is not None  # locked by the UPDATE above
+        return _to_stopping(session, row, row.end_reason or "USER_CLOSED")
 
 
 def record_failed(
@@ -556,15 +659,18 @@ class AdmissionState:
 def _admission_state(session: Session, db: Database, configured_cap: int) -> AdmissionState:
     """Counted under one lock, so no two workers hand out the same free slot.
 
-    The effective cap is the lower of ours and the vendor's last reported limit.
+    The effective cap is the lower of ours and the vendor's last reported limit. On Postgres
+    the count is ``orchestrator_admission_state()`` (migration 0003), which the claim uses too.
     """
     if db.is_postgres:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
+        found = session.execute(_ADMISSION_STATE_POSTGRES, {"cap": configured_cap}).one()
+        return AdmissionState(found.cap, found.live, found.waiting)
     # SQLite: the transaction began with BEGIN IMMEDIATE, the one write lock.
     vendor_cap, live, waiting = session.execute(
         select(
             select(SessionRow.max_session_numbers)
-            .where(SessionRow.max_session_numbers.is_not(None))
+            .where(SessionRow.max_session_numbers.is_not(None), SessionRow.started_at.is_not(None))
             .order_by(SessionRow.started_at.desc())
             .limit(1)
             .scalar_subquery(),
@@ -574,6 +680,11 @@ def _admission_state(session: Session, db: Database, configured_cap: int) -> Adm
     ).one()
     cap = min(configured_cap, vendor_cap) if vendor_cap else configured_cap
     return AdmissionState(cap, live or 0, waiting or 0)
+
+
+_ADMISSION_STATE_POSTGRES = text(
+    "SELECT cap, live, waiting FROM orchestrator_admission_state(:cap)"
+)
 
 
 def admission_state(db: Database, configured_cap: int) -> AdmissionState:
