@@ -14,7 +14,6 @@ from celery.worker.consumer import Consumer
 
 from orchestrator import heartbeat, outbox
 from orchestrator.config import Settings
-from orchestrator.db import OutboxEvent
 from orchestrator.lifecycle import Lifecycle, metrics, tracing
 from orchestrator.messaging import (
     ADMIT_TASK,
@@ -208,7 +207,7 @@ class CeleryDispatcher:
             self._relay_wanted.clear()
             self.relay_now()
 
-    def _publish_batch(self, batch: Sequence[OutboxEvent]) -> None:
+    def _publish_batch(self, batch: Sequence[outbox.PendingEvent]) -> None:
         """Publish persistently; with publisher confirms each publish returns once confirmed."""
         with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
             for event in batch:

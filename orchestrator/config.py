@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     max_session_minutes: int = Field(default=60, ge=1, le=24 * 60)
     stop_retry_seconds: PositiveSeconds = 30.0
     heartbeat_max_age_seconds: PositiveSeconds = 60.0
-    db_pool_size: int = Field(default=10, ge=1, le=500)
+    db_pool_size: int = Field(default=20, ge=1, le=500)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
 
     @field_validator("deepbrain_base_url")

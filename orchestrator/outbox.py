@@ -7,15 +7,48 @@ again, so consumers de-duplicate on ``event_id``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 
 from orchestrator.db import Database, OutboxEvent
 from orchestrator.db.types import utcnow
 
 BATCH_SIZE = 100
-PublishBatch = Callable[[Sequence[OutboxEvent]], None]
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    event_id: uuid.UUID
+    routing_key: str
+    body: dict[str, Any]
+    traceparent: str | None
+
+
+PublishBatch = Callable[[Sequence[PendingEvent]], None]
+
+# Core statements: the relay runs after every start, and ORM objects cost more than the publish.
+_NEXT_BATCH = (
+    select(
+        OutboxEvent.id,
+        OutboxEvent.event_id,
+        OutboxEvent.routing_key,
+        OutboxEvent.body,
+        OutboxEvent.traceparent,
+    )
+    .where(OutboxEvent.published_at.is_(None))
+    .order_by(OutboxEvent.id)
+    .limit(BATCH_SIZE)
+    .with_for_update(skip_locked=True)
+)
+_MARK_PUBLISHED = (
+    update(OutboxEvent)
+    .where(OutboxEvent.id.in_(bindparam("ids", expanding=True)))
+    .values(published_at=bindparam("now"))
+)
 
 
 def relay(db: Database, publish: PublishBatch, *, max_batches: int = 100) -> int:
@@ -27,19 +60,14 @@ def relay(db: Database, publish: PublishBatch, *, max_batches: int = 100) -> int
     total = 0
     for _ in range(max_batches):
         with db.transaction() as session:
-            batch = session.scalars(
-                select(OutboxEvent)
-                .where(OutboxEvent.published_at.is_(None))
-                .order_by(OutboxEvent.id)
-                .limit(BATCH_SIZE)
-                .with_for_update(skip_locked=True)
-            ).all()
-            if batch:
-                publish(batch)
-                now = utcnow()
-                for event in batch:
-                    event.published_at = now
-        total += len(batch)
-        if len(batch) < BATCH_SIZE:
+            connection = session.connection()
+            rows = connection.execute(_NEXT_BATCH).all()
+            if rows:
+                publish(
+                    [PendingEvent(r.event_id, r.routing_key, r.body, r.traceparent) for r in rows]
+                )
+                connection.execute(_MARK_PUBLISHED, {"ids": [r.id for r in rows], "now": utcnow()})
+        total += len(rows)
+        if len(rows) < BATCH_SIZE:
             break
     return total

@@ -115,7 +115,7 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=REAP_TASK, shared=False, acks_late=True)
     def reap_sessions() -> dict[str, int]:
-        report = lifecycle.reap(app.lifecycle())
+        report = lifecycle.reap(app.lifecycle(), plan_ahead=app.settings.reaper_interval_seconds)
         return {"claimed": report.claimed, "stopped": report.stopped}
 
     @app.task(name=RECONCILE_TASK, shared=False, acks_late=True)

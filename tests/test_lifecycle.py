@@ -251,6 +251,29 @@ def test_reaper_ends_expired_sessions_at_the_vendor(
     assert reap(lifecycle).claimed == 0
 
 
+def test_a_session_expiring_before_the_next_sweep_is_ended_at_its_expiry(
+    lifecycle: Lifecycle, simulator: SimulatorServer
+) -> None:
+    """Beat's sweep plans a timed sweep for what expires before the next one (interval 30 s
+    here): the session ends ~at its expiry, not up to a whole interval later."""
+    start(lifecycle, request_id="soon")
+    start(lifecycle, request_id="later")
+    expires = datetime.now(UTC) + timedelta(seconds=1.5)
+    with lifecycle.db.transaction() as session:
+        session.execute(
+            update(SessionRow).where(SessionRow.request_id == "soon").values(expires_at=expires)
+        )
+    assert reap(lifecycle, plan_ahead=30.0).claimed == 0
+    soon = wait_until(
+        lambda: (r := row(lifecycle.db, "soon")).status == "ended" and r, timeout=10, interval=0.05
+    )
+    assert soon.end_reason == "MAX_DURATION_REACHED"
+    assert soon.ended_at is not None
+    lag = (soon.ended_at - expires).total_seconds()
+    assert 0 <= lag < 1.0, lag
+    assert row(lifecycle.db, "later").status == "active"  # expires in an hour: no timer
+
+
 def test_failed_vendor_stop_stays_stopping_and_the_reaper_retries(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:

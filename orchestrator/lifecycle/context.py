@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ class Lifecycle:
     dispatcher: Dispatcher = field(default_factory=InlineDispatcher)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _timers: set[threading.Timer] = field(default_factory=set, init=False, repr=False)
 
     def stop_pool(self) -> ThreadPoolExecutor:
         """Threads for the reaper's parallel vendor stops; long-lived, so their HTTP clients
@@ -30,6 +32,20 @@ class Lifecycle:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(MAX_PARALLEL_STOPS, thread_name_prefix="stops")
             return self._pool
+
+    def call_later(self, delay: float, action: Callable[[], object]) -> None:
+        """Run ``action`` in its own thread after ``delay`` seconds, unless closed first."""
+
+        def run() -> None:
+            with self._pool_lock:
+                self._timers.discard(timer)
+            action()
+
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        with self._pool_lock:
+            self._timers.add(timer)
+        timer.start()
 
     def __post_init__(self) -> None:
         if isinstance(self.dispatcher, InlineDispatcher):
@@ -60,6 +76,9 @@ class Lifecycle:
 
     def close(self) -> None:
         with self._pool_lock:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None

@@ -4,6 +4,8 @@ transaction as the transition they report, so a rollback sends none."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -87,62 +89,73 @@ def emit(session: Session, row: SessionRow) -> None:
     signal_after_commit(session, EVENTS_PENDING)
 
 
-def emit_active(
-    session: Session,
-    *,
-    request_id: str,
-    vendor_session_id: str,
-    expires_at: datetime,
-    livekit_url: str,
-    livekit_room: str,
-    livekit_token: str,
-    traceparent: str | None,
-) -> None:
-    """``emit`` for a row just made ``active`` by a Core UPDATE (the start's hot path): the
-    same body, from the values written, without loading the row."""
-    event_id, now = uuid.uuid4(), utcnow()
-    body = _body(
-        event_id,
-        now,
-        status="active",
-        request_id=request_id,
-        vendor_session_id=vendor_session_id,
-        expires_at=expires_at,
-        livekit_url=livekit_url,
-        livekit_room=livekit_room,
-        livekit_token=livekit_token,
-    )
-    session.connection().execute(
-        insert(OutboxEvent),
-        {
-            "event_id": event_id,
-            "routing_key": ROUTING_KEYS["active"],
-            "body": body,
-            "traceparent": traceparent,
-            "created_at": now,
-        },
-    )
+@dataclass(frozen=True)
+class Update:
+    """A status change made by a Core statement (the hot paths), as its event needs it."""
+
+    status: str
+    request_id: str
+    vendor_session_id: str | None
+    expires_at: datetime | None
+    traceparent: str | None
+    fields: dict[str, Any] = field(default_factory=dict)  # _body's optional keywords
+
+
+def emit_now(session: Session, updates: Sequence[Update]) -> None:
+    """``emit`` for rows changed by a Core UPDATE: the same bodies, from the values written,
+    without loading the rows; one INSERT for the lot."""
+    if not updates:
+        return
+    now = utcnow()
+    values = []
+    for update in updates:
+        event_id = uuid.uuid4()
+        body = _body(
+            event_id,
+            now,
+            status=update.status,
+            request_id=update.request_id,
+            vendor_session_id=update.vendor_session_id,
+            expires_at=update.expires_at,
+            **update.fields,
+        )
+        values.append(
+            {
+                "event_id": event_id,
+                "routing_key": ROUTING_KEYS[update.status],
+                "body": body,
+                "traceparent": update.traceparent,
+                "created_at": now,
+            }
+        )
+    session.connection().execute(insert(OutboxEvent), values)
     signal_after_commit(session, EVENTS_PENDING)
 
 
-def log_now(
-    session: Session,
-    kind: EventKind,
-    *,
-    session_id: uuid.UUID,
-    vendor_session_id: str | None = None,
-    **detail: Any,
-) -> None:
-    """``log`` as one Core INSERT, executed at once (no ORM object, no flush)."""
+@dataclass(frozen=True)
+class Entry:
+    session_id: uuid.UUID | None
+    vendor_session_id: str | None
+    detail: dict[str, Any]
+
+
+def log_now(session: Session, kind: EventKind, entries: Sequence[Entry]) -> None:
+    """``log`` as one Core INSERT, executed at once (no ORM objects, no flush)."""
+    if not entries:
+        return
+    now = utcnow()
     session.connection().execute(
         insert(SessionEvent),
-        {
-            "session_id": session_id,
-            "vendor_session_id": vendor_session_id,
-            "kind": kind.value,
-            "detail": detail,
-            "occurred_at": utcnow(),
-        },
+        [
+            {
+                "session_id": entry.session_id,
+                "vendor_session_id": entry.vendor_session_id,
+                "kind": kind.value,
+                "detail": entry.detail,
+                "occurred_at": now,
+            }
+            for entry in entries
+        ],
     )
 
 

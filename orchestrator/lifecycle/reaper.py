@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from datetime import timedelta
 
+from orchestrator.db.types import utcnow
 from orchestrator.lifecycle import store, tracing
 from orchestrator.lifecycle.context import Lifecycle
-from orchestrator.lifecycle.stop import execute_stop
+from orchestrator.lifecycle.stop import finish_confirmed, stop_at_vendor
 
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 200
+TIMER_GRANULARITY = 0.1  # seconds: expiries this close together share one timed sweep
 
 
 @dataclass(frozen=True)
@@ -20,8 +24,15 @@ class ReapReport:
     failed: int
 
 
-def reap(lc: Lifecycle, *, max_batches: int = 50) -> ReapReport:
-    """One sweep: claim due rows in batches (SKIP LOCKED), stop each at the vendor in parallel."""
+def reap(lc: Lifecycle, *, max_batches: int = 50, plan_ahead: float = 0.0) -> ReapReport:
+    """One sweep: claim due rows in batches (SKIP LOCKED), stop each at the vendor in parallel,
+    end the confirmed ones of a batch in one transaction.
+
+    With ``plan_ahead`` (beat's periodic sweep passes its interval), sessions that expire
+    before the next periodic sweep get a sweep of their own at their expiry, in this process:
+    a session is not left running (and billing) up to a whole interval past its end. If this
+    process dies, the next periodic sweep ends them.
+    """
     claimed = stopped = 0
     pool = lc.stop_pool()
     with tracing.sweep_span("session.reap") as span:
@@ -31,12 +42,32 @@ def reap(lc: Lifecycle, *, max_batches: int = 50) -> ReapReport:
             )
             tracing.link_sessions(span, [ticket.traceparent for ticket in tickets])
             claimed += len(tickets)
-            stopped += sum(pool.map(lambda ticket: execute_stop(lc, ticket), tickets))
+            outcomes = pool.map(lambda ticket: stop_at_vendor(lc, ticket), tickets)
+            confirmed = {t: o for t, o in zip(tickets, outcomes, strict=True) if o is not None}
+            stopped += len(finish_confirmed(lc, confirmed))
             if len(tickets) < BATCH_SIZE:
                 break
         tracing.set_attributes(span, claimed=claimed, stopped=stopped)
+    if plan_ahead > 0:
+        _plan_sweeps(lc, plan_ahead)
     if claimed:
         logger.info(
             "reaper: %d due, %d stopped, %d left for retry", claimed, stopped, claimed - stopped
         )
     return ReapReport(claimed, stopped, claimed - stopped)
+
+
+def _plan_sweeps(lc: Lifecycle, horizon: float) -> None:
+    now = utcnow()
+    due = store.expiries_before(lc.db, now + timedelta(seconds=horizon))
+    buckets = sorted({math.ceil(e.timestamp() / TIMER_GRANULARITY) for e in due})
+    for bucket in buckets:
+        delay = bucket * TIMER_GRANULARITY - now.timestamp()
+        lc.call_later(max(0.0, delay), lambda: _timed_sweep(lc))
+
+
+def _timed_sweep(lc: Lifecycle) -> None:
+    try:
+        reap(lc)
+    except Exception:  # the periodic sweep is the backstop
+        logger.warning("timed reaper sweep failed", exc_info=True)

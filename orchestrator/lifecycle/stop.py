@@ -55,7 +55,15 @@ def vendor_stop(lc: Lifecycle, vendor_session_id: str, reason: str) -> StopOutco
 
 
 def execute_stop(lc: Lifecycle, ticket: store.StopTicket) -> bool:
-    """Call the vendor for a ``stopping`` row; on failure leave it for the reaper's retry."""
+    """Call the vendor for a ``stopping`` row and end it; on failure leave it for the reaper."""
+    outcome = stop_at_vendor(lc, ticket)
+    if outcome is None:
+        return False
+    return bool(finish_confirmed(lc, {ticket: outcome}))
+
+
+def stop_at_vendor(lc: Lifecycle, ticket: store.StopTicket) -> StopOutcome | None:
+    """The vendor stop of a ``stopping`` row; None (and a backoff recorded) if it failed."""
     with tracing.session_span(
         "session.stop",
         ticket.traceparent,
@@ -75,12 +83,23 @@ def execute_stop(lc: Lifecycle, ticket: store.StopTicket) -> bool:
                 base_delay=min(lc.settings.stop_retry_seconds, lc.settings.reaper_interval_seconds),
                 max_delay=MAX_STOP_BACKOFF_SECONDS,
             )
-            return False
+            return None
         tracing.set_attributes(span, vendor_outcome=outcome.value)
-        finished = store.finish_stop(lc.db, ticket.session_id, outcome=outcome.value)
-        if finished and ticket.reason == "MAX_DURATION_REACHED":
+        return outcome
+
+
+def finish_confirmed(
+    lc: Lifecycle, confirmed: dict[store.StopTicket, StopOutcome]
+) -> list[store.StopTicket]:
+    """End the rows whose vendor stop was confirmed, in one transaction; the ones ended."""
+    ended = store.finish_stops(
+        lc.db, {ticket.session_id: outcome.value for ticket, outcome in confirmed.items()}
+    )
+    finished = [ticket for ticket in confirmed if ticket.session_id in ended]
+    for ticket in finished:
+        if ticket.reason == "MAX_DURATION_REACHED":
             metrics.record_reaper_lag(ticket.expires_at)
-        return finished
+    return finished
 
 
 def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: str) -> bool:

@@ -366,20 +366,26 @@ def record_started(
         events.log_now(
             session,
             EventKind.ACTIVE,
-            session_id=ticket.session_id,
-            vendor_session_id=start.vendor_session_id,
-            attempt=marked.attempts,
+            [
+                events.Entry(
+                    ticket.session_id, start.vendor_session_id, {"attempt": marked.attempts}
+                )
+            ],
         )
-        events.emit_active(
-            session,
-            request_id=ticket.request_id,
-            vendor_session_id=start.vendor_session_id,
-            expires_at=start.expires_at,
-            livekit_url=start.livekit_url,
-            livekit_room=start.livekit_room,
-            livekit_token=start.livekit_token,
-            traceparent=ticket.traceparent,
+        fields = {
+            "livekit_url": start.livekit_url,
+            "livekit_room": start.livekit_room,
+            "livekit_token": start.livekit_token,
+        }
+        active = events.Update(
+            S.ACTIVE.value,
+            ticket.request_id,
+            start.vendor_session_id,
+            start.expires_at,
+            ticket.traceparent,
+            fields,
         )
+        events.emit_now(session, [active])
         if marked.stop_requested_at is None:
             return None
         row = _lock_row(session, ticket.session_id)
@@ -485,14 +491,69 @@ def request_stop(
         return StopRequestResult(True, before, None)
 
 
+_FINISH_STOPPED = (
+    _SESSIONS.update()
+    .where(
+        _SESSIONS.c.id.in_(bindparam("ids", expanding=True)),
+        _SESSIONS.c.status == S.STOPPING.value,
+    )
+    .values(status=S.ENDED.value, ended_at=bindparam("now"), livekit_token=None, stop_retry_at=None)
+    .returning(
+        _SESSIONS.c.id,
+        _SESSIONS.c.request_id,
+        _SESSIONS.c.vendor_session_id,
+        _SESSIONS.c.end_reason,
+        _SESSIONS.c.expires_at,
+        _SESSIONS.c.traceparent,
+    )
+)
+
+
+def finish_stops(db: Database, outcomes: dict[uuid.UUID, str]) -> set[uuid.UUID]:
+    """``stopping`` → ``ended`` for the rows whose vendor stop was confirmed (or that the vendor
+    said were already gone): ``outcomes`` maps row id → vendor outcome. One transaction for a
+    whole sweep batch; returns the ids that were still ``stopping`` (now ``ended``).
+
+    ``_finish`` for the common case as Core statements: a ``stopping`` row came from
+    ``active``, whose start already cleared the payload's secrets.
+    """
+    if not outcomes:
+        return set()
+    with db.transaction() as session:
+        ended = (
+            session.connection()
+            .execute(_FINISH_STOPPED, {"ids": list(outcomes), "now": utcnow()})
+            .all()
+        )
+        entries = [
+            events.Entry(
+                r.id,
+                r.vendor_session_id,
+                {"end_reason": r.end_reason, "error_code": None, "vendor_outcome": outcomes[r.id]},
+            )
+            for r in ended
+        ]
+        events.log_now(session, EventKind.ENDED, entries)
+        updates = [
+            events.Update(
+                S.ENDED.value,
+                r.request_id,
+                r.vendor_session_id,
+                r.expires_at,
+                r.traceparent,
+                {"end_reason": r.end_reason},
+            )
+            for r in ended
+        ]
+        events.emit_now(session, updates)
+        if ended:
+            signal_after_commit(session, SLOT_FREED)
+    return {r.id for r in ended}
+
+
 def finish_stop(db: Database, session_id: uuid.UUID, *, outcome: str) -> bool:
     """``stopping`` → ``ended`` once the vendor confirmed (or said it was already gone)."""
-    with db.transaction() as session:
-        row = _lock_row(session, session_id)
-        if row is None or row.status != S.STOPPING:
-            return False
-        _finish(session, row, S.ENDED, vendor_outcome=outcome)
-        return True
+    return bool(finish_stops(db, {session_id: outcome}))
 
 
 def stop_failed(
@@ -511,21 +572,58 @@ def stop_failed(
         )
 
 
+_CLAIM_EXPIRED = (
+    _SESSIONS.update()
+    .where(
+        _SESSIONS.c.id.in_(
+            select(_SESSIONS.c.id)
+            .where(_SESSIONS.c.status == S.ACTIVE.value, _SESSIONS.c.expires_at <= bindparam("now"))
+            .order_by(_SESSIONS.c.expires_at)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+        )
+    )
+    .values(
+        status=S.STOPPING.value,
+        end_reason="MAX_DURATION_REACHED",
+        stop_requested_at=func.coalesce(_SESSIONS.c.stop_requested_at, bindparam("now")),
+        stop_retry_at=bindparam("retry_at"),
+    )
+    .returning(
+        _SESSIONS.c.id,
+        _SESSIONS.c.request_id,
+        _SESSIONS.c.vendor_session_id,
+        _SESSIONS.c.traceparent,
+        _SESSIONS.c.expires_at,
+    )
+)
+
+
 def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTicket]:
     """The reaper's claim: expired ``active`` rows → ``stopping`` (MAX_DURATION_REACHED), plus
-    ``stopping`` rows whose last attempt is due again. SKIP LOCKED lets sweeps run side by side."""
+    ``stopping`` rows whose last attempt is due again. SKIP LOCKED lets sweeps run side by side.
+
+    The expired rows are claimed by one UPDATE … RETURNING (a thousand sessions may expire
+    together); due retries are few and go through the ORM.
+    """
     now = utcnow()
-    tickets: list[StopTicket] = []
+    retry_at = now + timedelta(seconds=retry_in)
     with db.transaction() as session:
-        expired: Sequence[SessionRow] = session.scalars(
-            select(SessionRow)
-            .where(SessionRow.status == S.ACTIVE.value, SessionRow.expires_at <= now)
-            .order_by(SessionRow.expires_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
-        tickets.extend(
-            _to_stopping(session, row, "MAX_DURATION_REACHED", retry_in) for row in expired
+        expired = sorted(
+            session.connection()
+            .execute(_CLAIM_EXPIRED, {"now": now, "limit": limit, "retry_at": retry_at})
+            .all(),
+            key=lambda r: r.expires_at,
+        )
+        reason = "MAX_DURATION_REACHED"
+        tickets = [
+            StopTicket(r.id, r.request_id, r.vendor_session_id, reason, r.traceparent, r.expires_at)
+            for r in expired
+        ]
+        events.log_now(
+            session,
+            EventKind.STOP_REQUESTED,
+            [events.Entry(r.id, r.vendor_session_id, {"reason": reason}) for r in expired],
         )
         due: Sequence[SessionRow] = session.scalars(
             select(SessionRow)
@@ -536,7 +634,7 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
         ).all()
         for row in due:
             assert row.vendor_session_id is not None
-            row.stop_retry_at = now + timedelta(seconds=retry_in)
+            row.stop_retry_at = retry_at
             tickets.append(
                 StopTicket(
                     row.id,
@@ -548,6 +646,22 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
                 )
             )
     return tickets
+
+
+def expiries_before(db: Database, until: datetime, *, limit: int = 10_000) -> list[datetime]:
+    """``expires_at`` of the ``active`` rows that expire from now until ``until``."""
+    with db.transaction() as session:
+        found = session.scalars(
+            select(SessionRow.expires_at)
+            .where(
+                SessionRow.status == S.ACTIVE.value,
+                SessionRow.expires_at > utcnow(),
+                SessionRow.expires_at <= until,
+            )
+            .order_by(SessionRow.expires_at)
+            .limit(limit)
+        ).all()
+    return [e for e in found if e is not None]
 
 
 @dataclass(frozen=True)
