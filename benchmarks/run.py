@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
         modules = [m for m in modules if m.NAME in wanted]
-    out = args.out or ("partial" if args.only or args.quick else "latest")
+    out = args.out or ("partial" if (args.only or args.quick) and not args.merge else "latest")
 
     stale = sweep_stale()
     if stale:
