@@ -227,6 +227,8 @@ def test_stop_requested_while_starting_is_honoured_once_the_session_has_an_id(
     assert (r.status, r.end_reason) == ("ended", "USER_CLOSED")
     (vendor,) = simulator.sessions()
     assert (vendor["status"], vendor["end_reason"]) == ("ended", "USER_CLOSED")
+    kinds = event_kinds(lifecycle.db, "r-1")
+    assert kinds[-3:] == ["active", "stop_requested", "ended"], kinds
 
 
 def test_reaper_ends_expired_sessions_at_the_vendor(

@@ -89,6 +89,31 @@ def emit(session: Session, row: SessionRow) -> None:
     signal_after_commit(session, EVENTS_PENDING)
 
 
+def active_body(
+    event_id: uuid.UUID,
+    occurred_at: datetime,
+    *,
+    request_id: str,
+    vendor_session_id: str,
+    expires_at: datetime,
+    livekit_url: str,
+    livekit_room: str,
+    livekit_token: str,
+) -> dict[str, Any]:
+    """The ``session.active`` body, for a statement that writes its outbox row itself."""
+    return _body(
+        event_id,
+        occurred_at,
+        status="active",
+        request_id=request_id,
+        vendor_session_id=vendor_session_id,
+        expires_at=expires_at,
+        livekit_url=livekit_url,
+        livekit_room=livekit_room,
+        livekit_token=livekit_token,
+    )
+
+
 @dataclass(frozen=True)
 class Update:
     """A status change made by a Core statement (the hot paths), as its event needs it."""

@@ -336,9 +336,116 @@ def record_started(
     """Store the vendor's answer. Returns False if the row no longer wants this session (the
     caller must stop it: compensation), a StopTicket if a stop was requested meanwhile, else None.
 
-    The hot path of every start, so Core statements: one conditional UPDATE (the guard), the
-    ``active`` event and the outbox row — no row load, no ORM flush.
+    The hot path of every start: on Postgres one autocommitted statement (the conditional
+    UPDATE that guards the transition, the ``active`` event, the outbox row, and the move to
+    ``stopping`` if a stop was requested meanwhile), so no transaction waits on this process.
     """
+    if not db.is_postgres:
+        return _record_started(db, ticket, start)
+    now = utcnow()
+    event_id = uuid.uuid4()
+    body = events.active_body(
+        event_id,
+        now,
+        request_id=ticket.request_id,
+        vendor_session_id=start.vendor_session_id,
+        expires_at=start.expires_at,
+        livekit_url=start.livekit_url,
+        livekit_room=start.livekit_room,
+        livekit_token=start.livekit_token,
+    )
+    with db.autocommit() as connection:
+        marked = connection.execute(
+            _RECORD_STARTED_POSTGRES,
+            {
+                "id": ticket.session_id,
+                "vendor_session_id": start.vendor_session_id,
+                "voice_id": start.voice_id,
+                "livekit_url": start.livekit_url,
+                "livekit_room": start.livekit_room,
+                "livekit_token": start.livekit_token,
+                "livekit_token_expires_at": start.livekit_token_expires_at,
+                "granted_minutes": start.granted_minutes,
+                "max_session_numbers": start.max_session_numbers,
+                "now": now,
+                "expires_at": start.expires_at,
+                "request_payload": without_secrets(ticket.payload),
+                "stop_retry_at": now + timedelta(seconds=STOP_RETRY_AFTER_START_SECONDS),
+                "event_id": event_id,
+                "body": body,
+                "traceparent": ticket.traceparent,
+            },
+        ).one_or_none()
+    if marked is None:
+        return False
+    db.signal(events.EVENTS_PENDING)
+    if marked.status != S.STOPPING:
+        return None
+    return StopTicket(
+        ticket.session_id,
+        ticket.request_id,
+        start.vendor_session_id,
+        marked.end_reason,
+        ticket.traceparent,
+        start.expires_at,
+    )
+
+
+STOP_RETRY_AFTER_START_SECONDS = 30.0
+_RECORD_STARTED_POSTGRES = text(
+    """
+WITH marked AS (
+    UPDATE sessions SET
+        status = CASE WHEN stop_requested_at IS NULL THEN 'active' ELSE 'stopping' END,
+        end_reason = CASE WHEN stop_requested_at IS NULL THEN end_reason
+                          ELSE coalesce(end_reason, 'USER_CLOSED') END,
+        stop_retry_at = CASE WHEN stop_requested_at IS NULL THEN NULL
+                             ELSE :stop_retry_at END,
+        vendor_session_id = :vendor_session_id,
+        voice_id = :voice_id,
+        livekit_url = :livekit_url,
+        livekit_room = :livekit_room,
+        livekit_token = :livekit_token,
+        livekit_token_expires_at = :livekit_token_expires_at,
+        granted_max_duration_minutes = :granted_minutes,
+        max_session_numbers = :max_session_numbers,
+        started_at = :now,
+        expires_at = :expires_at,
+        request_payload = :request_payload
+    WHERE id = :id AND status = 'starting' AND vendor_session_id IS NULL
+    RETURNING id, attempts, status, end_reason
+),
+logged AS (
+    INSERT INTO session_events (session_id, vendor_session_id, occurred_at, kind, detail)
+    SELECT id, :vendor_session_id, :now, kind, detail FROM (
+        SELECT 1 AS n, id, 'active' AS kind, jsonb_build_object('attempt', attempts) AS detail
+          FROM marked
+        UNION ALL
+        SELECT 2, id, 'stop_requested', jsonb_build_object('reason', end_reason)
+          FROM marked WHERE status = 'stopping'
+    ) AS e ORDER BY n
+),
+queued AS (
+    INSERT INTO event_outbox (event_id, routing_key, body, traceparent, created_at)
+    SELECT :event_id, 'session.active', :body, :traceparent, :now FROM marked
+)
+SELECT status, end_reason FROM marked
+"""
+).bindparams(
+    bindparam("livekit_token_expires_at", type_=UTCDateTime()),
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("expires_at", type_=UTCDateTime()),
+    bindparam("stop_retry_at", type_=UTCDateTime()),
+    bindparam("request_payload", type_=JSONDocument),
+    bindparam("body", type_=JSONDocument),
+)
+
+
+def _record_started(
+    db: Database, ticket: StartTicket, start: VendorStart
+) -> StopTicket | bool | None:
+    """``record_started`` for SQLite: the same steps as ``_RECORD_STARTED_POSTGRES``, as
+    separate statements in one transaction."""
     with db.transaction() as session:
         marked = (
             session.connection()
