@@ -35,6 +35,7 @@ from benchmarks.common import (
 from benchmarks.harness import (
     BenchContext,
     Simulator,
+    cpu_busy_fraction,
     cpu_seconds,
     log,
     orchestrator_env,
@@ -145,7 +146,9 @@ def _measure_config(
         time.sleep(warm)
         cpu0 = sum(cpu_seconds(w.pid) for w in workers)
         waits = PgWaitSampler(database_url)
+        busy = cpu_busy_fraction()
         time.sleep(window)
+        machine_busy = busy()
         pg_waits = waits.stop()
         cpu = sum(cpu_seconds(w.pid) for w in workers) - cpu0
         sampler.stop()
@@ -176,6 +179,7 @@ def _measure_config(
         "failed_rows": len(failed),
         "vendor_statuses": vendor["statuses"],
         "worker_cpu_percent": round(100 * cpu / window, 1),
+        "machine_cpu_busy": round(machine_busy, 3),
         "worker_peak_rss_mib": round(sum(w.peak_rss for w in workers) / 2**20, 1),
         "in_flight_series": sampler.samples,
         "postgres_waits": pg_waits,
@@ -295,6 +299,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             r["peak_in_flight"],
             r["mean_in_flight"],
             r["worker_cpu_percent"],
+            r.get("machine_cpu_busy"),
             r["worker_peak_rss_mib"],
             r["failed_rows"],
         ]
@@ -306,6 +311,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             bare["rate_per_s"],
             256,
             round(bare["rate_per_s"] / 256, 3),
+            "",
             "",
             "",
             "",
@@ -322,6 +328,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             c["peak_in_flight"],
             "",
             f"{c['cpu_ms_per_call']} ms CPU/call",
+            "",
             "",
             "",
         ]
@@ -347,6 +354,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                     "peak in flight",
                     "mean in flight",
                     "worker CPU %",
+                    "machine CPU busy",
                     "RSS MiB",
                     "failed",
                 ],

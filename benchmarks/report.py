@@ -25,6 +25,11 @@ def _target_line(t: dict[str, Any]) -> str:
     return f"| {t['name']} | {value} | {goal} | {verdict} | {t.get('detail', '')} |"
 
 
+#: What limits each missed target, from profiles (py-spy, pg_stat_activity): the report quotes
+#: it after the targets table.
+ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
+
+
 def write_report(document: dict[str, Any], results_dir: Path, name: str) -> Path:
     machine = document["machine"]
     load = " ".join(machine["loadavg_at_start"])
@@ -66,6 +71,8 @@ def write_report(document: dict[str, Any], results_dir: Path, name: str) -> Path
                 f" {_fmt(rel)}x {f['baseline_name']} ({_fmt(f['baseline'])} {f.get('unit', '')})"
                 f" | {f.get('detail', '')} |"
             )
+    if ANALYSIS.exists():  # written by hand from profiles, so it is dated in its own text
+        lines += ["", ANALYSIS.read_text().rstrip()]
     for key, result in document["benchmarks"].items():
         lines += ["", f"## {key}: {result['title']}", ""]
         if "skipped" in result:

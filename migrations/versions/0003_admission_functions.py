@@ -13,6 +13,13 @@ from dozens of busy threads: the lock, not the work, limited starts to ~40/s (be
 pg_stat_activity showed 16 backends waiting on it). ``orchestrator_claim`` runs in autocommit
 as one statement, so the lock is held only while the server runs it.
 
+The claim commits asynchronously (``synchronous_commit`` off for its transaction alone): why
+that loses nothing is written beside it.
+
+The counts run under the lock, so they stop early: live sessions are counted up to the cap
+(whether one more fits is all that matters) and waiting requests up to one (does anyone
+wait?). A count of every live row cost 5 ms with 5,000 live rows (benchmarks P4).
+
 It is VOLATILE PL/pgSQL on purpose: each statement inside takes a fresh snapshot, so the counts
 read after the lock include every claim committed before it (a CTE would read a snapshot taken
 before the lock was granted).
@@ -31,16 +38,19 @@ ADMISSION_STATE = """
 CREATE FUNCTION orchestrator_admission_state(
     configured_cap integer, OUT cap integer, OUT live integer, OUT waiting integer
 ) LANGUAGE sql VOLATILE AS $$
-    SELECT least(
-               configured_cap,
-               coalesce(nullif((SELECT max_session_numbers FROM sessions
-                                 WHERE max_session_numbers IS NOT NULL
-                                   AND started_at IS NOT NULL
-                                 ORDER BY started_at DESC LIMIT 1), 0),
-                        configured_cap)),
-           (SELECT count(*) FROM sessions
-             WHERE status IN ('starting', 'active', 'stopping'))::integer,
-           (SELECT count(*) FROM sessions WHERE status = 'waiting')::integer
+    SELECT c.cap,
+           (SELECT count(*) FROM (SELECT FROM sessions
+                                   WHERE status IN ('starting', 'active', 'stopping')
+                                   LIMIT c.cap) AS l)::integer,
+           (SELECT count(*) FROM (SELECT FROM sessions WHERE status = 'waiting' LIMIT 1)
+                                   AS w)::integer
+      FROM (SELECT least(
+                configured_cap,
+                coalesce(nullif((SELECT max_session_numbers FROM sessions
+                                  WHERE max_session_numbers IS NOT NULL
+                                    AND started_at IS NOT NULL
+                                  ORDER BY started_at DESC LIMIT 1), 0),
+                         configured_cap)) AS cap) AS c
 $$
 """
 
@@ -55,6 +65,12 @@ CREATE FUNCTION orchestrator_claim(
 DECLARE
     starting boolean;
 BEGIN
+    -- Commit without waiting for the WAL flush: the lock is released at commit, so the flush
+    -- would serialise every claim behind the disk. Safe: nothing outside the database acts on
+    -- a claim before a later synchronous commit that covers it (WAL is flushed in order), and
+    -- a claim lost in a crash is claimed again from its unacknowledged message; a vendor
+    -- session started meanwhile is stopped (compensation, or the reconciler's orphan sweep).
+    PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock(6182161);  -- store.ADMISSION_LOCK_KEY, 0x5E5511
     SELECT a.cap, a.live, a.waiting INTO cap, live, waiting
       FROM orchestrator_admission_state(p_configured_cap) AS a;

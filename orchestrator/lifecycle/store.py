@@ -868,6 +868,9 @@ def log_orphan_stop(
 
 @dataclass(frozen=True)
 class AdmissionState:
+    """What one admission decision needs; the counts stop early because they run under the
+    global lock: ``live`` is counted up to ``cap``, ``waiting`` up to 1 (does anyone wait?)."""
+
     cap: int
     live: int
     waiting: int
@@ -888,18 +891,23 @@ def _admission_state(session: Session, db: Database, configured_cap: int) -> Adm
         found = session.execute(_ADMISSION_STATE_POSTGRES, {"cap": configured_cap}).one()
         return AdmissionState(found.cap, found.live, found.waiting)
     # SQLite: the transaction began with BEGIN IMMEDIATE, the one write lock.
-    vendor_cap, live, waiting = session.execute(
-        select(
-            select(SessionRow.max_session_numbers)
-            .where(SessionRow.max_session_numbers.is_not(None), SessionRow.started_at.is_not(None))
-            .order_by(SessionRow.started_at.desc())
-            .limit(1)
-            .scalar_subquery(),
-            select(func.count()).where(SessionRow.status.in_(LIVE_VALUES)).scalar_subquery(),
-            select(func.count()).where(SessionRow.status == S.WAITING.value).scalar_subquery(),
-        )
-    ).one()
+    vendor_cap = session.scalar(
+        select(SessionRow.max_session_numbers)
+        .where(SessionRow.max_session_numbers.is_not(None), SessionRow.started_at.is_not(None))
+        .order_by(SessionRow.started_at.desc())
+        .limit(1)
+    )
     cap = min(configured_cap, vendor_cap) if vendor_cap else configured_cap
+    live = session.scalar(
+        select(func.count()).select_from(
+            select(SessionRow.id).where(SessionRow.status.in_(LIVE_VALUES)).limit(cap).subquery()
+        )
+    )
+    waiting = session.scalar(
+        select(func.count()).select_from(
+            select(SessionRow.id).where(SessionRow.status == S.WAITING.value).limit(1).subquery()
+        )
+    )
     return AdmissionState(cap, live or 0, waiting or 0)
 
 
