@@ -1048,3 +1048,33 @@ def test_refused_connection_is_certain_unreachable(sleeps: Sleeps) -> None:
     assert info.value.endpoint == f"POST {TOKEN}"  # the token call never got through
     assert info.value.uncertain_attempts == 0
     assert len(sleeps) == 3
+
+
+def test_no_retry_starts_that_could_not_end_before_the_deadline() -> None:
+    """Waits 1, 2, 4 s (no jitter), attempts of up to 1 s, deadline at 5 s: the third retry
+    would end at 3 + 4 + 1 = 8 s, so the call gives up after three attempts."""
+    from orchestrator.deepbrain.errors import VendorServerError
+    from orchestrator.deepbrain.retry import call_with_retry
+
+    now = [0.0]
+    calls: list[float] = []
+
+    def attempt() -> None:
+        calls.append(now[0])
+        raise VendorServerError("POST /x", "down", http_status=503)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(VendorServerError) as raised:
+        call_with_retry(
+            attempt,
+            policy=RetryPolicy(max_attempts=10, base_delay=1.0, max_delay=60, jitter="none"),
+            sleep=sleep,
+            endpoint="POST /x",
+            deadline=5.0,
+            attempt_seconds=1.0,
+            clock=lambda: now[0],
+        )
+    assert calls == [0.0, 1.0, 3.0]
+    assert raised.value.attempts == 3

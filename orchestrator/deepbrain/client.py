@@ -195,14 +195,17 @@ class DeepBrainClient:
 
     # -- public calls --------------------------------------------------------------------
 
-    def start_session(self, body: Mapping[str, Any]) -> StartedSession:
+    def start_session(
+        self, body: Mapping[str, Any], *, deadline: float | None = None
+    ) -> StartedSession:
         """``POST /api/v2/sessions/start`` with ``body`` sent as JSON as given.
 
         Retries connect failures and 429 freely; retries 5xx, read timeouts and dropped
         connections too but logs a WARNING for each (the vendor may have created a session
         the reconciler will stop) and counts them in ``uncertain_attempts``. A 401 fetches a
         new token and resends once; a second 401 raises :class:`VendorAuthError`. Any error
-        raised carries ``attempts`` and ``uncertain_attempts``.
+        raised carries ``attempts`` and ``uncertain_attempts``. With ``deadline`` (a
+        ``time.monotonic()`` reading) no attempt starts that could not end before it.
         """
         endpoint = f"POST {START_PATH}"
         payload = dict(body)
@@ -213,6 +216,8 @@ class DeepBrainClient:
                 policy=self._retry,
                 sleep=self._sleep,
                 endpoint=endpoint,
+                deadline=deadline,
+                attempt_seconds=self._timeout_seconds,
             )
         except DeepBrainError as exc:
             exc.attempts = state.sent

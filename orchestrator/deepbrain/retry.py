@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -71,10 +72,15 @@ def call_with_retry(
     policy: RetryPolicy,
     sleep: Callable[[float], None],
     endpoint: str,
+    deadline: float | None = None,
+    attempt_seconds: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Run ``attempt`` until it returns, retrying retryable :class:`DeepBrainError` failures.
 
-    The error finally raised has ``attempts`` set to the number of attempts made.
+    With ``deadline`` (a ``clock`` reading), no retry starts that could not end before it:
+    the wait plus ``attempt_seconds`` (one attempt's worst case) must fit. The error finally
+    raised has ``attempts`` set to the number of attempts made.
     """
     number = 0
     while True:
@@ -92,6 +98,16 @@ def call_with_retry(
                     endpoint,
                     exc.retry_after_seconds,
                     policy.max_retry_after,
+                    exc.error_code,
+                    extra=_log_fields(exc, number, None),
+                )
+                raise
+            if deadline is not None and clock() + delay + attempt_seconds > deadline:
+                logger.warning(
+                    "deepbrain %s: giving up after attempt %d, another could not finish before"
+                    " the deadline (%s)",
+                    endpoint,
+                    number,
                     exc.error_code,
                     extra=_log_fields(exc, number, None),
                 )

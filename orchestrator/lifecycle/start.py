@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from orchestrator.lifecycle.stop import compensate, execute_stop
 
 logger = logging.getLogger(__name__)
 MAX_CAPACITY_BOUNCES = 5
+START_DEADLINE_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def _call_vendor(
     """The vendor start, with no transaction open; a refusal is recorded and returned."""
     try:
         with metrics.vendor_call("start"):
-            return lc.vendor.start_session(request.vendor_body())
+            return lc.vendor.start_session(request.vendor_body(), deadline=_start_deadline(lc))
     except (VendorForbidden, VendorConflict) as error:
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
@@ -178,6 +180,13 @@ def _call_vendor(
         lc.db, ticket.session_id, error_code=code, error_message=failure.vendor_message
     )
     return StartOutcome(ticket.request_id, "failed", code)
+
+
+def _start_deadline(lc: Lifecycle) -> float:
+    """Give up retrying in time for the reconciler: past ``START_TIMEOUT_SECONDS`` from now it
+    fails a row still ``starting``, and a start that then succeeds would be stopped again."""
+    timeout = lc.settings.start_timeout_seconds
+    return time.monotonic() + timeout - min(START_DEADLINE_MARGIN_SECONDS, timeout / 4)
 
 
 def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) -> StartOutcome:

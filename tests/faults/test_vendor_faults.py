@@ -138,6 +138,19 @@ def test_5xx_is_retried_a_bounded_number_of_times_then_fails_with_the_vendor_cod
     assert row.livekit_token is None and simulator.sessions() == []
 
 
+def test_start_retries_stop_in_time_for_the_start_timeout(
+    lc_for: Callable[..., Lifecycle], simulator: SimulatorServer
+) -> None:
+    """Four attempts with backoff take longer than a 1 s START_TIMEOUT: the worker stops
+    retrying before the reconciler would fail the row, and fails it with the vendor's code."""
+    simulator.push_fault({"endpoint": "start", "status": 503, "code": 5000, "count": 10})
+    lc = lc_for(start_timeout_seconds=1.0, vendor_timeout_seconds=0.5)
+    row, took = start(lc, "deadline")
+    assert (row.status, row.error_code) == ("failed", "VENDOR_5000")
+    assert 1 <= sum(start_statuses(simulator).values()) < MAX_ATTEMPTS
+    assert took < 1.0
+
+
 def test_timeouts_are_bounded_and_the_sessions_they_made_are_stopped(
     lc_for: Callable[..., Lifecycle], simulator: SimulatorServer
 ) -> None:
