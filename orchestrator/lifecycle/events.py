@@ -26,7 +26,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def event_body(row: SessionRow, event_id: uuid.UUID, occurred_at: datetime) -> dict[str, Any]:
-    return _body(
+    return body_for(
         event_id,
         occurred_at,
         status=row.status,
@@ -42,7 +42,7 @@ def event_body(row: SessionRow, event_id: uuid.UUID, occurred_at: datetime) -> d
     )
 
 
-def _body(
+def body_for(
     event_id: uuid.UUID,
     occurred_at: datetime,
     *,
@@ -89,31 +89,6 @@ def emit(session: Session, row: SessionRow) -> None:
     signal_after_commit(session, EVENTS_PENDING)
 
 
-def active_body(
-    event_id: uuid.UUID,
-    occurred_at: datetime,
-    *,
-    request_id: str,
-    vendor_session_id: str,
-    expires_at: datetime,
-    livekit_url: str,
-    livekit_room: str,
-    livekit_token: str,
-) -> dict[str, Any]:
-    """The ``session.active`` body, for a statement that writes its outbox row itself."""
-    return _body(
-        event_id,
-        occurred_at,
-        status="active",
-        request_id=request_id,
-        vendor_session_id=vendor_session_id,
-        expires_at=expires_at,
-        livekit_url=livekit_url,
-        livekit_room=livekit_room,
-        livekit_token=livekit_token,
-    )
-
-
 @dataclass(frozen=True)
 class Update:
     """A status change made by a Core statement (the hot paths), as its event needs it."""
@@ -123,7 +98,7 @@ class Update:
     vendor_session_id: str | None
     expires_at: datetime | None
     traceparent: str | None
-    fields: dict[str, Any] = field(default_factory=dict)  # _body's optional keywords
+    fields: dict[str, Any] = field(default_factory=dict)  # body_for's optional keywords
 
 
 def emit_now(session: Session, updates: Sequence[Update]) -> None:
@@ -135,7 +110,7 @@ def emit_now(session: Session, updates: Sequence[Update]) -> None:
     values = []
     for update in updates:
         event_id = uuid.uuid4()
-        body = _body(
+        body = body_for(
             event_id,
             now,
             status=update.status,

@@ -344,9 +344,10 @@ def record_started(
         return _record_started(db, ticket, start)
     now = utcnow()
     event_id = uuid.uuid4()
-    body = events.active_body(
+    body = events.body_for(
         event_id,
         now,
+        status=S.ACTIVE.value,
         request_id=ticket.request_id,
         vendor_session_id=start.vendor_session_id,
         expires_at=start.expires_at,
