@@ -218,7 +218,12 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -226,5 +231,5 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
+            pytest.fail(f"{what}: not met within {timeout} s")
         time.sleep(interval)

@@ -235,15 +235,6 @@ def event_counts(db: Database, kinds: tuple[str, ...]) -> dict[tuple[str, str], 
     return counts
 
 
-def events_of(db: Database, kind: str) -> list[dict[str, Any]]:
-    with db.transaction() as session:
-        found = session.scalars(select(SessionEvent).where(SessionEvent.kind == kind)).all()
-        return [
-            {"session_id": e.session_id, "vendor_session_id": e.vendor_session_id, **e.detail}
-            for e in found
-        ]
-
-
 def statuses(db: Database, request_ids: list[str]) -> dict[str, str | None]:
     found = rows_by_request(db)
     return {rid: (found[rid].status if rid in found else None) for rid in request_ids}
@@ -358,14 +349,3 @@ def table_dump(db: Database, table: str, exclude: tuple[str, ...] = ()) -> str:
     return "\n".join(
         json.dumps({k: v for k, v in r.items() if k not in exclude}, default=str) for r in found
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(interval)

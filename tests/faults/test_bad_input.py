@@ -27,11 +27,11 @@ from tests.amqp import publish_raw, purge_work_queues, raw_body
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess
 from tests.faults.conftest import (
     dead_letter_ids,
-    events_of,
     queue_depths,
     rows_by_request,
     take_dead_letters,
 )
+from tests.helpers import events
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.postgres, pytest.mark.worker]
 
@@ -371,7 +371,7 @@ def corpus_run(
             rows=rows_by_request(db),
             dead_ids=dead_letter_ids(dead),
             good_ids=good_ids,
-            conflicts=events_of(db, "duplicate_conflict"),
+            conflicts=events(db, "duplicate_conflict"),
             vendor_sessions=simulator_server.sessions(),
             worker_alive=worker.process.poll() is None,
             worker_log=worker.log(),

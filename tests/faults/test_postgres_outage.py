@@ -25,12 +25,12 @@ from tests.faults.conftest import (
     assert_live_vendor_sessions_have_live_rows,
     assert_rows_are_final_and_explained,
     event_counts,
-    events_of,
     via_proxy,
     wait_no_unowned_vendor_sessions,
     wait_settled,
 )
 from tests.faults.tcp_proxy import TcpProxy
+from tests.helpers import events
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.postgres, pytest.mark.worker]
 
@@ -86,10 +86,10 @@ def test_database_outage_during_a_stream_of_starts(
     assert worker.process.poll() is None, worker.log()[-3000:]
     assert after.status == "active"
     assert_rows_are_final_and_explained(final, request_ids)
-    events = event_counts(db, ("active", "ended", "failed"))
+    counts = event_counts(db, ("active", "ended", "failed"))
     for rid in request_ids:
-        assert events.get((rid, "active"), 0) <= 1, rid
-        assert events.get((rid, "ended"), 0) + events.get((rid, "failed"), 0) <= 1, rid
+        assert counts.get((rid, "active"), 0) <= 1, rid
+        assert counts.get((rid, "ended"), 0) + counts.get((rid, "failed"), 0) <= 1, rid
     for s in audit.unowned:
         assert s["status"] == "ended" and s["end_reason"] in ("ERROR", "ZOMBIE_SESSION_REAP"), s
     assert audit.longest_unowned_life() <= ORPHAN_BOUND_SECONDS, audit.unowned
@@ -98,8 +98,8 @@ def test_database_outage_during_a_stream_of_starts(
     assert "database unavailable" in log, "the outage must have hit at least one start"
 
     compensated = log.count("stopped vendor session of request")
-    recorded = len(events_of(db, "compensated"))
-    orphans = len(events_of(db, "orphan_stopped"))
+    recorded = len(events(db, "compensated"))
+    orphans = len(events(db, "orphan_stopped"))
     print(
         f"\npostgres outage: {cut} + {dropped_again} connections cut; final "
         f"{dict(Counter(r.status for r in final.values()))}; {log.count('database unavailable')} "

@@ -22,7 +22,7 @@ from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
-from tests.conftest import WorkerProcess
+from tests.conftest import WorkerProcess, wait_until
 from tests.faults.conftest import (
     ORPHAN_BOUND_SECONDS,
     RECONCILE_INTERVAL_SECONDS,
@@ -30,7 +30,6 @@ from tests.faults.conftest import (
     assert_rows_are_final_and_explained,
     event_counts,
     rows_by_request,
-    wait_for,
     wait_no_unowned_vendor_sessions,
     wait_settled,
 )
@@ -89,24 +88,24 @@ def test_sigkill_during_starts_loses_nothing_and_leaves_nothing_billing(
                 time.sleep(rng.uniform(0, 0.1))
             trigger = TRIGGERS[round_no % len(TRIGGERS)]
             if trigger == TRIGGERS[1]:
-                wait_for(
+                wait_until(
                     lambda batch=batch: any(
                         r.status == "starting" and r.attempts > 0
                         for r in rows_by_request(db, batch).values()
                     ),
-                    10,
-                    "a start inside the vendor call",
+                    timeout=10,
                     interval=0.05,
+                    what="a start inside the vendor call",
                 )
                 time.sleep(rng.uniform(0, VENDOR_START_LATENCY / 2))
             elif trigger == TRIGGERS[2]:
-                wait_for(
+                wait_until(
                     lambda batch=batch: any(
                         r.status == "active" for r in rows_by_request(db, batch).values()
                     ),
-                    10,
-                    "a recorded start",
+                    timeout=10,
                     interval=0.05,
+                    what="a recorded start",
                 )
             victim.kill()
             killed_at = time.monotonic()
