@@ -97,7 +97,7 @@ def finish_confirmed(
     )
     finished = [ticket for ticket in confirmed if ticket.session_id in ended]
     for ticket in finished:
-        if ticket.reason == "MAX_DURATION_REACHED":
+        if ticket.reason == store.MAX_DURATION_REACHED:
             metrics.record_reaper_lag(ticket.expires_at)
     return finished
 

@@ -23,6 +23,7 @@ from orchestrator.lifecycle.requests import storable, without_secrets
 
 S = SessionStatus
 SLOT_FREED = "slot_freed"
+MAX_DURATION_REACHED = "MAX_DURATION_REACHED"  # the reaper's end_reason (vendor vocabulary)
 ADMISSION_LOCK_KEY = 0x5E5511  # pg_advisory_xact_lock: one admission decision at a time
 LIVE_VALUES = [s.value for s in LIVE_STATUSES]
 
@@ -305,29 +306,6 @@ class VendorStart:
 
 
 _SESSIONS: Table = SessionRow.__table__  # type: ignore[assignment]
-_MARK_ACTIVE = (
-    _SESSIONS.update()
-    .where(
-        _SESSIONS.c.id == bindparam("b_id"),
-        _SESSIONS.c.status == S.STARTING.value,
-        _SESSIONS.c.vendor_session_id.is_(None),
-    )
-    .values(
-        status=S.ACTIVE.value,
-        vendor_session_id=bindparam("b_vendor_session_id"),
-        voice_id=bindparam("b_voice_id"),
-        livekit_url=bindparam("b_livekit_url"),
-        livekit_room=bindparam("b_livekit_room"),
-        livekit_token=bindparam("b_livekit_token"),
-        livekit_token_expires_at=bindparam("b_livekit_token_expires_at"),
-        granted_max_duration_minutes=bindparam("b_granted_minutes"),
-        max_session_numbers=bindparam("b_max_session_numbers"),
-        started_at=bindparam("b_started_at"),
-        expires_at=bindparam("b_expires_at"),
-        request_payload=bindparam("b_request_payload"),
-    )
-    .returning(_SESSIONS.c.attempts, _SESSIONS.c.stop_requested_at)
-)
 
 
 def record_started(
@@ -445,60 +423,31 @@ SELECT status, end_reason FROM marked
 def _record_started(
     db: Database, ticket: StartTicket, start: VendorStart
 ) -> StopTicket | bool | None:
-    """``record_started`` for SQLite: the same steps as ``_RECORD_STARTED_POSTGRES``, as
-    separate statements in one transaction."""
+    """``record_started`` for SQLite (the demo): the same steps as
+    ``_RECORD_STARTED_POSTGRES``, through the ORM in one transaction."""
     with db.transaction() as session:
-        marked = (
-            session.connection()
-            .execute(
-                _MARK_ACTIVE,
-                {
-                    "b_id": ticket.session_id,
-                    "b_vendor_session_id": start.vendor_session_id,
-                    "b_voice_id": start.voice_id,
-                    "b_livekit_url": start.livekit_url,
-                    "b_livekit_room": start.livekit_room,
-                    "b_livekit_token": start.livekit_token,
-                    "b_livekit_token_expires_at": start.livekit_token_expires_at,
-                    "b_granted_minutes": start.granted_minutes,
-                    "b_max_session_numbers": start.max_session_numbers,
-                    "b_started_at": utcnow(),
-                    "b_expires_at": start.expires_at,
-                    "b_request_payload": without_secrets(ticket.payload),
-                },
-            )
-            .one_or_none()
-        )
-        if marked is None:
-            return False
-        events.log_now(
-            session,
-            EventKind.ACTIVE,
-            [
-                events.Entry(
-                    ticket.session_id, start.vendor_session_id, {"attempt": marked.attempts}
-                )
-            ],
-        )
-        fields = {
-            "livekit_url": start.livekit_url,
-            "livekit_room": start.livekit_room,
-            "livekit_token": start.livekit_token,
-        }
-        active = events.Update(
-            S.ACTIVE.value,
-            ticket.request_id,
-            start.vendor_session_id,
-            start.expires_at,
-            ticket.traceparent,
-            fields,
-        )
-        events.emit_now(session, [active])
-        if marked.stop_requested_at is None:
-            return None
         row = _lock_row(session, ticket.session_id)
-        assert row is not None  # locked by the UPDATE above
-        return _to_stopping(session, row, row.end_reason or "USER_CLOSED")
+        if row is None or row.status != S.STARTING or row.vendor_session_id is not None:
+            return False
+        row.status = S.ACTIVE.value
+        row.vendor_session_id = start.vendor_session_id
+        row.voice_id = start.voice_id
+        row.livekit_url = start.livekit_url
+        row.livekit_room = start.livekit_room
+        row.livekit_token = start.livekit_token
+        row.livekit_token_expires_at = start.livekit_token_expires_at
+        row.granted_max_duration_minutes = start.granted_minutes
+        row.max_session_numbers = start.max_session_numbers
+        row.started_at = utcnow()
+        row.expires_at = start.expires_at
+        row.request_payload = without_secrets(row.request_payload)
+        session.flush()
+        events.log(session, EventKind.ACTIVE, row=row, attempt=row.attempts)
+        events.emit(session, row)
+        if row.stop_requested_at is None:
+            return None
+        reason = row.end_reason or "USER_CLOSED"
+        return _to_stopping(session, row, reason, STOP_RETRY_AFTER_START_SECONDS)
 
 
 def record_failed(
@@ -659,11 +608,6 @@ def finish_stops(db: Database, outcomes: dict[uuid.UUID, str]) -> set[uuid.UUID]
     return {r.id for r in ended}
 
 
-def finish_stop(db: Database, session_id: uuid.UUID, *, outcome: str) -> bool:
-    """``stopping`` → ``ended`` once the vendor confirmed (or said it was already gone)."""
-    return bool(finish_stops(db, {session_id: outcome}))
-
-
 def stop_failed(
     db: Database, session_id: uuid.UUID, *, error: str, base_delay: float, max_delay: float
 ) -> None:
@@ -693,7 +637,7 @@ _CLAIM_EXPIRED = (
     )
     .values(
         status=S.STOPPING.value,
-        end_reason="MAX_DURATION_REACHED",
+        end_reason=MAX_DURATION_REACHED,
         stop_requested_at=func.coalesce(_SESSIONS.c.stop_requested_at, bindparam("now")),
         stop_retry_at=bindparam("retry_at"),
     )
@@ -723,7 +667,7 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
             .all(),
             key=lambda r: r.expires_at,
         )
-        reason = "MAX_DURATION_REACHED"
+        reason = MAX_DURATION_REACHED
         tickets = [
             StopTicket(r.id, r.request_id, r.vendor_session_id, reason, r.traceparent, r.expires_at)
             for r in expired
