@@ -65,8 +65,9 @@ class SessionTokenCache:
     def _expired(self, cached: _Cached) -> bool:
         return cached.expires_at is not None and cached.expires_at <= self._clock()
 
-    def get(self) -> str:
-        """A token fresh enough to use; fetches one (raising its error) when needed."""
+    def get(self, fetch: Callable[[], str] | None = None) -> str:
+        """A token fresh enough to use; fetches one (raising its error) when needed, with
+        ``fetch`` if given (a fetch bound to the caller's deadline)."""
         cached = self._cached
         if self._usable(cached):
             assert cached is not None
@@ -81,7 +82,7 @@ class SessionTokenCache:
                 or (self._generation != seen and not self._expired(cached))
             ):
                 return cached.token
-            token = self._fetch()
+            token = (fetch or self._fetch)()
             self._cached = _Cached(token, token_expiry(token))
             self._generation += 1
             return token

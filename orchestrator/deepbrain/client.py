@@ -1,12 +1,16 @@
 """Synchronous, thread-safe client for the DeepBrain AI Streamer API.
 
 One instance is shared by every thread of a worker: it owns one session-token cache and one
-``httpx.Client`` per calling thread (kept alive, at most ``max_connections`` of them). One
+``httpx.Client`` per calling thread (kept alive; closed once its thread has ended). One
 shared client serialises hundreds of threads on its pool's lock and burns CPU scanning its
 connections: measured here, 47 calls/s at 19 ms CPU each with 256 threads on one client,
-against 245 calls/s at 4 ms with a client per thread (benchmarks/, P2). Every request has a
-timeout (``timeout_seconds`` for connect, read, write and pool wait) and goes through the one
-retry loop of :mod:`orchestrator.deepbrain.retry`.
+against 245 calls/s at 4 ms with a client per thread (benchmarks/, P2). There is no cap on
+clients: the worker's pool bounds the threads, and any concurrency it accepts must work.
+
+Deadlines: every HTTP request ends within ``timeout_seconds`` in all (not per phase:
+:mod:`orchestrator.deepbrain.deadline`), and every call — retries, a token refresh and a 401's
+second try included — within the ``deadline`` its caller passes. Every call goes through the
+one retry loop of :mod:`orchestrator.deepbrain.retry`.
 
 Authentication: start uses ``Authorization: Bearer <session token>`` (fetched from the token
 endpoint, cached, refreshed when its JWT ``exp`` is within ``token_refresh_margin_seconds``, and
@@ -31,6 +35,7 @@ import certifi
 import httpx
 from pydantic import SecretStr
 
+from orchestrator.deepbrain import deadline as request_deadline
 from orchestrator.deepbrain.auth import SessionTokenCache
 from orchestrator.deepbrain.errors import (
     DeepBrainError,
@@ -96,8 +101,8 @@ class DeepBrainClient:
     """Client for token, start, stop, list and detail. Safe to share between threads.
 
     ``app_id``/``user_key`` may be ``str`` or ``SecretStr``; they are never shown by ``repr``,
-    logs or exceptions. ``transport`` replaces the HTTP transport (then ``max_connections`` is
-    the transport's business); ``sleep`` is called with each retry delay.
+    logs or exceptions. ``transport`` replaces the HTTP transport (tests; the total deadline
+    per request is then the transport's business); ``sleep`` is called with each retry delay.
     """
 
     def __init__(
@@ -108,15 +113,12 @@ class DeepBrainClient:
         *,
         timeout_seconds: float = 30.0,
         retry: RetryPolicy | None = None,
-        max_connections: int = 256,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         token_refresh_margin_seconds: float = 60.0,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError("DeepBrainClient: timeout_seconds must be positive")
-        if max_connections < 1:
-            raise ValueError("DeepBrainClient: max_connections must be at least 1")
         self._base_url = base_url.rstrip("/")
         self._app_id = _secret(app_id, "app_id")
         self._user_key = _secret(user_key, "user_key")
@@ -124,7 +126,6 @@ class DeepBrainClient:
         self._retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
         self._transport = transport
-        self._max_clients = max_connections
         self._ssl_context = ssl.create_default_context(cafile=certifi.where())
         self._local = threading.local()
         self._clients: list[tuple[threading.Thread, httpx.Client]] = []
@@ -145,23 +146,21 @@ class DeepBrainClient:
         """This thread's client (created on first use)."""
         client: httpx.Client | None = getattr(self._local, "client", None)
         if client is None:
+            limits = httpx.Limits(max_connections=2, max_keepalive_connections=1)
+            transport = self._transport or request_deadline.install(
+                httpx.HTTPTransport(verify=self._ssl_context, limits=limits)
+            )
             client = httpx.Client(
                 base_url=self._base_url,
                 timeout=httpx.Timeout(self._timeout_seconds),
-                limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
-                transport=self._transport,
+                limits=limits,
+                transport=transport,
                 verify=self._ssl_context,
                 headers={"Accept": "application/json", "User-Agent": "session-orchestrator"},
                 follow_redirects=False,
             )
             with self._clients_lock:
                 self._close_clients_of_finished_threads()
-                if len(self._clients) >= self._max_clients:
-                    client.close()
-                    raise RuntimeError(
-                        f"DeepBrainClient: more than {self._max_clients} threads calling"
-                        " (max_connections)"
-                    )
                 self._clients.append((threading.current_thread(), client))
             self._local.client = client
         return client
@@ -212,7 +211,7 @@ class DeepBrainClient:
         state = _StartState()
         try:
             started = call_with_retry(
-                lambda: self._start_once(payload, state, endpoint),
+                lambda: self._start_once(payload, state, endpoint, deadline),
                 policy=self._retry,
                 sleep=self._sleep,
                 endpoint=endpoint,
@@ -225,7 +224,9 @@ class DeepBrainClient:
             raise
         return replace(started, attempts=state.sent, uncertain_attempts=state.uncertain)
 
-    def stop_session(self, session_id: str, reason: str) -> StopOutcome:
+    def stop_session(
+        self, session_id: str, reason: str, *, deadline: float | None = None
+    ) -> StopOutcome:
         """``POST /api/v2/sessions/stop``. 409/4090 → ALREADY_ENDED, 404/4040 → NOT_FOUND.
 
         A 404 or 409 that does not carry the vendor's JSON envelope (a proxy or a wrong base
@@ -235,7 +236,11 @@ class DeepBrainClient:
         endpoint = f"POST {STOP_PATH}"
         try:
             self._call_with_key(
-                "POST", STOP_PATH, endpoint, json={"session_id": session_id, "reason": reason}
+                "POST",
+                STOP_PATH,
+                endpoint,
+                deadline,
+                json={"session_id": session_id, "reason": reason},
             )
         except VendorConflict as exc:
             if exc.code is None:
@@ -248,9 +253,17 @@ class DeepBrainClient:
         return StopOutcome.STOPPED
 
     def list_sessions(
-        self, kind: Literal["active", "historic"] = "active", page_size: int = 100
+        self,
+        kind: Literal["active", "historic"] = "active",
+        page_size: int = 100,
+        *,
+        deadline: float | None = None,
+        on_malformed: Callable[[str], None] | None = None,
     ) -> list[VendorSession]:
-        """``GET /api/v2/sessions``, every page (a session seen twice is kept once)."""
+        """``GET /api/v2/sessions``, every page (a session seen twice is kept once).
+
+        A row that is not a session (no id, not an object) raises, unless ``on_malformed`` is
+        given: it is then told why, and the row is skipped."""
         if kind not in ("active", "historic"):
             raise ValueError("list_sessions: kind must be 'active' or 'historic'")
         if not 1 <= page_size <= 100:
@@ -262,6 +275,7 @@ class DeepBrainClient:
                 "GET",
                 LIST_PATH,
                 endpoint,
+                deadline,
                 params={"page": page, "page_size": page_size, "type": kind},
             )
             results = data.get("results") if isinstance(data, Mapping) else None
@@ -270,18 +284,24 @@ class DeepBrainClient:
                     endpoint, f"unexpected reply shape: page {page} has no results"
                 )
             for row in results:
-                session = parse_vendor_session(row, endpoint)
+                try:
+                    session = parse_vendor_session(row, endpoint)
+                except DeepBrainError as error:
+                    if on_malformed is None:
+                        raise
+                    on_malformed(error.vendor_message)
+                    continue
                 sessions.setdefault(session.session_id, session)
             if not data.get("next") or not results:
                 return list(sessions.values())
         raise DeepBrainError(endpoint, f"more than {MAX_PAGES} pages; refusing to go on")
 
-    def get_session(self, session_id: str) -> VendorSession:
+    def get_session(self, session_id: str, *, deadline: float | None = None) -> VendorSession:
         """``GET /api/v2/sessions/{session_id}``; 404 raises :class:`VendorNotFound`."""
         self._require_id(session_id)
         path = f"{LIST_PATH}/{quote(session_id, safe='')}"
         endpoint = f"GET {path}"
-        data = self._call_with_key("GET", path, endpoint)
+        data = self._call_with_key("GET", path, endpoint, deadline)
         return parse_vendor_session(data, endpoint)
 
     # -- internals -----------------------------------------------------------------------
@@ -294,22 +314,26 @@ class DeepBrainClient:
     def _secrets(self) -> tuple[str, ...]:
         return (self._app_id.get_secret_value(), self._user_key.get_secret_value())
 
-    def _call_with_key(self, method: str, path: str, endpoint: str, **kwargs: Any) -> Any:
+    def _call_with_key(
+        self, method: str, path: str, endpoint: str, deadline: float | None, **kwargs: Any
+    ) -> Any:
         headers = {"STUDIO-API-KEY": self._user_key.get_secret_value()}
         return call_with_retry(
-            lambda: self._send(method, path, endpoint, headers=headers, **kwargs),
+            lambda: self._send(method, path, endpoint, deadline, headers=headers, **kwargs),
             policy=self._retry,
             sleep=self._sleep,
             endpoint=endpoint,
+            deadline=deadline,
         )
 
-    def _fetch_token(self) -> str:
+    def _fetch_token(self, deadline: float | None = None) -> str:
         """One ``POST /api/v2/sessions/token`` (the caller's retry loop retries it)."""
         endpoint = f"POST {TOKEN_PATH}"
         data = self._send(
             "POST",
             TOKEN_PATH,
             endpoint,
+            deadline,
             json={
                 "appId": self._app_id.get_secret_value(),
                 "userKey": self._user_key.get_secret_value(),
@@ -321,22 +345,28 @@ class DeepBrainClient:
         return token
 
     def _start_once(
-        self, payload: dict[str, Any], state: _StartState, endpoint: str
+        self, payload: dict[str, Any], state: _StartState, endpoint: str, deadline: float | None
     ) -> StartedSession:
-        token = self._tokens.get()  # its failures are not start attempts: nothing was started
+        # Token failures are not start attempts: nothing was started.
+        token = self._tokens.get(lambda: self._fetch_token(deadline))
         try:
-            return self._send_start(token, payload, state, endpoint)
+            return self._send_start(token, payload, state, endpoint, deadline)
         except VendorAuthError:
             if state.refreshed:
                 raise
             state.refreshed = True
             logger.info("deepbrain %s: token rejected (401), fetching a new one", endpoint)
             self._tokens.invalidate(token)
-            token = self._tokens.get()
-            return self._send_start(token, payload, state, endpoint)
+            token = self._tokens.get(lambda: self._fetch_token(deadline))
+            return self._send_start(token, payload, state, endpoint, deadline)
 
     def _send_start(
-        self, token: str, payload: dict[str, Any], state: _StartState, endpoint: str
+        self,
+        token: str,
+        payload: dict[str, Any],
+        state: _StartState,
+        endpoint: str,
+        deadline: float | None,
     ) -> StartedSession:
         state.sent += 1
         try:
@@ -344,6 +374,7 @@ class DeepBrainClient:
                 "POST",
                 START_PATH,
                 endpoint,
+                deadline,
                 headers={"Authorization": f"Bearer {token}"},
                 json=payload,
             )
@@ -366,14 +397,24 @@ class DeepBrainClient:
         method: str,
         path: str,
         endpoint: str,
+        deadline: float | None,
         *,
         headers: Mapping[str, str] | None = None,
         json: Any = None,
         params: Mapping[str, str | int] | None = None,
     ) -> Any:
-        """One HTTP request; returns the envelope's ``data`` or raises a DeepBrainError."""
+        """One HTTP request, done within ``timeout_seconds`` and the call's ``deadline``;
+        returns the envelope's ``data`` or raises a DeepBrainError."""
+        ends_at = time.monotonic() + self._timeout_seconds
+        if deadline is not None:
+            ends_at = min(ends_at, deadline)
         try:
-            response = self._http.request(method, path, headers=headers, json=json, params=params)
+            if ends_at <= time.monotonic():
+                raise httpx.ConnectTimeout("the call's deadline has passed; nothing was sent")
+            with request_deadline.within(ends_at):
+                response = self._http.request(
+                    method, path, headers=headers, json=json, params=params
+                )
         except httpx.TransportError as exc:
             raise error_from_transport(
                 endpoint, exc, timeout_seconds=self._timeout_seconds, secrets=self._secrets()
