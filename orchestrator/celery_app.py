@@ -241,7 +241,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport_options: dict[str, Any] = {}
     if settings.effective_broker_url.startswith(("amqp", "pyamqp")):
         transport_options["confirm_publish"] = True
-    beat_expiry = {"expires": settings.reaper_interval_seconds * 2, "queue": CONTROL_QUEUE}
+    # No ``expires`` on beat's messages: Celery would compare it with each worker's clock, and
+    # a worker a few seconds ahead would drop every sweep. A backlog of sweeps (workers away)
+    # costs little: each is idempotent, and the reconciler skips a pass that follows another
+    # by less than half its interval (by the database's clock).
+    beat_options = {"queue": CONTROL_QUEUE}
     embedded = settings.effective_broker_url.startswith("sqla+")
     return {
         "broker_transport": "orchestrator.embedded_broker:EmbeddedTransport" if embedded else None,
@@ -275,22 +279,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "reap-expired-sessions": {
                 "task": REAP_TASK,
                 "schedule": settings.reaper_interval_seconds,
-                "options": beat_expiry,
+                "options": beat_options,
             },
             "relay-events-backstop": {
                 "task": PUBLISH_EVENTS_TASK,
                 "schedule": settings.reaper_interval_seconds,
-                "options": beat_expiry,
+                "options": beat_options,
             },
             "admit-waiting-backstop": {
                 "task": ADMIT_TASK,
                 "schedule": settings.reaper_interval_seconds,
-                "options": beat_expiry,
+                "options": beat_options,
             },
             "reconcile-with-vendor": {
                 "task": RECONCILE_TASK,
                 "schedule": settings.reconcile_interval_seconds,
-                "options": {**beat_expiry, "expires": settings.reconcile_interval_seconds},
+                "options": beat_options,
             },
         },
     }

@@ -24,11 +24,15 @@ def _setup_telemetry() -> None:
         raise click.ClickException(str(error)) from None
 
 
-def _settings() -> Settings:
+def _settings(*, consistent: bool = False) -> Settings:
+    """The settings; with ``consistent``, also checked against each other (worker, beat)."""
     try:
-        return load_settings()
+        settings = load_settings()
+        if consistent:
+            settings.check_consistency()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
+    return settings
 
 
 @click.group()
@@ -53,7 +57,7 @@ def worker(queues: str, pool: str, concurrency: int, with_beat: bool, hostname: 
     from orchestrator.celery_app import create_app
     from orchestrator.messaging import declare_topology
 
-    settings = _settings()
+    settings = _settings(consistent=True)
     configure_logging(settings.log_level)
     _setup_telemetry()
     try:
@@ -85,7 +89,7 @@ def beat() -> None:
     """Run Celery beat: the reaper and reconciler schedules (run exactly one)."""
     from orchestrator.celery_app import create_app
 
-    settings = _settings()
+    settings = _settings(consistent=True)
     configure_logging(settings.log_level)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)

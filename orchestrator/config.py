@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     start_timeout_seconds: PositiveSeconds = 120.0
     vendor_timeout_seconds: PositiveSeconds = 30.0
     max_session_minutes: int = Field(default=60, ge=1, le=24 * 60)
-    stop_retry_seconds: PositiveSeconds = 30.0
+    stop_retry_seconds: PositiveSeconds = 60.0
+    early_stop_retention_seconds: PositiveSeconds = 7 * 86_400.0
     heartbeat_max_age_seconds: PositiveSeconds = 60.0
     db_pool_size: int = Field(default=20, ge=1, le=500)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
@@ -58,6 +59,43 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @property
+    def reconcile_pass_seconds(self) -> float:
+        """How long one reconcile pass may take, however slow the vendor: its interval, but
+        at least two vendor requests (the list, and a detail or a stop)."""
+        return max(self.reconcile_interval_seconds, 2 * self.vendor_timeout_seconds)
+
+    def check_consistency(self) -> None:
+        """Settings that contradict each other: :class:`ConfigError` naming them (one line).
+
+        A vendor request may take ``VENDOR_TIMEOUT_SECONDS`` in all. A session the vendor made
+        for a start whose reply is still on its way must not look like an orphan; a start's
+        lease (``START_TIMEOUT_SECONDS``, less its margin) must fit a token and a start
+        request; a stop's lease (``STOP_RETRY_SECONDS``, less its margin) must fit a stop
+        request, or another sweep would stop the same session while the first still waits.
+        """
+        timeout = self.vendor_timeout_seconds
+        problems = []
+        if self.orphan_grace_seconds < timeout:
+            problems.append(
+                f"{_var('orphan_grace_seconds')} ({self.orphan_grace_seconds:g}) must be at"
+                f" least {_var('vendor_timeout_seconds')} ({timeout:g}): a session whose start"
+                " reply is still on its way would be stopped as an orphan"
+            )
+        if lease_without_margin(self.start_timeout_seconds) < 2 * timeout:
+            problems.append(
+                f"{_var('start_timeout_seconds')} ({self.start_timeout_seconds:g}) must fit a"
+                f" token and a start request: twice {_var('vendor_timeout_seconds')}"
+                f" ({timeout:g}) plus a margin"
+            )
+        if lease_without_margin(self.stop_retry_seconds) < timeout:
+            problems.append(
+                f"{_var('stop_retry_seconds')} ({self.stop_retry_seconds:g}) must fit a stop"
+                f" request: {_var('vendor_timeout_seconds')} ({timeout:g}) plus a margin"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @cached_property
     def effective_database_url(self) -> str:
@@ -92,6 +130,19 @@ class Settings(BaseSettings):
                 raise ConfigError(f"{variable} is a placeholder, not a real DeepBrain credential")
             creds.append(value)
         return creds[0], creds[1]
+
+
+LEASE_MARGIN_SECONDS = 5.0
+
+
+def lease_without_margin(lease_seconds: float) -> float:
+    """The part of a lease a vendor call may use: the rest (5 s, or a quarter of a shorter
+    lease) is left for recording the answer before the lease runs out."""
+    return lease_seconds - min(LEASE_MARGIN_SECONDS, lease_seconds / 4)
+
+
+def _var(field: str) -> str:
+    return ENV_PREFIX + field.upper()
 
 
 def _describe(error: ValidationError) -> str:

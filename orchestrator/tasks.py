@@ -8,11 +8,12 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from celery import Task
 from celery.exceptions import Reject
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from orchestrator import lifecycle
 from orchestrator.messaging import (
@@ -35,37 +36,70 @@ DB_RETRY_CAP_SECONDS = 30.0
 AnyTask: TypeAlias = "Task[Any, Any]"
 
 
+ABANDONED_ATTEMPT_HEADER = "orchestrator_abandoned_attempt"
+
+
+class StorageError(Exception):
+    """A database error that is not an outage, told by its class and SQLSTATE only: the
+    server's message may quote the statement's data (a request payload)."""
+
+
 @contextmanager
 def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
-    """The database is unreachable: publish this same message (same task id) again later.
-
-    The lifecycle steps are idempotent per task id, so the retry carries on where it stopped.
-    """
+    """The database is unreachable (or this process's pool is full): publish this same message
+    (same task id) again later. The lifecycle steps are idempotent per task id, so the retry
+    carries on where it stopped. A step that asks to run again later (RetryLater) is published
+    again the same way. After ``DB_RETRY_MAX`` retries the message is dead-lettered, and
+    nothing of its arguments is logged (they may hold the customer's keys)."""
     try:
         yield
+    except lifecycle.RetryLater as later:
+        headers = {ABANDONED_ATTEMPT_HEADER: later.abandoned_attempt or ""}
+        _retry(task, later.delay, str(later), headers)
+    except PoolTimeout:
+        _retry(task, _backoff(task), "no free database connection in this worker")
     except DBAPIError as error:
-        if not error.connection_invalidated and not _is_operational(error):
-            raise
-        retries = task.request.retries
-        delay = min(DB_RETRY_CAP_SECONDS, 0.5 * 2**retries) * random.uniform(0.5, 1.0)
-        logger.warning(
-            "%s: database unavailable (%s), retry in %.1f s",
+        if not error.connection_invalidated and not isinstance(
+            error, OperationalError | InterfaceError
+        ):
+            sqlstate = getattr(error.orig, "sqlstate", None) or "unknown"
+            logger.error(
+                "%s: database error %s (SQLSTATE %s)", task.name, type(error).__name__, sqlstate
+            )
+            raise StorageError(f"{type(error).__name__} (SQLSTATE {sqlstate})") from None
+        _retry(task, _backoff(task), f"database unavailable ({type(error.orig).__name__})")
+
+
+def _backoff(task: AnyTask) -> float:
+    retries = int(task.request.retries)
+    return min(DB_RETRY_CAP_SECONDS, 0.5 * 2.0**retries) * random.uniform(0.5, 1.0)
+
+
+def _retry(
+    task: AnyTask, delay: float, why: str, headers: dict[str, str] | None = None
+) -> NoReturn:
+    if task.request.retries >= DB_RETRY_MAX:
+        logger.error(
+            "%s[%s]: gave up after %d retries (%s); dead-lettered",
             task.name,
-            type(error.orig).__name__,
-            delay,
+            task.request.id,
+            task.request.retries,
+            why,
         )
-        raise task.retry(countdown=delay, max_retries=DB_RETRY_MAX) from None
-
-
-def _is_operational(error: DBAPIError) -> bool:
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
-    return isinstance(error, OperationalError | InterfaceError)
+        raise Reject(f"gave up after {task.request.retries} retries: {why}", requeue=False)
+    logger.warning("%s: %s, retry in %.1f s", task.name, why, delay)
+    # Our own limit above acts first; Celery's would log the arguments.
+    raise task.retry(countdown=delay, max_retries=DB_RETRY_MAX + 1, headers=headers or {}) from None
 
 
 def _traceparent(task: AnyTask) -> str | None:
     value = getattr(task.request, "traceparent", None)
     return value if isinstance(value, str) and len(value) <= 128 else None
+
+
+def _abandoned_attempt(task: AnyTask) -> str | None:
+    value = getattr(task.request, ABANDONED_ATTEMPT_HEADER, None)
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
 def register(app: OrchestratorCelery) -> None:
@@ -80,6 +114,7 @@ def register(app: OrchestratorCelery) -> None:
                 kwargs,
                 claim_id=str(self.request.id),
                 traceparent=_traceparent(self),
+                abandoned_attempt=_abandoned_attempt(self),
             )
         return {"request_id": outcome.request_id, "status": outcome.status}
 
@@ -92,7 +127,9 @@ def register(app: OrchestratorCelery) -> None:
     )
     def start_admitted(self: AnyTask, session_id: str, claim_id: str) -> dict[str, str]:
         with retry_when_database_is_away(self):
-            outcome = lifecycle.run_start(app.lifecycle(), uuid.UUID(session_id), claim_id)
+            outcome = lifecycle.run_start(
+                app.lifecycle(), uuid.UUID(session_id), claim_id, _abandoned_attempt(self)
+            )
         return {"request_id": outcome.request_id, "status": outcome.status}
 
     @app.task(name=STOP_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -120,7 +157,10 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=RECONCILE_TASK, shared=False, acks_late=True)
     def reconcile_sessions() -> dict[str, int]:
-        return lifecycle.reconcile(app.lifecycle()).as_dict()
+        settings = app.settings
+        return lifecycle.reconcile(
+            app.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
+        ).as_dict()
 
     @app.task(name=PUBLISH_EVENTS_TASK, shared=False, acks_late=True)
     def publish_events() -> None:

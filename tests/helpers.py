@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from orchestrator.db import Database, SessionEvent, SessionRow
+from orchestrator.db import Database, OutboxEvent, SessionEvent, SessionRow
 
 
 def row(db: Database, request_id: str) -> SessionRow:
@@ -51,3 +51,10 @@ def events(db: Database, kind: str) -> list[dict[str, Any]]:
             {"session_id": e.session_id, "vendor_session_id": e.vendor_session_id, **e.detail}
             for e in found
         ]
+
+
+def outbox_bodies(db: Database, request_id: str) -> list[dict[str, Any]]:
+    """The lifecycle events queued for ``request_id``, oldest first."""
+    with db.transaction() as session:
+        found = session.scalars(select(OutboxEvent.body).order_by(OutboxEvent.id)).all()
+        return [body for body in found if body.get("request_id") == request_id]

@@ -175,7 +175,10 @@ def test_cap_holds_across_two_workers_and_everything_ends(
     cap, count = 3, 12
     purge_queues()
     settings = settings_for(
-        broker_url=broker_url, max_concurrent_sessions=cap, reaper_interval_seconds=0.3
+        broker_url=broker_url,
+        max_concurrent_sessions=cap,
+        reaper_interval_seconds=0.3,
+        orphan_grace_seconds=5.0,  # a worker refuses a grace shorter than the vendor timeout
     )
     simulator.configure(endpoint_latency="start=0.05")
     start_worker(settings, "--beat")

@@ -374,11 +374,15 @@ def test_default_worker_consumes_both_queues_with_a_long_grace() -> None:
     ]
     pod = worker["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
-    assert args[:3] == ["worker", "--queues", "orchestrator.start,orchestrator.control"]
+    assert args[:3] == ["worker", "--queues", "orchestrator.start"]
     assert args[args.index("--concurrency") + 1] == "8"
     assert args[args.index("--pool") + 1] == "threads"
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert worker["spec"]["replicas"] == 2
+    # Stops and sweeps have a pool of their own: they never wait behind slow starts.
+    control = one(manifests_for("default"), "Deployment", "so-session-orchestrator-control")
+    control_args = control["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert control_args[:3] == ["worker", "--queues", "orchestrator.control"]
 
 
 def test_pools_split_queues_with_their_own_scaling() -> None:

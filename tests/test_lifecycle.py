@@ -301,8 +301,16 @@ def test_vendor_session_is_stopped_again_if_the_row_moved_on_during_the_start(
     """Compensation: the vendor said yes, but the row can no longer take the session."""
     simulator.configure(endpoint_latency="start=1.0")
     thread = start_with_the_vendor_call_in_flight(lifecycle, "r-1")
-    # The reconciler gives up on the start meanwhile (as after a long vendor hang).
-    assert store.fail_stuck_starts(lifecycle.db, older_than=datetime.now(UTC) + timedelta(hours=1))
+    # The attempt's lease runs out meanwhile (as after a long vendor hang), and the reconciler
+    # gives up on it.
+    with lifecycle.db.transaction() as session:
+        session.execute(
+            update(SessionRow).values(attempt_lease_until=datetime.now(UTC) - timedelta(minutes=1))
+        )
+    stuck = store.resolve_stuck_starts(
+        lifecycle.db, start_timeout=lifecycle.settings.start_timeout_seconds
+    )
+    assert stuck.failed == ["r-1"]
     thread.join()
     r = row(lifecycle.db, "r-1")
     assert (r.status, r.error_code, r.vendor_session_id) == ("failed", "START_TIMEOUT", None)

@@ -12,7 +12,7 @@ from orchestrator.db.migrate import check, downgrade, upgrade
 from tests.conftest import fresh_postgres_database
 
 pytestmark = pytest.mark.postgres
-TABLES = {"sessions", "session_events", "event_outbox"}
+TABLES = {"sessions", "session_events", "event_outbox", "early_stops", "sweep_leases"}
 
 
 def tables(url: str) -> set[str]:

@@ -66,7 +66,9 @@ def traced_worker(
     tmp_path: Path,
 ) -> Iterator[tuple[Settings, Path]]:
     purge_queues()
-    settings = settings_for(broker_url=broker_url, reaper_interval_seconds=0.5)
+    settings = settings_for(
+        broker_url=broker_url, reaper_interval_seconds=0.5, orphan_grace_seconds=5.0
+    )
     span_file = tmp_path / "worker-spans.jsonl"
     env_extra = {"ORCHESTRATOR_TRACE_FILE": str(span_file), "OTEL_TRACES_EXPORTER": "none"}
     worker = WorkerProcess(settings, tmp_path / "worker.log", "--beat", env_extra=env_extra)

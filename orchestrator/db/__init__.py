@@ -5,11 +5,13 @@ from orchestrator.db.models import (
     LIVE_STATUSES,
     TERMINAL_STATUSES,
     Base,
+    EarlyStop,
     EventKind,
     OutboxEvent,
     SessionEvent,
     SessionRow,
     SessionStatus,
+    SweepLease,
 )
 
 __all__ = [
@@ -17,10 +19,12 @@ __all__ = [
     "TERMINAL_STATUSES",
     "Base",
     "Database",
+    "EarlyStop",
     "EventKind",
     "OutboxEvent",
     "SessionEvent",
     "SessionRow",
     "SessionStatus",
+    "SweepLease",
     "normalize_database_url",
 ]

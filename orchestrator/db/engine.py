@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,7 +50,15 @@ def _configure_sqlite(engine: Engine) -> None:
 class Database:
     """Owns the engine; ``transaction()`` is the one way code opens a unit of work."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        max_overflow: int | None = None,
+        pool_timeout: float = 30.0,
+        echo: bool = False,
+    ) -> None:
         self.url = normalize_database_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
@@ -58,12 +66,19 @@ class Database:
         # CPU). After a database restart the first statement on a stale connection fails as a
         # disconnect, SQLAlchemy then discards every pooled connection, and the caller retries
         # (tasks: ``retry_when_database_is_away``; sweeps: the next beat).
-        kwargs: dict[str, Any] = {"echo": echo}
+        # SQL parameters carry request payloads (the customer's LLM keys until a start is
+        # recorded): they must never reach exception texts, logs or spans.
+        kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
         if self.dialect == "sqlite":
             if parsed.database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size if max_overflow is None else max_overflow,
+                pool_timeout=pool_timeout,
+                pool_recycle=1800,
+            )
             kwargs["connect_args"] = {
                 "connect_timeout": 10,
                 "application_name": "session-orchestrator",
@@ -100,6 +115,20 @@ class Database:
         back to this process, which may wait for the GIL, before the commit)."""
         with self.engine.connect() as connection:
             yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    def durability_barrier(self) -> None:
+        """Return once everything committed so far is on disk.
+
+        A transaction that wrote WAL commits with a flush (``synchronous_commit`` is on by
+        default), and the flush covers every earlier commit — among them claims committed
+        asynchronously. The smallest such write is a logical WAL message (any role may emit
+        one, at any ``wal_level``); a transaction that only took an id would commit without a
+        flush. Call it before acknowledging a message that relies on an asynchronous commit.
+        """
+        with self.autocommit() as connection:
+            connection.execute(
+                text("SELECT pg_logical_emit_message(true, 'orchestrator.barrier', '')")
+            )
 
     def signal(self, name: str) -> None:
         """Call the ``name`` listeners now (after a commit made outside ``transaction()``)."""

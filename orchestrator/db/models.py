@@ -54,6 +54,8 @@ class EventKind(enum.StrEnum):
     DUPLICATE_CONFLICT = "duplicate_conflict"
     COMPENSATED = "compensated"
     ORPHAN_STOPPED = "orphan_stopped"
+    STOP_BEFORE_START = "stop_before_start"  # remembered in early_stops (no row yet)
+    REDISPATCHED = "redispatched"  # an admitted start whose dispatch was lost, sent again
 
 
 RARE_EVENT_KINDS = (
@@ -129,6 +131,13 @@ class SessionRow(Base):
     created_at: Mapped[CreatedAt]
     start_deadline_at: Mapped[datetime | None]
     start_sent_at: Mapped[datetime | None]
+    # When the row last went ``starting`` (admitted at once or from ``waiting``): the start
+    # timeout runs from here, not from ``created_at``.
+    admitted_at: Mapped[datetime | None]
+    # The lease on the vendor attempt in progress: one attempt at a time, whatever the broker
+    # redelivers. ``attempt_owner`` is the attempt's own id, not the message's.
+    attempt_owner: Mapped[str | None] = mapped_column(String(64))
+    attempt_lease_until: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
     stop_requested_at: Mapped[datetime | None]
@@ -193,3 +202,27 @@ class OutboxEvent(Base):
     created_at: Mapped[CreatedAt]
     published_at: Mapped[datetime | None]
     traceparent: Mapped[str | None] = mapped_column(String(128))
+
+
+class EarlyStop(Base):
+    """A stop that arrived before its start (they travel on different queues): the start, when
+    it comes, ends the request without calling the vendor. Kept until then, or for
+    ``ORCHESTRATOR_EARLY_STOP_RETENTION_SECONDS``."""
+
+    __tablename__ = "early_stops"
+
+    request_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64))
+    requested_at: Mapped[CreatedAt]
+
+
+class SweepLease(Base):
+    """One sweep of a kind at a time across the deployment (the reconciler's pass), timed by
+    the database's clock; no connection is held while the sweep calls the vendor."""
+
+    __tablename__ = "sweep_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

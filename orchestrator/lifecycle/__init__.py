@@ -4,7 +4,7 @@ from orchestrator.lifecycle.admission import AdmitReport, admit_waiting
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.reaper import ReapReport, reap
 from orchestrator.lifecycle.reconciler import ReconcileReport, reconcile
-from orchestrator.lifecycle.start import StartOutcome, handle_start_message, run_start
+from orchestrator.lifecycle.start import RetryLater, StartOutcome, handle_start_message, run_start
 from orchestrator.lifecycle.stop import StopResult, request_stop
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Lifecycle",
     "ReapReport",
     "ReconcileReport",
+    "RetryLater",
     "StartOutcome",
     "StopResult",
     "admit_waiting",

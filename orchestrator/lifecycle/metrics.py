@@ -57,9 +57,9 @@ def record_start(outcome: str, created_at: datetime | None = None) -> None:
         start_latency.record((utcnow() - created_at).total_seconds())
 
 
-def record_reaper_lag(expires_at: datetime | None) -> None:
-    if expires_at is not None:
-        reaper_lag.record(max(0.0, (utcnow() - expires_at).total_seconds()))
+def record_reaper_lag(seconds: float) -> None:
+    """``ended_at`` - ``expires_at``, both by the database's clock."""
+    reaper_lag.record(max(0.0, seconds))
 
 
 def register_gauges(db: Database) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import timedelta
 
-from orchestrator.db.types import utcnow
 from orchestrator.lifecycle import store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.stop import finish_confirmed, stop_at_vendor
@@ -58,12 +56,12 @@ def reap(lc: Lifecycle, *, max_batches: int = 50, plan_ahead: float = 0.0) -> Re
 
 
 def _plan_sweeps(lc: Lifecycle, horizon: float) -> None:
-    now = utcnow()
-    due = store.expiries_before(lc.db, now + timedelta(seconds=horizon))
-    buckets = sorted({math.ceil(e.timestamp() / TIMER_GRANULARITY) for e in due})
+    """Timers count seconds from now by the database's clock: no host's clock is trusted to
+    agree with the ``expires_at`` another host wrote."""
+    due = store.seconds_to_expiries(lc.db, horizon)
+    buckets = sorted({math.ceil(seconds / TIMER_GRANULARITY) for seconds in due})
     for bucket in buckets:
-        delay = bucket * TIMER_GRANULARITY - now.timestamp()
-        lc.call_later(max(0.0, delay), lambda: _timed_sweep(lc))
+        lc.call_later(bucket * TIMER_GRANULARITY, lambda: _timed_sweep(lc))
 
 
 def _timed_sweep(lc: Lifecycle) -> None:

@@ -3,16 +3,25 @@
 - a row we think live that the vendor ended → ``ended`` with the vendor's ``end_reason``;
 - a vendor session older than the orphan grace that no row knows → stopped
   ``ZOMBIE_SESSION_REAP`` and logged in ``session_events``;
-- a row ``starting`` past the start timeout → ``failed`` ``START_TIMEOUT`` (a vendor session
-  it may have made has no row, so the next pass stops it as an orphan).
+- a row ``starting`` whose attempt's lease ran out → ``failed`` ``START_TIMEOUT`` (a vendor
+  session it may have made has no row, so a later pass stops it as an orphan); a row admitted
+  longer than the start timeout ago with no attempt since (its dispatch was lost) → dispatched
+  again. This needs no vendor call, so it runs even when the vendor's list fails.
 A 401/403 from the vendor means our key is wrong: log it loudly and change nothing.
+
+One pass runs at a time across the deployment (a lease in ``sweep_leases``, timed by the
+database's clock), and a pass stops calling the vendor at its deadline
+(``Settings.reconcile_pass_seconds``) however slow the vendor is. A malformed row in the
+vendor's list is skipped and logged; the rest are reconciled.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from opentelemetry import trace
 
@@ -28,9 +37,13 @@ from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.stop import vendor_stop
 
 logger = logging.getLogger(__name__)
+PASS_LEASE_MARGIN = 5.0  # the lease outlives the pass's deadline by this much
 UNKNOWN_END_REASON = "UNKNOWN"
 # A row started this recently may be missing from a list fetched a moment before.
 LIST_RACE_MARGIN = timedelta(seconds=5)
+
+
+SWEEP_NAME = "reconcile"
 
 
 @dataclass
@@ -38,8 +51,13 @@ class ReconcileReport:
     vendor_ended: int = 0
     orphans_stopped: int = 0
     start_timeouts: int = 0
+    redispatched: int = 0
+    skipped_rows: int = 0
+    early_stops_pruned: int = 0
     auth_error: bool = False
     vendor_error: bool = False
+    out_of_time: bool = False
+    skipped_pass: bool = False  # another pass held the lease, or one finished just now
 
     def as_dict(self) -> dict[str, int]:
         return {k: int(v) for k, v in asdict(self).items()}
@@ -49,22 +67,47 @@ class _AuthRefused(Exception):
     """The vendor refused our key in the middle of a pass: stop changing anything."""
 
 
-def reconcile(lc: Lifecycle) -> ReconcileReport:
-    """One pass; every change is its own short transaction, no vendor call inside one."""
+class _OutOfTime(Exception):
+    """The pass's deadline has passed: the rest waits for the next pass."""
+
+
+def reconcile(lc: Lifecycle, *, min_spacing: float = 0.0) -> ReconcileReport:
+    """One pass, unless another runs or one finished less than ``min_spacing`` seconds ago
+    (beat's messages may pile up while workers are away: they then cost nothing). Every change
+    is its own short transaction, no vendor call inside one."""
     with tracing.sweep_span("session.reconcile") as span:
-        report = _reconcile(lc)
+        owner = uuid.uuid4().hex
+        pass_seconds = lc.settings.reconcile_pass_seconds
+        if not store.take_sweep_lease(
+            lc.db, SWEEP_NAME, owner, seconds=pass_seconds + PASS_LEASE_MARGIN, spacing=min_spacing
+        ):
+            tracing.set_attributes(span, skipped=True)
+            return ReconcileReport(skipped_pass=True)
+        try:
+            report = _reconcile(lc, time.monotonic() + pass_seconds)
+        finally:
+            store.release_sweep_lease(lc.db, SWEEP_NAME, owner)
         tracing.set_attributes(span, **report.as_dict())
         if report.auth_error:
             tracing.mark_error(span, "VENDOR_AUTH")
         return report
 
 
-def _reconcile(lc: Lifecycle) -> ReconcileReport:
+def _reconcile(lc: Lifecycle, deadline: float) -> ReconcileReport:
     report = ReconcileReport()
-    listed_at = datetime.now(UTC)
+    _resolve_stuck_starts(lc, report)
+    report.early_stops_pruned = store.prune_early_stops(
+        lc.db, older_than_seconds=lc.settings.early_stop_retention_seconds
+    )
+    listed_at = store.database_time(lc.db)
+
+    def skip(why: str) -> None:
+        report.skipped_rows += 1
+        logger.warning("reconciler: skipped a malformed row of the vendor's list: %s", why)
+
     try:
         with metrics.vendor_call("list"):
-            active = lc.vendor.list_sessions("active")
+            active = lc.vendor.list_sessions("active", deadline=deadline, on_malformed=skip)
     except (VendorAuthError, VendorForbidden) as error:
         logger.critical("reconciler: the vendor refused our key, nothing changed: %s", error)
         report.auth_error = True
@@ -75,27 +118,40 @@ def _reconcile(lc: Lifecycle) -> ReconcileReport:
         return report
     vendor_active = {s.session_id: s for s in active}
     try:
-        report.vendor_ended = _close_rows_the_vendor_ended(lc, vendor_active, listed_at)
+        _close_rows_the_vendor_ended(lc, vendor_active, listed_at, deadline, report)
+        _stop_orphans(lc, vendor_active, listed_at, deadline, report)
     except _AuthRefused as error:
         logger.critical("reconciler: the vendor refused our key, stopping here: %s", error)
         report.auth_error = True
-        return report
-    report.orphans_stopped = _stop_orphans(lc, vendor_active, listed_at)
-    report.start_timeouts = len(
-        store.fail_stuck_starts(
-            lc.db, older_than=listed_at - timedelta(seconds=lc.settings.start_timeout_seconds)
-        )
-    )
-    if report.vendor_ended or report.orphans_stopped or report.start_timeouts:
+    except _OutOfTime:
+        logger.warning("reconciler: the pass ran out of time; the next pass goes on")
+        report.out_of_time = True
+    if any(report.as_dict().values()):
         logger.info("reconciler: %s", report.as_dict())
     return report
 
 
-def _vendor_end(lc: Lifecycle, vendor_id: str) -> tuple[str, datetime | None] | None:
+def _resolve_stuck_starts(lc: Lifecycle, report: ReconcileReport) -> None:
+    stuck = store.resolve_stuck_starts(lc.db, start_timeout=lc.settings.start_timeout_seconds)
+    report.start_timeouts = len(stuck.failed)
+    report.redispatched = len(stuck.redispatch)
+    for session_id, claim_id in stuck.redispatch:
+        logger.warning("reconciler: an admitted start was never attempted; dispatching it again")
+        lc.dispatcher.start_admitted(session_id, claim_id)
+
+
+def _check_time(deadline: float) -> None:
+    if time.monotonic() >= deadline:
+        raise _OutOfTime
+
+
+def _vendor_end(
+    lc: Lifecycle, vendor_id: str, deadline: float
+) -> tuple[str, datetime | None] | None:
     """(end reason, end time) if the vendor has ended the session, None if it still runs."""
     try:
         with metrics.vendor_call("detail"):
-            detail = lc.vendor.get_session(vendor_id)
+            detail = lc.vendor.get_session(vendor_id, deadline=deadline)
     except VendorNotFound:
         return UNKNOWN_END_REASON, None
     except (VendorAuthError, VendorForbidden) as error:
@@ -109,49 +165,55 @@ def _vendor_end(lc: Lifecycle, vendor_id: str) -> tuple[str, datetime | None] | 
 
 
 def _close_rows_the_vendor_ended(
-    lc: Lifecycle, vendor_active: dict[str, VendorSession], listed_at: datetime
-) -> int:
-    closed = 0
+    lc: Lifecycle,
+    vendor_active: dict[str, VendorSession],
+    listed_at: datetime,
+    deadline: float,
+    report: ReconcileReport,
+) -> None:
     sweep = trace.get_current_span()
     for row in store.live_vendor_rows(lc.db):
         if row.vendor_session_id in vendor_active:
             continue
         if row.started_at is not None and row.started_at > listed_at - LIST_RACE_MARGIN:
             continue
+        _check_time(deadline)
         tracing.link_sessions(sweep, [row.traceparent])
         with tracing.session_span(
             "session.reconcile.check", row.traceparent, session_id=row.vendor_session_id
         ) as span:
-            ended = _vendor_end(lc, row.vendor_session_id)
+            ended = _vendor_end(lc, row.vendor_session_id, deadline)
             if ended is not None and store.record_vendor_ended(
                 lc.db, row.session_id, end_reason=ended[0], ended_at=ended[1]
             ):
                 tracing.set_attributes(span, end_reason=ended[0])
-                closed += 1
-    return closed
+                report.vendor_ended += 1
 
 
 def _stop_orphans(
-    lc: Lifecycle, vendor_active: dict[str, VendorSession], listed_at: datetime
-) -> int:
+    lc: Lifecycle,
+    vendor_active: dict[str, VendorSession],
+    listed_at: datetime,
+    deadline: float,
+    report: ReconcileReport,
+) -> None:
     grace = timedelta(seconds=lc.settings.orphan_grace_seconds)
     known = store.owned_vendor_ids(
         lc.db, list(vendor_active), ended_after=listed_at - LIST_RACE_MARGIN
     )
-    stopped = 0
     for vendor_id, listed in vendor_active.items():
         if vendor_id in known or listed.created_at is None:
-            continue
+            continue  # a session we cannot age is never taken for an orphan
         if listed.created_at > listed_at - grace:
             continue
+        _check_time(deadline)
         try:
-            outcome = vendor_stop(lc, vendor_id, "ZOMBIE_SESSION_REAP")
+            outcome = vendor_stop(lc, vendor_id, "ZOMBIE_SESSION_REAP", deadline=deadline)
         except DeepBrainError as error:
             logger.error("reconciler: could not stop an orphan vendor session: %s", error)
             continue
         store.log_orphan_stop(
             lc.db, vendor_id, outcome=outcome.value, created_at=listed.created_at.isoformat()
         )
-        stopped += 1
+        report.orphans_stopped += 1
         logger.warning("reconciler: stopped an orphan vendor session with no row")
-    return stopped

@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,7 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_METADATA_BYTES = 16 * 1024
 MAX_DURATION_SECONDS = 86_400
+MAX_START_DEADLINE_SECONDS = 30 * 86_400
 VENDOR_FIELDS = (
     "avatar_id",
     "avatar_persona",
@@ -31,16 +32,10 @@ VENDOR_FIELDS = (
     "lip_audio_mode",
     "greeting_text",
 )
-SECRET_CUSTOM_HTTP_KEYS = ("headers", "extra_headers", "auth_plugins")
-STOP_REASONS = (
-    "USER_CLOSED",
-    "TIMEOUT",
-    "ERROR",
-    "MAX_DURATION_REACHED",
-    "IDLE_TIMEOUT",
-    "ZOMBIE_SESSION_REAP",
-    "SERVER_SHUTDOWN",
-)
+# Where the customer's LLM keys travel (custom_http): removed from whatever we store, at any
+# depth of whatever shape the message has.
+SECRET_KEYS = frozenset({"headers", "extra_headers", "auth_plugins"})
+REMOVED = "[removed]"
 
 
 class _Open(BaseModel):
@@ -79,7 +74,9 @@ class StartRequest(BaseModel):
     lip_audio_mode: StrictStr | None = None
     greeting_text: StrictStr | None = None
     max_duration_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_DURATION_SECONDS)
-    start_deadline_seconds: StrictInt | None = Field(default=None, ge=1)
+    start_deadline_seconds: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_START_DEADLINE_SECONDS
+    )
     metadata: dict[str, Any] | None = None
 
     @field_validator("avatar_id")
@@ -137,17 +134,24 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def _unstorable_path(value: Any, path: str) -> str | None:
-    """The first place holding text Postgres cannot store (NUL, an unpaired surrogate)."""
+def _unstorable_path(value: Any, path: str) -> tuple[str, str] | None:
+    """The first place holding what Postgres cannot store, and why: text with NUL or an
+    unpaired surrogate, or a number jsonb refuses (NaN, Infinity: Python's JSON reads them)."""
     if isinstance(value, str):
-        return path if _UNSTORABLE.search(value) else None
+        return (
+            (path, "contains a NUL character or an unpaired surrogate")
+            if _UNSTORABLE.search(value)
+            else None
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, f"{value} is not a finite number"
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
             found = _unstorable_path(key, where) or _unstorable_path(item, where)
             if found:
                 return found
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         for index, item in enumerate(value):
             found = _unstorable_path(item, f"{path}[{index}]")
             if found:
@@ -156,12 +160,15 @@ def _unstorable_path(value: Any, path: str) -> str | None:
 
 
 def storable(value: Any) -> Any:
-    """A copy with unstorable characters replaced by U+FFFD (for recording a bad request)."""
+    """A copy Postgres can store (for recording a bad request): unstorable characters become
+    U+FFFD, non-finite numbers their name as text, secrets ``[removed]``."""
     if isinstance(value, str):
         return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}
-    if isinstance(value, list):
+        return {storable(k): REMOVED if k in SECRET_KEYS else storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
         return [storable(item) for item in value]
     return value
 
@@ -175,9 +182,7 @@ def parse_start_request(
         )
     unstorable = _unstorable_path(kwargs, "")
     if unstorable:
-        raise InvalidStartRequest(
-            f"'{unstorable}': contains a NUL character or an unpaired surrogate"
-        )
+        raise InvalidStartRequest(f"'{unstorable[0]}': {unstorable[1]}")
     try:
         request = StartRequest.model_validate(kwargs)
     except ValidationError as error:
@@ -208,30 +213,12 @@ def payload_digest(kwargs: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(kwargs).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def without_secrets(payload: dict[str, Any]) -> dict[str, Any]:
-    """A copy with ``custom_http`` ``headers``/``extra_headers``/``auth_plugins`` removed."""
-    copy: dict[str, Any] = json.loads(canonical_json(payload))
-    persona = copy.get("avatar_persona")
-    llm = persona.get("llm_configurations") if isinstance(persona, dict) else None
-    custom_http = llm.get("custom_http") if isinstance(llm, dict) else None
-    if isinstance(custom_http, dict):
-        for key in SECRET_CUSTOM_HTTP_KEYS:
-            if key in custom_http:
-                custom_http[key] = "[removed]"
-    return copy
-
-
-def has_secrets(payload: dict[str, Any]) -> bool:
-    original: dict[str, Any] = json.loads(canonical_json(payload))
-    return without_secrets(payload) != original
-
-
-StopReason = Literal[
-    "USER_CLOSED",
-    "TIMEOUT",
-    "ERROR",
-    "MAX_DURATION_REACHED",
-    "IDLE_TIMEOUT",
-    "ZOMBIE_SESSION_REAP",
-    "SERVER_SHUTDOWN",
-]
+def without_secrets(payload: Any) -> Any:
+    """A copy with every ``headers``/``extra_headers``/``auth_plugins`` value replaced, at any
+    depth: ``custom_http`` is where the vendor reads them, but a message of another shape
+    (positional args, a misplaced block, an unknown field) must not leave them stored either."""
+    if isinstance(payload, dict):
+        return {k: REMOVED if k in SECRET_KEYS else without_secrets(v) for k, v in payload.items()}
+    if isinstance(payload, list | tuple):
+        return [without_secrets(item) for item in payload]
+    return payload

@@ -3,7 +3,9 @@ with no transaction open, record the answer (or stop the vendor session again)."
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import re
 import time
 import uuid
@@ -13,8 +15,16 @@ from typing import Any
 
 import jwt
 from opentelemetry import trace
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from orchestrator.config import lease_without_margin
 from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
 from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
@@ -29,7 +39,24 @@ from orchestrator.lifecycle.stop import compensate, execute_stop
 
 logger = logging.getLogger(__name__)
 MAX_CAPACITY_BOUNCES = 5
-START_DEADLINE_MARGIN_SECONDS = 5.0
+# After a failed write of the vendor's yes, how long to keep trying (re-reading the row, then
+# writing again) before stopping the session: a blip of the database should not cost a good
+# session. A full pool is not the database's fault: that is retried until the attempt's lease
+# runs out.
+RECORD_RETRY_SECONDS = 5.0
+MAX_CLAIM_ID_LENGTH = 255
+
+
+class RetryLater(Exception):
+    """Do not acknowledge this message yet: run it again in ``delay`` seconds.
+
+    ``abandoned_attempt`` names an attempt this delivery gave up on (its lease may be taken at
+    once by the retry)."""
+
+    def __init__(self, reason: str, delay: float, abandoned_attempt: str | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.abandoned_attempt = abandoned_attempt
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,30 @@ class StartOutcome:
     detail: str
 
 
+@dataclass(frozen=True)
+class _Message:
+    """One delivery of a start message, as the steps below need it."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    claim_id: str
+    traceparent: str | None
+    abandoned_attempt: str | None
+
+    @property
+    def received(self) -> dict[str, Any]:
+        """What to keep of a message that cannot be started."""
+        return self.kwargs if not self.args else {"args": list(self.args), "kwargs": self.kwargs}
+
+    @property
+    def digest(self) -> str:
+        return payload_digest(self.received)
+
+    @property
+    def fallback_request_id(self) -> str:
+        return _usable_request_id(self.kwargs.get("request_id")) or self.claim_id
+
+
 def handle_start_message(
     lc: Lifecycle,
     args: tuple[Any, ...],
@@ -46,6 +97,7 @@ def handle_start_message(
     *,
     claim_id: str,
     traceparent: str | None = None,
+    abandoned_attempt: str | None = None,
 ) -> StartOutcome:
     """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id.
 
@@ -55,69 +107,96 @@ def handle_start_message(
     """
     parent = None if trace.get_current_span().get_span_context().is_valid else traceparent
     with tracing.session_span("session.admit", parent) as span:
-        outcome = _admit(lc, args, kwargs, claim_id, tracing.current_traceparent() or traceparent)
+        message = _Message(
+            args,
+            kwargs,
+            _storable_claim_id(claim_id),
+            tracing.current_traceparent() or traceparent,
+            abandoned_attempt,
+        )
+        outcome = _admit(lc, message)
         tracing.set_attributes(span, request_id=outcome.request_id, status=outcome.status)
         if outcome.status == "failed":
             tracing.mark_error(span, outcome.detail.split(":")[0])
         return outcome
 
 
-def _admit(
-    lc: Lifecycle,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    claim_id: str,
-    traceparent: str | None,
-) -> StartOutcome:
-    digest = payload_digest({"args": list(args), "kwargs": kwargs} if args else kwargs)
+def _storable_claim_id(task_id: str) -> str:
+    """The task id as the row keeps it: any producer may send a very long one."""
+    if len(task_id) <= MAX_CLAIM_ID_LENGTH:
+        return task_id
+    return "sha256:" + hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
     try:
         request = parse_start_request(
-            args, kwargs, max_session_minutes=lc.settings.max_session_minutes
+            message.args, message.kwargs, max_session_minutes=lc.settings.max_session_minutes
         )
     except InvalidStartRequest as error:
-        request_id = _usable_request_id(kwargs.get("request_id")) or claim_id
-        logger.warning("start request %s rejected: %s", request_id, error)
-        store.record_invalid(
-            lc.db,
-            request_id=request_id,
-            claim_id=claim_id,
-            payload=kwargs if not args else {"args": list(args), "kwargs": kwargs},
-            digest=digest,
-            message=str(error),
-            traceparent=traceparent,
-        )
-        metrics.record_start("failed")
-        return StartOutcome(request_id, "failed", f"VALIDATION_ERROR: {error}")
+        return _failed(lc, message, message.fallback_request_id, str(error))
 
-    request_id = request.request_id or claim_id
+    request_id = request.request_id or message.claim_id
     tracing.set_attributes(trace.get_current_span(), avatar_id=request.avatar_id)
-    now = datetime.now(UTC)
-    claim = store.claim(
-        lc.db,
-        request_id=request_id,
-        claim_id=claim_id,
-        payload=kwargs,
-        digest=digest,
-        avatar_id=request.avatar_id,
-        metadata=request.metadata,
-        max_duration_seconds=request.max_duration_seconds,
-        start_deadline_at=(
-            now + timedelta(seconds=request.start_deadline_seconds)
-            if request.start_deadline_seconds
-            else None
-        ),
-        traceparent=traceparent,
-        max_concurrent_sessions=lc.settings.max_concurrent_sessions,
-    )
+    try:
+        claim = store.claim(
+            lc.db,
+            store.ClaimRequest(
+                request_id=request_id,
+                claim_id=message.claim_id,
+                payload=message.kwargs,
+                digest=message.digest,
+                avatar_id=request.avatar_id,
+                metadata=request.metadata,
+                max_duration_seconds=request.max_duration_seconds,
+                start_deadline_seconds=request.start_deadline_seconds,
+                traceparent=message.traceparent,
+            ),
+            max_concurrent_sessions=lc.settings.max_concurrent_sessions,
+            lease_seconds=lc.settings.start_timeout_seconds,
+        )
+    except DataError as error:
+        # A value the checks above let through and Postgres refuses: the request still ends
+        # visibly. Only the SQLSTATE is kept: the server's message may quote the payload.
+        sqlstate = getattr(error.orig, "sqlstate", None) or "unknown"
+        reason = f"the database cannot store this request (SQLSTATE {sqlstate})"
+        return _failed(lc, message, request_id, reason)
+    return _after_claim(lc, message, request_id, claim)
+
+
+def _after_claim(
+    lc: Lifecycle, message: _Message, request_id: str, claim: store.Claim
+) -> StartOutcome:
     if claim.outcome in (store.ClaimOutcome.DUPLICATE, store.ClaimOutcome.CONFLICT):
         logger.info("start request %s: %s, ignored", request_id, claim.outcome.value)
         return StartOutcome(request_id, claim.status, claim.outcome.value)
-    if claim.status == "waiting":
-        metrics.record_start("waiting")
-        return StartOutcome(request_id, "waiting", "waiting for a free slot")
+    if claim.outcome is store.ClaimOutcome.CANCELLED:
+        logger.info("start request %s: stopped before it started, no vendor call", request_id)
+        metrics.record_start("cancelled")
+        return StartOutcome(request_id, claim.status, "stopped before it started")
     if claim.ticket is not None:
         return _start_with(lc, claim.ticket)
-    return run_start(lc, claim.session_id, claim_id)  # a redelivery: carry on from the row
+    if claim.outcome is store.ClaimOutcome.NEW:  # waiting for a slot
+        metrics.record_start("waiting")
+        return StartOutcome(request_id, claim.status, "waiting for a free slot")
+    # A redelivery: carry on from the row.
+    return run_start(lc, claim.session_id, message.claim_id, message.abandoned_attempt, request_id)
+
+
+def _failed(lc: Lifecycle, message: _Message, request_id: str, reason: str) -> StartOutcome:
+    logger.warning("start request %s rejected: %s", request_id, reason)
+    store.record_invalid(
+        lc.db,
+        request_id=request_id,
+        claim_id=message.claim_id,
+        payload=message.received,
+        digest=message.digest,
+        error_code="VALIDATION_ERROR",
+        message=reason,
+        traceparent=message.traceparent,
+    )
+    metrics.record_start("failed")
+    return StartOutcome(request_id, "failed", f"VALIDATION_ERROR: {reason}")
 
 
 def _usable_request_id(value: object) -> str | None:
@@ -126,12 +205,30 @@ def _usable_request_id(value: object) -> str | None:
     return None
 
 
-def run_start(lc: Lifecycle, session_id: uuid.UUID, claim_id: str) -> StartOutcome:
-    """One vendor start for a ``starting`` row this claim owns; safe to call again."""
-    ticket = store.begin_attempt(lc.db, session_id, claim_id)
-    if ticket is None:
-        return StartOutcome("", "unchanged", "no start needed")
-    return _start_with(lc, ticket)
+def run_start(
+    lc: Lifecycle,
+    session_id: uuid.UUID,
+    claim_id: str,
+    abandoned_attempt: str | None = None,
+    request_id: str = "",
+) -> StartOutcome:
+    """One vendor start for a ``starting`` row this claim owns; safe to call again. A live
+    attempt of another delivery is waited for (RetryLater), never doubled."""
+    began = store.begin_attempt(
+        lc.db,
+        session_id,
+        claim_id,
+        lease_seconds=lc.settings.start_timeout_seconds,
+        abandoned_attempt=abandoned_attempt,
+    )
+    if isinstance(began, store.AttemptBusy):
+        logger.info("start request %s: another delivery is starting it, waiting", request_id)
+        raise RetryLater(
+            "a vendor attempt is in progress", began.seconds + random.uniform(0.5, 1.5)
+        )
+    if isinstance(began, str):
+        return StartOutcome(request_id, began, "no start needed")
+    return _start_with(lc, began)
 
 
 def _start_with(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
@@ -167,7 +264,7 @@ def _call_vendor(
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
         if ticket.attempt < MAX_CAPACITY_BOUNCES and store.back_to_waiting(
-            lc.db, ticket.session_id, vendor_error=error.error_code
+            lc.db, ticket, vendor_error=error.error_code
         ):
             logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
             return StartOutcome(ticket.request_id, "waiting", error.error_code)
@@ -176,34 +273,94 @@ def _call_vendor(
         failure = error
     logger.warning("start of request %s failed: %s", ticket.request_id, failure)
     code = failure.error_code
-    store.record_failed(
-        lc.db, ticket.session_id, error_code=code, error_message=failure.vendor_message
-    )
+    store.record_failed(lc.db, ticket, error_code=code, error_message=failure.vendor_message)
     return StartOutcome(ticket.request_id, "failed", code)
 
 
 def _start_deadline(lc: Lifecycle) -> float:
-    """Give up retrying in time for the reconciler: past ``START_TIMEOUT_SECONDS`` from now it
-    fails a row still ``starting``, and a start that then succeeds would be stopped again."""
-    timeout = lc.settings.start_timeout_seconds
-    return time.monotonic() + timeout - min(START_DEADLINE_MARGIN_SECONDS, timeout / 4)
+    """Give up in time for the attempt's lease (``START_TIMEOUT_SECONDS``): past it the
+    reconciler fails a row still ``starting``, and a start that then succeeded would be
+    stopped again."""
+    return time.monotonic() + lease_without_margin(lc.settings.start_timeout_seconds)
+
+
+_OUTAGE = (PoolTimeout, DBAPIError)
+
+
+def _is_outage(error: Exception) -> bool:
+    """A failure of the connection, not of the statement: the write may or may not have
+    happened, and the row tells which."""
+    if isinstance(error, PoolTimeout):
+        return True
+    assert isinstance(error, DBAPIError)
+    return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
 
 
 def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) -> StartOutcome:
-    """Store the vendor's yes; if the row cannot take it, stop that vendor session again."""
+    """Store the vendor's yes. A write whose outcome is unknown (the connection dropped, maybe
+    after the commit) is settled by reading the row again; one that did not land is written
+    again for a few seconds; only then, or if the row no longer wants this session, the vendor
+    session is stopped again (compensation)."""
     vendor_id = start.vendor_session_id
-    try:
-        recorded = store.record_started(lc.db, ticket, start)
-    except SQLAlchemyError:
-        compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
-        raise
-    if recorded is False:
+    give_up_at = time.monotonic() + RECORD_RETRY_SECONDS
+    lease_ends_at = _start_deadline(lc)
+    tries = 0
+    result: store.StopTicket | store.NotRecorded | _Unknown | None
+    while True:
+        tries += 1
+        pool_full = False
+        try:
+            result = store.record_started(lc.db, ticket, start)
+        except _OUTAGE as error:
+            if not _is_outage(error):
+                compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+                raise
+            pool_full = isinstance(error, PoolTimeout)
+            result = _reread(lc, ticket, vendor_id)
+        except SQLAlchemyError:
+            compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+            raise
+        if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
+            break
+        now = time.monotonic()
+        if now >= (lease_ends_at if pool_full else give_up_at):
+            break
+        time.sleep(min(0.1 * 2**tries, 1.0) * random.uniform(0.5, 1.0))
+    if result is None:
+        return StartOutcome(ticket.request_id, "active", vendor_id)
+    if isinstance(result, store.StopTicket):
+        execute_stop(lc, result)
+        return StartOutcome(ticket.request_id, "stopping", "stop requested during start")
+    if result is store.NotRecorded.MOVED_ON:
         compensate(lc, vendor_id, request_id=ticket.request_id, why="request no longer starting")
         return StartOutcome(ticket.request_id, "unchanged", "compensated")
-    if isinstance(recorded, store.StopTicket):
-        execute_stop(lc, recorded)
-        return StartOutcome(ticket.request_id, "stopping", "stop requested during start")
-    return StartOutcome(ticket.request_id, "active", vendor_id)
+    if result is store.NotRecorded.GONE:
+        # The claim was lost (a crash of the database before it reached the disk): this
+        # message must not be acknowledged, so that its redelivery claims the request again.
+        compensate(lc, vendor_id, request_id=ticket.request_id, why="row lost")
+        raise RetryLater("the request's row was lost; claiming it again", 0.0)
+    compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+    raise RetryLater(
+        "the database did not take the vendor's answer", 1.0, abandoned_attempt=ticket.owner
+    )
+
+
+class _Unknown:
+    """The row could not be read either."""
+
+
+_UNKNOWN = _Unknown()
+
+
+def _reread(
+    lc: Lifecycle, ticket: store.StartTicket, vendor_id: str
+) -> store.StopTicket | store.NotRecorded | _Unknown | None:
+    try:
+        return store.start_state(lc.db, ticket, vendor_id)
+    except _OUTAGE as error:
+        if not _is_outage(error):
+            raise
+        return _UNKNOWN
 
 
 def _vendor_start(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+from orchestrator.config import lease_without_margin
 from orchestrator.deepbrain import DeepBrainError, StopOutcome
 from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
@@ -18,6 +20,7 @@ class StopResult:
     found: bool
     status_before: str | None
     vendor_stopped: bool
+    remembered: bool = False  # no row yet: the start, when it comes, ends the request
 
 
 def request_stop(
@@ -37,20 +40,30 @@ def request_stop(
         reason=reason,
         retry_in=lc.settings.stop_retry_seconds,
     )
+    if result.remembered:
+        logger.info("stop of request %s came before its start: remembered", request_id)
+        return StopResult(False, None, False, remembered=True)
     if not result.found:
-        logger.warning("stop for an unknown %s ignored", "request" if request_id else "session")
+        logger.warning("stop for an unknown vendor session ignored")
         return StopResult(False, None, False)
     stopped = execute_stop(lc, result.ticket) if result.ticket is not None else False
     return StopResult(True, result.status_before, stopped)
 
 
-def vendor_stop(lc: Lifecycle, vendor_session_id: str, reason: str) -> StopOutcome:
-    """Stop at the vendor. A 404 counts as gone only if our key still lists sessions."""
+def vendor_stop(
+    lc: Lifecycle, vendor_session_id: str, reason: str, *, deadline: float | None = None
+) -> StopOutcome:
+    """Stop at the vendor, within the stop's lease (``STOP_RETRY_SECONDS``) unless a deadline
+    is given: past the lease another sweep may stop the same session. A 404 counts as gone only
+    if our key still lists sessions."""
+    if deadline is None:
+        deadline = time.monotonic() + lease_without_margin(lc.settings.stop_retry_seconds)
     with metrics.vendor_call("stop"):
-        outcome = lc.vendor.stop_session(vendor_session_id, reason)
+        outcome = lc.vendor.stop_session(vendor_session_id, reason, deadline=deadline)
     if outcome is StopOutcome.NOT_FOUND:
         with metrics.vendor_call("list"):
-            lc.vendor.list_sessions("active", page_size=1)  # VendorAuthError on a wrong key
+            # VendorAuthError on a wrong key
+            lc.vendor.list_sessions("active", page_size=1, deadline=deadline)
     return outcome
 
 
@@ -95,11 +108,11 @@ def finish_confirmed(
     ended = store.finish_stops(
         lc.db, {ticket.session_id: outcome.value for ticket, outcome in confirmed.items()}
     )
-    finished = [ticket for ticket in confirmed if ticket.session_id in ended]
-    for ticket in finished:
-        if ticket.reason == store.MAX_DURATION_REACHED:
-            metrics.record_reaper_lag(ticket.expires_at)
-    return finished
+    for row in ended:
+        if row.end_reason == store.MAX_DURATION_REACHED and row.lag_seconds is not None:
+            metrics.record_reaper_lag(row.lag_seconds)
+    ended_ids = {row.session_id for row in ended}
+    return [ticket for ticket in confirmed if ticket.session_id in ended_ids]
 
 
 def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: str) -> bool:

@@ -1,5 +1,7 @@
 """Every state change of a session row: one short transaction each, guarded by a row lock
-(``SELECT … FOR UPDATE`` on Postgres; SQLite takes its one write lock at BEGIN)."""
+(``SELECT … FOR UPDATE``) or a conditional UPDATE. Every time compared across processes —
+expiry, start timeouts, leases, retry times — is the database's ``now()``, never a host's
+clock."""
 
 from __future__ import annotations
 
@@ -11,11 +13,19 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Interval, Table, bindparam, delete, func, select, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from orchestrator.db import LIVE_STATUSES, Database, EventKind, SessionRow, SessionStatus
+from orchestrator.db import (
+    LIVE_STATUSES,
+    Database,
+    EarlyStop,
+    EventKind,
+    SessionRow,
+    SessionStatus,
+    SweepLease,
+)
 from orchestrator.db.engine import signal_after_commit
 from orchestrator.db.types import JSONDocument, UTCDateTime, utcnow
 from orchestrator.lifecycle import events
@@ -24,8 +34,23 @@ from orchestrator.lifecycle.requests import storable, without_secrets
 S = SessionStatus
 SLOT_FREED = "slot_freed"
 MAX_DURATION_REACHED = "MAX_DURATION_REACHED"  # the reaper's end_reason (vendor vocabulary)
+USER_CLOSED = "USER_CLOSED"
 ADMISSION_LOCK_KEY = 0x5E5511  # pg_advisory_xact_lock: one admission decision at a time
+# A lease that ran out this recently may be about to be taken over by the same message's
+# redelivery, which waited for it: the reconciler leaves it that long before failing the row.
+LEASE_GRACE_SECONDS = 5.0
 LIVE_VALUES = [s.value for s in LIVE_STATUSES]
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock (the transaction's start), the one clock every process shares."""
+    now = session.scalar(select(func.now()))
+    assert now is not None
+    return now
+
+
+def new_attempt_owner() -> str:
+    return uuid.uuid4().hex
 
 
 class ClaimOutcome(Enum):
@@ -33,6 +58,7 @@ class ClaimOutcome(Enum):
     RESUME = "resume"  # the same message again (redelivery): carry on from the row's state
     DUPLICATE = "duplicate"  # another message with the same request_id and payload
     CONFLICT = "conflict"  # same request_id, different payload: ignored, recorded
+    CANCELLED = "cancelled"  # a stop came before the start: recorded as ended
 
 
 @dataclass(frozen=True)
@@ -45,7 +71,8 @@ class Claim:
 
 @dataclass(frozen=True)
 class StartTicket:
-    """What a worker needs to call the vendor, read in the transaction that claimed the attempt."""
+    """What a worker needs to call the vendor, read in the transaction that began the attempt
+    (and took its lease: ``owner`` is the attempt's id)."""
 
     session_id: uuid.UUID
     request_id: str
@@ -54,6 +81,14 @@ class StartTicket:
     sent_at: datetime
     created_at: datetime
     traceparent: str | None
+    owner: str
+
+
+@dataclass(frozen=True)
+class AttemptBusy:
+    """Another delivery of this start holds the attempt's lease for ``seconds`` more."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -74,141 +109,173 @@ def _lock_row(session: Session, session_id: uuid.UUID) -> SessionRow | None:
     ).one_or_none()
 
 
-def _insert_ignoring_conflict(db: Database, values: dict[str, Any]) -> Any:
-    dialect_insert = postgresql.insert if db.is_postgres else sqlite.insert
+def _insert_ignoring_conflict(values: dict[str, Any]) -> Any:
     return (
-        dialect_insert(SessionRow)
+        postgresql.insert(SessionRow)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["request_id"])
         .returning(SessionRow.id)
     )
 
 
-def claim(
-    db: Database,
-    *,
-    request_id: str,
-    claim_id: str,
-    payload: dict[str, Any],
-    digest: str,
-    avatar_id: str,
-    metadata: dict[str, Any] | None,
-    max_duration_seconds: int | None,
-    start_deadline_at: datetime | None,
-    traceparent: str | None,
-    max_concurrent_sessions: int,
-) -> Claim:
-    """Create the row for ``request_id`` — ``starting`` if a slot is free and nobody waits,
-    else ``waiting`` — or say why this message finds one already."""
-    values: dict[str, Any] = {
-        "id": uuid.uuid4(),
-        "request_id": request_id,
-        "claim_id": claim_id,
-        "avatar_id": avatar_id,
-        "payload": payload,
-        "digest": digest,
-        "metadata": metadata,
-        "max_duration_seconds": max_duration_seconds,
-        "start_deadline_at": start_deadline_at,
-        "traceparent": traceparent,
-        "now": utcnow(),
-        "configured_cap": max_concurrent_sessions,
-    }
-    created = _claim_new_row_postgres(db, values) if db.is_postgres else _claim_new_row(db, values)
-    if created is not None:
-        new_id, status, admission = created
-        if status == S.WAITING and admission.free > 0:
-            db.signal(SLOT_FREED)  # others wait while slots are free: admit them FIFO
-        if status == S.WAITING:
-            return Claim(ClaimOutcome.NEW, new_id, status.value)
-        now = values["now"]
-        ticket = StartTicket(new_id, request_id, payload, 1, now, now, traceparent)
-        return Claim(ClaimOutcome.NEW, new_id, status.value, ticket)
-    with db.transaction() as session:
-        row = session.scalars(
-            select(SessionRow).where(SessionRow.request_id == request_id).with_for_update()
-        ).one()
-        if row.claim_id == claim_id:
-            return Claim(ClaimOutcome.RESUME, row.id, row.status)
-        if row.payload_sha256 == digest:
-            events.log(session, EventKind.DUPLICATE, row=row, claim_id=claim_id)
-            return Claim(ClaimOutcome.DUPLICATE, row.id, row.status)
-        events.log(
-            session,
-            EventKind.DUPLICATE_CONFLICT,
-            row=row,
-            claim_id=claim_id,
-            note="same request_id with a different payload; the repeat was ignored",
-        )
-        return Claim(ClaimOutcome.CONFLICT, row.id, row.status)
+# -- admission: the claim --------------------------------------------------------------------
 
-
-NewRow = tuple[uuid.UUID, SessionStatus, "AdmissionState"]
-
-_CLAIM_POSTGRES = text(
-    "SELECT session_id, status, cap, live, waiting FROM orchestrator_claim("
+_CLAIM = text(
+    "SELECT session_id, status, cap, live, waiting, cancelled, at FROM orchestrator_claim("
     ":id, :request_id, :claim_id, :avatar_id, :payload, :digest, :metadata,"
-    " :max_duration_seconds, :start_deadline_at, :traceparent, :now, :configured_cap)"
+    " :max_duration_seconds, :start_deadline_seconds, :traceparent, :configured_cap,"
+    " :attempt_owner, :lease_seconds)"
 ).bindparams(
     bindparam("payload", type_=JSONDocument),
     bindparam("metadata", type_=JSONDocument),
-    bindparam("start_deadline_at", type_=UTCDateTime()),
-    bindparam("now", type_=UTCDateTime()),
 )
 
 
-def _claim_new_row_postgres(db: Database, values: dict[str, Any]) -> NewRow | None:
-    """The admission decision, the insert and its ``created`` event in one autocommitted
-    statement (migration 0003): the admission lock is held only while the server runs it."""
+@dataclass(frozen=True)
+class ClaimRequest:
+    """A start request as the claim stores it."""
+
+    request_id: str
+    claim_id: str
+    payload: dict[str, Any]
+    digest: str
+    avatar_id: str
+    metadata: dict[str, Any] | None
+    max_duration_seconds: int | None
+    start_deadline_seconds: int | None
+    traceparent: str | None
+
+
+def claim(
+    db: Database, request: ClaimRequest, *, max_concurrent_sessions: int, lease_seconds: float
+) -> Claim:
+    """Create the row for the request — ``starting`` (its first attempt counted, its lease
+    taken) if a slot is free and nobody waits, else ``waiting`` — or say why this message finds
+    one already. A stop that came first ends the request here, with no vendor call."""
+    for _ in range(3):
+        claimed = _try_claim(db, request, max_concurrent_sessions, lease_seconds)
+        if claimed is not None:
+            return claimed
+    # An early stop and its pruning raced this claim three times: let the message retry.
+    raise RuntimeError(f"claim of request {request.request_id} did not settle")
+
+
+def _try_claim(
+    db: Database, request: ClaimRequest, max_concurrent_sessions: int, lease_seconds: float
+) -> Claim | None:
+    owner = new_attempt_owner()
     with db.autocommit() as connection:
-        found = connection.execute(_CLAIM_POSTGRES, values).one()
-    if found.session_id is None:
-        return None
-    admission = AdmissionState(found.cap, found.live, found.waiting)
-    return found.session_id, SessionStatus(found.status), admission
+        found = connection.execute(
+            _CLAIM,
+            {
+                "id": uuid.uuid4(),
+                "request_id": request.request_id,
+                "claim_id": request.claim_id,
+                "avatar_id": request.avatar_id,
+                "payload": request.payload,
+                "digest": request.digest,
+                "metadata": request.metadata,
+                "max_duration_seconds": request.max_duration_seconds,
+                "start_deadline_seconds": request.start_deadline_seconds,
+                "traceparent": request.traceparent,
+                "configured_cap": max_concurrent_sessions,
+                "attempt_owner": owner,
+                "lease_seconds": lease_seconds,
+            },
+        ).one()
+    if found.cancelled:
+        cancelled = _record_cancelled(db, request)
+        if cancelled is not None:
+            return Claim(ClaimOutcome.CANCELLED, cancelled, S.ENDED.value)
+    elif found.session_id is not None:
+        admission = AdmissionState(found.cap, found.live, found.waiting)
+        if found.status == S.WAITING:
+            # The message is acknowledged on the strength of this claim, which committed
+            # without waiting for the disk: make it durable first.
+            db.durability_barrier()
+            if admission.free > 0:
+                db.signal(SLOT_FREED)  # others wait while slots are free: admit them FIFO
+            return Claim(ClaimOutcome.NEW, found.session_id, found.status)
+        ticket = StartTicket(
+            found.session_id,
+            request.request_id,
+            request.payload,
+            1,
+            found.at,
+            found.at,
+            request.traceparent,
+            owner,
+        )
+        return Claim(ClaimOutcome.NEW, found.session_id, found.status, ticket)
+    return _existing_row(db, request)
 
 
-def _claim_new_row(db: Database, values: dict[str, Any]) -> NewRow | None:
-    """The same steps as ``orchestrator_claim`` (migration 0003), for SQLite: the transaction
-    began with BEGIN IMMEDIATE, its one write lock, so no other claim runs meanwhile."""
+def _existing_row(db: Database, request: ClaimRequest) -> Claim | None:
     with db.transaction() as session:
-        admission = _admission_state(session, db, values["configured_cap"])
-        status = S.STARTING if admission.free > 0 and admission.waiting == 0 else S.WAITING
-        starting = status == S.STARTING
-        now = values["now"]
+        row = session.scalars(
+            select(SessionRow).where(SessionRow.request_id == request.request_id).with_for_update()
+        ).one_or_none()
+        if row is None:  # the early stop this claim saw was used up or pruned: claim again
+            return None
+        if row.claim_id == request.claim_id and row.payload_sha256 == request.digest:
+            outcome = ClaimOutcome.RESUME
+        elif row.payload_sha256 == request.digest:
+            events.log(session, EventKind.DUPLICATE, row=row, claim_id=request.claim_id)
+            outcome = ClaimOutcome.DUPLICATE
+        else:
+            events.log(
+                session,
+                EventKind.DUPLICATE_CONFLICT,
+                row=row,
+                claim_id=request.claim_id,
+                note="same request_id with a different payload; the repeat was ignored",
+            )
+            outcome = ClaimOutcome.CONFLICT
+        claim = Claim(outcome, row.id, row.status)
+    if outcome is ClaimOutcome.RESUME:
+        # The first delivery's claim may not have reached the disk yet; what follows may
+        # write nothing before this delivery is acknowledged.
+        db.durability_barrier()
+    return claim
+
+
+def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
+    """The row of a request whose stop came first: ``ended`` at once, in one transaction with
+    the early stop's removal (so a crash in between leaves the early stop for a redelivery).
+    None if another delivery got there first."""
+    with db.transaction() as session:
+        early = session.scalars(
+            select(EarlyStop).where(EarlyStop.request_id == request.request_id).with_for_update()
+        ).one_or_none()
+        if early is None:
+            return None
+        now = db_now(session)
         new_id = session.execute(
             _insert_ignoring_conflict(
-                db,
                 {
-                    "id": values["id"],
-                    "request_id": values["request_id"],
-                    "claim_id": values["claim_id"],
-                    "status": status.value,
-                    "avatar_id": values["avatar_id"],
-                    "request_payload": values["payload"],
-                    "payload_sha256": values["digest"],
-                    "session_metadata": values["metadata"],
-                    "max_duration_seconds": values["max_duration_seconds"],
-                    "start_deadline_at": values["start_deadline_at"],
-                    "traceparent": values["traceparent"],
+                    "id": uuid.uuid4(),
+                    "request_id": request.request_id,
+                    "claim_id": request.claim_id,
+                    "status": S.WAITING.value,
+                    "avatar_id": request.avatar_id,
+                    "request_payload": request.payload,
+                    "payload_sha256": request.digest,
+                    "session_metadata": request.metadata,
+                    "max_duration_seconds": request.max_duration_seconds,
+                    "traceparent": request.traceparent,
                     "created_at": now,
-                    "attempts": 1 if starting else 0,
-                    "start_sent_at": now if starting else None,
-                },
+                    "stop_requested_at": early.requested_at,
+                }
             )
         ).scalar_one_or_none()
         if new_id is None:
             return None
-        events.log(
-            session,
-            EventKind.CREATED,
-            session_id=new_id,
-            claim_id=values["claim_id"],
-            status=status.value,
-            live=admission.live,
-            cap=admission.cap,
-        )
-        return new_id, status, admission
+        session.delete(early)
+        row = session.get_one(SessionRow, new_id)
+        session_id: uuid.UUID = row.id
+        events.log(session, EventKind.CREATED, row=row, claim_id=request.claim_id, status="waiting")
+        _finish(session, row, S.ENDED, now, end_reason=early.reason, stopped_before_start=True)
+        return session_id
 
 
 def record_invalid(
@@ -218,31 +285,33 @@ def record_invalid(
     claim_id: str,
     payload: dict[str, Any],
     digest: str,
+    error_code: str,
     message: str,
     traceparent: str | None,
 ) -> uuid.UUID | None:
-    """A message that decoded but breaks the contract becomes a ``failed`` row."""
+    """A message that decoded but cannot be started becomes a ``failed`` row (its payload kept
+    as storable text, without secrets)."""
     payload = storable(payload)
     message = storable(message)
     avatar = payload.get("avatar_id")
     with db.transaction() as session:
+        now = db_now(session)
         new_id = session.execute(
             _insert_ignoring_conflict(
-                db,
                 {
                     "id": uuid.uuid4(),
                     "request_id": request_id,
                     "claim_id": claim_id,
                     "status": S.FAILED.value,
                     "avatar_id": avatar if isinstance(avatar, str) else None,
-                    "request_payload": without_secrets(payload),
+                    "request_payload": payload,
                     "payload_sha256": digest,
-                    "error_code": "VALIDATION_ERROR",
+                    "error_code": error_code,
                     "error_message": message,
                     "traceparent": traceparent,
-                    "created_at": utcnow(),
-                    "ended_at": utcnow(),
-                },
+                    "created_at": now,
+                    "ended_at": now,
+                }
             )
         ).scalar_one_or_none()
         if new_id is None:
@@ -255,31 +324,48 @@ def record_invalid(
                 )
             return None
         row = session.get_one(SessionRow, new_id)
-        events.log(session, EventKind.FAILED, row=row, error_code="VALIDATION_ERROR", error=message)
+        events.log(session, EventKind.FAILED, row=row, error_code=error_code, error=message)
         events.emit(session, row)
         return row.id
 
 
-def begin_attempt(db: Database, session_id: uuid.UUID, claim_id: str) -> StartTicket | None:
-    """Count a vendor start attempt, or None if this row needs no start from this claim.
+# -- starts ----------------------------------------------------------------------------------
+
+
+def begin_attempt(
+    db: Database,
+    session_id: uuid.UUID,
+    claim_id: str,
+    *,
+    lease_seconds: float,
+    abandoned_attempt: str | None = None,
+) -> StartTicket | AttemptBusy | str:
+    """Count a vendor start attempt and take its lease. AttemptBusy if another delivery holds
+    a live lease (``abandoned_attempt``, an attempt this message itself gave up on, does not
+    count); else the row's status if this claim has no start to make.
 
     A stop that arrived before any vendor call ends the row here, with no call at all.
     """
     with db.transaction() as session:
         row = _lock_row(session, session_id)
-        if (
-            row is None
-            or row.status != S.STARTING
-            or row.vendor_session_id is not None
-            or row.claim_id != claim_id
-        ):
-            return None
-        now = utcnow()
-        if row.stop_requested_at is not None:
-            _finish(session, row, S.ENDED, end_reason=row.end_reason or "USER_CLOSED")
-            return None
+        if row is None:
+            return "gone"
+        if row.vendor_session_id is not None or row.claim_id != claim_id:
+            return row.status
+        now = db_now(session)
+        if row.stop_requested_at is not None and row.status in (S.WAITING, S.STARTING):
+            _finish(session, row, S.ENDED, now, end_reason=row.end_reason or USER_CLOSED)
+            return row.status
+        if row.status != S.STARTING:
+            return row.status
+        lease = row.attempt_lease_until
+        if lease is not None and lease > now and row.attempt_owner != abandoned_attempt:
+            return AttemptBusy((lease - now).total_seconds())
+        owner = new_attempt_owner()
         row.attempts += 1
         row.start_sent_at = now
+        row.attempt_owner = owner
+        row.attempt_lease_until = now + timedelta(seconds=lease_seconds)
         events.log(session, EventKind.START_ATTEMPT, row=row, attempt=row.attempts)
         return StartTicket(
             row.id,
@@ -289,6 +375,7 @@ def begin_attempt(db: Database, session_id: uuid.UUID, claim_id: str) -> StartTi
             now,
             row.created_at,
             row.traceparent,
+            owner,
         )
 
 
@@ -306,21 +393,29 @@ class VendorStart:
 
 
 _SESSIONS: Table = SessionRow.__table__  # type: ignore[assignment]
+STOP_RETRY_AFTER_START_SECONDS = 30.0
+
+
+class NotRecorded(Enum):
+    """Why ``record_started`` wrote nothing."""
+
+    GONE = "gone"  # no row at all (lost in a crash of the database): claim the request again
+    MOVED_ON = "moved on"  # the row no longer wants this vendor session: stop it again
+    PENDING = "pending"  # the row still waits for this attempt's answer: write it again
 
 
 def record_started(
     db: Database, ticket: StartTicket, start: VendorStart
-) -> StopTicket | bool | None:
-    """Store the vendor's answer. Returns False if the row no longer wants this session (the
-    caller must stop it: compensation), a StopTicket if a stop was requested meanwhile, else None.
+) -> StopTicket | NotRecorded | None:
+    """Store the vendor's answer. Returns None (the row is ``active``), a StopTicket if a stop
+    was requested meanwhile (the caller owes the vendor stop), or why nothing was written.
 
-    The hot path of every start: on Postgres one autocommitted statement (the conditional
-    UPDATE that guards the transition, the ``active`` event, the outbox row, and the move to
-    ``stopping`` if a stop was requested meanwhile), so no transaction waits on this process.
+    The hot path of every start: one autocommitted statement (the conditional UPDATE that
+    guards the transition — still ``starting``, no vendor session yet, this attempt's lease —,
+    the ``active`` event, the outbox row, and the move to ``stopping`` if a stop was requested
+    meanwhile), so no transaction waits on this process.
     """
-    if not db.is_postgres:
-        return _record_started(db, ticket, start)
-    now = utcnow()
+    now = utcnow()  # the event body's occurred_at only; the row's times are the server's
     event_id = uuid.uuid4()
     body = events.body_for(
         event_id,
@@ -335,9 +430,10 @@ def record_started(
     )
     with db.autocommit() as connection:
         marked = connection.execute(
-            _RECORD_STARTED_POSTGRES,
+            _RECORD_STARTED,
             {
                 "id": ticket.session_id,
+                "owner": ticket.owner,
                 "vendor_session_id": start.vendor_session_id,
                 "voice_id": start.voice_id,
                 "livekit_url": start.livekit_url,
@@ -346,17 +442,22 @@ def record_started(
                 "livekit_token_expires_at": start.livekit_token_expires_at,
                 "granted_minutes": start.granted_minutes,
                 "max_session_numbers": start.max_session_numbers,
-                "now": now,
                 "expires_at": start.expires_at,
                 "request_payload": without_secrets(ticket.payload),
-                "stop_retry_at": now + timedelta(seconds=STOP_RETRY_AFTER_START_SECONDS),
+                "stop_retry_in": timedelta(seconds=STOP_RETRY_AFTER_START_SECONDS),
                 "event_id": event_id,
+                "routing_key": events.ROUTING_KEYS[S.ACTIVE.value],
                 "body": body,
                 "traceparent": ticket.traceparent,
             },
         ).one_or_none()
     if marked is None:
-        return False
+        # Nothing matched: find out why (or that an earlier write, whose reply was lost,
+        # recorded this very session already).
+        state = start_state(db, ticket, start.vendor_session_id)
+        if not isinstance(state, NotRecorded):
+            db.signal(events.EVENTS_PENDING)
+        return state
     db.signal(events.EVENTS_PENDING)
     if marked.status != S.STOPPING:
         return None
@@ -370,8 +471,7 @@ def record_started(
     )
 
 
-STOP_RETRY_AFTER_START_SECONDS = 30.0
-_RECORD_STARTED_POSTGRES = text(
+_RECORD_STARTED = text(
     """
 WITH marked AS (
     UPDATE sessions SET
@@ -379,7 +479,7 @@ WITH marked AS (
         end_reason = CASE WHEN stop_requested_at IS NULL THEN end_reason
                           ELSE coalesce(end_reason, 'USER_CLOSED') END,
         stop_retry_at = CASE WHEN stop_requested_at IS NULL THEN NULL
-                             ELSE :stop_retry_at END,
+                             ELSE now() + :stop_retry_in END,
         vendor_session_id = :vendor_session_id,
         voice_id = :voice_id,
         livekit_url = :livekit_url,
@@ -388,15 +488,17 @@ WITH marked AS (
         livekit_token_expires_at = :livekit_token_expires_at,
         granted_max_duration_minutes = :granted_minutes,
         max_session_numbers = :max_session_numbers,
-        started_at = :now,
+        started_at = now(),
         expires_at = :expires_at,
+        attempt_lease_until = NULL,
         request_payload = :request_payload
     WHERE id = :id AND status = 'starting' AND vendor_session_id IS NULL
+      AND attempt_owner = :owner
     RETURNING id, attempts, status, end_reason
 ),
 logged AS (
     INSERT INTO session_events (session_id, vendor_session_id, occurred_at, kind, detail)
-    SELECT id, :vendor_session_id, :now, kind, detail FROM (
+    SELECT id, :vendor_session_id, now(), kind, detail FROM (
         SELECT 1 AS n, id, 'active' AS kind, jsonb_build_object('attempt', attempts) AS detail
           FROM marked
         UNION ALL
@@ -406,61 +508,89 @@ logged AS (
 ),
 queued AS (
     INSERT INTO event_outbox (event_id, routing_key, body, traceparent, created_at)
-    SELECT :event_id, 'session.active', :body, :traceparent, :now FROM marked
+    SELECT :event_id, :routing_key, :body, :traceparent, now() FROM marked
 )
 SELECT status, end_reason FROM marked
 """
 ).bindparams(
     bindparam("livekit_token_expires_at", type_=UTCDateTime()),
-    bindparam("now", type_=UTCDateTime()),
     bindparam("expires_at", type_=UTCDateTime()),
-    bindparam("stop_retry_at", type_=UTCDateTime()),
     bindparam("request_payload", type_=JSONDocument),
     bindparam("body", type_=JSONDocument),
 )
 
 
-def _record_started(
-    db: Database, ticket: StartTicket, start: VendorStart
-) -> StopTicket | bool | None:
-    """``record_started`` for SQLite (the demo): the same steps as
-    ``_RECORD_STARTED_POSTGRES``, through the ORM in one transaction."""
+def start_state(
+    db: Database, ticket: StartTicket, vendor_session_id: str
+) -> StopTicket | NotRecorded | None:
+    """Where the row of an attempt stands, read afresh (after a write whose outcome is unknown,
+    e.g. a lost commit reply): None if it holds ``vendor_session_id`` (recorded), a StopTicket
+    if it holds it and a stop is owed, else why it does not."""
     with db.transaction() as session:
-        row = _lock_row(session, ticket.session_id)
-        if row is None or row.status != S.STARTING or row.vendor_session_id is not None:
-            return False
-        row.status = S.ACTIVE.value
-        row.vendor_session_id = start.vendor_session_id
-        row.voice_id = start.voice_id
-        row.livekit_url = start.livekit_url
-        row.livekit_room = start.livekit_room
-        row.livekit_token = start.livekit_token
-        row.livekit_token_expires_at = start.livekit_token_expires_at
-        row.granted_max_duration_minutes = start.granted_minutes
-        row.max_session_numbers = start.max_session_numbers
-        row.started_at = utcnow()
-        row.expires_at = start.expires_at
-        row.request_payload = without_secrets(row.request_payload)
-        session.flush()
-        events.log(session, EventKind.ACTIVE, row=row, attempt=row.attempts)
-        events.emit(session, row)
-        if row.stop_requested_at is None:
-            return None
-        reason = row.end_reason or "USER_CLOSED"
-        return _to_stopping(session, row, reason, STOP_RETRY_AFTER_START_SECONDS)
+        row = session.get(SessionRow, ticket.session_id)
+        if row is None:
+            return NotRecorded.GONE
+        if row.vendor_session_id == vendor_session_id:
+            if row.status != S.STOPPING:
+                return None
+            return StopTicket(
+                row.id,
+                row.request_id,
+                vendor_session_id,
+                row.end_reason or USER_CLOSED,
+                row.traceparent,
+                row.expires_at,
+            )
+        if (
+            row.status == S.STARTING
+            and row.vendor_session_id is None
+            and row.attempt_owner == ticket.owner
+        ):
+            return NotRecorded.PENDING
+        return NotRecorded.MOVED_ON
 
 
 def record_failed(
-    db: Database, session_id: uuid.UUID, *, error_code: str, error_message: str
+    db: Database, ticket: StartTicket, *, error_code: str, error_message: str
 ) -> bool:
-    """``starting`` → ``failed``; False if the row had already moved on."""
+    """``starting`` → ``failed`` for this attempt; False if the row had moved on (another
+    attempt holds it, or it ended)."""
     with db.transaction() as session:
-        row = _lock_row(session, session_id)
-        if row is None or row.status not in (S.STARTING, S.WAITING):
+        row = _lock_row(session, ticket.session_id)
+        if (
+            row is None
+            or row.status != S.STARTING
+            or row.vendor_session_id is not None
+            or row.attempt_owner != ticket.owner
+        ):
             return False
         row.error_code = error_code
         row.error_message = error_message
-        _finish(session, row, S.FAILED)
+        _finish(session, row, S.FAILED, db_now(session))
+        return True
+
+
+def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> bool:
+    """The vendor said the account is at its limit: wait again (first in line, by age)."""
+    with db.transaction() as session:
+        row = _lock_row(session, ticket.session_id)
+        if (
+            row is None
+            or row.status != S.STARTING
+            or row.vendor_session_id is not None
+            or row.attempt_owner != ticket.owner
+        ):
+            return False
+        if row.stop_requested_at is not None:
+            _finish(
+                session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED
+            )
+            return True
+        row.status = S.WAITING.value
+        row.attempt_owner = None
+        row.attempt_lease_until = None
+        row.admitted_at = None
+        events.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
         return True
 
 
@@ -468,19 +598,22 @@ def _finish(
     session: Session,
     row: SessionRow,
     status: SessionStatus,
+    now: datetime,
     *,
     end_reason: str | None = None,
     **detail: Any,
 ) -> None:
-    """The one terminal transition: clears the LiveKit token and the payload's secrets."""
+    """The one terminal transition: clears the LiveKit token, the lease and the payload's
+    secrets."""
     if row.status in LIVE_VALUES:
         signal_after_commit(session, SLOT_FREED)
     row.status = status.value
-    row.ended_at = utcnow()
+    row.ended_at = now
     if end_reason is not None:
         row.end_reason = end_reason
     row.livekit_token = None
     row.stop_retry_at = None
+    row.attempt_lease_until = None
     row.request_payload = without_secrets(row.request_payload)
     session.flush()
     events.log(
@@ -494,11 +627,13 @@ def _finish(
     events.emit(session, row)
 
 
+# -- stops -----------------------------------------------------------------------------------
+
+
 def _to_stopping(
-    session: Session, row: SessionRow, reason: str, retry_in: float = 30.0
+    session: Session, row: SessionRow, reason: str, now: datetime, retry_in: float
 ) -> StopTicket:
     assert row.vendor_session_id is not None
-    now = utcnow()
     row.status = S.STOPPING.value
     row.end_reason = reason
     row.stop_requested_at = row.stop_requested_at or now
@@ -514,6 +649,7 @@ class StopRequestResult:
     found: bool
     status_before: str | None
     ticket: StopTicket | None
+    remembered: bool = False  # no row yet: kept in early_stops for the start to find
 
 
 def request_stop(
@@ -522,9 +658,14 @@ def request_stop(
     request_id: str | None = None,
     vendor_session_id: str | None = None,
     reason: str,
-    retry_in: float = 30.0,
+    retry_in: float,
 ) -> StopRequestResult:
-    """Apply a stop request to the row; a ticket means this caller owes the vendor stop."""
+    """Apply a stop request to the row; a ticket means this caller owes the vendor stop.
+
+    A stop by ``request_id`` that finds no row came before its start (the queues are separate):
+    it is remembered, under the admission lock so that no claim can slip in between the look
+    for a row and the memo, and the claim of that start finds it.
+    """
     with db.transaction() as session:
         query = select(SessionRow).with_for_update()
         if request_id is not None:
@@ -532,20 +673,47 @@ def request_stop(
         else:
             query = query.where(SessionRow.vendor_session_id == vendor_session_id)
         row = session.scalars(query).one_or_none()
+        if row is None and request_id is not None:
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
+            row = session.scalars(query).one_or_none()  # a claim may have committed meanwhile
+            if row is None:
+                session.execute(
+                    postgresql.insert(EarlyStop)
+                    .values(request_id=request_id, reason=reason)
+                    .on_conflict_do_nothing(index_elements=["request_id"])
+                )
+                events.log(
+                    session, EventKind.STOP_BEFORE_START, request_id=request_id, reason=reason
+                )
+                return StopRequestResult(False, None, None, remembered=True)
         if row is None:
             return StopRequestResult(False, None, None)
         before = row.status
+        now = db_now(session)
         if row.status == S.WAITING:
-            _finish(session, row, S.ENDED, end_reason=reason)
+            _finish(session, row, S.ENDED, now, end_reason=reason)
         elif row.status == S.STARTING and row.stop_requested_at is None:
-            row.stop_requested_at = utcnow()
+            row.stop_requested_at = now
             row.end_reason = reason
             events.log(
                 session, EventKind.STOP_REQUESTED, row=row, reason=reason, while_status=before
             )
         elif row.status == S.ACTIVE:
-            return StopRequestResult(True, before, _to_stopping(session, row, reason, retry_in))
+            return StopRequestResult(
+                True, before, _to_stopping(session, row, reason, now, retry_in)
+            )
         return StopRequestResult(True, before, None)
+
+
+def prune_early_stops(db: Database, *, older_than_seconds: float) -> int:
+    """Forget stops whose start never came within the retention."""
+    with db.transaction() as session:
+        pruned = session.execute(
+            delete(EarlyStop)
+            .where(EarlyStop.requested_at < func.now() - timedelta(seconds=older_than_seconds))
+            .returning(EarlyStop.request_id)
+        ).all()
+        return len(pruned)
 
 
 _FINISH_STOPPED = (
@@ -554,34 +722,38 @@ _FINISH_STOPPED = (
         _SESSIONS.c.id.in_(bindparam("ids", expanding=True)),
         _SESSIONS.c.status == S.STOPPING.value,
     )
-    .values(status=S.ENDED.value, ended_at=bindparam("now"), livekit_token=None, stop_retry_at=None)
+    .values(status=S.ENDED.value, ended_at=func.now(), livekit_token=None, stop_retry_at=None)
     .returning(
         _SESSIONS.c.id,
         _SESSIONS.c.request_id,
         _SESSIONS.c.vendor_session_id,
         _SESSIONS.c.end_reason,
         _SESSIONS.c.expires_at,
+        _SESSIONS.c.ended_at,
         _SESSIONS.c.traceparent,
     )
 )
 
 
-def finish_stops(db: Database, outcomes: dict[uuid.UUID, str]) -> set[uuid.UUID]:
+@dataclass(frozen=True)
+class Ended:
+    session_id: uuid.UUID
+    end_reason: str | None
+    lag_seconds: float | None  # ended_at - expires_at, by the database's clock
+
+
+def finish_stops(db: Database, outcomes: dict[uuid.UUID, str]) -> list[Ended]:
     """``stopping`` → ``ended`` for the rows whose vendor stop was confirmed (or that the vendor
     said were already gone): ``outcomes`` maps row id → vendor outcome. One transaction for a
-    whole sweep batch; returns the ids that were still ``stopping`` (now ``ended``).
+    whole sweep batch; returns the rows that were still ``stopping`` (now ``ended``).
 
     ``_finish`` for the common case as Core statements: a ``stopping`` row came from
     ``active``, whose start already cleared the payload's secrets.
     """
     if not outcomes:
-        return set()
+        return []
     with db.transaction() as session:
-        ended = (
-            session.connection()
-            .execute(_FINISH_STOPPED, {"ids": list(outcomes), "now": utcnow()})
-            .all()
-        )
+        ended = session.connection().execute(_FINISH_STOPPED, {"ids": list(outcomes)}).all()
         entries = [
             events.Entry(
                 r.id,
@@ -605,7 +777,14 @@ def finish_stops(db: Database, outcomes: dict[uuid.UUID, str]) -> set[uuid.UUID]
         events.emit_now(session, updates)
         if ended:
             signal_after_commit(session, SLOT_FREED)
-    return {r.id for r in ended}
+    return [
+        Ended(
+            r.id,
+            r.end_reason,
+            (r.ended_at - r.expires_at).total_seconds() if r.expires_at else None,
+        )
+        for r in ended
+    ]
 
 
 def stop_failed(
@@ -618,18 +797,20 @@ def stop_failed(
             return
         row.stop_attempts += 1
         delay = min(max_delay, base_delay * 2 ** (row.stop_attempts - 1))
-        row.stop_retry_at = utcnow() + timedelta(seconds=delay * random.uniform(0.5, 1.0))
+        row.stop_retry_at = db_now(session) + timedelta(seconds=delay * random.uniform(0.5, 1.0))
         events.log(
             session, EventKind.STOP_ATTEMPT_FAILED, row=row, attempt=row.stop_attempts, error=error
         )
 
+
+# -- the reaper ------------------------------------------------------------------------------
 
 _CLAIM_EXPIRED = (
     _SESSIONS.update()
     .where(
         _SESSIONS.c.id.in_(
             select(_SESSIONS.c.id)
-            .where(_SESSIONS.c.status == S.ACTIVE.value, _SESSIONS.c.expires_at <= bindparam("now"))
+            .where(_SESSIONS.c.status == S.ACTIVE.value, _SESSIONS.c.expires_at <= func.now())
             .order_by(_SESSIONS.c.expires_at)
             .limit(bindparam("limit"))
             .with_for_update(skip_locked=True)
@@ -638,8 +819,8 @@ _CLAIM_EXPIRED = (
     .values(
         status=S.STOPPING.value,
         end_reason=MAX_DURATION_REACHED,
-        stop_requested_at=func.coalesce(_SESSIONS.c.stop_requested_at, bindparam("now")),
-        stop_retry_at=bindparam("retry_at"),
+        stop_requested_at=func.coalesce(_SESSIONS.c.stop_requested_at, func.now()),
+        stop_retry_at=func.now() + bindparam("retry_in", type_=Interval()),
     )
     .returning(
         _SESSIONS.c.id,
@@ -658,13 +839,10 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
     The expired rows are claimed by one UPDATE … RETURNING (a thousand sessions may expire
     together); due retries are few and go through the ORM.
     """
-    now = utcnow()
-    retry_at = now + timedelta(seconds=retry_in)
+    retry = timedelta(seconds=retry_in)
     with db.transaction() as session:
         expired = sorted(
-            session.connection()
-            .execute(_CLAIM_EXPIRED, {"now": now, "limit": limit, "retry_at": retry_at})
-            .all(),
+            session.connection().execute(_CLAIM_EXPIRED, {"limit": limit, "retry_in": retry}).all(),
             key=lambda r: r.expires_at,
         )
         reason = MAX_DURATION_REACHED
@@ -679,11 +857,13 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
         )
         due: Sequence[SessionRow] = session.scalars(
             select(SessionRow)
-            .where(SessionRow.status == S.STOPPING.value, SessionRow.stop_retry_at <= now)
+            .where(SessionRow.status == S.STOPPING.value, SessionRow.stop_retry_at <= func.now())
             .order_by(SessionRow.stop_retry_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
+        if due:
+            retry_at = db_now(session) + retry
         for row in due:
             assert row.vendor_session_id is not None
             row.stop_retry_at = retry_at
@@ -700,20 +880,24 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
     return tickets
 
 
-def expiries_before(db: Database, until: datetime, *, limit: int = 10_000) -> list[datetime]:
-    """``expires_at`` of the ``active`` rows that expire from now until ``until``."""
+def seconds_to_expiries(db: Database, horizon: float, *, limit: int = 10_000) -> list[float]:
+    """Seconds from now (the database's) to the expiry of each ``active`` row that expires
+    within ``horizon`` seconds."""
     with db.transaction() as session:
         found = session.scalars(
-            select(SessionRow.expires_at)
+            select(func.extract("epoch", SessionRow.expires_at - func.now()))
             .where(
                 SessionRow.status == S.ACTIVE.value,
-                SessionRow.expires_at > utcnow(),
-                SessionRow.expires_at <= until,
+                SessionRow.expires_at > func.now(),
+                SessionRow.expires_at <= func.now() + timedelta(seconds=horizon),
             )
             .order_by(SessionRow.expires_at)
             .limit(limit)
         ).all()
-    return [e for e in found if e is not None]
+    return [float(s) for s in found]
+
+
+# -- the reconciler --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -722,6 +906,11 @@ class LiveVendorRow:
     vendor_session_id: str
     started_at: datetime | None
     traceparent: str | None
+
+
+def database_time(db: Database) -> datetime:
+    with db.transaction() as session:
+        return db_now(session)
 
 
 def live_vendor_rows(db: Database) -> list[LiveVendorRow]:
@@ -768,33 +957,58 @@ def record_vendor_ended(
         if row is None or row.status not in (S.ACTIVE, S.STOPPING):
             return False
         reason = row.end_reason if row.status == S.STOPPING and row.end_reason else end_reason
-        _finish(session, row, S.ENDED, end_reason=reason, source="reconciler")
-        if ended_at is not None:
-            row.ended_at = ended_at
+        _finish(
+            session,
+            row,
+            S.ENDED,
+            ended_at or db_now(session),
+            end_reason=reason,
+            source="reconciler",
+        )
         return True
 
 
-def fail_stuck_starts(db: Database, *, older_than: datetime) -> list[str]:
-    """``starting`` rows with no vendor id whose last attempt began before ``older_than``."""
+@dataclass(frozen=True)
+class StuckStarts:
+    failed: list[str]  # request ids failed START_TIMEOUT
+    redispatch: list[tuple[uuid.UUID, str]]  # (row id, claim id) to dispatch again
+
+
+def resolve_stuck_starts(db: Database, *, start_timeout: float) -> StuckStarts:
+    """``starting`` rows nobody is starting: an attempt whose lease ran out (its worker died,
+    or the vendor never answered) fails ``START_TIMEOUT``; a row admitted longer than the start
+    timeout ago with no attempt since (its dispatch was lost) is dispatched again."""
     failed: list[str] = []
+    redispatch: list[tuple[uuid.UUID, str]] = []
     with db.transaction() as session:
+        now = db_now(session)
         rows = session.scalars(
             select(SessionRow)
             .where(
                 SessionRow.status == S.STARTING.value,
                 SessionRow.vendor_session_id.is_(None),
-                func.coalesce(SessionRow.start_sent_at, SessionRow.created_at) < older_than,
+                SessionRow.attempt_lease_until.is_(None) | (SessionRow.attempt_lease_until < now),
             )
             .with_for_update(skip_locked=True)
         ).all()
+        cutoff = now - timedelta(seconds=start_timeout)
+        grace = now - timedelta(seconds=LEASE_GRACE_SECONDS)
         for row in rows:
-            row.error_code = "START_TIMEOUT"
-            row.error_message = (
-                "no vendor answer recorded within ORCHESTRATOR_START_TIMEOUT_SECONDS"
-            )
-            _finish(session, row, S.FAILED)
-            failed.append(row.request_id)
-    return failed
+            if row.attempt_owner is not None:
+                if row.attempt_lease_until is not None and row.attempt_lease_until > grace:
+                    continue
+                row.error_code = "START_TIMEOUT"
+                row.error_message = (
+                    "no vendor answer recorded within ORCHESTRATOR_START_TIMEOUT_SECONDS"
+                )
+                _finish(session, row, S.FAILED, now)
+                failed.append(row.request_id)
+            elif (row.admitted_at or row.start_sent_at or row.created_at) < cutoff:
+                assert row.claim_id is not None
+                row.admitted_at = now
+                events.log(session, EventKind.REDISPATCHED, row=row)
+                redispatch.append((row.id, row.claim_id))
+    return StuckStarts(failed, redispatch)
 
 
 def log_orphan_stop(
@@ -811,6 +1025,47 @@ def log_orphan_stop(
         )
 
 
+_LEASES: Table = SweepLease.__table__  # type: ignore[assignment]
+
+
+def take_sweep_lease(
+    db: Database, name: str, owner: str, *, seconds: float, spacing: float
+) -> bool:
+    """Take the deployment-wide lease for sweep ``name`` unless another holder's is live or a
+    sweep finished less than ``spacing`` seconds ago (a backlog of sweep messages then costs
+    nothing)."""
+    table = _LEASES
+    statement = (
+        postgresql.insert(SweepLease)
+        .values(name=name, owner=owner, lease_until=func.now() + timedelta(seconds=seconds))
+        .on_conflict_do_update(
+            index_elements=["name"],
+            set_={"owner": owner, "lease_until": func.now() + timedelta(seconds=seconds)},
+            where=(
+                (table.c.lease_until.is_(None) | (table.c.lease_until < func.now()))
+                & (
+                    table.c.finished_at.is_(None)
+                    | (table.c.finished_at < func.now() - timedelta(seconds=spacing))
+                )
+            ),
+        )
+        .returning(SweepLease.owner)
+    )
+    with db.transaction() as session:
+        return session.execute(statement).scalar_one_or_none() == owner
+
+
+def release_sweep_lease(db: Database, name: str, owner: str) -> None:
+    with db.transaction() as session:
+        lease = session.get(SweepLease, name, with_for_update=True)
+        if lease is not None and lease.owner == owner:
+            lease.lease_until = None
+            lease.finished_at = db_now(session)
+
+
+# -- admission -------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class AdmissionState:
     """What one admission decision needs; the counts stop early because they run under the
@@ -825,54 +1080,30 @@ class AdmissionState:
         return max(0, self.cap - self.live)
 
 
-def _admission_state(session: Session, db: Database, configured_cap: int) -> AdmissionState:
-    """Counted under one lock, so no two workers hand out the same free slot.
-
-    The effective cap is the lower of ours and the vendor's last reported limit. On Postgres
-    the count is ``orchestrator_admission_state()`` (migration 0003), which the claim uses too.
-    """
-    if db.is_postgres:
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
-        found = session.execute(_ADMISSION_STATE_POSTGRES, {"cap": configured_cap}).one()
-        return AdmissionState(found.cap, found.live, found.waiting)
-    # SQLite: the transaction began with BEGIN IMMEDIATE, the one write lock.
-    vendor_cap = session.scalar(
-        select(SessionRow.max_session_numbers)
-        .where(SessionRow.max_session_numbers.is_not(None), SessionRow.started_at.is_not(None))
-        .order_by(SessionRow.started_at.desc())
-        .limit(1)
-    )
-    cap = min(configured_cap, vendor_cap) if vendor_cap else configured_cap
-    live = session.scalar(
-        select(func.count()).select_from(
-            select(SessionRow.id).where(SessionRow.status.in_(LIVE_VALUES)).limit(cap).subquery()
-        )
-    )
-    waiting = session.scalar(
-        select(func.count()).select_from(
-            select(SessionRow.id).where(SessionRow.status == S.WAITING.value).limit(1).subquery()
-        )
-    )
-    return AdmissionState(cap, live or 0, waiting or 0)
+_ADMISSION_STATE = text("SELECT cap, live, waiting FROM orchestrator_admission_state(:cap)")
 
 
-_ADMISSION_STATE_POSTGRES = text(
-    "SELECT cap, live, waiting FROM orchestrator_admission_state(:cap)"
-)
+def _admission_state(session: Session, configured_cap: int) -> AdmissionState:
+    """Counted under one lock, so no two workers hand out the same free slot. The effective
+    cap is the lower of ours and the vendor's last reported limit (migration 0003)."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
+    found = session.execute(_ADMISSION_STATE, {"cap": configured_cap}).one()
+    return AdmissionState(found.cap, found.live, found.waiting)
 
 
 def admission_state(db: Database, configured_cap: int) -> AdmissionState:
     with db.transaction() as session:
-        return _admission_state(session, db, configured_cap)
+        return _admission_state(session, configured_cap)
 
 
 def admit(db: Database, *, configured_cap: int) -> list[tuple[uuid.UUID, str]]:
     """Move the oldest ``waiting`` rows into the free slots; (row id, new claim id) each."""
     admitted: list[tuple[uuid.UUID, str]] = []
     with db.transaction() as session:
-        state = _admission_state(session, db, configured_cap)
+        state = _admission_state(session, configured_cap)
         if state.free == 0 or state.waiting == 0:
             return admitted
+        now = db_now(session)
         rows = session.scalars(
             select(SessionRow)
             .where(SessionRow.status == S.WAITING.value)
@@ -883,7 +1114,10 @@ def admit(db: Database, *, configured_cap: int) -> list[tuple[uuid.UUID, str]]:
         for row in rows:
             row.status = S.STARTING.value
             row.claim_id = f"admit-{uuid.uuid4()}"
-            waited = (utcnow() - row.created_at).total_seconds()
+            row.admitted_at = now
+            row.attempt_owner = None
+            row.attempt_lease_until = None
+            waited = (now - row.created_at).total_seconds()
             events.log(session, EventKind.ADMITTED, row=row, waited_seconds=round(waited, 3))
             admitted.append((row.id, row.claim_id))
     return admitted
@@ -893,31 +1127,18 @@ def expire_waiting(db: Database) -> list[str]:
     """``waiting`` rows past their ``start_deadline_at`` → ``failed`` ``CAPACITY_TIMEOUT``."""
     expired: list[str] = []
     with db.transaction() as session:
+        now = db_now(session)
         rows = session.scalars(
             select(SessionRow)
-            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= utcnow())
+            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= now)
             .with_for_update(skip_locked=True)
         ).all()
         for row in rows:
             row.error_code = "CAPACITY_TIMEOUT"
             row.error_message = "no free session slot before start_deadline_seconds passed"
-            _finish(session, row, S.FAILED)
+            _finish(session, row, S.FAILED, now)
             expired.append(row.request_id)
     return expired
-
-
-def back_to_waiting(db: Database, session_id: uuid.UUID, *, vendor_error: str) -> bool:
-    """The vendor said the account is at its limit: wait again (first in line, by age)."""
-    with db.transaction() as session:
-        row = _lock_row(session, session_id)
-        if row is None or row.status != S.STARTING or row.vendor_session_id is not None:
-            return False
-        if row.stop_requested_at is not None:
-            _finish(session, row, S.ENDED, end_reason=row.end_reason or "USER_CLOSED")
-            return True
-        row.status = S.WAITING.value
-        events.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
-        return True
 
 
 def has_waiting(db: Database) -> bool:

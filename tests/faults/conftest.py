@@ -59,8 +59,8 @@ def fault_settings(
             "reconcile_interval_seconds": RECONCILE_INTERVAL_SECONDS,
             "orphan_grace_seconds": ORPHAN_GRACE_SECONDS,
             "start_timeout_seconds": START_TIMEOUT_SECONDS,
-            "stop_retry_seconds": 1.0,
-            "vendor_timeout_seconds": 5.0,
+            "stop_retry_seconds": 3.0,
+            "vendor_timeout_seconds": 2.0,
             "max_concurrent_sessions": 1000,
         }
         values.update(overrides)

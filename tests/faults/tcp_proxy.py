@@ -6,6 +6,8 @@ while the server itself (shared with the rest of the suite) keeps running.
         url = f"postgresql://postgres@127.0.0.1:{proxy.port}/db"
         proxy.cut()       # existing connections reset, new ones refused (nothing listens)
         proxy.restore()   # listen again on the same port
+        proxy.drop_reply_to(b"UPDATE")  # that statement reaches the server; its reply never
+                                        # reaches the client, whose connection is then reset
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._serving = threading.Event()
+        self._drop_marker: bytes | None = None
+        self._reset_after = 0.5
+        self._blackholed: set[tuple[socket.socket, socket.socket]] = set()
+        self.replies_dropped = 0
 
     # -- control ----------------------------------------------------------------------
 
@@ -70,6 +76,14 @@ class TcpProxy:
             _reset(client)
             _reset(upstream)
         return len(pairs)
+
+    def drop_reply_to(self, marker: bytes, reset_after: float = 0.5) -> None:
+        """Once: the next client chunk containing ``marker`` reaches the server, but nothing
+        the server answers on that connection reaches the client, and the connection is reset
+        ``reset_after`` seconds later (the server has executed, and committed, by then)."""
+        with self._lock:
+            self._drop_marker = marker
+            self._reset_after = reset_after
 
     def restore(self) -> None:
         """Listen again, on the same port."""
@@ -125,14 +139,31 @@ class TcpProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink, pair), daemon=True).start()
 
+    def _reset_pair(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        with self._lock:
+            self._pairs.discard(pair)
+        for sock in pair:
+            _reset(sock)
+
     def _pump(
         self,
         source: socket.socket,
         sink: socket.socket,
         pair: tuple[socket.socket, socket.socket],
     ) -> None:
+        from_client = source is pair[0]
         try:
             while data := source.recv(CHUNK):
+                if not from_client and pair in self._blackholed:
+                    continue  # the reply is lost on its way
+                if from_client and self._drop_marker is not None and self._drop_marker in data:
+                    with self._lock:
+                        self._drop_marker = None
+                        self._blackholed.add(pair)
+                        self.replies_dropped += 1
+                    timer = threading.Timer(self._reset_after, self._reset_pair, args=(pair,))
+                    timer.daemon = True
+                    timer.start()
                 sink.sendall(data)
         except OSError:
             pass

@@ -138,7 +138,7 @@ def _scenario(
         reconcile_interval_seconds=2,
         orphan_grace_seconds=1,
         stop_retry_seconds=10,  # no second stop while the first one still retries
-        vendor_timeout_seconds=5,
+        vendor_timeout_seconds=1,  # no more than the orphan grace (checked at start)
     )
     span_file = state / "spans.jsonl"
     worker = WorkerProcess(

@@ -121,6 +121,7 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
   "ORCHESTRATOR_VENDOR_TIMEOUT_SECONDS" ($c.vendorTimeoutSeconds | toString)
   "ORCHESTRATOR_MAX_SESSION_MINUTES" (int $c.maxSessionMinutes | toString)
   "ORCHESTRATOR_STOP_RETRY_SECONDS" ($c.stopRetrySeconds | toString)
+  "ORCHESTRATOR_EARLY_STOP_RETENTION_SECONDS" ($c.earlyStopRetentionSeconds | toString)
   "ORCHESTRATOR_DB_POOL_SIZE" (int $c.dbPoolSize | toString)
   "ORCHESTRATOR_HEARTBEAT_MAX_AGE_SECONDS" ($c.heartbeatMaxAgeSeconds | toString)
   "OTEL_SERVICE_NAME" $o.serviceName

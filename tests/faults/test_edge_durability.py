@@ -1,0 +1,126 @@
+"""Durable before ack: what a start message's acknowledgement relies on survives a crash of
+Postgres (SIGKILL of the server, then crash recovery), and a lost commit reply is not taken
+for a failed write."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.db import Database
+from orchestrator.db.migrate import upgrade
+from orchestrator.lifecycle import Lifecycle, RetryLater, handle_start_message
+from orchestrator.simulator import SimulatorServer
+from tests.conftest import wait_until
+from tests.faults.conftest import via_proxy
+from tests.faults.crashable_postgres import CrashablePostgres
+from tests.faults.tcp_proxy import TcpProxy
+from tests.helpers import event_kinds, row, row_or_none
+
+pytestmark = [pytest.mark.postgres, pytest.mark.faults]
+
+
+@pytest.fixture
+def crashable() -> Iterator[CrashablePostgres]:
+    with CrashablePostgres() as server:
+        upgrade(server.url)
+        yield server
+
+
+@pytest.fixture
+def crash_lifecycle(
+    crashable: CrashablePostgres, settings_for: Callable[..., Settings], simulator: SimulatorServer
+) -> Iterator[Lifecycle]:
+    lc = Lifecycle.from_settings(
+        settings_for(database_url=crashable.url, max_concurrent_sessions=1)
+    )
+    yield lc
+    lc.close()
+
+
+def start(lc: Lifecycle, claim_id: str, request_id: str) -> Any:
+    return handle_start_message(
+        lc, (), {"avatar_id": "a", "request_id": request_id}, claim_id=claim_id
+    )
+
+
+def test_a_waiting_request_survives_a_crash_right_after_its_ack(
+    crashable: CrashablePostgres, crash_lifecycle: Lifecycle
+) -> None:
+    lc = crash_lifecycle
+    assert start(lc, "t-1", "first").status == "active"
+    assert start(lc, "t-2", "second").status == "waiting"
+    # The task acks here. Postgres dies before its WAL writer would have flushed the claim.
+    crashable.crash()
+    crashable.restart()
+    lc.db.engine.dispose()
+
+    r = row_or_none(lc.db, "second")
+    assert r is not None and r.status == "waiting"
+
+
+def test_a_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_dropped(
+    crashable: CrashablePostgres, crash_lifecycle: Lifecycle, simulator: SimulatorServer
+) -> None:
+    lc = crash_lifecycle
+    simulator.configure(endpoint_latency="start=1.5")
+    outcome: list[Any] = []
+
+    def first_delivery() -> None:
+        try:
+            outcome.append(start(lc, "t-1", "lost"))
+        except RetryLater as retry:
+            outcome.append(retry)
+
+    thread = threading.Thread(target=first_delivery)
+    thread.start()
+    wait_until(lambda: simulator.stats()["endpoints"]["start"]["calls"] > 0, 5, 0.01)
+    crashable.crash()  # the claim had not reached the disk
+    crashable.restart()
+    # Another thread of the worker met the dead connection first and SQLAlchemy renewed the
+    # pool, so the start's record runs on a fresh connection and finds no row at all.
+    lc.db.engine.dispose()
+    thread.join()
+
+    assert isinstance(outcome[0], RetryLater), outcome  # not acknowledged: sent again
+    assert start(lc, "t-1", "lost").status == "active"  # the redelivery
+    sessions = simulator.sessions()
+    assert len(sessions) == 2
+    assert sorted(s["status"] for s in sessions) == ["active", "ended"]
+    assert [s["end_reason"] for s in sessions if s["status"] == "ended"] == ["ERROR"]
+
+
+# -- 12. a lost commit reply -----------------------------------------------------------------
+
+
+def test_a_lost_commit_reply_is_not_taken_for_a_failed_write(
+    settings_for: Callable[..., Settings],
+    database_url: str,
+    db: Database,
+    pg_proxy: TcpProxy,
+    simulator: SimulatorServer,
+) -> None:
+    url = via_proxy(database_url, pg_proxy)
+    lc = Lifecycle.from_settings(settings_for(database_url=url))
+    try:
+        # The start's record is one statement (the CTE that begins "WITH marked AS"): the proxy
+        # lets it reach the server, which commits it, then drops the connection unanswered.
+        pg_proxy.drop_reply_to(b"WITH marked AS")
+        assert (
+            handle_start_message(
+                lc, (), {"avatar_id": "a", "request_id": "r"}, claim_id="t-1"
+            ).status
+            == "active"
+        )
+    finally:
+        lc.close()
+    assert pg_proxy.replies_dropped == 1
+    r = row(db, "r")
+    assert r.status == "active"
+    (vendor,) = simulator.sessions()
+    assert vendor["status"] == "active" and vendor["stop_calls"] == 0
+    assert "compensated" not in event_kinds(db, "r")
