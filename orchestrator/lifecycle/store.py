@@ -1,5 +1,5 @@
 """Every state change of a session row: one short transaction each, guarded by a row lock
-(``SELECT … FOR UPDATE`` on Postgres; SQLite takes its one write lock at BEGIN)."""
+(``SELECT … FOR UPDATE``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import Table, bindparam, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from orchestrator.db import LIVE_STATUSES, Database, EventKind, SessionRow, SessionStatus
@@ -75,9 +75,8 @@ def _lock_row(session: Session, session_id: uuid.UUID) -> SessionRow | None:
 
 
 def _insert_ignoring_conflict(db: Database, values: dict[str, Any]) -> Any:
-    dialect_insert = postgresql.insert if db.is_postgres else sqlite.insert
     return (
-        dialect_insert(SessionRow)
+        postgresql.insert(SessionRow)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["request_id"])
         .returning(SessionRow.id)
@@ -114,7 +113,7 @@ def claim(
         "now": utcnow(),
         "configured_cap": max_concurrent_sessions,
     }
-    created = _claim_new_row_postgres(db, values) if db.is_postgres else _claim_new_row(db, values)
+    created = _claim_new_row_postgres(db, values)
     if created is not None:
         new_id, status, admission = created
         if status == S.WAITING and admission.free > 0:
@@ -166,49 +165,6 @@ def _claim_new_row_postgres(db: Database, values: dict[str, Any]) -> NewRow | No
         return None
     admission = AdmissionState(found.cap, found.live, found.waiting)
     return found.session_id, SessionStatus(found.status), admission
-
-
-def _claim_new_row(db: Database, values: dict[str, Any]) -> NewRow | None:
-    """The same steps as ``orchestrator_claim`` (migration 0003), for SQLite: the transaction
-    began with BEGIN IMMEDIATE, its one write lock, so no other claim runs meanwhile."""
-    with db.transaction() as session:
-        admission = _admission_state(session, db, values["configured_cap"])
-        status = S.STARTING if admission.free > 0 and admission.waiting == 0 else S.WAITING
-        starting = status == S.STARTING
-        now = values["now"]
-        new_id = session.execute(
-            _insert_ignoring_conflict(
-                db,
-                {
-                    "id": values["id"],
-                    "request_id": values["request_id"],
-                    "claim_id": values["claim_id"],
-                    "status": status.value,
-                    "avatar_id": values["avatar_id"],
-                    "request_payload": values["payload"],
-                    "payload_sha256": values["digest"],
-                    "session_metadata": values["metadata"],
-                    "max_duration_seconds": values["max_duration_seconds"],
-                    "start_deadline_at": values["start_deadline_at"],
-                    "traceparent": values["traceparent"],
-                    "created_at": now,
-                    "attempts": 1 if starting else 0,
-                    "start_sent_at": now if starting else None,
-                },
-            )
-        ).scalar_one_or_none()
-        if new_id is None:
-            return None
-        events.log(
-            session,
-            EventKind.CREATED,
-            session_id=new_id,
-            claim_id=values["claim_id"],
-            status=status.value,
-            live=admission.live,
-            cap=admission.cap,
-        )
-        return new_id, status, admission
 
 
 def record_invalid(
@@ -318,8 +274,6 @@ def record_started(
     UPDATE that guards the transition, the ``active`` event, the outbox row, and the move to
     ``stopping`` if a stop was requested meanwhile), so no transaction waits on this process.
     """
-    if not db.is_postgres:
-        return _record_started(db, ticket, start)
     now = utcnow()
     event_id = uuid.uuid4()
     body = events.body_for(
@@ -418,36 +372,6 @@ SELECT status, end_reason FROM marked
     bindparam("request_payload", type_=JSONDocument),
     bindparam("body", type_=JSONDocument),
 )
-
-
-def _record_started(
-    db: Database, ticket: StartTicket, start: VendorStart
-) -> StopTicket | bool | None:
-    """``record_started`` for SQLite (the demo): the same steps as
-    ``_RECORD_STARTED_POSTGRES``, through the ORM in one transaction."""
-    with db.transaction() as session:
-        row = _lock_row(session, ticket.session_id)
-        if row is None or row.status != S.STARTING or row.vendor_session_id is not None:
-            return False
-        row.status = S.ACTIVE.value
-        row.vendor_session_id = start.vendor_session_id
-        row.voice_id = start.voice_id
-        row.livekit_url = start.livekit_url
-        row.livekit_room = start.livekit_room
-        row.livekit_token = start.livekit_token
-        row.livekit_token_expires_at = start.livekit_token_expires_at
-        row.granted_max_duration_minutes = start.granted_minutes
-        row.max_session_numbers = start.max_session_numbers
-        row.started_at = utcnow()
-        row.expires_at = start.expires_at
-        row.request_payload = without_secrets(row.request_payload)
-        session.flush()
-        events.log(session, EventKind.ACTIVE, row=row, attempt=row.attempts)
-        events.emit(session, row)
-        if row.stop_requested_at is None:
-            return None
-        reason = row.end_reason or "USER_CLOSED"
-        return _to_stopping(session, row, reason, STOP_RETRY_AFTER_START_SECONDS)
 
 
 def record_failed(
@@ -831,29 +755,9 @@ def _admission_state(session: Session, db: Database, configured_cap: int) -> Adm
     The effective cap is the lower of ours and the vendor's last reported limit. On Postgres
     the count is ``orchestrator_admission_state()`` (migration 0003), which the claim uses too.
     """
-    if db.is_postgres:
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
-        found = session.execute(_ADMISSION_STATE_POSTGRES, {"cap": configured_cap}).one()
-        return AdmissionState(found.cap, found.live, found.waiting)
-    # SQLite: the transaction began with BEGIN IMMEDIATE, the one write lock.
-    vendor_cap = session.scalar(
-        select(SessionRow.max_session_numbers)
-        .where(SessionRow.max_session_numbers.is_not(None), SessionRow.started_at.is_not(None))
-        .order_by(SessionRow.started_at.desc())
-        .limit(1)
-    )
-    cap = min(configured_cap, vendor_cap) if vendor_cap else configured_cap
-    live = session.scalar(
-        select(func.count()).select_from(
-            select(SessionRow.id).where(SessionRow.status.in_(LIVE_VALUES)).limit(cap).subquery()
-        )
-    )
-    waiting = session.scalar(
-        select(func.count()).select_from(
-            select(SessionRow.id).where(SessionRow.status == S.WAITING.value).limit(1).subquery()
-        )
-    )
-    return AdmissionState(cap, live or 0, waiting or 0)
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
+    found = session.execute(_ADMISSION_STATE_POSTGRES, {"cap": configured_cap}).one()
+    return AdmissionState(found.cap, found.live, found.waiting)
 
 
 _ADMISSION_STATE_POSTGRES = text(
