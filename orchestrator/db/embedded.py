@@ -210,37 +210,25 @@ class _Server:
             self._check_reachable()
         if not (self.data / "PG_VERSION").exists():
             self._own_dir(self.data)
-            self._run("initdb", ["-D", str(self.data), *INITDB_OPTIONS])
+            self._run("initdb", "-D", str(self.data), *INITDB_OPTIONS)
         socket_dir = self.socket_dir()
         if socket_dir != self.data:
             self._own_dir(socket_dir)
         server = ["-h", "127.0.0.1" if tcp_port else "", "-p", str(tcp_port or SOCKET_PORT)]
         server += ["-k", str(socket_dir), "-c", "unix_socket_permissions=0700"]
-        wait = ["-w", "-t", str(START_TIMEOUT_SECONDS)]
+        ctl = ["-D", str(self.data), "-l", str(self.log), "-w", "-t", str(START_TIMEOUT_SECONDS)]
         try:
-            self._run(
-                "pg_ctl",
-                [
-                    "-D",
-                    str(self.data),
-                    "-l",
-                    str(self.log),
-                    *wait,
-                    "-o",
-                    shlex.join(server),
-                    "start",
-                ],
-            )
+            self._run("pg_ctl", *ctl, "-o", shlex.join(server), "start")
         except EmbeddedPostgresError as error:
             raise EmbeddedPostgresError(f"{error}: {self._last_log_line()}") from None
 
     def stop(self) -> bool:
         if self.pid() is None:
             return False
-        self._run("pg_ctl", ["-D", str(self.data), "-m", "fast", "-w", "stop"])
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         return True
 
-    def _run(self, tool: str, args: list[str]) -> None:
+    def _run(self, tool: str, *args: str) -> None:
         uid, gid = self.account or (None, None)
         try:
             done = subprocess.run(  # noqa: S603 - the wheel's own binaries, arguments from us
