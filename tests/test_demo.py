@@ -1,9 +1,10 @@
 """``orchestrator demo`` is the README's first command and the only run of the lifecycle on the
-embedded SQLite database and broker (its claim runs from Python, not ``orchestrator_claim``)."""
+embedded PostgreSQL and the embedded broker, with a worker process sharing the demo's server."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,7 @@ def test_demo_runs_the_whole_lifecycle_on_embedded_defaults(tmp_path: Path) -> N
     assert "session.ended   5       5" in out
     assert "session.start" in out  # the trace is shown
     assert "chars, a real LiveKit JWT" in out  # credentials shown, token cut short
+    assert "embedded PostgreSQL started and migrated" in out
+    state_dir = Path(out.split("worker log): ", 1)[1].split("\n", 1)[0])
+    assert not (state_dir / "postgres").exists()  # stopped, then its data removed
+    shutil.rmtree(state_dir)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from sqlalchemy import create_engine, inspect
 
@@ -44,10 +42,3 @@ def test_live_session_index_is_partial(database_url: str) -> None:
     finally:
         engine.dispose()
     assert "WHERE" in definition and "'active'" in definition
-
-
-def test_upgrade_on_the_embedded_sqlite(tmp_path: Path) -> None:
-    url = f"sqlite+pysqlite:///{tmp_path / 'embedded.sqlite3'}"
-    upgrade(url)
-    assert tables(url) == TABLES
-    check(url)

@@ -22,7 +22,7 @@ def upgrade() -> None:
         "event_outbox",
         sa.Column(
             "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            sa.BigInteger(),
             autoincrement=True,
             nullable=False,
         ),
@@ -30,7 +30,7 @@ def upgrade() -> None:
         sa.Column("routing_key", sa.String(length=64), nullable=False),
         sa.Column(
             "body",
-            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            postgresql.JSONB(astext_type=sa.Text()),
             nullable=False,
         ),
         sa.Column(
@@ -50,7 +50,6 @@ def upgrade() -> None:
         ["id"],
         unique=False,
         postgresql_where=sa.text("published_at IS NULL"),
-        sqlite_where=sa.text("published_at IS NULL"),
     )
     op.create_table(
         "sessions",
@@ -60,7 +59,7 @@ def upgrade() -> None:
         sa.Column("avatar_id", sa.Text(), nullable=True),
         sa.Column(
             "request_payload",
-            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            postgresql.JSONB(astext_type=sa.Text()),
             nullable=False,
         ),
         sa.Column("payload_sha256", sa.String(length=64), nullable=False),
@@ -95,7 +94,7 @@ def upgrade() -> None:
         sa.Column("traceparent", sa.String(length=128), nullable=True),
         sa.Column(
             "metadata",
-            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            postgresql.JSONB(astext_type=sa.Text()),
             nullable=True,
         ),
         sa.CheckConstraint(
@@ -112,7 +111,6 @@ def upgrade() -> None:
         ["expires_at"],
         unique=False,
         postgresql_where=sa.text("status = 'active'"),
-        sqlite_where=sa.text("status = 'active'"),
     )
     op.create_index("ix_sessions_avatar_id", "sessions", ["avatar_id"], unique=False)
     op.create_index("ix_sessions_started_at", "sessions", ["started_at"], unique=False)
@@ -125,7 +123,6 @@ def upgrade() -> None:
         ["stop_retry_at"],
         unique=False,
         postgresql_where=sa.text("status = 'stopping'"),
-        sqlite_where=sa.text("status = 'stopping'"),
     )
     op.create_index(
         "ix_sessions_waiting_created_at",
@@ -133,13 +130,12 @@ def upgrade() -> None:
         ["created_at"],
         unique=False,
         postgresql_where=sa.text("status = 'waiting'"),
-        sqlite_where=sa.text("status = 'waiting'"),
     )
     op.create_table(
         "session_events",
         sa.Column(
             "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            sa.BigInteger(),
             autoincrement=True,
             nullable=False,
         ),
@@ -154,7 +150,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column(
             "detail",
-            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            postgresql.JSONB(astext_type=sa.Text()),
             nullable=False,
         ),
         sa.ForeignKeyConstraint(
@@ -184,13 +180,11 @@ def downgrade() -> None:
         "ix_sessions_waiting_created_at",
         table_name="sessions",
         postgresql_where=sa.text("status = 'waiting'"),
-        sqlite_where=sa.text("status = 'waiting'"),
     )
     op.drop_index(
         "ix_sessions_stopping_stop_retry_at",
         table_name="sessions",
         postgresql_where=sa.text("status = 'stopping'"),
-        sqlite_where=sa.text("status = 'stopping'"),
     )
     op.drop_index("ix_sessions_status_created_at", table_name="sessions")
     op.drop_index("ix_sessions_started_at", table_name="sessions")
@@ -199,13 +193,11 @@ def downgrade() -> None:
         "ix_sessions_active_expires_at",
         table_name="sessions",
         postgresql_where=sa.text("status = 'active'"),
-        sqlite_where=sa.text("status = 'active'"),
     )
     op.drop_table("sessions")
     op.drop_index(
         "ix_event_outbox_unpublished",
         table_name="event_outbox",
         postgresql_where=sa.text("published_at IS NULL"),
-        sqlite_where=sa.text("published_at IS NULL"),
     )
     op.drop_table("event_outbox")

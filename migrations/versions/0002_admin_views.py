@@ -4,9 +4,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-26 09:00:00.000000
 
-PostgreSQL only. On SQLite (the embedded demo database) this revision changes nothing: the
-views use ``now()``, intervals, ``generate_series`` and ordered-set aggregates, and the demo
-has ``orchestrator demo`` to show what happens. What each view answers: docs/admin.md.
+What each view answers: docs/admin.md.
 
 None of these views may select ``livekit_token``, ``request_payload`` (it can hold the
 customer's LLM keys until the start has finished), ``claim_id``, ``traceparent`` or any
@@ -258,10 +256,6 @@ ORDER BY k.stuck_for DESC, s.request_id
 }
 
 
-def _postgres() -> bool:
-    return op.get_context().dialect.name == "postgresql"
-
-
 RARE_KINDS = (
     "kind IN ('orphan_stopped', 'compensated', 'duplicate_conflict', 'stop_attempt_failed')"
 )
@@ -274,17 +268,13 @@ def upgrade() -> None:
         "session_events",
         ["kind", "occurred_at"],
         postgresql_where=sa.text(RARE_KINDS),
-        sqlite_where=sa.text(RARE_KINDS),
     )
-    if not _postgres():
-        return
     for name, query in VIEWS.items():
         op.execute(f"CREATE VIEW {name} AS {query.strip()}")
         op.execute(f"COMMENT ON VIEW {name} IS 'session-orchestrator admin view; docs/admin.md'")
 
 
 def downgrade() -> None:
-    if _postgres():
-        for name in reversed(VIEWS):
-            op.execute(f"DROP VIEW IF EXISTS {name}")
+    for name in reversed(VIEWS):
+        op.execute(f"DROP VIEW IF EXISTS {name}")
     op.drop_index("ix_session_events_rare_kind_occurred_at", table_name="session_events")

@@ -4,9 +4,6 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-25 20:00:00.000000
 
-PostgreSQL only (SQLite, the embedded demo database, serialises writers with BEGIN IMMEDIATE and
-runs the same steps from Python: orchestrator/lifecycle/store.py).
-
 Every admission decision holds one advisory lock. Taken from Python, the lock stayed held across
 several round trips, and between them the worker thread that held it had to win the GIL back
 from dozens of busy threads: the lock, not the work, limited starts to ~40/s (benchmarks P1,
@@ -97,14 +94,10 @@ $$
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
     op.execute(ADMISSION_STATE)
     op.execute(CLAIM)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
     op.execute("DROP FUNCTION orchestrator_claim")
     op.execute("DROP FUNCTION orchestrator_admission_state")

@@ -1,18 +1,15 @@
-"""Engine and session factory; SQLite gets WAL and write locks taken up front."""
+"""Engine and session factory (PostgreSQL through psycopg 3), and after-commit signals."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 SIGNALS_KEY = "orchestrator.after_commit_signals"
 logger = logging.getLogger(__name__)
 
@@ -30,23 +27,6 @@ def normalize_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def _configure_sqlite(engine: Engine) -> None:
-    # pysqlite's own transaction handling defers BEGIN and takes the write lock late,
-    # which deadlocks two writers; take it at BEGIN instead (SQLAlchemy's documented recipe).
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 class Database:
     """Owns the engine; ``transaction()`` is the one way code opens a unit of work."""
 
@@ -60,42 +40,28 @@ class Database:
         echo: bool = False,
     ) -> None:
         self.url = normalize_database_url(url)
-        parsed = make_url(self.url)
-        self.dialect = parsed.get_backend_name()
         # No pool pre-ping: it cost a round trip on every transaction (~7% of a busy worker's
         # CPU). After a database restart the first statement on a stale connection fails as a
         # disconnect, SQLAlchemy then discards every pooled connection, and the caller retries
         # (tasks: ``retry_when_database_is_away``; sweeps: the next beat).
         # SQL parameters carry request payloads (the customer's LLM keys until a start is
         # recorded): they must never reach exception texts, logs or spans.
-        kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
-        if self.dialect == "sqlite":
-            if parsed.database:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        else:
-            kwargs.update(
-                pool_size=pool_size,
-                max_overflow=pool_size if max_overflow is None else max_overflow,
-                pool_timeout=pool_timeout,
-                pool_recycle=1800,
-            )
-            kwargs["connect_args"] = {
-                "connect_timeout": 10,
-                "application_name": "session-orchestrator",
-            }
-        self.engine = create_engine(self.url, **kwargs)
-        if self.dialect == "sqlite":
-            _configure_sqlite(self.engine)
+        self.engine = create_engine(
+            self.url,
+            echo=echo,
+            hide_parameters=True,
+            pool_size=pool_size,
+            max_overflow=pool_size if max_overflow is None else max_overflow,
+            pool_timeout=pool_timeout,
+            pool_recycle=1800,
+            connect_args={"connect_timeout": 10, "application_name": "session-orchestrator"},
+        )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._listeners: dict[str, list[Callable[[], None]]] = {}
 
     def on_commit(self, name: str, listener: Callable[[], None]) -> None:
         """Run ``listener`` after every commit that raised signal ``name``."""
         self._listeners.setdefault(name, []).append(listener)
-
-    @property
-    def is_postgres(self) -> bool:
-        return self.dialect == "postgresql"
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

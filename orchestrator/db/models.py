@@ -93,19 +93,16 @@ class SessionRow(Base):
             "ix_sessions_active_expires_at",
             "expires_at",
             postgresql_where=text("status = 'active'"),
-            sqlite_where=text("status = 'active'"),
         ),
         Index(
             "ix_sessions_stopping_stop_retry_at",
             "stop_retry_at",
             postgresql_where=text("status = 'stopping'"),
-            sqlite_where=text("status = 'stopping'"),
         ),
         Index(
             "ix_sessions_waiting_created_at",
             "created_at",
             postgresql_where=text("status = 'waiting'"),
-            sqlite_where=text("status = 'waiting'"),
         ),
         Index("ix_sessions_status_created_at", "status", "created_at"),
         Index("ix_sessions_started_at", "started_at"),
@@ -164,13 +161,10 @@ class SessionEvent(Base):
             "kind",
             "occurred_at",
             postgresql_where=text(RARE_EVENT_KINDS),
-            sqlite_where=text(RARE_EVENT_KINDS),
         ),
     )
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BigInteger(), primary_key=True, autoincrement=True)
     session_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("sessions.id", ondelete="SET NULL")
     )
@@ -189,13 +183,10 @@ class OutboxEvent(Base):
             "ix_event_outbox_unpublished",
             "id",
             postgresql_where=text("published_at IS NULL"),
-            sqlite_where=text("published_at IS NULL"),
         ),
     )
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BigInteger(), primary_key=True, autoincrement=True)
     event_id: Mapped[uuid.UUID] = mapped_column(unique=True, default=uuid.uuid4)
     routing_key: Mapped[str] = mapped_column(String(64))
     body: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
