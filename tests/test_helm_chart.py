@@ -366,7 +366,7 @@ def test_exactly_one_beat_with_recreate(scenario: str) -> None:
     assert beats[0]["metadata"]["name"] not in hpa_targets
 
 
-def test_default_worker_consumes_both_queues_with_a_long_grace() -> None:
+def test_default_workers_split_starts_from_control_work() -> None:
     [worker] = [
         d
         for d in of_kind(manifests_for("default"), "Deployment")
