@@ -19,7 +19,8 @@ from sqlalchemy import event
 
 from benchmarks.harness import APP_ID, USER_KEY
 from orchestrator.config import load_settings
-from orchestrator.lifecycle import Lifecycle, handle_start_message
+from orchestrator.lifecycle import handle_start_message
+from orchestrator.lifecycle.inline import inline_lifecycle
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
         max_concurrent_sessions=100_000,
         log_level="WARNING",
     )
-    lc = Lifecycle.from_settings(settings)
+    lc = inline_lifecycle(settings)
     counters = {"statements": 0, "commits": 0}
 
     def on_execute(*_: Any) -> None:

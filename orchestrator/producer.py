@@ -24,6 +24,7 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.lifecycle.requests import parse_start_request
 from orchestrator.messaging import START_TASK, STOP_TASK, declare_topology
+from orchestrator.publishing import publishing_app
 
 FINAL_FOR_WAIT = frozenset({"active", "ended", "failed"})
 PUBLISH_RETRY_POLICY = {
@@ -95,10 +96,8 @@ class Producer:
     """Publishes with publisher confirms (on RabbitMQ) and reads results from the database."""
 
     def __init__(self, settings: Settings) -> None:
-        from orchestrator.celery_app import create_app
-
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = publishing_app(settings)
         self._db: Database | None = None
         self._declared = False
         self._lock = threading.Lock()

@@ -8,7 +8,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 from celery import Task
 from celery.exceptions import Reject
@@ -25,9 +25,7 @@ from orchestrator.messaging import (
     START_TASK,
     STOP_TASK,
 )
-
-if TYPE_CHECKING:
-    from orchestrator.celery_app import OrchestratorCelery
+from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
 REASON_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -164,7 +162,7 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=PUBLISH_EVENTS_TASK, shared=False, acks_late=True)
     def publish_events() -> None:
-        app.dispatcher.relay_now()
+        app.dispatcher.relay.relay_now()
 
     @app.task(name=ADMIT_TASK, shared=False, acks_late=True)
     def admit_waiting() -> dict[str, int]:

@@ -33,6 +33,7 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, embedded
 from orchestrator.db.migrate import upgrade
 from orchestrator.lifecycle import Lifecycle
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from tests.amqp import purge_work_queues
 
@@ -191,7 +192,7 @@ def settings_for(
 
 @pytest.fixture
 def lifecycle(settings_for: Callable[..., Settings], db: Database) -> Iterator[Lifecycle]:
-    lc = Lifecycle.from_settings(settings_for())
+    lc = inline_lifecycle(settings_for())
     yield lc
     lc.close()
 

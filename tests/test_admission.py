@@ -18,6 +18,7 @@ from orchestrator.lifecycle import (
     request_stop,
     store,
 )
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.lifecycle.store import admission_state
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def capped(settings_for: Callable[..., Settings], db: Database) -> Iterator[Lifecycle]:
-    lc = Lifecycle.from_settings(settings_for(max_concurrent_sessions=2))
+    lc = inline_lifecycle(settings_for(max_concurrent_sessions=2))
     yield lc
     lc.close()
 
@@ -70,7 +71,7 @@ def test_vendor_limit_lower_than_ours_wins(
     settings_for: Callable[..., Settings], db: Database, simulator: SimulatorServer
 ) -> None:
     simulator.configure(max_concurrent_sessions=1)
-    lc = Lifecycle.from_settings(settings_for(max_concurrent_sessions=5))
+    lc = inline_lifecycle(settings_for(max_concurrent_sessions=5))
     try:
         assert start(lc, "first") == "active"  # the vendor reports max_session_numbers = 1
         assert admission_state(lc.db, 5).cap == 1

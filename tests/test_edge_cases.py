@@ -31,6 +31,7 @@ from orchestrator.lifecycle import (
     request_stop,
     run_start,
 )
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY, wait_until
 from tests.helpers import event_kinds, outbox_bodies, row, row_or_none, rows
@@ -80,8 +81,7 @@ def recorded(settings_for: Callable[..., Settings], db: Database) -> Iterator[An
     """A lifecycle (cap 1, start timeout 1 s) whose dispatches are recorded, not run."""
     dispatcher = RecordingDispatcher()
     lc = Lifecycle.from_settings(
-        settings_for(max_concurrent_sessions=1, start_timeout_seconds=1.0),
-        dispatcher=dispatcher,
+        settings_for(max_concurrent_sessions=1, start_timeout_seconds=1.0), dispatcher
     )
     yield lc, dispatcher
     lc.close()
@@ -342,7 +342,7 @@ def old(seconds: float = 600) -> str:
 
 @pytest.fixture
 def respx_lifecycle(settings_for: Callable[..., Settings], db: Database) -> Iterator[Lifecycle]:
-    lc = Lifecycle.from_settings(settings_for(deepbrain_base_url="http://vendor.test"))
+    lc = inline_lifecycle(settings_for(deepbrain_base_url="http://vendor.test"))
     yield lc
     lc.close()
 
@@ -424,7 +424,7 @@ def test_one_reconcile_pass_at_a_time_across_the_deployment(
     settings_for: Callable[..., Settings], db: Database, simulator: SimulatorServer
 ) -> None:
     simulator.configure(endpoint_latency="list=1.0")
-    lcs = [Lifecycle.from_settings(settings_for()) for _ in range(3)]
+    lcs = [inline_lifecycle(settings_for()) for _ in range(3)]
     try:
         reports: list[Any] = []
         threads = [
@@ -444,9 +444,7 @@ def test_one_reconcile_pass_at_a_time_across_the_deployment(
 def test_a_reconcile_pass_is_bounded_in_time_however_slow_the_vendor(
     settings_for: Callable[..., Settings], db: Database, simulator: SimulatorServer
 ) -> None:
-    lc = Lifecycle.from_settings(
-        settings_for(vendor_timeout_seconds=1.0, reconcile_interval_seconds=1.0)
-    )
+    lc = inline_lifecycle(settings_for(vendor_timeout_seconds=1.0, reconcile_interval_seconds=1.0))
     try:
         for i in range(20):
             insert_live_row(lc.db, f"r-{i}", f"not-listed-{i}")
@@ -475,6 +473,7 @@ def test_a_pool_timeout_while_recording_a_start_does_not_stop_the_session(
         settings=settings_for(),
         db=Database(database_url, pool_size=1, max_overflow=0, pool_timeout=0.3),
         vendor=DeepBrainClient(simulator.base_url, APP_ID, USER_KEY, timeout_seconds=5),
+        dispatcher=RecordingDispatcher(),
     )
     try:
         thread = threading.Thread(target=start, args=(lc,), kwargs={"request_id": "busy"})

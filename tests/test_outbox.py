@@ -38,7 +38,7 @@ def test_events_wait_out_a_broker_outage_then_are_published_once_in_order(
     # Nothing listens on port 1: every publish fails, and the rows stay for later.
     down = create_app(settings_for(broker_url="amqp://guest:guest@127.0.0.1:1//"))
     try:
-        down.dispatcher.relay_now()
+        down.dispatcher.relay.relay_now()
     finally:
         down.close()
     assert unpublished(lifecycle.db) == 2
@@ -50,8 +50,8 @@ def test_events_wait_out_a_broker_outage_then_are_published_once_in_order(
     with Connection(broker_url) as conn:
         consumer_queue(conn.default_channel).declare()
         try:
-            up.dispatcher.relay_now()
-            up.dispatcher.relay_now()  # nothing left: a second pass sends nothing again
+            up.dispatcher.relay.relay_now()
+            up.dispatcher.relay.relay_now()  # nothing left: a second pass sends nothing again
             received = []
             while (message := consumer_queue(conn.default_channel).get(no_ack=True)) is not None:
                 received.append(message)

@@ -12,6 +12,7 @@ from sqlalchemy import update
 from orchestrator.config import Settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.lifecycle import Lifecycle, handle_start_message, reconcile
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY
 from tests.helpers import events, row
@@ -75,7 +76,7 @@ def test_orphan_vendor_session_is_stopped_as_zombie(
 def test_young_orphan_is_left_alone_within_the_grace(
     settings_for: Callable[..., Settings], db: Database, simulator: SimulatorServer
 ) -> None:
-    lc = Lifecycle.from_settings(settings_for(orphan_grace_seconds=60))
+    lc = inline_lifecycle(settings_for(orphan_grace_seconds=60))
     try:
         rogue = start_behind_our_back(simulator)
         assert reconcile(lc).orphans_stopped == 0
@@ -91,7 +92,7 @@ def test_auth_error_changes_nothing(
     simulator.end_session(row(lifecycle.db, "r-1").vendor_session_id, "IDLE_TIMEOUT")
     start_behind_our_back(simulator)
     backdate_start(lifecycle.db)
-    wrong_key = Lifecycle.from_settings(settings_for(deepbrain_user_key="not-the-key"))
+    wrong_key = inline_lifecycle(settings_for(deepbrain_user_key="not-the-key"))
     try:
         report = reconcile(wrong_key)
     finally:

@@ -1,6 +1,12 @@
 """Database: typed models, engine set-up and the transactions the lifecycle needs."""
 
-from orchestrator.db.engine import Database, normalize_database_url
+from orchestrator.db.engine import (
+    AfterCommit,
+    CommitHooks,
+    Database,
+    after_commit,
+    normalize_database_url,
+)
 from orchestrator.db.models import (
     LIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -17,7 +23,9 @@ from orchestrator.db.models import (
 __all__ = [
     "LIVE_STATUSES",
     "TERMINAL_STATUSES",
+    "AfterCommit",
     "Base",
+    "CommitHooks",
     "Database",
     "EarlyStop",
     "EventKind",
@@ -26,5 +34,6 @@ __all__ = [
     "SessionRow",
     "SessionStatus",
     "SweepLease",
+    "after_commit",
     "normalize_database_url",
 ]

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-SIGNALS_KEY = "orchestrator.after_commit_signals"
+HOOKS_KEY = "orchestrator.after_commit"
 logger = logging.getLogger(__name__)
 
 
-def signal_after_commit(session: Session, name: str) -> None:
-    """Ask :meth:`Database.transaction` to call the ``name`` listeners once this commits."""
-    session.info.setdefault(SIGNALS_KEY, set()).add(name)
+class AfterCommit(enum.Enum):
+    """What a committed transaction tells the layer above (see :class:`CommitHooks`)."""
+
+    SLOT_FREED = "a live session ended: a waiting request may be admitted"
+    EVENTS_PENDING = "the outbox has events to relay"
+
+
+class CommitHooks(Protocol):
+    """The layer above's answer to :class:`AfterCommit` (the lifecycle sets it)."""
+
+    def slot_freed(self) -> None: ...
+
+    def events_pending(self) -> None: ...
+
+
+class _NoHooks:
+    def slot_freed(self) -> None:
+        pass
+
+    def events_pending(self) -> None:
+        pass
+
+
+def after_commit(session: Session, hook: AfterCommit) -> None:
+    """Have :meth:`Database.transaction` fire ``hook`` once this session's transaction commits
+    (not at all if it rolls back)."""
+    session.info.setdefault(HOOKS_KEY, set()).add(hook)
 
 
 def normalize_database_url(url: str) -> str:
@@ -57,22 +83,18 @@ class Database:
             connect_args={"connect_timeout": 10, "application_name": "session-orchestrator"},
         )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._listeners: dict[str, list[Callable[[], None]]] = {}
-
-    def on_commit(self, name: str, listener: Callable[[], None]) -> None:
-        """Run ``listener`` after every commit that raised signal ``name``."""
-        self._listeners.setdefault(name, []).append(listener)
+        self.hooks: CommitHooks = _NoHooks()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A short transaction: commits on success, rolls back on error, always closes.
 
-        Signals raised inside (``signal_after_commit``) reach their listeners after the commit.
+        Hooks asked for inside (:func:`after_commit`) fire after the commit.
         """
         with self._sessions.begin() as session:
             yield session
-        for name in session.info.pop(SIGNALS_KEY, ()):
-            self.signal(name)
+        for hook in session.info.pop(HOOKS_KEY, ()):
+            self.fire(hook)
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:
@@ -96,13 +118,15 @@ class Database:
                 text("SELECT pg_logical_emit_message(true, 'orchestrator.barrier', '')")
             )
 
-    def signal(self, name: str) -> None:
-        """Call the ``name`` listeners now (after a commit made outside ``transaction()``)."""
-        for listener in self._listeners.get(name, ()):
-            try:
-                listener()
-            except Exception:  # the commit stands; a listener must not undo the caller's work
-                logger.exception("after-commit listener for %r failed", name)
+    def fire(self, hook: AfterCommit) -> None:
+        """Fire ``hook`` now (after a commit made outside ``transaction()``)."""
+        try:
+            if hook is AfterCommit.SLOT_FREED:
+                self.hooks.slot_freed()
+            else:
+                self.hooks.events_pending()
+        except Exception:  # the commit stands; a hook must not undo the caller's work
+            logger.exception("after-commit hook failed: %s", hook.value)
 
     def dispose(self) -> None:
         self.engine.dispose()

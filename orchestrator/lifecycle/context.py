@@ -10,17 +10,21 @@ from dataclasses import dataclass, field
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
-from orchestrator.lifecycle.dispatch import Dispatcher, InlineDispatcher
+from orchestrator.lifecycle import store
+from orchestrator.lifecycle.dispatch import Dispatcher
 
 MAX_PARALLEL_STOPS = 32
 
 
 @dataclass
 class Lifecycle:
+    """The settings, the database, the vendor client, and the dispatcher that hands work on
+    (through Celery in a worker, inline in tests and tools): given, never looked up."""
+
     settings: Settings
     db: Database
     vendor: DeepBrainClient
-    dispatcher: Dispatcher = field(default_factory=InlineDispatcher)
+    dispatcher: Dispatcher
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _timers: set[threading.Timer] = field(default_factory=set, init=False, repr=False)
@@ -48,19 +52,18 @@ class Lifecycle:
         timer.start()
 
     def __post_init__(self) -> None:
-        if isinstance(self.dispatcher, InlineDispatcher):
-            self.dispatcher.lifecycle = self
-        self.db.on_commit("slot_freed", self._slot_freed)
-        self.db.on_commit("events_pending", self.dispatcher.publish_events)
+        self.db.hooks = self  # CommitHooks: what a committed transaction asks for
 
-    def _slot_freed(self) -> None:
-        from orchestrator.lifecycle import store
-
+    def slot_freed(self) -> None:
+        """A live session ended: admit the next waiting request, if any."""
         if store.has_waiting(self.db):
             self.dispatcher.admit_waiting()
 
+    def events_pending(self) -> None:
+        self.dispatcher.publish_events()
+
     @classmethod
-    def from_settings(cls, settings: Settings, dispatcher: Dispatcher | None = None) -> Lifecycle:
+    def from_settings(cls, settings: Settings, dispatcher: Dispatcher) -> Lifecycle:
         app_id, user_key = settings.vendor_credentials()
         return cls(
             settings=settings,
@@ -71,7 +74,7 @@ class Lifecycle:
                 user_key,
                 timeout_seconds=settings.vendor_timeout_seconds,
             ),
-            dispatcher=dispatcher or InlineDispatcher(),
+            dispatcher=dispatcher,
         )
 
     def close(self) -> None:

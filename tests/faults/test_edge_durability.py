@@ -14,6 +14,7 @@ from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.db.migrate import upgrade
 from orchestrator.lifecycle import Lifecycle, RetryLater, handle_start_message
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import wait_until
 from tests.faults.conftest import via_proxy
@@ -35,9 +36,7 @@ def crashable() -> Iterator[CrashablePostgres]:
 def crash_lifecycle(
     crashable: CrashablePostgres, settings_for: Callable[..., Settings], simulator: SimulatorServer
 ) -> Iterator[Lifecycle]:
-    lc = Lifecycle.from_settings(
-        settings_for(database_url=crashable.url, max_concurrent_sessions=1)
-    )
+    lc = inline_lifecycle(settings_for(database_url=crashable.url, max_concurrent_sessions=1))
     yield lc
     lc.close()
 
@@ -105,7 +104,7 @@ def test_a_lost_commit_reply_is_not_taken_for_a_failed_write(
     simulator: SimulatorServer,
 ) -> None:
     url = via_proxy(database_url, pg_proxy)
-    lc = Lifecycle.from_settings(settings_for(database_url=url))
+    lc = inline_lifecycle(settings_for(database_url=url))
     try:
         # The start's record is one statement (the CTE that begins "WITH marked AS"): the proxy
         # lets it reach the server, which commits it, then drops the connection unanswered.

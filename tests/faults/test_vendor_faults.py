@@ -18,6 +18,7 @@ import pytest
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.lifecycle import Lifecycle, handle_start_message, reconcile, request_stop
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import WorkerProcess
@@ -36,7 +37,7 @@ def lc_for(
     made: list[Lifecycle] = []
 
     def make(**overrides: Any) -> Lifecycle:
-        made.append(Lifecycle.from_settings(settings_for(**overrides)))
+        made.append(inline_lifecycle(settings_for(**overrides)))
         return made[-1]
 
     yield make

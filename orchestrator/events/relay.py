@@ -1,12 +1,15 @@
-"""The outbox relay: lifecycle events are rows first (written with the transition they report)
-and messages second, so a rollback sends nothing and a broker outage loses nothing.
+"""The relay: unpublished outbox rows, in order, handed to a publisher; marked published only
+once the broker confirmed them, so a broker outage loses nothing. A crash between the
+confirm and the mark sends a batch again (at least once).
 
-Delivery is at least once: a crash between the broker's confirm and our commit sends a batch
-again, so consumers de-duplicate on ``event_id``.
+Each process runs one relay thread (:class:`RelayThread`), woken after every commit that
+queued events, so publishing never holds up a task's thread; beat's backstop runs a pass too.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from sqlalchemy import bindparam, select, update
 from orchestrator.db import Database, OutboxEvent
 from orchestrator.db.types import utcnow
 
+logger = logging.getLogger(__name__)
 BATCH_SIZE = 100
 
 
@@ -71,3 +75,36 @@ def relay(db: Database, publish: PublishBatch, *, max_batches: int = 100) -> int
         if len(rows) < BATCH_SIZE:
             break
     return total
+
+
+class RelayThread:
+    """One relay thread per process: :meth:`wake` after a commit that queued events."""
+
+    def __init__(self, database: Callable[[], Database], publish: PublishBatch) -> None:
+        self._database = database
+        self._publish = publish
+        self._wanted = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        self._wanted.set()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run_forever, name="event-relay", daemon=True
+                )
+                self._thread.start()
+
+    def relay_now(self) -> None:
+        """One pass in this thread; failures leave the rows for the next pass."""
+        try:
+            relay(self._database(), self._publish)
+        except Exception:
+            logger.warning("event relay failed; events stay in the outbox", exc_info=True)
+
+    def _run_forever(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            self.relay_now()

@@ -1,0 +1,54 @@
+"""What a lifecycle event is: its JSON body (version 1) and its routing key."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+EVENT_VERSION = 1
+ROUTING_KEYS = {"active": "session.active", "ended": "session.ended", "failed": "session.failed"}
+
+
+def routing_key(status: str) -> str:
+    """``session.<status>`` for the statuses that make an event (active, ended, failed)."""
+    return ROUTING_KEYS[status]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def body_for(
+    event_id: uuid.UUID,
+    occurred_at: datetime,
+    *,
+    status: str,
+    request_id: str,
+    vendor_session_id: str | None,
+    expires_at: datetime | None,
+    livekit_url: str | None = None,
+    livekit_room: str | None = None,
+    livekit_token: str | None = None,
+    end_reason: str | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> dict[str, Any]:
+    """The body consumers read: ``session.active`` carries the LiveKit credentials,
+    ``session.ended`` the end reason, ``session.failed`` the error."""
+    body: dict[str, Any] = {
+        "event_id": str(event_id),
+        "version": EVENT_VERSION,
+        "request_id": request_id,
+        "session_id": vendor_session_id,
+        "status": status,
+        "occurred_at": _iso(occurred_at),
+        "expires_at": _iso(expires_at),
+    }
+    if status == "active":
+        body.update(url=livekit_url, room_name=livekit_room, token=livekit_token)
+    elif status == "ended":
+        body["end_reason"] = end_reason
+    elif status == "failed":
+        body.update(error_code=error_code, error_message=error_message)
+    return body

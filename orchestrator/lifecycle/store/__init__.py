@@ -1,0 +1,115 @@
+"""Every state change of a session row, by phase: one short transaction each, guarded by a
+row lock (``SELECT … FOR UPDATE``) or a conditional UPDATE. Every time compared across
+processes — expiry, start timeouts, leases, retry times — is the database's ``now()``, never
+a host's clock.
+
+- :mod:`.admission`: the claim of a new request, admission of waiting ones;
+- :mod:`.starts`: vendor start attempts and their answers;
+- :mod:`.stops`: stop requests, the reaper's claim, confirmed stops;
+- :mod:`.vendor_sync`: what the reconciler compares with the vendor;
+- :mod:`.rows` and :mod:`.history`: what they share, and the ``session_events`` log.
+"""
+
+from orchestrator.lifecycle.store.admission import (
+    ADMISSION_LOCK_KEY,
+    CLAIM_FUNCTION_MIGRATION,
+    AdmissionState,
+    Claim,
+    ClaimOutcome,
+    ClaimRequest,
+    admission_state,
+    admit,
+    claim,
+    expire_waiting,
+    has_waiting,
+)
+from orchestrator.lifecycle.store.rows import (
+    MAX_DURATION_REACHED,
+    USER_CLOSED,
+    StopTicket,
+    db_now,
+)
+from orchestrator.lifecycle.store.starts import (
+    AttemptBusy,
+    NotRecorded,
+    StartTicket,
+    VendorStart,
+    back_to_waiting,
+    begin_attempt,
+    log_compensation,
+    record_failed,
+    record_invalid,
+    record_started,
+    start_state,
+)
+from orchestrator.lifecycle.store.stops import (
+    Ended,
+    StopRequestResult,
+    claim_due_stops,
+    finish_stops,
+    prune_early_stops,
+    request_stop,
+    seconds_to_expiries,
+    stop_failed,
+)
+from orchestrator.lifecycle.store.vendor_sync import (
+    LEASE_GRACE_SECONDS,
+    LiveVendorRow,
+    StuckStarts,
+    database_time,
+    live_vendor_rows,
+    log_orphan_stop,
+    owned_vendor_ids,
+    record_vendor_ended,
+    release_sweep_lease,
+    resolve_stuck_starts,
+    take_sweep_lease,
+)
+
+__all__ = [
+    "ADMISSION_LOCK_KEY",
+    "CLAIM_FUNCTION_MIGRATION",
+    "LEASE_GRACE_SECONDS",
+    "MAX_DURATION_REACHED",
+    "USER_CLOSED",
+    "AdmissionState",
+    "AttemptBusy",
+    "Claim",
+    "ClaimOutcome",
+    "ClaimRequest",
+    "Ended",
+    "LiveVendorRow",
+    "NotRecorded",
+    "StartTicket",
+    "StopRequestResult",
+    "StopTicket",
+    "StuckStarts",
+    "VendorStart",
+    "admission_state",
+    "admit",
+    "back_to_waiting",
+    "begin_attempt",
+    "claim",
+    "claim_due_stops",
+    "database_time",
+    "db_now",
+    "expire_waiting",
+    "finish_stops",
+    "has_waiting",
+    "live_vendor_rows",
+    "log_compensation",
+    "log_orphan_stop",
+    "owned_vendor_ids",
+    "prune_early_stops",
+    "record_failed",
+    "record_invalid",
+    "record_started",
+    "record_vendor_ended",
+    "release_sweep_lease",
+    "request_stop",
+    "resolve_stuck_starts",
+    "seconds_to_expiries",
+    "start_state",
+    "stop_failed",
+    "take_sweep_lease",
+]

@@ -1,0 +1,379 @@
+"""The vendor start of a claimed row: an attempt (with its lease), its answer recorded or
+its failure, and requests that cannot be started at all."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import bindparam, select, text
+
+from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
+from orchestrator.db.types import JSONDocument, UTCDateTime, utcnow
+from orchestrator.events import bodies, outbox
+from orchestrator.lifecycle.requests import storable, without_secrets
+from orchestrator.lifecycle.store import history
+from orchestrator.lifecycle.store.rows import (
+    USER_CLOSED,
+    S,
+    StopTicket,
+    db_now,
+    finish,
+    insert_ignoring_conflict,
+    lock_row,
+    new_attempt_owner,
+)
+
+
+@dataclass(frozen=True)
+class StartTicket:
+    """What a worker needs to call the vendor, read in the transaction that began the attempt
+    (and took its lease: ``owner`` is the attempt's id)."""
+
+    session_id: uuid.UUID
+    request_id: str
+    payload: dict[str, Any]
+    attempt: int
+    sent_at: datetime
+    created_at: datetime
+    traceparent: str | None
+    owner: str
+
+
+@dataclass(frozen=True)
+class AttemptBusy:
+    """Another delivery of this start holds the attempt's lease for ``seconds`` more."""
+
+    seconds: float
+
+
+def record_invalid(
+    db: Database,
+    *,
+    request_id: str,
+    claim_id: str,
+    payload: dict[str, Any],
+    digest: str,
+    error_code: str,
+    message: str,
+    traceparent: str | None,
+) -> uuid.UUID | None:
+    """A message that decoded but cannot be started becomes a ``failed`` row (its payload kept
+    as storable text, without secrets)."""
+    payload = storable(payload)
+    message = storable(message)
+    avatar = payload.get("avatar_id")
+    with db.transaction() as session:
+        now = db_now(session)
+        new_id = session.execute(
+            insert_ignoring_conflict(
+                {
+                    "id": uuid.uuid4(),
+                    "request_id": request_id,
+                    "claim_id": claim_id,
+                    "status": S.FAILED.value,
+                    "avatar_id": avatar if isinstance(avatar, str) else None,
+                    "request_payload": payload,
+                    "payload_sha256": digest,
+                    "error_code": error_code,
+                    "error_message": message,
+                    "traceparent": traceparent,
+                    "created_at": now,
+                    "ended_at": now,
+                }
+            )
+        ).scalar_one_or_none()
+        if new_id is None:
+            row = session.scalars(
+                select(SessionRow).where(SessionRow.request_id == request_id)
+            ).one()
+            if row.claim_id != claim_id:
+                history.log(
+                    session, EventKind.DUPLICATE_CONFLICT, row=row, claim_id=claim_id, error=message
+                )
+            return None
+        row = session.get_one(SessionRow, new_id)
+        history.log(session, EventKind.FAILED, row=row, error_code=error_code, error=message)
+        outbox.emit(session, row)
+        return row.id
+
+
+# -- starts ----------------------------------------------------------------------------------
+
+
+def begin_attempt(
+    db: Database,
+    session_id: uuid.UUID,
+    claim_id: str,
+    *,
+    lease_seconds: float,
+    abandoned_attempt: str | None = None,
+) -> StartTicket | AttemptBusy | str:
+    """Count a vendor start attempt and take its lease. AttemptBusy if another delivery holds
+    a live lease (``abandoned_attempt``, an attempt this message itself gave up on, does not
+    count); else the row's status if this claim has no start to make.
+
+    A stop that arrived before any vendor call ends the row here, with no call at all.
+    """
+    with db.transaction() as session:
+        row = lock_row(session, session_id)
+        if row is None:
+            return "gone"
+        if row.vendor_session_id is not None or row.claim_id != claim_id:
+            return row.status
+        now = db_now(session)
+        if row.stop_requested_at is not None and row.status in (S.WAITING, S.STARTING):
+            finish(session, row, S.ENDED, now, end_reason=row.end_reason or USER_CLOSED)
+            return row.status
+        if row.status != S.STARTING:
+            return row.status
+        lease = row.attempt_lease_until
+        if lease is not None and lease > now and row.attempt_owner != abandoned_attempt:
+            return AttemptBusy((lease - now).total_seconds())
+        owner = new_attempt_owner()
+        row.attempts += 1
+        row.start_sent_at = now
+        row.attempt_owner = owner
+        row.attempt_lease_until = now + timedelta(seconds=lease_seconds)
+        history.log(session, EventKind.START_ATTEMPT, row=row, attempt=row.attempts)
+        return StartTicket(
+            row.id,
+            row.request_id,
+            dict(row.request_payload),
+            row.attempts,
+            now,
+            row.created_at,
+            row.traceparent,
+            owner,
+        )
+
+
+@dataclass(frozen=True)
+class VendorStart:
+    vendor_session_id: str
+    voice_id: str | None
+    livekit_url: str
+    livekit_room: str
+    livekit_token: str
+    livekit_token_expires_at: datetime | None
+    granted_minutes: int | None
+    max_session_numbers: int | None
+    expires_at: datetime
+
+
+STOP_RETRY_AFTER_START_SECONDS = 30.0
+
+
+class NotRecorded(Enum):
+    """Why ``record_started`` wrote nothing."""
+
+    GONE = "gone"  # no row at all (lost in a crash of the database): claim the request again
+    MOVED_ON = "moved on"  # the row no longer wants this vendor session: stop it again
+    PENDING = "pending"  # the row still waits for this attempt's answer: write it again
+
+
+def record_started(
+    db: Database, ticket: StartTicket, start: VendorStart
+) -> StopTicket | NotRecorded | None:
+    """Store the vendor's answer. Returns None (the row is ``active``), a StopTicket if a stop
+    was requested meanwhile (the caller owes the vendor stop), or why nothing was written.
+
+    The hot path of every start: one autocommitted statement (the conditional UPDATE that
+    guards the transition — still ``starting``, no vendor session yet, this attempt's lease —,
+    the ``active`` event, the outbox row, and the move to ``stopping`` if a stop was requested
+    meanwhile), so no transaction waits on this process.
+    """
+    now = utcnow()  # the event body's occurred_at only; the row's times are the server's
+    event_id = uuid.uuid4()
+    body = bodies.body_for(
+        event_id,
+        now,
+        status=S.ACTIVE.value,
+        request_id=ticket.request_id,
+        vendor_session_id=start.vendor_session_id,
+        expires_at=start.expires_at,
+        livekit_url=start.livekit_url,
+        livekit_room=start.livekit_room,
+        livekit_token=start.livekit_token,
+    )
+    with db.autocommit() as connection:
+        marked = connection.execute(
+            _RECORD_STARTED,
+            {
+                "id": ticket.session_id,
+                "owner": ticket.owner,
+                "vendor_session_id": start.vendor_session_id,
+                "voice_id": start.voice_id,
+                "livekit_url": start.livekit_url,
+                "livekit_room": start.livekit_room,
+                "livekit_token": start.livekit_token,
+                "livekit_token_expires_at": start.livekit_token_expires_at,
+                "granted_minutes": start.granted_minutes,
+                "max_session_numbers": start.max_session_numbers,
+                "expires_at": start.expires_at,
+                "request_payload": without_secrets(ticket.payload),
+                "stop_retry_in": timedelta(seconds=STOP_RETRY_AFTER_START_SECONDS),
+                "event_id": event_id,
+                "routing_key": bodies.routing_key(S.ACTIVE.value),
+                "body": body,
+                "traceparent": ticket.traceparent,
+            },
+        ).one_or_none()
+    if marked is None:
+        # Nothing matched: find out why (or that an earlier write, whose reply was lost,
+        # recorded this very session already).
+        state = start_state(db, ticket, start.vendor_session_id)
+        if not isinstance(state, NotRecorded):
+            db.fire(AfterCommit.EVENTS_PENDING)
+        return state
+    db.fire(AfterCommit.EVENTS_PENDING)
+    if marked.status != S.STOPPING:
+        return None
+    return StopTicket(
+        ticket.session_id,
+        ticket.request_id,
+        start.vendor_session_id,
+        marked.end_reason,
+        ticket.traceparent,
+        start.expires_at,
+    )
+
+
+_RECORD_STARTED = text(
+    """
+WITH marked AS (
+    UPDATE sessions SET
+        status = CASE WHEN stop_requested_at IS NULL THEN 'active' ELSE 'stopping' END,
+        end_reason = CASE WHEN stop_requested_at IS NULL THEN end_reason
+                          ELSE coalesce(end_reason, 'USER_CLOSED') END,
+        stop_retry_at = CASE WHEN stop_requested_at IS NULL THEN NULL
+                             ELSE now() + :stop_retry_in END,
+        vendor_session_id = :vendor_session_id,
+        voice_id = :voice_id,
+        livekit_url = :livekit_url,
+        livekit_room = :livekit_room,
+        livekit_token = :livekit_token,
+        livekit_token_expires_at = :livekit_token_expires_at,
+        granted_max_duration_minutes = :granted_minutes,
+        max_session_numbers = :max_session_numbers,
+        started_at = now(),
+        expires_at = :expires_at,
+        attempt_lease_until = NULL,
+        request_payload = :request_payload
+    WHERE id = :id AND status = 'starting' AND vendor_session_id IS NULL
+      AND attempt_owner = :owner
+    RETURNING id, attempts, status, end_reason
+),
+logged AS (
+    INSERT INTO session_events (session_id, vendor_session_id, occurred_at, kind, detail)
+    SELECT id, :vendor_session_id, now(), kind, detail FROM (
+        SELECT 1 AS n, id, 'active' AS kind, jsonb_build_object('attempt', attempts) AS detail
+          FROM marked
+        UNION ALL
+        SELECT 2, id, 'stop_requested', jsonb_build_object('reason', end_reason)
+          FROM marked WHERE status = 'stopping'
+    ) AS e ORDER BY n
+),
+queued AS (
+    INSERT INTO event_outbox (event_id, routing_key, body, traceparent, created_at)
+    SELECT :event_id, :routing_key, :body, :traceparent, now() FROM marked
+)
+SELECT status, end_reason FROM marked
+"""
+).bindparams(
+    bindparam("livekit_token_expires_at", type_=UTCDateTime()),
+    bindparam("expires_at", type_=UTCDateTime()),
+    bindparam("request_payload", type_=JSONDocument),
+    bindparam("body", type_=JSONDocument),
+)
+
+
+def start_state(
+    db: Database, ticket: StartTicket, vendor_session_id: str
+) -> StopTicket | NotRecorded | None:
+    """Where the row of an attempt stands, read afresh (after a write whose outcome is unknown,
+    e.g. a lost commit reply): None if it holds ``vendor_session_id`` (recorded), a StopTicket
+    if it holds it and a stop is owed, else why it does not."""
+    with db.transaction() as session:
+        row = session.get(SessionRow, ticket.session_id)
+        if row is None:
+            return NotRecorded.GONE
+        if row.vendor_session_id == vendor_session_id:
+            if row.status != S.STOPPING:
+                return None
+            return StopTicket(
+                row.id,
+                row.request_id,
+                vendor_session_id,
+                row.end_reason or USER_CLOSED,
+                row.traceparent,
+                row.expires_at,
+            )
+        if (
+            row.status == S.STARTING
+            and row.vendor_session_id is None
+            and row.attempt_owner == ticket.owner
+        ):
+            return NotRecorded.PENDING
+        return NotRecorded.MOVED_ON
+
+
+def record_failed(
+    db: Database, ticket: StartTicket, *, error_code: str, error_message: str
+) -> bool:
+    """``starting`` → ``failed`` for this attempt; False if the row had moved on (another
+    attempt holds it, or it ended)."""
+    with db.transaction() as session:
+        row = lock_row(session, ticket.session_id)
+        if (
+            row is None
+            or row.status != S.STARTING
+            or row.vendor_session_id is not None
+            or row.attempt_owner != ticket.owner
+        ):
+            return False
+        row.error_code = error_code
+        row.error_message = error_message
+        finish(session, row, S.FAILED, db_now(session))
+        return True
+
+
+def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> bool:
+    """The vendor said the account is at its limit: wait again (first in line, by age)."""
+    with db.transaction() as session:
+        row = lock_row(session, ticket.session_id)
+        if (
+            row is None
+            or row.status != S.STARTING
+            or row.vendor_session_id is not None
+            or row.attempt_owner != ticket.owner
+        ):
+            return False
+        if row.stop_requested_at is not None:
+            finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
+            return True
+        row.status = S.WAITING.value
+        row.attempt_owner = None
+        row.attempt_lease_until = None
+        row.admitted_at = None
+        history.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
+        return True
+
+
+def log_compensation(db: Database, request_id: str, vendor_session_id: str, *, why: str) -> None:
+    """Record a vendor session stopped again because no row could own it."""
+    with db.transaction() as session:
+        row = session.scalars(
+            select(SessionRow).where(SessionRow.request_id == request_id)
+        ).one_or_none()
+        history.log(
+            session,
+            EventKind.COMPENSATED,
+            row=row,
+            vendor_session_id=vendor_session_id,
+            request_id=request_id,
+            why=why,
+        )
