@@ -277,7 +277,7 @@ def stop(request_id: str | None, session_id: str | None, reason: str) -> None:
     producer = Producer(_settings())
     try:
         producer.request_stop(request_id=request_id, session_id=session_id, reason=reason)
-    except PublishError as error:
+    except (PublishError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     finally:
         producer.close()

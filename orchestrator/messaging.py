@@ -1,5 +1,6 @@
-"""Broker topology (names per design.md): work queues with a dead-letter exchange from the
-first release, the dead-letter queue, and the lifecycle events exchange."""
+"""Broker topology (the names are the contract: docs/messages.md): work queues with a
+dead-letter exchange from the first release, the dead-letter queue, and the lifecycle events
+exchange."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, SessionRow
-from orchestrator.lifecycle.requests import parse_start_request
+from orchestrator.lifecycle.requests import is_valid_stop_reason, parse_start_request
 from orchestrator.messaging import START_TASK, STOP_TASK, declare_topology
 from orchestrator.publishing import publishing_app
 
@@ -159,6 +159,10 @@ class Producer:
     ) -> None:
         if (request_id is None) == (session_id is None):
             raise ValueError("give exactly one of request_id or session_id")
+        if not is_valid_stop_reason(reason):
+            raise ValueError(
+                f"stop reason {reason!r}: upper-case letters, digits and _ (e.g. USER_CLOSED)"
+            )
         kwargs: dict[str, Any] = {"reason": reason}
         kwargs.update({"request_id": request_id} if request_id else {"session_id": session_id})
         with tracer.start_as_current_span("session.stop.request"):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
-import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +14,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from orchestrator import lifecycle
+from orchestrator.backoff import exponential_backoff
+from orchestrator.lifecycle.requests import is_valid_stop_reason
 from orchestrator.messaging import (
     ADMIT_TASK,
     PUBLISH_EVENTS_TASK,
@@ -28,7 +28,6 @@ from orchestrator.messaging import (
 from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
-REASON_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 DB_RETRY_MAX = 100
 DB_RETRY_CAP_SECONDS = 30.0
 AnyTask: TypeAlias = "Task[Any, Any]"
@@ -69,8 +68,7 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
 
 
 def _backoff(task: AnyTask) -> float:
-    retries = int(task.request.retries)
-    return min(DB_RETRY_CAP_SECONDS, 0.5 * 2.0**retries) * random.uniform(0.5, 1.0)
+    return exponential_backoff(int(task.request.retries) + 1, base=0.5, cap=DB_RETRY_CAP_SECONDS)
 
 
 def _retry(
@@ -101,7 +99,7 @@ def _abandoned_attempt(task: AnyTask) -> str | None:
 
 
 def register(app: OrchestratorCelery) -> None:
-    """Register every task of design.md on ``app``."""
+    """Register every task of the contract (docs/messages.md) on ``app``."""
 
     @app.task(name=START_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
     def start_session(self: AnyTask, *args: Any, **kwargs: Any) -> dict[str, str]:
@@ -137,7 +135,7 @@ def register(app: OrchestratorCelery) -> None:
         session_id: str | None = None,
         reason: str = "USER_CLOSED",
     ) -> dict[str, Any]:
-        if (request_id is None) == (session_id is None) or not REASON_PATTERN.match(str(reason)):
+        if (request_id is None) == (session_id is None) or not is_valid_stop_reason(reason):
             logger.error("invalid stop message dead-lettered (needs one id and a reason)")
             raise Reject(
                 "give exactly one of request_id or session_id, and a reason", requeue=False

@@ -961,7 +961,7 @@ def test_each_thread_gets_its_own_client_with_no_cap() -> None:
         late = threading.Thread(target=lambda: others.append(c._http))
         late.start()
         late.join()
-        assert len(c._clients) == 2  # this thread's and the latest; the ended ones' closed
+        assert len(c._connections) == 2  # this thread's and the latest; the ended ones' closed
 
 
 def test_empty_credentials_are_rejected() -> None:

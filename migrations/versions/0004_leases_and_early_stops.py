@@ -53,7 +53,7 @@ BEGIN
     -- this commit alone: a start is acknowledged after its record (a synchronous commit that
     -- flushes this one too), a waiting claim after an explicit flush by the caller.
     PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM pg_advisory_xact_lock(6182161);  -- store.ADMISSION_LOCK_KEY, 0x5E5511
+    PERFORM pg_advisory_xact_lock(6182161);  -- ADMISSION_LOCK_KEY (store/admission.py)
     at := now();
     cancelled := EXISTS (SELECT FROM early_stops e WHERE e.request_id = p_request_id);
     IF cancelled THEN

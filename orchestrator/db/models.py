@@ -1,4 +1,5 @@
-"""Typed SQLAlchemy 2 models for ``sessions`` and ``session_events`` (names per design.md)."""
+"""Typed SQLAlchemy 2 models for ``sessions`` and ``session_events`` (their names are a
+contract admins rely on: docs/admin.md)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """Synchronous, thread-safe client for the DeepBrain AI Streamer API.
 
 One instance is shared by every thread of a worker: it owns one session-token cache and one
-``httpx.Client`` per calling thread (kept alive; closed once its thread has ended). One
-shared client serialises hundreds of threads on its pool's lock and burns CPU scanning its
-connections: measured here, 47 calls/s at 19 ms CPU each with 256 threads on one client,
-against 245 calls/s at 4 ms with a client per thread (benchmarks/, P2). There is no cap on
-clients: the worker's pool bounds the threads, and any concurrency it accepts must work.
+``httpx.Client`` per calling thread (:mod:`orchestrator.deepbrain.connections`).
 
 Deadlines: every HTTP request ends within ``timeout_seconds`` in all (not per phase:
 :mod:`orchestrator.deepbrain.deadline`), and every call — retries, a token refresh and a 401's
@@ -23,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -37,6 +32,7 @@ from pydantic import SecretStr
 
 from orchestrator.deepbrain import deadline as request_deadline
 from orchestrator.deepbrain.auth import SessionTokenCache
+from orchestrator.deepbrain.connections import PerThreadClients
 from orchestrator.deepbrain.errors import (
     DeepBrainError,
     VendorAuthError,
@@ -127,9 +123,7 @@ class DeepBrainClient:
         self._sleep = sleep
         self._transport = transport
         self._ssl_context = ssl.create_default_context(cafile=certifi.where())
-        self._local = threading.local()
-        self._clients: list[tuple[threading.Thread, httpx.Client]] = []
-        self._clients_lock = threading.Lock()
+        self._connections = PerThreadClients(self._new_http_client)
         self._tokens = SessionTokenCache(
             self._fetch_token, refresh_margin=token_refresh_margin_seconds
         )
@@ -143,43 +137,27 @@ class DeepBrainClient:
 
     @property
     def _http(self) -> httpx.Client:
-        """This thread's client (created on first use)."""
-        client: httpx.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            limits = httpx.Limits(max_connections=2, max_keepalive_connections=1)
-            transport = self._transport or request_deadline.install(
-                httpx.HTTPTransport(verify=self._ssl_context, limits=limits)
-            )
-            client = httpx.Client(
-                base_url=self._base_url,
-                timeout=httpx.Timeout(self._timeout_seconds),
-                limits=limits,
-                transport=transport,
-                verify=self._ssl_context,
-                headers={"Accept": "application/json", "User-Agent": "session-orchestrator"},
-                follow_redirects=False,
-            )
-            with self._clients_lock:
-                self._close_clients_of_finished_threads()
-                self._clients.append((threading.current_thread(), client))
-            self._local.client = client
-        return client
+        """This thread's client."""
+        return self._connections.get()
 
-    def _close_clients_of_finished_threads(self) -> None:
-        alive = []
-        for thread, client in self._clients:
-            if thread.is_alive():
-                alive.append((thread, client))
-            else:
-                client.close()
-        self._clients = alive
+    def _new_http_client(self) -> httpx.Client:
+        limits = httpx.Limits(max_connections=2, max_keepalive_connections=1)
+        transport = self._transport or request_deadline.install(
+            httpx.HTTPTransport(verify=self._ssl_context, limits=limits)
+        )
+        return httpx.Client(
+            base_url=self._base_url,
+            timeout=httpx.Timeout(self._timeout_seconds),
+            limits=limits,
+            transport=transport,
+            verify=self._ssl_context,
+            headers={"Accept": "application/json", "User-Agent": "session-orchestrator"},
+            follow_redirects=False,
+        )
 
     def close(self) -> None:
         """Close every thread's connections."""
-        with self._clients_lock:
-            clients, self._clients = self._clients, []
-        for _, client in clients:
-            client.close()
+        self._connections.close()
 
     def __enter__(self) -> Self:
         return self

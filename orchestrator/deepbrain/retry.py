@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from orchestrator.backoff import exponential_backoff
 from orchestrator.deepbrain.errors import DeepBrainError
 
 __all__ = ["RetryPolicy", "call_with_retry"]
@@ -52,12 +53,9 @@ class RetryPolicy:
 
     def backoff(self, retry_number: int, rand: Callable[[], float] = random.random) -> float:
         """Jittered delay before retry ``retry_number`` (1-based)."""
-        cap = min(self.max_delay, self.base_delay * 2.0 ** (retry_number - 1))
-        if self.jitter == "full":
-            return cap * rand()
-        if self.jitter == "equal":
-            return cap / 2 + cap / 2 * rand()
-        return cap
+        return exponential_backoff(
+            retry_number, base=self.base_delay, cap=self.max_delay, jitter=self.jitter, rand=rand
+        )
 
     def delay_for(self, retry_number: int, retry_after: float | None) -> float | None:
         """Seconds to wait before retry ``retry_number``; None when Retry-After is too long."""

@@ -116,10 +116,10 @@ def _reconcile(lc: Lifecycle, deadline: float) -> ReconcileReport:
         logger.error("reconciler: vendor list failed, nothing changed: %s", error)
         report.vendor_error = True
         return report
-    vendor_active = {s.session_id: s for s in active}
+    listed = _Listed({s.session_id: s for s in active}, listed_at, deadline)
     try:
-        _close_rows_the_vendor_ended(lc, vendor_active, listed_at, deadline, report)
-        _stop_orphans(lc, vendor_active, listed_at, deadline, report)
+        _close_rows_the_vendor_ended(lc, listed, report)
+        _stop_orphans(lc, listed, report)
     except _AuthRefused as error:
         logger.critical("reconciler: the vendor refused our key, stopping here: %s", error)
         report.auth_error = True
@@ -164,25 +164,28 @@ def _vendor_end(
     return detail.end_reason or UNKNOWN_END_REASON, detail.end_at
 
 
-def _close_rows_the_vendor_ended(
-    lc: Lifecycle,
-    vendor_active: dict[str, VendorSession],
-    listed_at: datetime,
-    deadline: float,
-    report: ReconcileReport,
-) -> None:
+@dataclass(frozen=True)
+class _Listed:
+    """The vendor's active list, when it was read (database clock), and the pass's deadline."""
+
+    sessions: dict[str, VendorSession]
+    at: datetime
+    deadline: float
+
+
+def _close_rows_the_vendor_ended(lc: Lifecycle, listed: _Listed, report: ReconcileReport) -> None:
     sweep = trace.get_current_span()
     for row in store.live_vendor_rows(lc.db):
-        if row.vendor_session_id in vendor_active:
+        if row.vendor_session_id in listed.sessions:
             continue
-        if row.started_at is not None and row.started_at > listed_at - LIST_RACE_MARGIN:
+        if row.started_at is not None and row.started_at > listed.at - LIST_RACE_MARGIN:
             continue
-        _check_time(deadline)
+        _check_time(listed.deadline)
         tracing.link_sessions(sweep, [row.traceparent])
         with tracing.session_span(
             "session.reconcile.check", row.traceparent, session_id=row.vendor_session_id
         ) as span:
-            ended = _vendor_end(lc, row.vendor_session_id, deadline)
+            ended = _vendor_end(lc, row.vendor_session_id, listed.deadline)
             if ended is not None and store.record_vendor_ended(
                 lc.db, row.session_id, end_reason=ended[0], ended_at=ended[1]
             ):
@@ -190,30 +193,24 @@ def _close_rows_the_vendor_ended(
                 report.vendor_ended += 1
 
 
-def _stop_orphans(
-    lc: Lifecycle,
-    vendor_active: dict[str, VendorSession],
-    listed_at: datetime,
-    deadline: float,
-    report: ReconcileReport,
-) -> None:
+def _stop_orphans(lc: Lifecycle, listed: _Listed, report: ReconcileReport) -> None:
     grace = timedelta(seconds=lc.settings.orphan_grace_seconds)
     known = store.owned_vendor_ids(
-        lc.db, list(vendor_active), ended_after=listed_at - LIST_RACE_MARGIN
+        lc.db, list(listed.sessions), ended_after=listed.at - LIST_RACE_MARGIN
     )
-    for vendor_id, listed in vendor_active.items():
-        if vendor_id in known or listed.created_at is None:
+    for vendor_id, session in listed.sessions.items():
+        if vendor_id in known or session.created_at is None:
             continue  # a session we cannot age is never taken for an orphan
-        if listed.created_at > listed_at - grace:
+        if session.created_at > listed.at - grace:
             continue
-        _check_time(deadline)
+        _check_time(listed.deadline)
         try:
-            outcome = vendor_stop(lc, vendor_id, "ZOMBIE_SESSION_REAP", deadline=deadline)
+            outcome = vendor_stop(lc, vendor_id, "ZOMBIE_SESSION_REAP", deadline=listed.deadline)
         except DeepBrainError as error:
             logger.error("reconciler: could not stop an orphan vendor session: %s", error)
             continue
         store.log_orphan_stop(
-            lc.db, vendor_id, outcome=outcome.value, created_at=listed.created_at.isoformat()
+            lc.db, vendor_id, outcome=outcome.value, created_at=session.created_at.isoformat()
         )
         report.orphans_stopped += 1
         logger.warning("reconciler: stopped an orphan vendor session with no row")

@@ -20,6 +20,9 @@ from pydantic import (
 )
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
+# A stop's reason: the vendor's vocabulary (USER_CLOSED, MAX_DURATION_REACHED …) or any other
+# upper-case word; checked by the producer before publishing and by the worker on receipt.
+STOP_REASON_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 # Postgres text and jsonb refuse NUL, and UTF-8 cannot encode a lone surrogate.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_METADATA_BYTES = 16 * 1024
@@ -63,7 +66,8 @@ class AvatarPersona(_Open):
 
 
 class StartRequest(BaseModel):
-    """kwargs of ``orchestrator.start_session`` (design.md); unknown top-level keys are errors."""
+    """kwargs of ``orchestrator.start_session`` (docs/messages.md); unknown top-level keys
+    are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -118,6 +122,10 @@ class StartRequest(BaseModel):
 
 class InvalidStartRequest(ValueError):
     """The message decoded but breaks the contract; ``str()`` names the fields."""
+
+
+def is_valid_stop_reason(reason: object) -> bool:
+    return isinstance(reason, str) and STOP_REASON_PATTERN.match(reason) is not None
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import jwt
 from opentelemetry import trace
 from sqlalchemy.exc import (
     DataError,
@@ -24,8 +23,10 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from orchestrator.backoff import exponential_backoff
 from orchestrator.config import lease_without_margin
 from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
+from orchestrator.deepbrain.auth import token_expiry
 from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.requests import (
@@ -325,7 +326,7 @@ def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) 
         now = time.monotonic()
         if now >= (lease_ends_at if pool_full else give_up_at):
             break
-        time.sleep(min(0.1 * 2**tries, 1.0) * random.uniform(0.5, 1.0))
+        time.sleep(exponential_backoff(tries, base=0.2, cap=1.0))
     if result is None:
         return StartOutcome(ticket.request_id, "active", vendor_id)
     if isinstance(result, store.StopTicket):
@@ -387,10 +388,6 @@ def _vendor_start(
 
 
 def jwt_expiry(token: str) -> datetime | None:
-    """The ``exp`` claim of a JWT, read without verifying it (we only display it)."""
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    exp = claims.get("exp")
-    return datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None
+    """The ``exp`` of a LiveKit token, read without verifying it (we only display it)."""
+    exp = token_expiry(token)
+    return datetime.fromtimestamp(exp, UTC) if exp is not None else None

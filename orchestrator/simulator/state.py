@@ -342,16 +342,23 @@ class SimulatorState:
             return session.max_end_at
         return min(session.max_end_at, session.last_activity_at + idle)
 
+    def _live(self, session_id: str, now: float) -> _Session | Outcome:
+        """The session if it still runs, else why not (caller holds the lock)."""
+        self._expire(now)
+        session = self._sessions.get(session_id)
+        if session is None:
+            return "unknown"
+        if not session.active:
+            return "ended"
+        return session
+
     def touch(self, session_id: str, kind: Literal["ping", "talk"]) -> Outcome:
         """Record activity (resets the idle clock; never extends the max duration)."""
         with self._lock:
             now = time.time()
-            self._expire(now)
-            session = self._sessions.get(session_id)
-            if session is None:
-                return "unknown"
-            if not session.active:
-                return "ended"
+            session = self._live(session_id, now)
+            if isinstance(session, str):
+                return session
             session.last_activity_at = now
             if kind == "ping":
                 session.pings += 1
@@ -362,12 +369,9 @@ class SimulatorState:
     def end_session(self, session_id: str, reason: str, *, ended_by: str = "stop") -> Outcome:
         with self._lock:
             now = time.time()
-            self._expire(now)
-            session = self._sessions.get(session_id)
-            if session is None:
-                return "unknown"
-            if not session.active:
-                return "ended"
+            session = self._live(session_id, now)
+            if isinstance(session, str):
+                return session
             session.ended_at = now
             session.end_reason = reason
             session.ended_by = ended_by

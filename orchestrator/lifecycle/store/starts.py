@@ -10,6 +10,7 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import bindparam, select, text
+from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument, UTCDateTime, utcnow
@@ -321,19 +322,27 @@ def start_state(
         return NotRecorded.MOVED_ON
 
 
+def _lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | None:
+    """The row, locked, if it still waits for this very attempt's answer; else None."""
+    row = lock_row(session, ticket.session_id)
+    if (
+        row is None
+        or row.status != S.STARTING
+        or row.vendor_session_id is not None
+        or row.attempt_owner != ticket.owner
+    ):
+        return None
+    return row
+
+
 def record_failed(
     db: Database, ticket: StartTicket, *, error_code: str, error_message: str
 ) -> bool:
     """``starting`` → ``failed`` for this attempt; False if the row had moved on (another
     attempt holds it, or it ended)."""
     with db.transaction() as session:
-        row = lock_row(session, ticket.session_id)
-        if (
-            row is None
-            or row.status != S.STARTING
-            or row.vendor_session_id is not None
-            or row.attempt_owner != ticket.owner
-        ):
+        row = _lock_own_attempt(session, ticket)
+        if row is None:
             return False
         row.error_code = error_code
         row.error_message = error_message
@@ -344,13 +353,8 @@ def record_failed(
 def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> bool:
     """The vendor said the account is at its limit: wait again (first in line, by age)."""
     with db.transaction() as session:
-        row = lock_row(session, ticket.session_id)
-        if (
-            row is None
-            or row.status != S.STARTING
-            or row.vendor_session_id is not None
-            or row.attempt_owner != ticket.owner
-        ):
+        row = _lock_own_attempt(session, ticket)
+        if row is None:
             return False
         if row.stop_requested_at is not None:
             finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)

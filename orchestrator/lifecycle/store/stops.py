@@ -3,7 +3,6 @@ the reaper's claim of expired rows, and the end of confirmed stops."""
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from datetime import timedelta
 from sqlalchemy import Interval, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql
 
+from orchestrator.backoff import exponential_backoff
 from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow, after_commit
 from orchestrator.events import outbox
 from orchestrator.lifecycle.store import history
@@ -178,8 +178,8 @@ def stop_failed(
         if row is None or row.status != S.STOPPING:
             return
         row.stop_attempts += 1
-        delay = min(max_delay, base_delay * 2 ** (row.stop_attempts - 1))
-        row.stop_retry_at = db_now(session) + timedelta(seconds=delay * random.uniform(0.5, 1.0))
+        delay = exponential_backoff(row.stop_attempts, base=base_delay, cap=max_delay)
+        row.stop_retry_at = db_now(session) + timedelta(seconds=delay)
         history.log(
             session, EventKind.STOP_ATTEMPT_FAILED, row=row, attempt=row.stop_attempts, error=error
         )

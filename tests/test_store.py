@@ -1,0 +1,52 @@
+"""The Python side of the store and the SQL functions its migrations define agree: one lock
+key, one set of live statuses, one migration that defines the claim."""
+
+from __future__ import annotations
+
+import re
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from orchestrator.db import LIVE_STATUSES, Database
+from orchestrator.lifecycle.store import ADMISSION_LOCK_KEY, CLAIM_FUNCTION_MIGRATION
+
+VERSIONS = Path(__file__).resolve().parents[1] / "migrations" / "versions"
+
+
+def migration(revision: str) -> object:
+    (path,) = VERSIONS.glob(f"{revision}_*.py")
+    return import_module(f"orchestrator.migrations.versions.{path.stem}")
+
+
+def defining(function: str) -> list[str]:
+    """Revisions whose upgrade creates ``function``."""
+    return sorted(
+        p.name[:4]
+        for p in VERSIONS.glob("0*.py")
+        if re.search(rf"CREATE (OR REPLACE )?FUNCTION {function}\(", p.read_text())
+    )
+
+
+def test_the_claim_is_defined_by_the_migration_the_store_names() -> None:
+    assert defining("orchestrator_claim")[-1] == CLAIM_FUNCTION_MIGRATION
+    claim_sql = migration(CLAIM_FUNCTION_MIGRATION).CLAIM  # type: ignore[attr-defined]
+    assert f"pg_advisory_xact_lock({ADMISSION_LOCK_KEY})" in claim_sql
+
+
+def test_the_admission_count_uses_the_live_statuses_of_the_models() -> None:
+    (revision,) = defining("orchestrator_admission_state")
+    sql = migration(revision).ADMISSION_STATE  # type: ignore[attr-defined]
+    live = ", ".join(f"'{status.value}'" for status in LIVE_STATUSES)
+    assert f"status IN ({live})" in sql
+
+
+@pytest.mark.postgres
+def test_the_database_runs_what_the_migrations_say(db: Database) -> None:
+    with db.engine.connect() as connection:
+        body = connection.execute(
+            text("SELECT pg_get_functiondef('orchestrator_claim'::regproc)")
+        ).scalar_one()
+    assert f"pg_advisory_xact_lock({ADMISSION_LOCK_KEY})" in body
