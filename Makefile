@@ -32,10 +32,12 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
-## Benchmarks (about 12 min; do not run beside `make test`, whose fault suite restarts RabbitMQ).
+## Benchmarks, each 3 times; the report gives medians and min-max (about 30 min; do not run
+## beside `make test`, whose fault suite restarts RabbitMQ). E.g. BENCH_ARGS="--only P1 --repeat 1".
+BENCH_ARGS ?= --repeat 3
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .orchestrator

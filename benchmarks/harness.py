@@ -290,6 +290,8 @@ class ManagedProcess:
     log_path: Path
     process: subprocess.Popen[bytes] = field(init=False)
     peak_rss: int = 0
+    #: When the process said it was ready (epoch seconds), for rates over a whole drain.
+    ready_at: float | None = None
     _sampler: threading.Thread | None = field(default=None, init=False)
     _sampling: threading.Event = field(default_factory=threading.Event, init=False)
     _outage_reported: bool = field(default=False, init=False)
@@ -477,6 +479,7 @@ def start_orchestrator_worker(
         wait_for(lambda: heartbeat.exists() or not proc.alive(), 60, f"{name} start-up")
         if not proc.alive():
             raise RuntimeError(f"{name} exited:\n{proc.log_tail()}")
+        proc.ready_at = heartbeat.stat().st_mtime  # first touched once connected
     except BaseException:
         proc.stop()
         raise
@@ -535,12 +538,15 @@ def start_bare_worker(
     expected: int,
     done_file: Path,
     pool: str = "threads",
+    env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
-    """The bare Celery baseline worker (``benchmarks.bare_app``), same settings as ours."""
+    """The bare Celery baseline worker (``benchmarks.bare_app``), same settings as ours;
+    ``env`` adds variables (``bench.io`` needs ``BENCH_DATABASE_URL`` and the vendor's)."""
     ready = work_dir / "bare.ready"
     ready.unlink(missing_ok=True)
     env = python_env(
         {
+            **(env or {}),
             "BENCH_BROKER_URL": broker_url,
             "BENCH_EXPECTED": str(expected),
             "BENCH_DONE_FILE": str(done_file),
@@ -567,6 +573,7 @@ def start_bare_worker(
         wait_for(lambda: ready.exists() or not proc.alive(), 60, "bare worker start-up")
         if not proc.alive():
             raise RuntimeError(f"bare worker exited:\n{proc.log_tail()}")
+        proc.ready_at = float(ready.read_text())
     except BaseException:
         proc.stop()
         raise
@@ -580,12 +587,15 @@ def start_bare_worker(
 @dataclass
 class BenchContext:
     """What every benchmark gets: the exit stack (register clean-ups on it), a scratch folder,
-    whether to run the quick variant, and where to put artefacts."""
+    whether to run the quick variant, where to put artefacts, and which repetition this is
+    (1-based, of ``repetitions``)."""
 
     stack: contextlib.ExitStack
     work_dir: Path
     results_dir: Path
     quick: bool
+    repetition: int = 1
+    repetitions: int = 1
 
     def __post_init__(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,13 @@
-"""P2 concurrency: 1 s simulated vendor latency on start; starts/s and peak in-flight vendor
-starts on one worker host, for a few pool/concurrency configurations.
+"""P2 concurrency: 1 s simulated vendor latency on start; starts/s and vendor starts in flight
+on one worker host, for a few pool/concurrency configurations.
 
 Each configuration gets an empty database, a reset simulator and a start queue kept full by a
 feeder thread; it is measured over a fixed window after a warm-up, so a slow configuration
-costs no more time than a fast one. Baselines in the same run: the ideal (concurrency ÷
+costs no more time than a fast one. The rate and the in-flight figures (mean and p95 of the
+simulator's in-flight count, sampled every 0.2 s) come from the same window; the peak, which
+includes the warm-up burst (every thread takes a message at once), is shown apart as a peak.
+The targets are judged on one process of 256 threads (``TARGETED``), the same configuration in
+every repetition. Baselines in the same run: the ideal (concurrency ÷
 latency), Celery's own ceiling (a bare task that sleeps 1 s on the same pool and concurrency),
 and the vendor-call ceiling without Celery or the database (``benchmarks.clientload``: the
 worker's httpx client shared by N threads, one httpx client per thread, and aiohttp).
@@ -43,6 +47,7 @@ from benchmarks.harness import (
     start_orchestrator_worker,
 )
 from benchmarks.report import try_plot
+from benchmarks.stats import percentile
 
 NAME = "P2"
 TITLE = "Concurrency: 1 s vendor latency, starts/s and in-flight on one worker host"
@@ -72,12 +77,14 @@ CEILING_LABELS = {
     "httpx-client-per-thread": "a DeepBrainClient per thread",
     "aiohttp": "aiohttp, asyncio tasks",
 }
-FULL = (Config("threads", 256), Config("threads", 64), Config("threads", 128, 2))
-QUICK = (Config("threads", 256),)
+TARGETED = Config("threads", 256)
+FULL = (TARGETED, Config("threads", 64), Config("threads", 128, 2))
+QUICK = (TARGETED,)
+SAMPLE_EVERY = 0.2
 
 
 class InFlightSampler:
-    """Polls the simulator's in-flight start count every 0.5 s."""
+    """Polls the simulator's in-flight start count every ``SAMPLE_EVERY`` seconds."""
 
     def __init__(self, sim: Simulator) -> None:
         self._sim = sim
@@ -88,7 +95,7 @@ class InFlightSampler:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(SAMPLE_EVERY):
             try:
                 stats = self._sim.stats()["endpoints"]["start"]
             except Exception:
@@ -166,6 +173,7 @@ def _measure_config(
     rows = row_times(database_url)
     started = [r for r in rows if r.started_at and lo <= r.started_at.timestamp() <= hi]
     failed = [r for r in rows if r.status == "failed"]
+    # The sampler's clock starts when it does, just before t0.
     in_window = [n for t, n in sampler.samples if warm <= t <= warm + window]
     rate = len(started) / window
     return {
@@ -174,8 +182,10 @@ def _measure_config(
         "starts_per_s": round(rate, 1),
         "ideal_per_s": config.slots / LATENCY,
         "ratio_to_ideal": round(rate / (config.slots / LATENCY), 3),
-        "peak_in_flight": int(vendor["max_in_flight"]),
         "mean_in_flight": round(sum(in_window) / len(in_window), 1) if in_window else None,
+        "p95_in_flight": round(percentile(in_window, 95), 1) if in_window else None,
+        "in_flight_samples": len(in_window),
+        "peak_in_flight_with_warmup": int(vendor["max_in_flight"]),
         "failed_rows": len(failed),
         "vendor_statuses": vendor["statuses"],
         "worker_cpu_percent": round(100 * cpu / window, 1),
@@ -264,8 +274,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         log(f"P2: {config.label}, warm-up {warm:g} s, window {window:g} s")
         result = _measure_config(ctx, config, sim, database_url, broker_url, warm, window)
         log(
-            f"P2: {config.label}: {result['starts_per_s']} starts/s,"
-            f" peak in-flight {result['peak_in_flight']}"
+            f"P2: {config.label}: {result['starts_per_s']} starts/s, in flight: mean"
+            f" {result['mean_in_flight']}, p95 {result['p95_in_flight']}"
         )
         measured.append(result)
     log("P2: baselines (bare Celery sleep, vendor-call ceilings)")
@@ -274,7 +284,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         _client_ceiling(mode, 256, 6.0, sim)
         for mode in ("httpx-threads", "httpx-client-per-thread", "aiohttp")
     ]
-    best = max(measured, key=lambda r: r["starts_per_s"])
+    best = next(r for r in measured if r["config"] == TARGETED.label)
     plots = []
     plot_path = ctx.results_dir / "p2_in_flight.png"
     series = {
@@ -284,10 +294,14 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     if try_plot(
         plot_path,
         series,
-        title="P2: vendor starts in flight (simulator), 1 s start latency",
+        title=(
+            "P2: vendor starts in flight (simulator), 1 s start latency"
+            + (f"; repetition {ctx.repetition} of {ctx.repetitions}" if ctx.repetitions > 1 else "")
+        ),
         xlabel="seconds since the worker was ready",
         ylabel="starts in flight",
         hlines={"target 200": TARGET_IN_FLIGHT},
+        vspans={"measured window": (warm, warm + window)},
     ):
         plots.append(plot_path.name)
     rows = [
@@ -296,8 +310,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             r["starts_per_s"],
             r["ideal_per_s"],
             r["ratio_to_ideal"],
-            r["peak_in_flight"],
             r["mean_in_flight"],
+            r["p95_in_flight"],
+            r["peak_in_flight_with_warmup"],
             r["worker_cpu_percent"],
             r.get("machine_cpu_busy"),
             r["worker_peak_rss_mib"],
@@ -315,6 +330,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             "",
             "",
             "",
+            "",
             bare["worker_peak_rss_mib"],
             "",
         ]
@@ -325,8 +341,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             c["rate_per_s"],
             c["concurrency"],
             round(c["rate_per_s"] / c["concurrency"], 3),
-            c["peak_in_flight"],
             "",
+            "",
+            c["peak_in_flight"],
             f"{c['cpu_ms_per_call']} ms CPU/call",
             "",
             "",
@@ -351,33 +368,44 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                     "starts/s",
                     "ideal/s",
                     "ratio",
-                    "peak in flight",
-                    "mean in flight",
+                    "in flight: mean over the window",
+                    "p95",
+                    "peak (incl. warm-up)",
                     "worker CPU %",
                     "machine CPU busy",
                     "RSS MiB",
                     "failed",
                 ],
                 "rows": rows,
-            }
+            },
+            {
+                "title": "Postgres during each window: mean backends per state",
+                "columns": ["configuration: state / wait event", "mean backends"],
+                "rows": [
+                    [f"{r['config']}: {state}", n]
+                    for r in measured
+                    for state, n in r["postgres_waits"]["mean_backends"].items()
+                ],
+            },
         ],
         "plots": plots,
         "notes": [
-            "Postgres during each window, mean backends per state: "
-            + "; ".join(
-                f"{r['config']}: "
-                + ", ".join(f"{k} {v}" for k, v in r["postgres_waits"]["mean_backends"].items())
-                for r in measured
-            )
+            f"Warm-up {warm:g} s, then the window of {window:g} s over which the rate and the"
+            f" in-flight mean and p95 are taken (the simulator's in-flight count, sampled every"
+            f" {SAMPLE_EVERY:g} s); the peak includes the warm-up burst. Targets judged on"
+            f" {TARGETED.label}."
         ],
         "targets": [
             {
-                "name": "peak vendor starts in flight",
-                "value": best["peak_in_flight"],
+                "name": "vendor starts in flight, mean over the window",
+                "value": best["mean_in_flight"],
                 "unit": "",
                 "op": ">=",
                 "target": TARGET_IN_FLIGHT,
-                "detail": f"best configuration {best['config']}",
+                "detail": (
+                    f"{best['config']}: p95 {best['p95_in_flight']}, peak"
+                    f" {best['peak_in_flight_with_warmup']} (incl. warm-up)"
+                ),
             },
             {
                 "name": "starts/s at 1 s latency",
@@ -386,19 +414,19 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 "op": ">=",
                 "target": TARGET_RATE,
                 "detail": (
-                    f"{best['config']}: {best['ratio_to_ideal']}x its ideal; bare Celery sleep"
-                    f" {bare['rate_per_s']}/s"
+                    f"{best['config']}: {best['ratio_to_ideal']}x its ideal, machine CPU"
+                    f" {best['machine_cpu_busy']} busy; bare Celery sleep {bare['rate_per_s']}/s"
                 ),
             },
         ],
         "figures": [
             {
-                "name": "worker RSS at peak in-flight",
+                "name": "worker RSS, peak",
                 "value": best["worker_peak_rss_mib"],
                 "unit": "MiB",
                 "baseline": bare["worker_peak_rss_mib"],
                 "baseline_name": "bare Celery worker, threads x256",
-                "detail": f"{best['config']}, peak in-flight {best['peak_in_flight']}",
+                "detail": f"{best['config']}, {best['mean_in_flight']} starts in flight (mean)",
             }
         ],
     }

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 10 else f"{value:,.1f}"
-    return str(value)
+from benchmarks.aggregate import fmt as _fmt
+from benchmarks.aggregate import with_spread
 
 
 def _target_line(t: dict[str, Any]) -> str:
@@ -20,9 +14,24 @@ def _target_line(t: dict[str, Any]) -> str:
     miss = t.get("miss_by")
     if not t.get("met") and isinstance(miss, float):
         verdict += f" (by {miss:.0%})"
-    value = f"{_fmt(t.get('value'))} {t.get('unit', '')}"
+    runs = t.get("values", [])
+    if len(runs) > 1:
+        verdict += f"; met in {t.get('met_runs', 0)} of {len(runs)}"
+    value = with_spread(runs) if runs else _fmt(t.get("value"))
     goal = f"{t['op']} {_fmt(t['target'])}"
-    return f"| {t['name']} | {value} | {goal} | {verdict} | {t.get('detail', '')} |"
+    unit = t.get("unit", "")
+    return f"| {t['name']} | {value} {unit} | {goal} | {verdict} | {t.get('detail', '')} |"
+
+
+def _figure_line(f: dict[str, Any]) -> str:
+    unit = f.get("unit", "")
+    value = f.get("value_text", _fmt(f["value"]))
+    baseline = f.get("baseline_text", _fmt(f["baseline"]))
+    ratio = f.get("ratio_text") or _fmt(f["value"] / f["baseline"] if f.get("baseline") else None)
+    return (
+        f"| {f['name']} | {value} {unit} | no target | {ratio}x {f['baseline_name']}"
+        f" ({baseline} {unit}) | {f.get('detail', '')} |"
+    )
 
 
 #: What limits each missed target, from profiles (py-spy, pg_stat_activity): the report quotes
@@ -33,11 +42,22 @@ ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
 def write_report(document: dict[str, Any], results_dir: Path, name: str) -> Path:
     machine = document["machine"]
     load = " ".join(machine["loadavg_at_start"])
+    repetitions = document.get("repetitions", 1)
     lines = [
         "# session-orchestrator benchmarks",
         "",
         f"Run {machine['date']} with `{document['command']}`"
         f"{' (quick variants)' if document['quick'] else ''}, {document['total_seconds']} s.",
+        "",
+        (
+            f"Every benchmark ran {repetitions} times, in rounds (P1…P5, then again). Each"
+            " figure is the **median** of the repetitions with the min-max in brackets (one"
+            " value: every repetition gave it); a ratio to a baseline is taken within each"
+            " repetition, where the two ran back to back, and then its median. The verdict is"
+            " the median's. Every repetition's figures are in the JSON file."
+            if repetitions > 1
+            else "One repetition: no spread (`make bench` runs three)."
+        ),
         "",
         f"Machine: {machine['nproc']} x {machine['cpu_model']}, {machine['memory_gib']} GiB RAM,"
         f" Linux {machine['kernel']}, Python {machine['python']}, PostgreSQL {machine['postgres']},"
@@ -65,12 +85,7 @@ def write_report(document: dict[str, Any], results_dir: Path, name: str) -> Path
         for t in result.get("targets", []):
             lines.append(f"| {key} " + _target_line(t))
         for f in result.get("figures", []):
-            rel = f["value"] / f["baseline"] if f.get("baseline") else math.nan
-            lines.append(
-                f"| {key} | {f['name']} | {_fmt(f['value'])} {f.get('unit', '')} | no target |"
-                f" {_fmt(rel)}x {f['baseline_name']} ({_fmt(f['baseline'])} {f.get('unit', '')})"
-                f" | {f.get('detail', '')} |"
-            )
+            lines.append(f"| {key} " + _figure_line(f))
     if ANALYSIS.exists():  # written by hand from profiles, so it is dated in its own text
         lines += ["", ANALYSIS.read_text().rstrip()]
     for key, result in document["benchmarks"].items():
@@ -81,6 +96,9 @@ def write_report(document: dict[str, Any], results_dir: Path, name: str) -> Path
         if "error" in result:
             lines += ["Failed:", "", "```", result.get("traceback", result["error"]), "```"]
             continue
+        if result.get("repetitions", 1) > 1:
+            times = ", ".join(_fmt(r.get("seconds")) for r in result.get("runs", []))
+            lines += [f"{result['repetitions']} repetitions ({times} s).", ""]
         for paragraph in result.get("notes", []):
             lines += [paragraph, ""]
         for table in result.get("tables", []):
@@ -108,6 +126,7 @@ def try_plot(
     xlabel: str,
     ylabel: str,
     hlines: dict[str, float] | None = None,
+    vspans: dict[str, tuple[float, float]] | None = None,
 ) -> bool:
     """Line plot of ``series`` (label → (xs, ys)); False if matplotlib is not installed."""
     try:
@@ -120,6 +139,8 @@ def try_plot(
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label, linewidth=1.4)
+    for label, (x0, x1) in (vspans or {}).items():
+        ax.axvspan(x0, x1, color="grey", alpha=0.12, label=label)
     for label, y in (hlines or {}).items():
         ax.axhline(y, linestyle="--", color="grey", linewidth=1)
         ax.annotate(label, (0, y), textcoords="offset points", xytext=(4, 3), fontsize=8)

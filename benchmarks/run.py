@@ -1,11 +1,14 @@
 """Run the benchmarks and write ``benchmarks/results/<name>.json`` and ``<name>.md``.
 
-    python -m benchmarks.run                   # everything (make bench), writes latest.*
-    python -m benchmarks.run --only P1,P3 --quick   # a subset, smaller; writes partial.*
+    python -m benchmarks.run                   # everything, 3 times (make bench), writes latest.*
+    python -m benchmarks.run --only P1,P3 --quick --repeat 1   # a subset, smaller; partial.*
 
 Each benchmark is a module with ``NAME``, ``TITLE``, ``run(ctx) -> dict`` and optionally
-``skip_reason() -> str | None``; add one by listing it in ``BENCHMARKS``. Whatever happens
-(an error, Ctrl-C, SIGTERM), the databases, vhosts and processes a benchmark made are removed.
+``skip_reason() -> str | None``; add one by listing it in ``BENCHMARKS``. The benchmarks run
+``--repeat`` times, in rounds (P1…P5, then again), so a burst of load elsewhere on the machine
+spoils one repetition of each rather than every repetition of one; the report gives medians
+with the min-max (``benchmarks.aggregate``). Whatever happens (an error, Ctrl-C, SIGTERM), the
+databases, vhosts and processes a benchmark made are removed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks import harness
+from benchmarks.aggregate import fold
 from benchmarks.harness import (
     BenchContext,
     install_signal_handlers,
@@ -80,12 +84,14 @@ def _load(modules: tuple[str, ...]) -> list[ModuleType]:
     return [importlib.import_module(name) for name in modules]
 
 
-def run_one(module: ModuleType, ctx_args: dict[str, Any], deadline: float) -> dict[str, Any]:
+def skip_reason(module: ModuleType) -> str | None:
     skip = getattr(module, "skip_reason", None)
-    reason = skip() if skip is not None else None
-    if reason:
-        log(f"{module.NAME}: skipped ({reason})")
-        return {"title": module.TITLE, "skipped": reason}
+    reason: str | None = skip() if skip is not None else None
+    return reason
+
+
+def run_one(module: ModuleType, ctx_args: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """One repetition of one benchmark (tried once more if a server went away under it)."""
     began = time.monotonic()
     load_before = loadavg()
     result: dict[str, Any] = {}
@@ -115,7 +121,8 @@ def run_one(module: ModuleType, ctx_args: dict[str, Any], deadline: float) -> di
     result["title"] = module.TITLE
     result["seconds"] = round(time.monotonic() - began, 1)
     result["targets"] = [_met(t) for t in result.get("targets", [])]
-    log(f"{module.NAME}: done in {result['seconds']} s")
+    which = f"{ctx_args.get('repetition', 1)}/{ctx_args.get('repetitions', 1)}"
+    log(f"{module.NAME} ({which}): done in {result['seconds']} s")
     return result
 
 
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=float,
         default=15.0,
-        help="minutes: a benchmark spoiled by a broker outage is re-run only within this",
+        help="minutes per repetition: a benchmark spoiled by a broker outage is re-run only"
+        " within this",
     )
     parser.add_argument(
         "--merge",
@@ -142,7 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         " a broker outage spoiled)",
     )
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (logs)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="repetitions of each benchmark; the report gives medians and min-max (default 3)",
+    )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     install_signal_handlers()
     if args.profile:
@@ -166,19 +182,42 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    deadline = began + args.budget * 60
     results: dict[str, Any] = {}
+    skipped = {m.NAME: reason for m in modules if (reason := skip_reason(m))}
+    for name, reason in skipped.items():
+        log(f"{name}: skipped ({reason})")
+    runs: dict[str, list[dict[str, Any]]] = {m.NAME: [] for m in modules if m.NAME not in skipped}
     try:
-        for module in modules:
-            results[module.NAME] = run_one(
-                module,
-                {
-                    "work_dir": work_dir / module.NAME,
+        for repetition in range(1, args.repeat + 1):
+            deadline = time.monotonic() + args.budget * 60
+            log(f"repetition {repetition} of {args.repeat}")
+            for module in modules:
+                if module.NAME in skipped:
+                    continue
+                ctx_args = {
+                    "work_dir": work_dir / f"{module.NAME}-{repetition}",
                     "results_dir": RESULTS_DIR,
                     "quick": args.quick,
-                },
-                deadline,
-            )
+                    "repetition": repetition,
+                    "repetitions": args.repeat,
+                }
+                runs[module.NAME].append(run_one(module, ctx_args, deadline))
+        for module in modules:
+            if module.NAME in skipped:
+                results[module.NAME] = {"title": module.TITLE, "skipped": skipped[module.NAME]}
+            else:
+                folded = fold(runs[module.NAME])
+                folded["targets"] = [_met(t) for t in folded.get("targets", [])]
+                first = runs[module.NAME][0]
+                results[module.NAME] = {
+                    "title": module.TITLE,
+                    "date": first["date"],
+                    "loadavg_before_after": [
+                        first["loadavg_before_after"][0],
+                        runs[module.NAME][-1]["loadavg_before_after"][1],
+                    ],
+                    **folded,
+                }
     except KeyboardInterrupt:
         log("interrupted: cleaned up; no report written")
         return 130
@@ -190,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
+        "repetitions": args.repeat,
         "machine": machine,
         "total_seconds": round(time.monotonic() - began, 1),
         "benchmarks": results,
@@ -206,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(document, indent=2, default=str) + "\n")
     md_path = write_report(document, RESULTS_DIR, out)
     log(f"wrote {json_path} and {md_path} in {document['total_seconds']} s")
-    failed = [name for name, r in results.items() if "error" in r]
+    failed = [name for name, r in results.items() if any("error" in x for x in r.get("runs", []))]
     return 1 if failed else 0
 
 

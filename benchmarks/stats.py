@@ -41,5 +41,14 @@ def steady_rate(times: Sequence[float], low: float = 0.1, high: float = 0.9) -> 
     return (j - i) / span if span > 0 else math.nan
 
 
+def drain_rate(times: Sequence[float], ready_at: float | None) -> float:
+    """Completions per second over the whole drain: from the worker being ready (the queue
+    was filled before) to the last completion, ramp-up and tail included."""
+    if not times or ready_at is None:
+        return math.nan
+    span = max(times) - ready_at
+    return len(times) / span if span > 0 else math.nan
+
+
 def ratio(value: float, baseline: float) -> float:
     return round(value / baseline, 3) if baseline and not math.isnan(baseline) else math.nan
