@@ -7,6 +7,7 @@ Postgres live in tests/faults/test_edge_*.py."""
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from sqlalchemy.exc import DataError
 
 from orchestrator.config import Settings
 from orchestrator.db import Database, SessionRow
-from orchestrator.deepbrain import DeepBrainClient, DeepBrainError
+from orchestrator.deepbrain import DeepBrainClient, DeepBrainError, RetryPolicy
 from orchestrator.lifecycle import (
     Lifecycle,
     RetryLater,
@@ -322,13 +323,57 @@ def test_a_start_call_keeps_its_total_deadline_across_a_token_refresh(
     assert elapsed < 3.0 + 0.6, elapsed
 
 
-def test_every_vendor_request_has_a_total_deadline(simulator: SimulatorServer) -> None:
-    simulator.configure(endpoint_latency="list=3")
-    with DeepBrainClient(simulator.base_url, APP_ID, USER_KEY, timeout_seconds=0.5) as client:
+@pytest.fixture
+def trickling_vendor() -> Iterator[str]:
+    """A server that answers every request, one byte of its reply every 0.2 s: each read of
+    the reply is quick, so only a total deadline can cut the request short."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+    body = b'{"code": 1000, "message": "ok", "data": {"results": []}}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    reply = head % len(body) + body
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                for byte in reply:
+                    if stop.is_set():
+                        break
+                    try:
+                        conn.sendall(bytes([byte]))
+                    except OSError:
+                        break
+                    time.sleep(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+def test_every_vendor_request_has_a_total_deadline(trickling_vendor: str) -> None:
+    """httpx's timeouts are per read: a reply that trickles in never trips them. The request
+    must still end within VENDOR_TIMEOUT_SECONDS in all (here 1 s, the reply takes ~30 s)."""
+    retry = RetryPolicy(max_attempts=1)
+    with DeepBrainClient(
+        trickling_vendor, APP_ID, USER_KEY, timeout_seconds=1.0, retry=retry
+    ) as client:
         began = time.monotonic()
-        with pytest.raises(DeepBrainError):
-            client.list_sessions("active", deadline=began + 1.2)
-        assert time.monotonic() - began < 1.2 + 0.5
+        with pytest.raises(DeepBrainError) as raised:
+            client.list_sessions("active")
+        elapsed = time.monotonic() - began
+    assert raised.value.error_code == "VENDOR_TIMEOUT"
+    assert elapsed < 1.0 + 0.5, elapsed
 
 
 # -- 8. the reconciler never stops for one bad row -------------------------------------------
