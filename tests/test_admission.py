@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +23,7 @@ from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import WorkerProcess, wait_until
 from tests.helpers import event_kinds, row, rows
+from tests.threads import in_background, race
 
 pytestmark = pytest.mark.postgres
 
@@ -113,19 +113,11 @@ def test_concurrent_claims_never_exceed_the_cap(
     capped: Lifecycle, simulator: SimulatorServer
 ) -> None:
     simulator.configure(endpoint_latency="start=0.2")
-    barrier = threading.Barrier(10)
-
-    def go(i: int) -> None:
-        barrier.wait()
-        start(capped, f"c-{i}")
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = race(*[lambda i=i: start(capped, f"c-{i}") for i in range(10)])
+    # Every claim ran to its end: two started, the other eight wait for a slot.
+    assert sorted(outcomes) == ["active"] * 2 + ["waiting"] * 8
     assert simulator.stats()["sessions"]["max_active"] <= 2
-    assert sorted(r.status for r in rows(capped.db)).count("active") == 2
+    assert sorted(r.status for r in rows(capped.db)) == ["active"] * 2 + ["waiting"] * 8
 
 
 def test_a_claim_that_waited_for_the_admission_lock_counts_what_the_holder_committed(
@@ -145,9 +137,7 @@ def test_a_claim_that_waited_for_the_admission_lock_counts_what_the_holder_commi
             ),
             {"r": f"held-{i}"},
         )
-    outcome: list[str] = []
-    claimer = threading.Thread(target=lambda: outcome.append(start(capped, "queued")))
-    claimer.start()
+    claimer = in_background(lambda: start(capped, "queued"))
 
     def claim_is_waiting_for_the_lock() -> bool:
         with capped.db.engine.connect() as conn:
@@ -155,11 +145,10 @@ def test_a_claim_that_waited_for_the_admission_lock_counts_what_the_holder_commi
             return bool(conn.execute(text(waiting)).scalar_one() == 1)
 
     wait_until(claim_is_waiting_for_the_lock, timeout=10)
-    assert outcome == []  # the claim waits for the lock
+    assert not claimer.done()  # the claim waits for the lock
     holder.commit()
     holder.close()
-    claimer.join(timeout=10)
-    assert outcome == ["waiting"]
+    assert claimer.result(timeout=10) == "waiting"
     assert row(capped.db, "queued").attempts == 0
 
 

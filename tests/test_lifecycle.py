@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -14,6 +14,7 @@ from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, reques
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import wait_until
 from tests.helpers import event_kinds, events, row, row_or_none, rows
+from tests.threads import in_background, race
 
 pytestmark = pytest.mark.postgres
 
@@ -159,14 +160,14 @@ def test_vendor_error_fails_with_vendor_code_and_message(
     assert r.ended_at is not None and r.livekit_token is None
 
 
-def start_with_the_vendor_call_in_flight(lc: Lifecycle, request_id: str) -> threading.Thread:
-    """Start in a thread and return once its (slow) vendor call has been sent."""
-    thread = threading.Thread(target=start, args=(lc,), kwargs={"request_id": request_id})
-    thread.start()
+def start_with_the_vendor_call_in_flight(lc: Lifecycle, request_id: str) -> Future[str]:
+    """Start in a thread and return once its (slow) vendor call has been sent; the future
+    gives what the start returned, or raises what it raised."""
+    started = in_background(lambda: start(lc, request_id=request_id))
     wait_until(
         lambda: (r := row_or_none(lc.db, request_id)) is not None and r.attempts > 0, 5, 0.01
     )
-    return thread
+    return started
 
 
 def test_stop_of_active_session_stops_vendor_once(
@@ -191,18 +192,14 @@ def test_concurrent_stops_make_one_terminal_transition(
 ) -> None:
     for i in range(5):
         start(lifecycle, claim_id=f"t-{i}", request_id=f"r-{i}")
-    barrier = threading.Barrier(8)
 
-    def stop_all() -> None:
-        barrier.wait()
-        for i in range(5):
-            request_stop(lifecycle, request_id=f"r-{i}", reason="USER_CLOSED")
+    def stop_all() -> list[bool]:
+        return [
+            request_stop(lifecycle, request_id=f"r-{i}", reason="USER_CLOSED").found
+            for i in range(5)
+        ]
 
-    threads = [threading.Thread(target=stop_all) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert race(*[stop_all] * 8) == [[True] * 5] * 8
     assert all(s["stop_calls"] == 1 for s in simulator.sessions())
     for i in range(5):
         assert event_kinds(lifecycle.db, f"r-{i}").count("ended") == 1
@@ -220,9 +217,9 @@ def test_stop_requested_while_starting_is_honoured_once_the_session_has_an_id(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:
     simulator.configure(endpoint_latency="start=1.0")
-    thread = start_with_the_vendor_call_in_flight(lifecycle, "r-1")
+    started = start_with_the_vendor_call_in_flight(lifecycle, "r-1")
     assert request_stop(lifecycle, request_id="r-1").status_before == "starting"
-    thread.join()
+    assert started.result(timeout=30) == "r-1"
     r = row(lifecycle.db, "r-1")
     assert (r.status, r.end_reason) == ("ended", "USER_CLOSED")
     (vendor,) = simulator.sessions()
@@ -300,7 +297,7 @@ def test_vendor_session_is_stopped_again_if_the_row_moved_on_during_the_start(
 ) -> None:
     """Compensation: the vendor said yes, but the row can no longer take the session."""
     simulator.configure(endpoint_latency="start=1.0")
-    thread = start_with_the_vendor_call_in_flight(lifecycle, "r-1")
+    started = start_with_the_vendor_call_in_flight(lifecycle, "r-1")
     # The attempt's lease runs out meanwhile (as after a long vendor hang), and the reconciler
     # gives up on it.
     with lifecycle.db.transaction() as session:
@@ -311,7 +308,7 @@ def test_vendor_session_is_stopped_again_if_the_row_moved_on_during_the_start(
         lifecycle.db, start_timeout=lifecycle.settings.start_timeout_seconds
     )
     assert stuck.failed == ["r-1"]
-    thread.join()
+    assert started.result(timeout=30) == "r-1"
     r = row(lifecycle.db, "r-1")
     assert (r.status, r.error_code, r.vendor_session_id) == ("failed", "START_TIMEOUT", None)
     (vendor,) = simulator.sessions()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,6 +11,7 @@ from orchestrator.db import SessionRow
 from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, reconcile, request_stop
 from orchestrator.simulator import SimulatorServer
 from tests.helpers import event_kinds, row
+from tests.threads import race
 
 pytestmark = pytest.mark.postgres
 ROUNDS = 15
@@ -34,12 +33,16 @@ def test_stop_reaper_and_reconciler_race_on_the_same_sessions(
                 .where(SessionRow.request_id.in_(ids))
                 .values(expires_at=past, started_at=past)
             )
-        race(
+        forward, backward, _, reconciled = race(
             lambda ids=ids: [request_stop(lifecycle, request_id=r) for r in ids],
             lambda ids=ids: [request_stop(lifecycle, request_id=r) for r in reversed(ids)],
             lambda: reap(lifecycle),
             lambda: reconcile(lifecycle),
         )
+        # Every action ran to its end (race() raises what a thread raised): both stoppers found
+        # every row, and the reconciler saw no orphan (every vendor session has its row).
+        assert all(result.found for result in forward + backward)
+        assert reconciled.orphans_stopped == 0
 
         vendor = {s["session_id"]: s for s in simulator.sessions()}
         for rid in ids:
@@ -49,18 +52,3 @@ def test_stop_reaper_and_reconciler_race_on_the_same_sessions(
             assert event_kinds(lifecycle.db, rid).count("ended") == 1
             assert vendor[r.vendor_session_id]["stop_calls"] == 1, rid
             assert vendor[r.vendor_session_id]["end_reason"] == r.end_reason
-
-
-def race(*actions: Callable[[], object]) -> None:
-    """Run every action in its own thread, all released at the same moment."""
-    barrier = threading.Barrier(len(actions))
-
-    def run(action: Callable[[], object]) -> None:
-        barrier.wait()
-        action()
-
-    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()

@@ -409,8 +409,19 @@ def test_malformed_message_fails_or_is_dead_lettered(corpus_run: CorpusRun, case
     assert_rejected(corpus_run, case)
 
 
-def test_corpus_has_at_least_30_malformed_messages() -> None:
-    assert len(CORPUS) + 1 >= 30  # + the conflicting duplicate (and test_poison_messages.py)
+def test_the_malformed_messages_and_nothing_else_are_dead_lettered_or_failed(
+    corpus_run: CorpusRun,
+) -> None:
+    """The corpus as a whole: the dead-letter queue holds exactly the messages expected there,
+    and the failed rows are exactly the ones expected — no good message was dead-lettered or
+    failed, no bad one slipped through as something else."""
+    run = corpus_run
+    dead = {run.task_ids[c.name] for c in CORPUS if c.expect == "dead"}
+    failed = {named_request_id(c) or run.task_ids[c.name] for c in CORPUS if c.expect == "failed"}
+    assert len(dead) + len(failed) == len(CORPUS) >= 30  # one outcome each, and enough of them
+    assert run.dead_ids == dead, (sorted(run.dead_ids - dead), sorted(dead - run.dead_ids))
+    failed_rows = {rid for rid, r in run.rows.items() if r.status == "failed"}
+    assert failed_rows == failed, (sorted(failed_rows - failed), sorted(failed - failed_rows))
 
 
 def test_good_messages_between_bad_ones_are_all_served(corpus_run: CorpusRun) -> None:

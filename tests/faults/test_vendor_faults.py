@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
 MAX_ATTEMPTS = 4  # the client's default RetryPolicy: bounded retries
 MAX_BACKOFF_TOTAL = 0.5 + 1.0 + 2.0  # its capped delays before retries 2, 3 and 4
+MIN_BACKOFF_TOTAL = MAX_BACKOFF_TOTAL / 2  # the same with the least jitter ("equal" jitter)
 
 
 @pytest.fixture
@@ -142,14 +143,18 @@ def test_5xx_is_retried_a_bounded_number_of_times_then_fails_with_the_vendor_cod
 def test_start_retries_stop_in_time_for_the_start_timeout(
     lc_for: Callable[..., Lifecycle], simulator: SimulatorServer
 ) -> None:
-    """Four attempts with backoff take longer than a 1 s START_TIMEOUT: the worker stops
-    retrying before the reconciler would fail the row, and fails it with the vendor's code."""
+    """Four attempts take at least MIN_BACKOFF_TOTAL (1.75 s) of backoff, longer than this
+    START_TIMEOUT: the worker stops retrying before the reconciler would fail the row, and
+    fails it with the vendor's code. The timeout is as long as it can be while four attempts
+    still overrun it, so the time bound leaves the machine all the slack it can."""
+    start_timeout = 1.5
+    assert start_timeout < MIN_BACKOFF_TOTAL
     simulator.push_fault({"endpoint": "start", "status": 503, "code": 5000, "count": 10})
-    lc = lc_for(start_timeout_seconds=1.0, vendor_timeout_seconds=0.5)
+    lc = lc_for(start_timeout_seconds=start_timeout, vendor_timeout_seconds=0.5)
     row, took = start(lc, "deadline")
     assert (row.status, row.error_code) == ("failed", "VENDOR_5000")
     assert 1 <= sum(start_statuses(simulator).values()) < MAX_ATTEMPTS
-    assert took < 1.0
+    assert took < start_timeout
 
 
 def test_timeouts_are_bounded_and_the_sessions_they_made_are_stopped(
