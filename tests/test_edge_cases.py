@@ -515,7 +515,7 @@ def test_a_pool_timeout_while_recording_a_start_does_not_stop_the_session(
 ) -> None:
     simulator.configure(endpoint_latency="start=0.5")
     lc = Lifecycle(
-        settings=settings_for(),
+        settings=settings_for(orphan_grace_seconds=60.0),  # the wait must fit the grace
         db=Database(database_url, pool_size=1, max_overflow=0, pool_timeout=0.3),
         vendor=DeepBrainClient(simulator.base_url, APP_ID, USER_KEY, timeout_seconds=5),
         dispatcher=RecordingDispatcher(),

@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 MAX_CAPACITY_BOUNCES = 5
 # After a failed write of the vendor's yes, how long to keep trying (re-reading the row, then
 # writing again) before stopping the session: a blip of the database should not cost a good
-# session. A full pool is not the database's fault: that is retried until the attempt's lease
-# runs out.
+# session. A full pool is not the database's fault: it is waited out for longer. Neither wait
+# may outlast what the orphan grace leaves after the vendor's reply (grace - vendor timeout):
+# past it the reconciler would take the unrecorded session for an orphan and stop it.
 RECORD_RETRY_SECONDS = 5.0
 MAX_CLAIM_ID_LENGTH = 255
 
@@ -303,8 +304,11 @@ def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) 
     again for a few seconds; only then, or if the row no longer wants this session, the vendor
     session is stopped again (compensation)."""
     vendor_id = start.vendor_session_id
-    give_up_at = time.monotonic() + RECORD_RETRY_SECONDS
-    lease_ends_at = _start_deadline(lc)
+    settings = lc.settings
+    before_orphan = max(0.0, settings.orphan_grace_seconds - settings.vendor_timeout_seconds)
+    began = time.monotonic()
+    give_up_at = began + min(RECORD_RETRY_SECONDS, before_orphan)
+    pool_give_up_at = min(_start_deadline(lc), began + before_orphan)
     tries = 0
     result: store.StopTicket | store.NotRecorded | _Unknown | None
     while True:
@@ -324,7 +328,7 @@ def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) 
         if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
             break
         now = time.monotonic()
-        if now >= (lease_ends_at if pool_full else give_up_at):
+        if now >= (pool_give_up_at if pool_full else give_up_at):
             break
         time.sleep(exponential_backoff(tries, base=0.2, cap=1.0))
     if result is None:
