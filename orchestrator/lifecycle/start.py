@@ -286,16 +286,14 @@ def _start_deadline(lc: Lifecycle) -> float:
     return time.monotonic() + lease_without_margin(lc.settings.start_timeout_seconds)
 
 
-_OUTAGE = (PoolTimeout, DBAPIError)
-
-
-def _is_outage(error: Exception) -> bool:
-    """A failure of the connection, not of the statement: the write may or may not have
-    happened, and the row tells which."""
+def _is_outage(error: SQLAlchemyError) -> bool:
+    """A failure of the connection (or of getting one), not of the statement: the write may or
+    may not have happened, and the row tells which."""
     if isinstance(error, PoolTimeout):
         return True
-    assert isinstance(error, DBAPIError)
-    return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    return isinstance(error, DBAPIError) and (
+        error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    )
 
 
 def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) -> StartOutcome:
@@ -316,15 +314,12 @@ def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) 
         pool_full = False
         try:
             result = store.record_started(lc.db, ticket, start)
-        except _OUTAGE as error:
+        except SQLAlchemyError as error:
             if not _is_outage(error):
                 compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
                 raise
             pool_full = isinstance(error, PoolTimeout)
             result = _reread(lc, ticket, vendor_id)
-        except SQLAlchemyError:
-            compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
-            raise
         if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
             break
         now = time.monotonic()
@@ -362,7 +357,7 @@ def _reread(
 ) -> store.StopTicket | store.NotRecorded | _Unknown | None:
     try:
         return store.start_state(lc.db, ticket, vendor_id)
-    except _OUTAGE as error:
+    except SQLAlchemyError as error:
         if not _is_outage(error):
             raise
         return _UNKNOWN
