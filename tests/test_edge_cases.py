@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +37,7 @@ from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY, wait_until
 from tests.helpers import event_kinds, outbox_bodies, row, row_or_none, rows
+from tests.threads import in_background, race
 
 pytestmark = pytest.mark.postgres
 
@@ -114,30 +116,14 @@ def test_an_early_stop_and_its_start_racing_never_leave_a_session_billing(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:
     simulator.configure(endpoint_latency="start=0.2")
-    errors: list[BaseException] = []
-
-    def run(action: Callable[[], object]) -> None:
-        try:
-            action()
-        except BaseException as error:  # collected: a crash must fail the test
-            errors.append(error)
-
-    threads = []
+    actions: list[Callable[[], object]] = []
     for i in range(12):
         rid = f"race-{i}"
-        threads += [
-            threading.Thread(
-                target=run, args=(lambda rid=rid: request_stop(lifecycle, request_id=rid),)
-            ),
-            threading.Thread(
-                target=run, args=(lambda rid=rid: start(lifecycle, f"t-{rid}", request_id=rid),)
-            ),
+        actions += [
+            lambda rid=rid: request_stop(lifecycle, request_id=rid),
+            lambda rid=rid: start(lifecycle, f"t-{rid}", request_id=rid),
         ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    race(*actions)  # what any of them raises fails the test
     assert {r.status for r in rows(lifecycle.db)} == {"ended"}
     assert [s for s in simulator.sessions() if s["status"] == "active"] == []
 
@@ -266,19 +252,23 @@ def test_an_admitted_request_whose_dispatch_was_lost_is_dispatched_again(
 # -- 6. one vendor attempt at a time ---------------------------------------------------------
 
 
+def first_delivery_in_flight(lc: Lifecycle, db: Database, request_id: str) -> Future[Any]:
+    """Start ``request_id`` (task ``same-task``) in a thread; return once its vendor call
+    has been sent. The future gives what that first delivery returned (or raised)."""
+    first = in_background(lambda: start(lc, "same-task", request_id=request_id))
+    wait_until(lambda: (r := row_or_none(db, request_id)) and r.attempts > 0, 5, 0.01)
+    return first
+
+
 def test_a_redelivery_during_the_attempt_waits_for_it_instead_of_calling_the_vendor(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:
     simulator.configure(endpoint_latency="start=1.0")
-    first = threading.Thread(
-        target=start, args=(lifecycle, "same-task"), kwargs={"request_id": "r"}
-    )
-    first.start()
-    wait_until(lambda: (r := row_or_none(lifecycle.db, "r")) and r.attempts > 0, 5, 0.01)
+    first = first_delivery_in_flight(lifecycle, lifecycle.db, "r")
 
     with pytest.raises(RetryLater) as retry:
         start(lifecycle, "same-task", request_id="r")  # the same message, redelivered
-    first.join()
+    assert first.result(timeout=30).status == "active"
 
     assert 0 < retry.value.delay <= lifecycle.settings.start_timeout_seconds + 1.5  # + jitter
     assert len(simulator.sessions()) == 1
@@ -292,13 +282,9 @@ def test_a_redelivery_with_another_payload_is_a_conflict_not_a_resume(
     lifecycle: Lifecycle, simulator: SimulatorServer
 ) -> None:
     simulator.configure(endpoint_latency="start=0.5")
-    first = threading.Thread(
-        target=start, args=(lifecycle, "same-task"), kwargs={"request_id": "r"}
-    )
-    first.start()
-    wait_until(lambda: (r := row_or_none(lifecycle.db, "r")) and r.attempts > 0, 5, 0.01)
+    first = first_delivery_in_flight(lifecycle, lifecycle.db, "r")
     outcome = start(lifecycle, "same-task", request_id="r", avatar_id="someone-else")
-    first.join()
+    assert first.result(timeout=30).status == "active"
     assert outcome.detail == "conflict"
     assert event_kinds(lifecycle.db, "r").count("duplicate_conflict") == 1
     assert len(simulator.sessions()) == 1
@@ -471,14 +457,7 @@ def test_one_reconcile_pass_at_a_time_across_the_deployment(
     simulator.configure(endpoint_latency="list=1.0")
     lcs = [inline_lifecycle(settings_for()) for _ in range(3)]
     try:
-        reports: list[Any] = []
-        threads = [
-            threading.Thread(target=lambda lc=lc: reports.append(reconcile(lc))) for lc in lcs
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        reports = race(*[lambda lc=lc: reconcile(lc) for lc in lcs])
     finally:
         for lc in lcs:
             lc.close()
@@ -521,13 +500,11 @@ def test_a_pool_timeout_while_recording_a_start_does_not_stop_the_session(
         dispatcher=RecordingDispatcher(),
     )
     try:
-        thread = threading.Thread(target=start, args=(lc,), kwargs={"request_id": "busy"})
-        thread.start()
-        wait_until(lambda: (r := row_or_none(db, "busy")) and r.attempts > 0, 5, 0.01)
+        started = first_delivery_in_flight(lc, db, "busy")
         # Another thread of the worker holds the only connection through the vendor's reply.
         with lc.db.engine.connect():
             time.sleep(1.5)
-        thread.join()
+        assert started.result(timeout=30).status == "active"
     finally:
         lc.close()
     r = row(db, "busy")

@@ -4,7 +4,6 @@ for a failed write."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from tests.faults.conftest import via_proxy
 from tests.faults.crashable_postgres import CrashablePostgres
 from tests.faults.tcp_proxy import TcpProxy
 from tests.helpers import event_kinds, row, row_or_none
+from tests.threads import in_background
 
 pytestmark = [pytest.mark.postgres, pytest.mark.faults]
 
@@ -67,25 +67,16 @@ def test_a_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_dropped(
 ) -> None:
     lc = crash_lifecycle
     simulator.configure(endpoint_latency="start=1.5")
-    outcome: list[Any] = []
-
-    def first_delivery() -> None:
-        try:
-            outcome.append(start(lc, "t-1", "lost"))
-        except RetryLater as retry:
-            outcome.append(retry)
-
-    thread = threading.Thread(target=first_delivery)
-    thread.start()
+    first_delivery = in_background(lambda: start(lc, "t-1", "lost"))
     wait_until(lambda: simulator.stats()["endpoints"]["start"]["calls"] > 0, 5, 0.01)
     crashable.crash()  # the claim had not reached the disk
     crashable.restart()
     # Another thread of the worker met the dead connection first and SQLAlchemy renewed the
     # pool, so the start's record runs on a fresh connection and finds no row at all.
     lc.db.engine.dispose()
-    thread.join()
 
-    assert isinstance(outcome[0], RetryLater), outcome  # not acknowledged: sent again
+    with pytest.raises(RetryLater):  # not acknowledged: the message is sent again
+        first_delivery.result(timeout=30)
     assert start(lc, "t-1", "lost").status == "active"  # the redelivery
     sessions = simulator.sessions()
     assert len(sessions) == 2
