@@ -21,11 +21,11 @@ EXIT_SESSION_FAILED = 3
 logger = logging.getLogger(__name__)
 
 
-def _setup_telemetry() -> None:
+def _setup_telemetry(*, serve_metrics: bool = False) -> None:
     from orchestrator.telemetry import setup_telemetry
 
     try:
-        setup_telemetry()
+        setup_telemetry(serve_metrics=serve_metrics)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
 
@@ -114,7 +114,7 @@ def worker(
 
     settings = _settings(consistent=True)
     celery_options = _configure_logging(settings)
-    _setup_telemetry()
+    _setup_telemetry(serve_metrics=True)
     settings.vendor_credentials()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # Resolved before the pool and beat start: with no URL set this starts (or joins) the
@@ -149,7 +149,7 @@ def beat() -> None:
 
     settings = _settings(consistent=True)
     celery_options = _configure_logging(settings)
-    _setup_telemetry()
+    _setup_telemetry(serve_metrics=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     app.start([*celery_options, "beat", f"--loglevel={settings.log_level}"])
