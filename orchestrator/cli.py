@@ -197,6 +197,18 @@ def db_stop_embedded() -> None:
     click.echo("stopped" if stopped else f"no embedded PostgreSQL runs in {settings.state_dir}")
 
 
+def _simulator_module() -> Any:
+    """The simulator package, or one line saying which extra brings it."""
+    try:
+        from orchestrator import simulator
+    except ImportError as error:
+        raise click.ClickException(
+            f"the simulator needs the [simulator] extra ({error.name} is missing):"
+            " pip install 'session-orchestrator[simulator]'"
+        ) from None
+    return simulator
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8800, show_default=True)
@@ -219,7 +231,7 @@ def simulator(
     user_key: str | None,
 ) -> None:
     """Serve a fake DeepBrain API (for the demo, tests, staging)."""
-    from orchestrator import simulator as sim
+    sim = _simulator_module()
 
     configure_logging("INFO")
     try:
@@ -309,6 +321,14 @@ def _stop_reason(_ctx: click.Context, _param: click.Parameter, value: str) -> st
     type=float,
     help=f"Wait up to N s and print the result; exit {EXIT_SESSION_FAILED} if it failed.",
 )
+@click.option(
+    "--wait-via",
+    type=click.Choice(["database", "events"]),
+    default="database",
+    show_default=True,
+    help="Where --wait learns the outcome: the sessions table, or the orchestrator.events"
+    " exchange (needs only the broker).",
+)
 def enqueue(
     avatar_id: str,
     request_id: str | None,
@@ -319,10 +339,11 @@ def enqueue(
     persona: str | None,
     metadata: str | None,
     wait_seconds: float | None,
+    wait_via: str,
 ) -> None:
     """Publish a start job; prints its request_id."""
     from orchestrator.lifecycle.requests import InvalidStartRequest
-    from orchestrator.producer import Producer
+    from orchestrator.producer import Producer, SessionEvents
 
     kwargs: dict[str, Any] = {"avatar_id": avatar_id}
     optional = {
@@ -336,16 +357,23 @@ def enqueue(
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     _setup_telemetry()
-    producer = Producer(_settings())
+    settings = _settings()
+    producer = Producer(settings)
+    # Listening before publishing: the outcome cannot come before the queue exists.
+    events = SessionEvents(settings).start() if wait_seconds and wait_via == "events" else None
     try:
         rid = producer.enqueue_start_session(**kwargs)
         click.echo(rid)
-        if wait_seconds:
+        if events is not None:
+            _print_info(events.wait(rid, wait_seconds or 0))
+        elif wait_seconds:
             _print_info(producer.wait_for_session(rid, wait_seconds))
     except (InvalidStartRequest, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
     finally:
         producer.close()
+        if events is not None:
+            events.close()
 
 
 def _json_option(name: str, value: str | None) -> Any:
@@ -439,6 +467,7 @@ def sessions(show_all: bool, limit: int, as_json: bool) -> None:
 @click.option("--sessions", "count", type=click.IntRange(2, 20), default=5, show_default=True)
 def demo(count: int) -> None:
     """Run the whole lifecycle on embedded defaults against the simulator (no servers)."""
+    _simulator_module()
     from orchestrator.demo import run_demo
 
     sys.exit(run_demo(count))
