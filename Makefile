@@ -15,7 +15,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 # One-time set-up: the only steps that need the package registry. The lock's hashes are
 # for the image build (pip's hash mode); here its pins are constraints.
 $(RUNTIME): pyproject.toml $(LOCK)
-	@echo "make: installing the runtime and the demo's extras into $(VENV), pinned by $(LOCK) (once, about 30 s; needs the package registry)"
+	@echo "make: installing the runtime and the demo's extras into $(VENV), pinned by $(LOCK) (once, a minute or two; needs the package registry)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	sed -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*--hash/d' -e 's/[[:space:]]*\\$$//' $(LOCK) > $(CONSTRAINTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) setuptools wheel
