@@ -184,6 +184,8 @@ def check_database_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         _ = parts.port  # a port that is not a number raises here
+        if "://" not in url:
+            raise ValueError
     except ValueError:
         raise ValueError("not a URL (postgresql+psycopg://user:password@host:5432/db)") from None
     if parts.scheme not in DATABASE_SCHEMES:
