@@ -4,7 +4,9 @@ Each line carries the current span's ``trace_id`` and ``span_id`` (when one is r
 and the ``extra=`` fields of the call (JSON: as keys; text: ``key=value`` at the end). Times
 are UTC, ISO 8601 with ``Z``. Nothing in this code base logs a secret; as a last line of
 defence, a field whose name says it is secret is masked, and so is anything shaped like a JWT
-(session and LiveKit tokens) in a message.
+(session and LiveKit tokens) in a message. One extra is never written: Celery's ``data``, the
+task's context it passes along for custom handlers, which holds the task's arguments (a
+start's may carry the customer's LLM keys).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # The attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _OURS = frozenset({"trace_id", "span_id"})
+# Celery logs each task event with extra={"data": context}: its args and kwargs included.
+_CELERY_CONTEXT = "data"
 
 
 def utc_timestamp(created: float) -> str:
@@ -58,8 +62,10 @@ class SafeRecordFilter(logging.Filter):
         masked = JWT.sub(MASK, message)
         if masked != message or record.args:
             record.msg, record.args = masked, None
-        for key in extra_fields(record):
-            if key not in _OURS and SECRET_FIELD.search(key):
+        for key, value in extra_fields(record).items():
+            if key == _CELERY_CONTEXT and isinstance(value, dict):
+                delattr(record, key)
+            elif key not in _OURS and SECRET_FIELD.search(key):
                 setattr(record, key, MASK)
         return True
 

@@ -31,6 +31,10 @@ try:
     raise RuntimeError("boom")
 except RuntimeError:
     log.exception("failed")
+# Celery passes each task's context, its kwargs included, as extra "data".
+context = {"id": "t1", "name": "orchestrator.start_session", "kwargs": "{'headers': 'sk-llm-key'}"}
+logging.getLogger("celery.app.trace").info("Task %(name)s[%(id)s] received", context,
+                                           extra={"data": context})
 """
 
 
@@ -53,8 +57,8 @@ def test_json_lines_carry_trace_ids_and_extras_and_no_secret(log_format: str) ->
     assert out[0] == "json"
     trace_id, span_id = out[1].split()
     records = [json.loads(line) for line in err]  # every line is one JSON object
-    assert [r["level"] for r in records] == ["INFO", "WARNING", "ERROR"]
-    started, vendor, failed = records
+    assert [r["level"] for r in records] == ["INFO", "WARNING", "ERROR", "INFO"]
+    started, vendor, failed, celery = records
     assert started["message"] == "started r-1" and started["logger"] == "orchestrator.test"
     assert (started["trace_id"], started["span_id"]) == (trace_id, span_id)
     assert (started["request_id"], started["attempt"]) == ("r-1", 2)
@@ -63,7 +67,10 @@ def test_json_lines_carry_trace_ids_and_extras_and_no_secret(log_format: str) ->
     assert "trace_id" not in vendor  # no span was current
     assert vendor["message"] == "vendor said *** in its reply"
     assert "RuntimeError: boom" in failed["exc_info"]
-    assert "lk-secret" not in "\n".join(err) and "eyJhbGci" not in "\n".join(err)
+    assert celery["message"] == "Task orchestrator.start_session[t1] received"
+    assert "data" not in celery
+    for secret in ("lk-secret", "eyJhbGci", "sk-llm-key"):
+        assert secret not in "\n".join(err)
 
 
 def test_text_lines_carry_the_same_fields() -> None:
@@ -75,4 +82,5 @@ def test_text_lines_carry_the_same_fields() -> None:
     assert "request_id=r-1 attempt=2 livekit_token=***" in started
     assert f"trace_id={trace_id} span_id={span_id}" in started
     assert any("hidden at INFO" in line for line in err)  # DEBUG, given in lower case
-    assert "lk-secret" not in "\n".join(err) and "eyJhbGci" not in "\n".join(err)
+    for secret in ("lk-secret", "eyJhbGci", "sk-llm-key"):
+        assert secret not in "\n".join(err)
