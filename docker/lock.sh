@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate docker/requirements.lock: every runtime dependency of pyproject.toml
-# (and the build backend, docker/build-requirements.in) pinned with sha256 hashes.
+# Regenerate docker/requirements.lock: every runtime dependency of pyproject.toml, its
+# [simulator] extra (the image serves that role too) and the build backend
+# (docker/build-requirements.in), pinned with sha256 hashes.
 # Run from anywhere after changing [project].dependencies or [build-system].requires:
 #   docker/lock.sh            (needs python3 and access to PyPI)
 #   docker/lock.sh --upgrade  (extra arguments go to `uv pip compile`)
@@ -18,6 +19,7 @@ python3 -m venv "$tmp/venv"
 cd "$root"
 "$tmp/venv/bin/uv" pip compile \
     pyproject.toml docker/build-requirements.in \
+    --extra simulator \
     --universal \
     --python-version 3.11 \
     --generate-hashes \

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
+from orchestrator.cli_errors import describe
 from orchestrator.config import ConfigError, Settings, load_settings
 from orchestrator.logging_setup import configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
+# `status` and `enqueue --wait`: the request ended as `failed` (1 is an error, 2 a usage error).
+EXIT_SESSION_FAILED = 3
+logger = logging.getLogger(__name__)
 
 
-def _setup_telemetry() -> None:
+def _setup_telemetry(*, serve_metrics: bool = False) -> None:
     from orchestrator.telemetry import setup_telemetry
 
     try:
-        setup_telemetry()
+        setup_telemetry(serve_metrics=serve_metrics)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
 
@@ -35,55 +41,91 @@ def _settings(*, consistent: bool = False) -> Settings:
     return settings
 
 
+def _debugging(ctx: click.Context) -> bool:
+    level = os.environ.get("ORCHESTRATOR_LOG_LEVEL", "").strip().upper()
+    return bool(ctx.params.get("debug")) or level == "DEBUG"
+
+
 class _Group(click.Group):
-    """A :class:`ConfigError` from any command (e.g. the embedded database cannot start) is one
-    line on stderr, not a traceback."""
+    """An error an operator can fix (a setting, the database, the broker, the vendor, a
+    migration revision: :func:`orchestrator.cli_errors.describe`) is one line on stderr, not
+    a traceback, unless ``--debug`` or ``ORCHESTRATOR_LOG_LEVEL=DEBUG`` asks for it."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ConfigError as error:
-            raise click.ClickException(str(error)) from None
+        except click.exceptions.Exit:
+            raise
+        except Exception as error:
+            line = describe(error)
+            if line is None or _debugging(ctx):
+                raise
+            raise click.ClickException(line) from None
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="session-orchestrator")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of any error.")
+def main(debug: bool) -> None:
     """Start, track and end DeepBrain AI Streamer sessions (see README.md)."""
+
+
+def _configure_logging(settings: Settings) -> list[str]:
+    """Logging as the settings ask; Celery's options to match (its banner is not JSON)."""
+    chosen = configure_logging(settings.log_level, settings.log_format)
+    return ["--quiet"] if chosen == "json" else []
+
+
+def _check_schema(settings: Settings) -> None:
+    """A database of another revision is one line now, not a failure in every task; an
+    unreachable one is not (tasks retry until it is back)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from orchestrator.preflight import NotMigrated, schema_revision
+
+    try:
+        schema_revision(settings.effective_database_url)
+    except NotMigrated as error:
+        raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        logger.warning("starting without the database: %s", describe(error))
 
 
 @main.command()
 @click.option("--queues", default="orchestrator.start,orchestrator.control", show_default=True)
 @click.option(
     "--pool",
-    type=click.Choice(["threads", "prefork", "solo", "gevent"]),
+    type=click.Choice(["threads", "prefork", "solo"]),
     default="threads",
     show_default=True,
 )
 @click.option("--concurrency", type=click.IntRange(1, 2000), default=64, show_default=True)
 @click.option("--beat", "with_beat", is_flag=True, help="Also run beat inside (one process only).")
 @click.option("--hostname", default="orchestrator@%h", show_default=True)
-def worker(queues: str, pool: str, concurrency: int, with_beat: bool, hostname: str) -> None:
+@click.option(
+    "--events", is_flag=True, help="Send task events (Flower, `celery events`); off by default."
+)
+def worker(
+    queues: str, pool: str, concurrency: int, with_beat: bool, hostname: str, events: bool
+) -> None:
     """Run a Celery worker consuming the start and control queues."""
     from orchestrator.celery_app import create_app
     from orchestrator.messaging import declare_topology
 
     settings = _settings(consistent=True)
-    configure_logging(settings.log_level)
-    _setup_telemetry()
-    try:
-        settings.vendor_credentials()
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    celery_options = _configure_logging(settings)
+    _setup_telemetry(serve_metrics=True)
+    settings.vendor_credentials()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # Resolved before the pool and beat start: with no URL set this starts (or joins) the
     # embedded database now, and a failure is one line here rather than in every task.
-    _ = settings.effective_database_url
+    _check_schema(settings)
     app = create_app(settings)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=10)
         declare_topology(connection)
     argv = [
+        *celery_options,
         "worker",
         f"--pool={pool}",
         f"--concurrency={concurrency}",
@@ -95,6 +137,8 @@ def worker(queues: str, pool: str, concurrency: int, with_beat: bool, hostname: 
     ]
     if with_beat:
         argv.append("--beat")
+    if events:
+        argv.append("--task-events")
     app.worker_main(argv)
 
 
@@ -104,10 +148,11 @@ def beat() -> None:
     from orchestrator.celery_app import create_app
 
     settings = _settings(consistent=True)
-    configure_logging(settings.log_level)
+    celery_options = _configure_logging(settings)
+    _setup_telemetry(serve_metrics=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    app.start(["beat", f"--loglevel={settings.log_level}"])
+    app.start([*celery_options, "beat", f"--loglevel={settings.log_level}"])
 
 
 @main.group()
@@ -122,7 +167,7 @@ def db_upgrade(revision: str) -> None:
     from orchestrator.db.migrate import upgrade
 
     settings = _settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     upgrade(settings.effective_database_url, revision)
     click.echo(f"database at {revision}")
 
@@ -134,6 +179,7 @@ def db_downgrade(revision: str) -> None:
     from orchestrator.db.migrate import downgrade
 
     settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
     downgrade(settings.effective_database_url, revision)
     click.echo(f"database at {revision}")
 
@@ -149,6 +195,18 @@ def db_stop_embedded() -> None:
     except embedded.EmbeddedPostgresError as error:
         raise click.ClickException(str(error)) from None
     click.echo("stopped" if stopped else f"no embedded PostgreSQL runs in {settings.state_dir}")
+
+
+def _simulator_module() -> Any:
+    """The simulator package, or one line saying which extra brings it."""
+    try:
+        from orchestrator import simulator
+    except ImportError as error:
+        raise click.ClickException(
+            f"the simulator needs the [simulator] extra ({error.name} is missing):"
+            " pip install 'session-orchestrator[simulator]'"
+        ) from None
+    return simulator
 
 
 @main.command()
@@ -173,7 +231,7 @@ def simulator(
     user_key: str | None,
 ) -> None:
     """Serve a fake DeepBrain API (for the demo, tests, staging)."""
-    from orchestrator import simulator as sim
+    sim = _simulator_module()
 
     configure_logging("INFO")
     try:
@@ -207,6 +265,48 @@ def health(role: str) -> None:
 
 
 @main.command()
+@click.option("--vendor/--no-vendor", default=True, show_default=True, help="Also ask the vendor.")
+def check(vendor: bool) -> None:
+    """Check the settings, the database (reachable, migrated), the broker and the vendor:
+    one line each; exit 1 if any is not ready (e.g. before a rollout, or as an init step)."""
+    from orchestrator import preflight
+
+    settings = _settings(consistent=True)
+    checks: list[tuple[str, Callable[[], str]]] = [
+        (
+            "database",
+            lambda: f"at revision {preflight.schema_revision(settings.effective_database_url)}",
+        ),
+        ("broker", lambda: f"connected ({preflight.broker_reachable(settings)})"),
+    ]
+    if vendor:
+        checks.append(("vendor", lambda: f"{preflight.vendor_answers(settings)} live sessions"))
+    failed = False
+    for name, run_check in checks:
+        try:
+            click.echo(f"{name}: ok, {run_check()}")
+        except Exception as error:
+            line = describe(error) or (
+                str(error) if isinstance(error, preflight.NotMigrated) else None
+            )
+            if line is None:
+                raise
+            failed = True
+            click.echo(f"{name}: FAILED, {line}")
+    if failed:
+        sys.exit(1)
+
+
+def _stop_reason(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The worker's rule, checked before anything is sent."""
+    from orchestrator.lifecycle.requests import is_valid_stop_reason
+
+    if not is_valid_stop_reason(value):
+        raise click.BadParameter("upper-case letters, digits and _ (e.g. USER_CLOSED)")
+    return value
+
+
+@main.command()
 @click.option("--avatar-id", required=True)
 @click.option("--request-id")
 @click.option("--max-session-duration", type=int, help="Minutes (sent to the vendor).")
@@ -215,7 +315,20 @@ def health(role: str) -> None:
 @click.option("--greeting-text")
 @click.option("--persona", help="avatar_persona as JSON.")
 @click.option("--metadata", help="metadata as JSON.")
-@click.option("--wait", "wait_seconds", type=float, help="Wait up to N s and print the result.")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=float,
+    help=f"Wait up to N s and print the result; exit {EXIT_SESSION_FAILED} if it failed.",
+)
+@click.option(
+    "--wait-via",
+    type=click.Choice(["database", "events"]),
+    default="database",
+    show_default=True,
+    help="Where --wait learns the outcome: the sessions table, or the orchestrator.events"
+    " exchange (needs only the broker).",
+)
 def enqueue(
     avatar_id: str,
     request_id: str | None,
@@ -226,10 +339,11 @@ def enqueue(
     persona: str | None,
     metadata: str | None,
     wait_seconds: float | None,
+    wait_via: str,
 ) -> None:
     """Publish a start job; prints its request_id."""
     from orchestrator.lifecycle.requests import InvalidStartRequest
-    from orchestrator.producer import Producer, PublishError
+    from orchestrator.producer import Producer, SessionEvents
 
     kwargs: dict[str, Any] = {"avatar_id": avatar_id}
     optional = {
@@ -243,16 +357,23 @@ def enqueue(
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     _setup_telemetry()
-    producer = Producer(_settings())
+    settings = _settings()
+    producer = Producer(settings)
+    # Listening before publishing: the outcome cannot come before the queue exists.
+    events = SessionEvents(settings).start() if wait_seconds and wait_via == "events" else None
     try:
         rid = producer.enqueue_start_session(**kwargs)
         click.echo(rid)
-        if wait_seconds:
+        if events is not None:
+            _print_info(events.wait(rid, wait_seconds or 0))
+        elif wait_seconds:
             _print_info(producer.wait_for_session(rid, wait_seconds))
-    except (InvalidStartRequest, PublishError, TimeoutError) as error:
+    except (InvalidStartRequest, TimeoutError) as error:
         raise click.ClickException(str(error)) from None
     finally:
         producer.close()
+        if events is not None:
+            events.close()
 
 
 def _json_option(name: str, value: str | None) -> Any:
@@ -267,24 +388,25 @@ def _json_option(name: str, value: str | None) -> Any:
 @main.command()
 @click.option("--request-id")
 @click.option("--session-id", help="The vendor's session id.")
-@click.option("--reason", default="USER_CLOSED", show_default=True)
+@click.option("--reason", default="USER_CLOSED", show_default=True, callback=_stop_reason)
 def stop(request_id: str | None, session_id: str | None, reason: str) -> None:
     """Ask for a session to be stopped."""
-    from orchestrator.producer import Producer, PublishError
+    from orchestrator.producer import Producer
 
     if (request_id is None) == (session_id is None):
         raise click.UsageError("give exactly one of --request-id or --session-id")
     producer = Producer(_settings())
     try:
         producer.request_stop(request_id=request_id, session_id=session_id, reason=reason)
-    except (PublishError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
     finally:
         producer.close()
     click.echo("stop requested")
 
 
 def _print_info(info: Any) -> None:
+    """The request as JSON (times in UTC); exit 3 if it failed."""
+    from orchestrator.reporting import utc_iso
+
     fields = {
         "request_id": info.request_id,
         "status": info.status,
@@ -292,41 +414,51 @@ def _print_info(info: Any) -> None:
         "livekit_url": info.livekit_url,
         "livekit_room": info.livekit_room,
         "livekit_token": info.livekit_token,
-        "expires_at": info.expires_at.isoformat() if info.expires_at else None,
+        "livekit_token_expires_at": utc_iso(info.livekit_token_expires_at),
+        "expires_at": utc_iso(info.expires_at),
         "end_reason": info.end_reason,
         "error_code": info.error_code,
         "error_message": info.error_message,
     }
     click.echo(json.dumps({k: v for k, v in fields.items() if v is not None}, indent=2))
+    if info.status == "failed":
+        sys.exit(EXIT_SESSION_FAILED)
 
 
 @main.command()
 @click.argument("request_id")
 def status(request_id: str) -> None:
-    """Print one request's state (JSON), including its LiveKit credentials while active."""
+    """Print one request's state (JSON), including its LiveKit credentials while active;
+    exit 3 if the request failed."""
     from orchestrator.producer import Producer, SessionNotFound
 
     producer = Producer(_settings())
     try:
-        _print_info(producer.session_info(request_id))
+        info = producer.session_info(request_id)
     except SessionNotFound:
         raise click.ClickException(f"no session for request {request_id} (yet)") from None
     finally:
         producer.close()
+    _print_info(info)
 
 
 @main.command()
 @click.option("--all", "show_all", is_flag=True, help="Include ended and failed sessions.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-def sessions(show_all: bool, limit: int) -> None:
-    """A table of sessions (live ones unless --all); never shows tokens."""
+@click.option("--json", "as_json", is_flag=True, help="A JSON array: full ids, times in UTC.")
+def sessions(show_all: bool, limit: int, as_json: bool) -> None:
+    """A table of sessions (live ones unless --all), times in UTC; never shows tokens."""
     from orchestrator.db import Database
-    from orchestrator.reporting import session_table
+    from orchestrator.reporting import session_records, session_table
 
     settings = _settings()
     database = Database(settings.effective_database_url, pool_size=1)
     try:
-        click.echo(session_table(database, live_only=not show_all, limit=limit))
+        if as_json:
+            records = session_records(database, live_only=not show_all, limit=limit)
+            click.echo(json.dumps(records, indent=2))
+        else:
+            click.echo(session_table(database, live_only=not show_all, limit=limit))
     finally:
         database.dispose()
 
@@ -335,6 +467,7 @@ def sessions(show_all: bool, limit: int) -> None:
 @click.option("--sessions", "count", type=click.IntRange(2, 20), default=5, show_default=True)
 def demo(count: int) -> None:
     """Run the whole lifecycle on embedded defaults against the simulator (no servers)."""
+    _simulator_module()
     from orchestrator.demo import run_demo
 
     sys.exit(run_demo(count))

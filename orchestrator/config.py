@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ORCHESTRATOR_"
 DEFAULT_DEEPBRAIN_BASE_URL = "https://ai-streamer.deepbrain.io"
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "xxx", "todo", "placeholder"})
+# postgres:// and postgresql:// mean psycopg 3 here (the only driver installed).
+DATABASE_SCHEMES = frozenset({"postgresql", "postgres", "postgresql+psycopg"})
 
 
 def default_state_dir() -> Path:
@@ -51,7 +54,30 @@ class Settings(BaseSettings):
     early_stop_retention_seconds: PositiveSeconds = 7 * 86_400.0
     heartbeat_max_age_seconds: PositiveSeconds = 60.0
     db_pool_size: int = Field(default=20, ge=1, le=500)
-    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # auto: JSON lines unless stderr is a terminal (so JSON in containers, text in a shell).
+    log_format: Literal["auto", "text", "json"] = "auto"
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value:
+            check_database_url(value)
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if value:
+            check_broker_url(value)
+        return value
 
     @field_validator("deepbrain_base_url")
     @classmethod
@@ -152,13 +178,53 @@ def _var(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def check_database_url(url: str) -> None:
+    """ValueError (without the URL, which may hold a password) unless ``url`` is a PostgreSQL
+    URL SQLAlchemy can use. Parsed without SQLAlchemy: the health probe loads settings too."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is not a number raises here
+        if "://" not in url:
+            raise ValueError
+    except ValueError:
+        raise ValueError("not a URL (postgresql+psycopg://user:password@host:5432/db)") from None
+    if parts.scheme not in DATABASE_SCHEMES:
+        shown = f"{parts.scheme!r}" if parts.scheme else "none"
+        raise ValueError(
+            f"scheme {shown} is not PostgreSQL: use postgresql+psycopg://user:password@host:5432/db"
+        )
+    if not parts.path.strip("/") and "host=" not in parts.query:
+        raise ValueError("names no database (postgresql+psycopg://user:password@host:5432/db)")
+
+
+def check_broker_url(url: str) -> None:
+    """ValueError (without the URL) unless every URL of ``url`` (kombu's failover list:
+    ``amqp://a//;amqp://b//``) names a transport kombu knows and has a valid port."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    for number, part in enumerate((p.strip() for p in url.split(";")), 1):
+        where = f"URL {number} of the list: " if ";" in url else ""
+        try:
+            parts = urlsplit(part)
+            _ = parts.port
+        except ValueError:
+            raise ValueError(f"{where}not a URL (amqp://user:password@host:5672/vhost)") from None
+        transport = parts.scheme.split("+", 1)[0]
+        if not part or "://" not in part or transport not in TRANSPORT_ALIASES:
+            shown = f"{transport!r}" if transport else "none"
+            raise ValueError(
+                f"{where}unknown transport {shown} (amqp://user:password@host:5672/vhost)"
+            )
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "?"
     variable = ENV_PREFIX + field.upper()
     value = first.get("input")
     shown = "" if "secret" in field or "key" in field or "url" in field else f" (got {value!r})"
-    return f"{variable}: {first['msg']}{shown}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{variable}: {message}{shown}"
 
 
 def load_settings(**overrides: object) -> Settings:

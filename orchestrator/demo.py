@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, OutboxEvent, embedded
 from orchestrator.db.migrate import upgrade
 from orchestrator.producer import Producer, SessionInfo, SessionNotFound
-from orchestrator.reporting import format_table, session_table
+from orchestrator.reporting import format_table, session_table, utc_clock, utc_iso
 from orchestrator.simulator import SimulatorConfig, SimulatorServer
 from orchestrator.telemetry import TRACE_FILE_VARIABLE, setup_telemetry, shutdown_telemetry
 from orchestrator.trace_view import find_trace, read_span_files, render_trace
@@ -48,6 +49,7 @@ def _env(settings: Settings) -> dict[str, str]:
         ORCHESTRATOR_REAPER_INTERVAL_SECONDS=str(settings.reaper_interval_seconds),
         ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS=str(settings.reconcile_interval_seconds),
         ORCHESTRATOR_LOG_LEVEL="INFO",
+        ORCHESTRATOR_LOG_FORMAT="text",  # worker.log is read by a person when the demo fails
         ORCHESTRATOR_MAX_CONCURRENT_SESSIONS=str(settings.max_concurrent_sessions),
         ORCHESTRATOR_TRACE_FILE=str(settings.state_dir / "spans-worker.jsonl"),
     )
@@ -73,7 +75,7 @@ def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[byt
 
 
 def _say(message: str, **style: Any) -> None:
-    click.secho(f"{time.strftime('%H:%M:%S')}  {message}", **style)
+    click.secho(f"{utc_clock(datetime.now(UTC))}  {message}", **style)
 
 
 def _describe(info: SessionInfo) -> str:
@@ -232,8 +234,8 @@ def _show_credentials(info: SessionInfo) -> None:
     click.echo(f"           LiveKit url:   {info.livekit_url}")
     click.echo(f"           room:          {info.livekit_room}")
     click.echo(f"           token:         {token[:16]}… ({len(token)} chars, a real LiveKit JWT)")
-    click.echo(f"           token expires: {info.livekit_token_expires_at}")
-    click.echo(f"           session ends:  {info.expires_at}")
+    click.echo(f"           token expires: {utc_iso(info.livekit_token_expires_at)}")
+    click.echo(f"           session ends:  {utc_iso(info.expires_at)}")
 
 
 def _verdict(producer: Producer, request_ids: list[str], stop_me: str) -> int:

@@ -5,17 +5,23 @@
     info = wait_for_session(request_id, timeout=60)   # info.livekit_url, info.livekit_token …
 
 Module-level functions use one :class:`Producer` built from the environment on first use.
+``wait_for_session`` reads the database; a producer with access to the broker only waits with
+:class:`SessionEvents` (the lifecycle events of ``orchestrator.events``) instead.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
+from kombu import Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 from opentelemetry import propagate, trace
 from sqlalchemy import select
@@ -23,10 +29,12 @@ from sqlalchemy import select
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.lifecycle.requests import is_valid_stop_reason, parse_start_request
-from orchestrator.messaging import START_TASK, STOP_TASK, declare_topology
+from orchestrator.messaging import START_TASK, STOP_TASK, declare_topology, events_exchange
 from orchestrator.publishing import publishing_app
 
 FINAL_FOR_WAIT = frozenset({"active", "ended", "failed"})
+TERMINAL = frozenset({"ended", "failed"})
+logger = logging.getLogger(__name__)
 PUBLISH_RETRY_POLICY = {
     "max_retries": 3,
     "interval_start": 0.2,
@@ -64,6 +72,23 @@ class SessionInfo:
             f" session_id={self.session_id!r}, room={self.livekit_room!r}, token={token},"
             f" expires_at={self.expires_at}, end_reason={self.end_reason!r},"
             f" error_code={self.error_code!r})"
+        )
+
+    @classmethod
+    def from_event(cls, body: dict[str, Any]) -> SessionInfo:
+        """From the body of a ``session.active|ended|failed`` event (docs/messages.md)."""
+        expires = body.get("expires_at")
+        return cls(
+            request_id=str(body["request_id"]),
+            status=str(body["status"]),
+            session_id=body.get("session_id"),
+            livekit_url=body.get("url"),
+            livekit_room=body.get("room_name"),
+            livekit_token=body.get("token"),
+            expires_at=datetime.fromisoformat(expires) if expires else None,
+            end_reason=body.get("end_reason"),
+            error_code=body.get("error_code"),
+            error_message=body.get("error_message"),
         )
 
     @classmethod
@@ -199,6 +224,131 @@ class Producer:
         if self._db is not None:
             self._db.dispose()
         self.app.close()
+
+
+class SessionEvents:
+    """A request's outcome from the broker alone: for producers that may not read the
+    database (which holds every session's token). It consumes ``orchestrator.events`` through
+    a queue of its own (bound to ``session.#``), keeps the latest event of each request it has
+    seen (the last ``keep`` requests) and hands them to :meth:`wait`.
+
+    Start it before publishing, so no event can come before the queue exists; one instance
+    serves any number of requests and threads (a web back end starts one at boot)::
+
+        events = SessionEvents(settings).start()
+        request_id = producer.enqueue_start_session(avatar_id="…")
+        info = events.wait(request_id, timeout=60)   # active (credentials), ended or failed
+
+    The queue outlives a dropped connection by ``QUEUE_EXPIRES_MS`` (the consumer reconnects
+    with backoff), so no event is missed across a short broker blip. Needs RabbitMQ (the
+    embedded SQLite broker routes nothing between processes). The broker user needs to
+    declare and read its own ``orchestrator.events.*`` queue and bind it to the exchange;
+    it then sees every session's ``session.active`` event, token included, while it runs.
+    """
+
+    QUEUE_EXPIRES_MS = 60_000
+    RECONNECT_MAX_SECONDS = 10.0
+
+    def __init__(self, settings: Settings, *, keep: int = 10_000) -> None:
+        self._app = publishing_app(settings)
+        self._keep = keep
+        self._queue = Queue(
+            f"orchestrator.events.{socket.gethostname()}.{uuid.uuid4().hex[:12]}",
+            exchange=events_exchange,
+            routing_key="session.#",
+            durable=False,
+            auto_delete=False,
+            queue_arguments={"x-expires": self.QUEUE_EXPIRES_MS},
+        )
+        self._latest: OrderedDict[str, SessionInfo] = OrderedDict()
+        self._changed = threading.Condition()
+        self._bound = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="session-events", daemon=True)
+        with self._app.connection_for_read() as unopened:  # the transport's error classes
+            self._broker_errors: tuple[type[BaseException], ...] = (
+                KombuOperationalError,
+                OSError,
+                *unopened.connection_errors,
+                *unopened.channel_errors,
+            )
+
+    @property
+    def queue_name(self) -> str:
+        return str(self._queue.name)
+
+    def start(self, timeout: float = 10.0) -> Self:
+        """Bind the queue and start consuming; :class:`PublishError` if the broker cannot be
+        reached within ``timeout``."""
+        self._thread.start()
+        if not self._bound.wait(timeout):
+            self.close()
+            raise PublishError(f"could not bind to {events_exchange.name} within {timeout:g} s")
+        return self
+
+    def wait(self, request_id: str, timeout: float = 60.0) -> SessionInfo:
+        """The request's latest event once it is ``active``, ``ended`` or ``failed``;
+        TimeoutError if none came within ``timeout``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: request_id in self._latest, timeout):
+                raise TimeoutError(
+                    f"no event for request {request_id} after {timeout:g} s"
+                    f" on {events_exchange.name}"
+                )
+            return self._latest[request_id]
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._app.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _remember(self, body: Any, _message: Any) -> None:
+        if not isinstance(body, dict) or body.get("status") not in FINAL_FOR_WAIT:
+            return
+        try:
+            info = SessionInfo.from_event(body)
+        except (KeyError, ValueError, TypeError):
+            logger.warning("ignored a malformed lifecycle event (message id unknown)")
+            return
+        with self._changed:
+            known = self._latest.get(info.request_id)
+            if known is not None and known.status in TERMINAL and info.status == "active":
+                return  # a late redelivery of `active` after the end: the end stands
+            self._latest[info.request_id] = info
+            self._latest.move_to_end(info.request_id)
+            while len(self._latest) > self._keep:
+                self._latest.popitem(last=False)
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                with self._app.connection_for_read() as connection:
+                    connection.ensure_connection(max_retries=1)
+                    with connection.Consumer(
+                        self._queue, callbacks=[self._remember], accept=["json"], no_ack=True
+                    ):
+                        self._bound.set()
+                        delay = 0.5
+                        while not self._stopping.is_set():
+                            try:
+                                connection.drain_events(timeout=1)
+                            except TimeoutError:
+                                connection.heartbeat_check()
+            except self._broker_errors as error:
+                if self._stopping.is_set():
+                    return
+                logger.warning("session events: broker connection lost (%s); reconnecting", error)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.RECONNECT_MAX_SECONDS)
 
 
 _default: Producer | None = None

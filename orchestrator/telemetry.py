@@ -5,8 +5,11 @@ it uses whatever global provider that app installed.
 With no exporter configured nothing is installed, so tracing costs nothing: the API's
 no-op tracer answers our spans. Exporters: ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER``
 = ``otlp`` | ``console`` | ``none`` (default ``none``, or ``otlp`` when an
-``OTEL_EXPORTER_OTLP_*ENDPOINT`` is set). ``ORCHESTRATOR_TRACE_FILE`` adds a JSON-lines span
-file (the demo reads it to show a trace without a collector).
+``OTEL_EXPORTER_OTLP_*ENDPOINT`` is set), comma-separated. ``OTEL_METRICS_EXPORTER`` may also
+name ``prometheus``: the worker and beat (``serve_metrics``) then serve ``/metrics`` on
+``OTEL_EXPORTER_PROMETHEUS_HOST``:``OTEL_EXPORTER_PROMETHEUS_PORT`` (localhost:9464); other
+commands, run in the same container, skip it. ``ORCHESTRATOR_TRACE_FILE`` adds a JSON-lines
+span file (the demo reads it to show a trace without a collector).
 """
 
 from __future__ import annotations
@@ -90,6 +93,23 @@ def _span_exporter(name: str) -> SpanExporter:
     raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r} (otlp, console, none)")
 
 
+def _prometheus_reader() -> MetricReader:
+    """OpenTelemetry's Prometheus reader, served over HTTP by prometheus_client."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import start_http_server
+
+    host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost")
+    port_text = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")
+    try:
+        port = int(port_text)
+        reader = PrometheusMetricReader()
+        start_http_server(port, addr=host)
+    except (ValueError, OSError) as error:
+        where = f"OTEL_EXPORTER_PROMETHEUS_HOST/PORT ({host}:{port_text})"
+        raise ValueError(f"{where}: cannot serve /metrics: {error}") from None
+    return reader
+
+
 def _metric_reader(name: str) -> MetricReader:
     if name == "otlp":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -99,17 +119,22 @@ def _metric_reader(name: str) -> MetricReader:
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
         return PeriodicExportingMetricReader(ConsoleMetricExporter())
-    raise ValueError(f"OTEL_METRICS_EXPORTER: unsupported exporter {name!r} (otlp, console, none)")
+    raise ValueError(
+        f"OTEL_METRICS_EXPORTER: unsupported exporter {name!r} (otlp, console, prometheus, none)"
+    )
 
 
 def setup_telemetry(
     *,
     span_exporters: Sequence[SpanExporter] = (),
     metric_readers: Sequence[MetricReader] = (),
+    serve_metrics: bool = False,
 ) -> bool:
     """Install providers and instrumentations once per process; False if nothing to export.
 
     Tests pass in-memory exporters/readers; everything else comes from the environment.
+    ``serve_metrics``: this process serves ``/metrics`` if ``OTEL_METRICS_EXPORTER`` names
+    ``prometheus`` (the long-running worker and beat; one port per container).
     """
     global _configured  # noqa: PLW0603 - once per process, guarded by the lock
     with _lock:
@@ -122,7 +147,12 @@ def setup_telemetry(
         processors += [BatchSpanProcessor(_span_exporter(n)) for n in _exporter_names("TRACES")]
         if trace_file:
             processors.append(SimpleSpanProcessor(JsonLinesSpanExporter(Path(trace_file))))
-        readers = list(metric_readers) + [_metric_reader(n) for n in _exporter_names("METRICS")]
+        names = _exporter_names("METRICS")
+        readers = list(metric_readers) + [
+            _prometheus_reader() if name == "prometheus" else _metric_reader(name)
+            for name in names
+            if name != "prometheus" or serve_metrics
+        ]
         if not processors and not readers:
             return False
         resource = Resource.create(

@@ -79,3 +79,65 @@ def test_worker_without_credentials_fails_with_one_line(tmp_path: object) -> Non
         result.output.strip()
         == "Error: ORCHESTRATOR_DEEPBRAIN_APP_ID is required to call the DeepBrain API"
     )
+
+
+def test_log_level_and_format_in_any_case() -> None:
+    settings = load_settings(log_level="debug", log_format="JSON")
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+    assert load_settings(log_level=" Warning ").log_level == "WARNING"
+    with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_LOG_LEVEL: Input should be 'DEBUG'"):
+        load_settings(log_level="loud")
+    with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_LOG_FORMAT: Input should be 'auto'"):
+        load_settings(log_format="yaml")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:guest@127.0.0.1:5672//",
+        "amqps://u:p@mq.example.com:5671/prod",
+        "amqp://u:p@mq-a:5672/v;amqp://u:p@mq-b:5672/v",  # kombu's failover list
+        "amqp://u:p@mq-a//; amqp://u:p@mq-b//",
+        "sqla+sqlite:////tmp/broker.sqlite3",
+    ],
+)
+def test_broker_urls_kombu_accepts_are_accepted(url: str) -> None:
+    assert load_settings(broker_url=url).broker_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("foo://host//", "unknown transport 'foo'"),
+        ("rabbitmq.internal:5672", "unknown transport"),
+        ("amqp://u:secret-pw@mq-a//;nope://u:secret-pw@mq-b//", "URL 2 of the list: unknown"),
+        ("amqp://u:secret-pw@mq:port//", "not a URL"),
+    ],
+)
+def test_malformed_broker_url_names_the_variable_not_the_password(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(broker_url=url)
+    assert str(error.value).startswith(f"ORCHESTRATOR_BROKER_URL: {why}")
+    assert "secret-pw" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("u:secret-pw@db/orch", "not a URL"),
+        ("mysql://u:secret-pw@db/orch", "scheme 'mysql' is not PostgreSQL"),
+        ("postgresql://u:secret-pw@db:port/orch", "not a URL"),
+        ("postgresql://u:secret-pw@db:5432", "names no database"),
+    ],
+)
+def test_malformed_database_url_names_the_variable_not_the_password(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(database_url=url)
+    assert str(error.value).startswith(f"ORCHESTRATOR_DATABASE_URL: {why}")
+    assert "secret-pw" not in str(error.value)
+    for good in (
+        "postgresql+psycopg://u:p@db:5432/orch",
+        "postgres://u@db/orch",
+        "postgresql+psycopg://postgres@/postgres?host=/tmp/state/postgres&port=5432",
+    ):
+        assert load_settings(database_url=good).database_url == good

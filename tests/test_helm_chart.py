@@ -152,16 +152,152 @@ def error_of(values: dict[str, Any]) -> str:
 
 # --- every manifest is valid Kubernetes --------------------------------------------------
 
+# Custom resources kubernetes-validate has no schema for: the fields the chart renders, closed,
+# as the CRDs define them (KEDA 2.x keda.sh/v1alpha1; Prometheus Operator monitoring.coreos.com/v1).
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {
+    "type": "object",
+    "required": ["name", "namespace"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}},
+}
+
+
+def _crd(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": _META,
+            "spec": {"additionalProperties": False, **spec},
+        },
+    }
+
+
+CRD_SCHEMAS = {
+    "ScaledObject": _crd(
+        "keda.sh/v1alpha1",
+        "ScaledObject",
+        {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "name": {"type": "string"},
+                    },
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer"},
+                "cooldownPeriod": {"type": "integer"},
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["type", "metadata"],
+                        "properties": {
+                            "type": {"type": "string"},
+                            "metadata": _STRING_MAP,  # the scaler's parameters: strings only
+                            "authenticationRef": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "kind": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    ),
+    "TriggerAuthentication": _crd(
+        "keda.sh/v1alpha1",
+        "TriggerAuthentication",
+        {
+            "type": "object",
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["parameter", "name", "key"],
+                        "properties": {
+                            "parameter": {"type": "string"},
+                            "name": {"type": "string", "minLength": 1},
+                            "key": {"type": "string", "minLength": 1},
+                        },
+                    },
+                }
+            },
+        },
+    ),
+    "ServiceMonitor": _crd(
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+        {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": _STRING_MAP},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                        },
+                    },
+                },
+            },
+        },
+    ),
+}
+
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_manifest_passes_kubernetes_validate_strict(scenario: str, kube_version: str) -> None:
+    import jsonschema
+
     manifests = manifests_for(scenario)
     assert manifests
     for m in manifests:
         doc = {k: v for k, v in m.items() if k != "template"}
         if not doc["metadata"]["annotations"]:
             del doc["metadata"]["annotations"]
+        if m["kind"] in CRD_SCHEMAS:
+            try:
+                jsonschema.validate(doc, CRD_SCHEMAS[m["kind"]])
+            except jsonschema.ValidationError as e:
+                pytest.fail(f"{m['template']} {m['kind']}: {e.json_path}: {e.message}")
+            continue
         try:
             kv.validate(doc, kube_version, strict=True)
         except kv.ValidationError as e:
@@ -214,6 +350,8 @@ def test_schema_rejects_a_bad_pool_and_a_bad_enum() -> None:
     bad_pool = {"worker": {"pools": [{"name": "w", "queues": ["orchestrator.start"]}]}}
     assert "replicas" in error_of(merge(required_values(), bad_pool))
     assert "/worker/pool" in error_of(merge(required_values(), {"worker": {"pool": "eventlet"}}))
+    # gevent is not installed: offered nowhere (the CLI refuses it too).
+    assert "/worker/pool" in error_of(merge(required_values(), {"worker": {"pool": "gevent"}}))
 
 
 def test_schema_closes_every_object_it_defines() -> None:
@@ -375,7 +513,8 @@ def test_default_workers_split_starts_from_control_work() -> None:
     pod = worker["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[:3] == ["worker", "--queues", "orchestrator.start"]
-    assert args[args.index("--concurrency") + 1] == "8"
+    assert args[args.index("--concurrency") + 1] == "64"
+    assert "--events" not in args
     assert args[args.index("--pool") + 1] == "threads"
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert worker["spec"]["replicas"] == 2
@@ -388,24 +527,30 @@ def test_default_workers_split_starts_from_control_work() -> None:
 def test_pools_split_queues_with_their_own_scaling() -> None:
     manifests = manifests_for("full")
     start = one(manifests, "Deployment", "orch-worker")
+    bulk = one(manifests, "Deployment", "orch-bulk")
     control = one(manifests, "Deployment", "orch-control")
     start_args = start["spec"]["template"]["spec"]["containers"][0]["args"]
     control_args = control["spec"]["template"]["spec"]["containers"][0]["args"]
     assert start_args[1:3] == ["--queues", "orchestrator.start"]
+    assert "--events" in start_args
     assert control_args[1:3] == ["--queues", "orchestrator.control"]
     assert control_args[control_args.index("--pool") + 1] == "prefork"
     assert control_args[control_args.index("--concurrency") + 1] == "4"
-    # worker autoscales (so no fixed replicas), control keeps its 2.
-    assert "replicas" not in start["spec"]
+    # worker is scaled by KEDA and bulk by an HPA (so neither has fixed replicas), control
+    # keeps its 2.
+    assert "replicas" not in start["spec"] and "replicas" not in bulk["spec"]
     assert control["spec"]["replicas"] == 2
     [hpa] = of_kind(manifests, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "name": "orch-worker",
+        "name": "orch-bulk",
     }
+    [scaled] = of_kind(manifests, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "orch-worker"
     assert {p["metadata"]["name"] for p in of_kind(manifests, "PodDisruptionBudget")} == {
         "orch-worker",
+        "orch-bulk",
         "orch-control",
     }
 
@@ -472,7 +617,16 @@ def test_selectors_match_their_pods_and_nothing_else(scenario: str) -> None:
             for d in deployments
             if matches(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
         ]
-        assert len(hits) == 1, svc["metadata"]["name"]
+        if svc["metadata"]["name"].endswith("-metrics"):  # every pod serving /metrics
+            serving = [
+                d
+                for d in deployments
+                if "ports" in d["spec"]["template"]["spec"]["containers"][0]
+                and d["spec"]["template"]["spec"]["containers"][0]["args"][0] != "simulator"
+            ]
+            assert hits == serving and len(hits) >= 2
+        else:
+            assert len(hits) == 1, svc["metadata"]["name"]
 
 
 @pytest.mark.parametrize("scenario", ["default", "full"])
@@ -608,6 +762,7 @@ def test_config_map_carries_settings_and_otel() -> None:
     assert data["ORCHESTRATOR_REAPER_INTERVAL_SECONDS"] == "2.5"
     assert data["ORCHESTRATOR_HEARTBEAT_MAX_AGE_SECONDS"] == "45"
     assert data["OTEL_SERVICE_NAME"] == "session-orchestrator-staging"
+    assert data["ORCHESTRATOR_LOG_FORMAT"] == "json"
     assert data["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4318"
     assert data["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
     assert all(isinstance(v, str) for v in data.values())
@@ -629,6 +784,154 @@ def test_every_orchestrator_variable_is_a_setting_of_the_application() -> None:
         and name.removeprefix(config.ENV_PREFIX).lower() not in fields
     }
     assert not unknown, f"the chart sets variables the application ignores: {sorted(unknown)}"
+
+
+def test_every_chart_default_is_the_applications_default() -> None:
+    """A value left at its default means what the application means without it: each
+    config.* default is the Settings default, the worker's are the CLI's, and nothing is
+    exported unless asked (no OTEL_*_EXPORTER rendered, as the README says)."""
+    config = pytest.importorskip("orchestrator.config")
+    cli = pytest.importorskip("orchestrator.cli")
+    click = pytest.importorskip("click")
+    with helm.Chart.load(CHART) as chart:
+        defaults = chart.values
+    fields = config.Settings.model_fields
+
+    def snake(name: str) -> str:
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+    differ = {}
+    for key, value in defaults["config"].items():
+        field = fields[snake(key)]
+        app_default = "" if key == "deepbrainBaseUrl" else field.default  # empty: vendor's URL
+        if value != app_default:
+            differ[f"config.{key}"] = (value, app_default)
+    command = cli.main.commands["worker"]
+    context = click.Context(command)
+    worker_options = {p.name: p.get_default(context) for p in command.params}
+    for key, option in (("pool", "pool"), ("concurrency", "concurrency"), ("events", "events")):
+        if defaults["worker"][key] != worker_options[option]:
+            differ[f"worker.{key}"] = (defaults["worker"][key], worker_options[option])
+    assert not differ, f"chart default != application default: {differ}"
+
+    data = of_kind(manifests_for("default"), "ConfigMap")[0]["data"]
+    assert not {k for k in data if k.endswith("_EXPORTER")}, data
+    # The four keys the chart does not map to Settings one to one are pinned here.
+    assert data["ORCHESTRATOR_STATE_DIR"] == "/tmp"
+    assert data["OTEL_SERVICE_NAME"] == SERVICE_NAME_DEFAULT
+    assert data["OTEL_SDK_DISABLED"] == "false"
+    assert data["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+
+
+SERVICE_NAME_DEFAULT = "session-orchestrator"
+
+
+@pytest.mark.parametrize(
+    ("otel", "prometheus", "traces", "metrics"),
+    [
+        ({}, False, None, None),
+        ({"endpoint": "http://c:4318"}, False, None, None),  # the application picks otlp
+        ({"endpoint": "http://c:4318"}, True, None, "otlp,prometheus"),
+        ({}, True, None, "prometheus"),
+        ({"metricsExporter": "none", "endpoint": "http://c:4318"}, True, None, "prometheus"),
+        ({"tracesExporter": "none", "metricsExporter": "console"}, False, "none", "console"),
+    ],
+)
+def test_exporters_are_the_applications_unless_asked(
+    otel: dict[str, Any], prometheus: bool, traces: str | None, metrics: str | None
+) -> None:
+    values = merge(
+        required_values(), {"otel": otel, "metrics": {"prometheus": {"enabled": prometheus}}}
+    )
+    manifests = render(values)
+    data = of_kind(manifests, "ConfigMap")[0]["data"]
+    assert data.get("OTEL_TRACES_EXPORTER") == traces
+    assert data.get("OTEL_METRICS_EXPORTER") == metrics
+    for d in of_kind(manifests, "Deployment"):
+        container = d["spec"]["template"]["spec"]["containers"][0]
+        if prometheus:
+            assert container["ports"] == [
+                {"name": "metrics", "containerPort": 9464, "protocol": "TCP"}
+            ]
+            assert data["OTEL_EXPORTER_PROMETHEUS_HOST"] == "0.0.0.0"
+            assert data["OTEL_EXPORTER_PROMETHEUS_PORT"] == "9464"
+        else:
+            assert "ports" not in container
+
+
+def test_service_monitor_scrapes_every_worker_and_beat_pod() -> None:
+    manifests = manifests_for("full")
+    [monitor] = of_kind(manifests, "ServiceMonitor")
+    service = one(manifests, "Service", "orch-metrics")
+    assert service["spec"]["clusterIP"] == "None"
+    labels = service["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert not of_kind(manifests_for("default"), "ServiceMonitor")
+    message = error_of(merge(required_values(), {"metrics": {"serviceMonitor": {"enabled": True}}}))
+    assert "metrics.serviceMonitor.enabled needs metrics.prometheus.enabled" in message
+
+
+def test_keda_scales_the_start_pool_on_its_queue() -> None:
+    keda = {"worker": {"keda": {"enabled": True}}}
+    manifests = render(merge(required_values(), keda))
+    [scaled] = of_kind(manifests, "ScaledObject")
+    [auth] = of_kind(manifests, "TriggerAuthentication")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "so-session-orchestrator-worker"
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    assert trigger["metadata"] == {
+        "protocol": "amqp",
+        "queueName": "orchestrator.start",
+        "mode": "QueueLength",
+        "value": "20",
+    }
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "host", "name": "so-session-orchestrator", "key": "broker-url"}
+    ]
+    start = one(manifests, "Deployment", "so-session-orchestrator-worker")
+    assert "replicas" not in start["spec"]  # KEDA's HPA owns it
+    assert one(manifests, "Deployment", "so-session-orchestrator-control")["spec"]["replicas"] == 2
+
+    clash = merge(keda, {"worker": {"autoscaling": {"enabled": True}}})
+    assert "worker.keda scales it" in error_of(merge(required_values(), clash))
+    unknown = {"worker": {"keda": {"enabled": True, "pool": "nope"}}}
+    assert 'no worker pool named "nope"' in error_of(merge(required_values(), unknown))
+
+
+def test_network_policy_lets_out_only_what_the_pods_talk_to() -> None:
+    manifests = manifests_for("full")
+    [policy] = of_kind(manifests, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    ports = {
+        (p["port"], p.get("protocol", "TCP")) for rule in spec["egress"] for p in rule["ports"]
+    }
+    assert {(53, "UDP"), (5432, "TCP"), (5672, "TCP"), (443, "TCP"), (4318, "TCP")} <= ports
+    assert (8080, "TCP") in ports  # the simulator (on in the full values)
+    ingress_ports = {p["port"] for rule in spec["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {"metrics", "http"}
+    # Every pod of the release is selected, the migration Job's too.
+    selector = spec["podSelector"]["matchLabels"]
+    for where, _ in pod_specs(manifests):
+        owner = next(m for m in manifests if f"{m['kind']}/{m['metadata']['name']}" == where)
+        labels = owner["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in selector.items()), where
+    default_policy = render(merge(required_values(), {"networkPolicy": {"enabled": True}}))
+    [plain] = of_kind(default_policy, "NetworkPolicy")
+    assert plain["spec"]["ingress"] == []  # nothing may connect in
+    assert not of_kind(manifests_for("default"), "NetworkPolicy")
+
+
+def test_extra_volumes_reach_every_pod_and_container() -> None:
+    manifests = manifests_for("full")
+    for where, spec in pod_specs(manifests):
+        assert "corporate-ca" in {v["name"] for v in spec["volumes"]}, where
+        for c in spec["containers"]:
+            mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+            assert mounts["corporate-ca"] == "/etc/ssl/corporate", where
 
 
 def test_otel_extra_env_overrides_the_chart_defaults() -> None:

@@ -4,6 +4,8 @@ metrics through an in-memory reader; no secret in any span."""
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
 import uuid
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -23,7 +26,7 @@ from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from orchestrator.telemetry import setup_telemetry, span_record
 from tests.amqp import publish_raw
-from tests.conftest import APP_ID, USER_KEY, WorkerProcess, wait_until
+from tests.conftest import APP_ID, USER_KEY, WorkerProcess, settings_env, wait_until
 from tests.helpers import row, row_or_none
 
 pytestmark = [pytest.mark.postgres]
@@ -241,3 +244,90 @@ def settings_env_base() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ORCHESTRATOR_"))}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+@pytest.mark.broker
+@pytest.mark.worker
+def test_worker_and_beat_serve_prometheus_metrics(
+    settings_for: Callable[..., Settings],
+    broker_url: str,
+    db: Database,
+    simulator: SimulatorServer,
+    purge_queues: Callable[[], None],
+    tmp_path: Path,
+) -> None:
+    purge_queues()
+    settings = settings_for(broker_url=broker_url, orphan_grace_seconds=5.0)
+    port, beat_port = free_port(), free_port()
+    prometheus = {
+        "OTEL_METRICS_EXPORTER": "prometheus",
+        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+    }
+    worker = WorkerProcess(
+        settings,
+        tmp_path / "worker.log",
+        env_extra={**prometheus, "OTEL_EXPORTER_PROMETHEUS_PORT": str(port)},
+    )
+    beat_env = {
+        **settings_env(settings),
+        **prometheus,
+        "OTEL_EXPORTER_PROMETHEUS_PORT": str(beat_port),
+    }
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "beat"],
+        env=beat_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        publish_raw(broker_url, {"request_id": "prom-1", "avatar_id": "a"})
+        wait_until(lambda: (r := row_or_none(db, "prom-1")) and r.status == "active")
+        text = wait_until(
+            lambda: (t := scrape(port)) and "orchestrator_session_starts" in t and t, timeout=10
+        )
+        starts = re.search(
+            r'^orchestrator_session_starts_total\{[^}]*outcome="active"[^}]*\} (\S+)$', text, re.M
+        )
+        assert starts and float(starts[1]) == 1.0, text
+        live = re.search(r"^orchestrator_sessions_live\{.*\} (\S+)$", text, re.M)
+        assert live and float(live[1]) == 1.0, text
+        assert "process_cpu_seconds_total" in text
+        # Beat serves its own /metrics (its process's; the sessions' are the workers').
+        beat_text = wait_until(lambda: _scrape_or_none(beat_port), timeout=20)
+        assert "process_cpu_seconds_total" in beat_text
+        # Another command in the same container does not try to take the worker's port.
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "status", "prom-1"],
+            env={
+                **settings_env(settings),
+                **prometheus,
+                "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["status"] == "active"
+    finally:
+        beat.terminate()
+        beat.wait(timeout=20)
+        worker.stop()
+
+
+def _scrape_or_none(port: int) -> str | None:
+    try:
+        return scrape(port)
+    except httpx.TransportError:
+        return None

@@ -113,6 +113,7 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
 {{- $d := dict
   "ORCHESTRATOR_STATE_DIR" "/tmp"
   "ORCHESTRATOR_LOG_LEVEL" $c.logLevel
+  "ORCHESTRATOR_LOG_FORMAT" $c.logFormat
   "ORCHESTRATOR_MAX_CONCURRENT_SESSIONS" (int $c.maxConcurrentSessions | toString)
   "ORCHESTRATOR_REAPER_INTERVAL_SECONDS" ($c.reaperIntervalSeconds | toString)
   "ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS" ($c.reconcileIntervalSeconds | toString)
@@ -125,9 +126,6 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
   "ORCHESTRATOR_DB_POOL_SIZE" (int $c.dbPoolSize | toString)
   "ORCHESTRATOR_HEARTBEAT_MAX_AGE_SECONDS" ($c.heartbeatMaxAgeSeconds | toString)
   "OTEL_SERVICE_NAME" $o.serviceName
-  "OTEL_TRACES_EXPORTER" $o.tracesExporter
-  "OTEL_METRICS_EXPORTER" "none"
-  "OTEL_LOGS_EXPORTER" "none"
   "OTEL_EXPORTER_OTLP_PROTOCOL" $o.protocol
   "OTEL_SDK_DISABLED" ($o.sdkDisabled | toString)
 }}
@@ -140,6 +138,21 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
 {{- end }}
 {{- with $o.endpoint }}
 {{- $_ := set $d "OTEL_EXPORTER_OTLP_ENDPOINT" . }}
+{{- end }}
+{{- /* Exporters left empty are the application's default: otlp when an endpoint is set. */}}
+{{- with $o.tracesExporter }}
+{{- $_ := set $d "OTEL_TRACES_EXPORTER" . }}
+{{- end }}
+{{- $metrics := $o.metricsExporter }}
+{{- $prom := .Values.metrics.prometheus }}
+{{- if $prom.enabled }}
+{{- $base := $metrics | default (ternary "otlp" "" (ne $o.endpoint "")) }}
+{{- $metrics = ternary "prometheus" (printf "%s,prometheus" $base) (or (eq $base "") (eq $base "none")) }}
+{{- $_ := set $d "OTEL_EXPORTER_PROMETHEUS_HOST" "0.0.0.0" }}
+{{- $_ := set $d "OTEL_EXPORTER_PROMETHEUS_PORT" ($prom.port | toString) }}
+{{- end }}
+{{- with $metrics }}
+{{- $_ := set $d "OTEL_METRICS_EXPORTER" . }}
 {{- end }}
 {{- with $o.resourceAttributes }}
 {{- $_ := set $d "OTEL_RESOURCE_ATTRIBUTES" . }}
@@ -212,16 +225,42 @@ tolerations:
 {{- end }}
 {{- end }}
 
-{{/* The writable /tmp every container gets (the root filesystem is read-only). */}}
+{{/*
+The writable /tmp every container gets (the root filesystem is read-only), and the
+extraVolumes/extraVolumeMounts of the values.
+*/}}
 {{- define "session-orchestrator.tmpVolume" -}}
 - name: tmp
   emptyDir:
     sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "session-orchestrator.tmpVolumeMount" -}}
 - name: tmp
   mountPath: /tmp
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The /metrics port of worker and beat containers, when metrics.prometheus is on. */}}
+{{- define "session-orchestrator.metricsPort" -}}
+{{- if .Values.metrics.prometheus.enabled }}
+ports:
+  - name: metrics
+    containerPort: {{ .Values.metrics.prometheus.port }}
+    protocol: TCP
+{{- end }}
+{{- end }}
+
+{{/* The pod label the metrics Service selects (worker and beat pods). */}}
+{{- define "session-orchestrator.metricsPodLabel" -}}
+{{- if .Values.metrics.prometheus.enabled }}
+session-orchestrator/metrics: "true"
+{{- end }}
 {{- end }}
 
 {{/* Checksums that roll the pods when settings or chart-made secrets change. */}}

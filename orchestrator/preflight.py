@@ -1,0 +1,84 @@
+"""Checks a command makes before it relies on a part: the database's schema revision, the
+broker's connection, the vendor's answer. Each returns one line (or raises an error the
+command line turns into one)."""
+
+from __future__ import annotations
+
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from orchestrator.cli_errors import UPGRADE_HINT
+from orchestrator.config import Settings
+from orchestrator.db.engine import normalize_database_url
+from orchestrator.db.migrate import alembic_config
+
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+class NotMigrated(Exception):
+    """The database's schema is not the revision this program needs; the message says why."""
+
+
+def schema_revision(database_url: str) -> str:
+    """The database's revision if it is this program's head; :class:`NotMigrated` if not.
+    An unreachable database raises SQLAlchemy's error."""
+    heads = set(ScriptDirectory.from_config(alembic_config(database_url)).get_heads())
+    engine = create_engine(
+        normalize_database_url(database_url),
+        poolclass=NullPool,
+        hide_parameters=True,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+    )
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    finally:
+        engine.dispose()
+    if current == heads:
+        return ", ".join(sorted(current))
+    if not current:
+        raise NotMigrated(f"the database has no tables yet: {UPGRADE_HINT}")
+    known = {
+        s.revision
+        for s in ScriptDirectory.from_config(alembic_config(database_url)).walk_revisions()
+    }
+    shown, needed = ", ".join(sorted(current)), ", ".join(sorted(heads))
+    if current - known:
+        raise NotMigrated(
+            f"the database is at revision {shown}, which this program does not know"
+            f" (a newer release migrated it); this program needs {needed}"
+        )
+    raise NotMigrated(
+        f"the database is at revision {shown}, this program needs {needed}: {UPGRADE_HINT}"
+    )
+
+
+def broker_reachable(settings: Settings) -> str:
+    """Connect to the broker once (kombu's errors propagate); the transport's name."""
+    from orchestrator.publishing import publishing_app
+
+    app = publishing_app(settings)
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_SECONDS)
+            return str(connection.transport_cls)
+    finally:
+        app.close()
+
+
+def vendor_answers(settings: Settings) -> int:
+    """List the account's live sessions at the vendor (DeepBrain errors propagate): proves
+    the URL, the network path and the user key. Returns how many there are."""
+    from orchestrator.deepbrain import DeepBrainClient, RetryPolicy
+
+    app_id, user_key = settings.vendor_credentials()
+    with DeepBrainClient(
+        settings.deepbrain_base_url,
+        app_id,
+        user_key,
+        timeout_seconds=settings.vendor_timeout_seconds,
+        retry=RetryPolicy(max_attempts=1),
+    ) as client:
+        return len(client.list_sessions("active"))
