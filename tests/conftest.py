@@ -125,7 +125,10 @@ def db(database_url: str) -> Iterator[Database]:
     database = Database(database_url, pool_size=5)
     with database.engine.begin() as conn:
         conn.execute(
-            text("TRUNCATE sessions, session_events, event_outbox RESTART IDENTITY CASCADE")
+            text(
+                "TRUNCATE sessions, session_events, event_outbox, early_stops, sweep_leases"
+                " RESTART IDENTITY CASCADE"
+            )
         )
     yield database
     database.dispose()
