@@ -108,11 +108,11 @@ def purge(broker_url: str, *queues: str) -> None:
                 channel = conn.channel()
 
 
-def declare_orchestrator_topology(broker_url: str) -> None:
-    from orchestrator.messaging import declare_topology
+def declare_orchestrator_topology(broker_url: str, queue_type: str = "quorum") -> None:
+    from orchestrator.messaging import Topology
 
     with Connection(broker_url) as conn:
-        declare_topology(conn)
+        Topology("classic" if queue_type == "classic" else "quorum").declare(conn)
 
 
 def queue_depth(broker_url: str, queue: str) -> int:

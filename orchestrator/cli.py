@@ -110,7 +110,7 @@ def worker(
 ) -> None:
     """Run a Celery worker consuming the start and control queues."""
     from orchestrator.celery_app import create_app
-    from orchestrator.messaging import declare_topology
+    from orchestrator.publishing import topology
 
     settings = _settings(consistent=True)
     celery_options = _configure_logging(settings)
@@ -123,7 +123,7 @@ def worker(
     app = create_app(settings)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=10)
-        declare_topology(connection)
+        topology(settings).declare(connection)
     argv = [
         *celery_options,
         "worker",
@@ -195,6 +195,49 @@ def db_stop_embedded() -> None:
     except embedded.EmbeddedPostgresError as error:
         raise click.ClickException(str(error)) from None
     click.echo("stopped" if stopped else f"no embedded PostgreSQL runs in {settings.state_dir}")
+
+
+@main.group()
+def queues() -> None:
+    """The broker's queues (RabbitMQ)."""
+
+
+@queues.command("migrate")
+@click.option(
+    "--to",
+    "queue_type",
+    type=click.Choice(["quorum", "classic"]),
+    default=None,
+    help="The queue type to move to (default: ORCHESTRATOR_QUEUE_TYPE).",
+)
+def queues_migrate(queue_type: str | None) -> None:
+    """Redeclare the queues as the settings ask (quorum or classic, the delivery limit),
+    moving their messages aside and back: stop every worker first (docs/operations.md)."""
+    from orchestrator.messaging import Topology
+    from orchestrator.publishing import publishing_app
+    from orchestrator.queue_migration import MigrationRefused, migrate
+
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.effective_queue_type == "classic" and not settings.effective_broker_url.startswith(
+        "amqp"
+    ):
+        raise click.ClickException("only a RabbitMQ broker (amqp://) has queues to migrate")
+    chosen = queue_type or settings.queue_type
+    target = Topology("quorum" if chosen == "quorum" else "classic", settings.delivery_limit)
+    app = publishing_app(settings)
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+            reports = migrate(connection, target, progress=click.echo)
+    except MigrationRefused as error:
+        raise click.ClickException(str(error)) from None
+    finally:
+        app.close()
+    for report in reports:
+        click.echo(report.line(target.queue_type))
+    if chosen != settings.queue_type:
+        click.echo(f"now set ORCHESTRATOR_QUEUE_TYPE={chosen} for every process")
 
 
 def _simulator_module() -> Any:

@@ -31,7 +31,7 @@ def _database_error(error: BaseException) -> str | None:
     return f"database (ORCHESTRATOR_DATABASE_URL): {_first_line(original)}"
 
 
-def describe(error: BaseException) -> str | None:
+def describe(error: BaseException) -> str | None:  # noqa: PLR0911 - one return per kind
     """The line to print for ``error``, or None if it is not an infrastructure error."""
     if isinstance(error, ConfigError):
         return str(error)
@@ -42,8 +42,11 @@ def describe(error: BaseException) -> str | None:
     from kombu.exceptions import OperationalError as BrokerError
 
     from orchestrator.deepbrain.errors import DeepBrainError
+    from orchestrator.messaging import TopologyMismatch
     from orchestrator.producer import PublishError
 
+    if isinstance(error, TopologyMismatch):
+        return str(error)
     if isinstance(error, BrokerError | PublishError):
         return f"broker (ORCHESTRATOR_BROKER_URL): {_first_line(error)}"
     if isinstance(error, CommandError):

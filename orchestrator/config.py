@@ -54,11 +54,16 @@ class Settings(BaseSettings):
     early_stop_retention_seconds: PositiveSeconds = 7 * 86_400.0
     heartbeat_max_age_seconds: PositiveSeconds = 60.0
     db_pool_size: int = Field(default=20, ge=1, le=500)
+    # quorum: replicated queues (a RabbitMQ cluster), a delivery limit, native delayed retries;
+    # classic: the single-node queues of earlier releases. The embedded broker is always
+    # classic (effective_queue_type).
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = Field(default=10, ge=1, le=10_000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # auto: JSON lines unless stderr is a terminal (so JSON in containers, text in a shell).
     log_format: Literal["auto", "text", "json"] = "auto"
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "queue_type", mode="before")
     @classmethod
     def _any_case(cls, value: object, info: ValidationInfo) -> object:
         if not isinstance(value, str):
@@ -147,6 +152,14 @@ class Settings(BaseSettings):
     @property
     def uses_embedded_broker(self) -> bool:
         return self.effective_broker_url.startswith(("sqla+", "filesystem:", "memory:"))
+
+    @property
+    def effective_queue_type(self) -> Literal["quorum", "classic"]:
+        """``queue_type``, except on a broker that is not RabbitMQ (the embedded one):
+        quorum queues, delivery limits and native delayed delivery are RabbitMQ's."""
+        if self.effective_broker_url.startswith(("amqp", "pyamqp")):
+            return self.queue_type
+        return "classic"
 
     def vendor_credentials(self) -> tuple[SecretStr, SecretStr]:
         """The account secrets, or :class:`ConfigError` naming the missing one."""

@@ -29,8 +29,8 @@ from sqlalchemy import select
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.lifecycle.requests import is_valid_stop_reason, parse_start_request
-from orchestrator.messaging import START_TASK, STOP_TASK, declare_topology, events_exchange
-from orchestrator.publishing import publishing_app
+from orchestrator.messaging import START_TASK, STOP_TASK, TopologyMismatch, events_exchange
+from orchestrator.publishing import publishing_app, topology
 
 FINAL_FOR_WAIT = frozenset({"active", "ended", "failed"})
 TERMINAL = frozenset({"ended", "failed"})
@@ -139,7 +139,7 @@ class Producer:
             return
         with self.app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=3)
-            declare_topology(connection)
+            topology(self.settings).declare(connection)
         self._declared = True
 
     def _send(self, name: str, kwargs: dict[str, Any], task_id: str | None = None) -> None:
@@ -158,7 +158,7 @@ class Producer:
                 retry=True,
                 retry_policy=PUBLISH_RETRY_POLICY,
             )
-        except (KombuOperationalError, OSError) as error:
+        except (KombuOperationalError, OSError, TopologyMismatch) as error:
             raise PublishError(f"could not publish {name}: {error}") from None
 
     def enqueue_start_session(self, **kwargs: Any) -> str:

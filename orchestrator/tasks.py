@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from orchestrator import lifecycle
 from orchestrator.backoff import exponential_backoff
+from orchestrator.config import Settings
 from orchestrator.lifecycle.requests import is_valid_stop_reason
 from orchestrator.messaging import (
     ADMIT_TASK,
@@ -24,7 +25,9 @@ from orchestrator.messaging import (
     START_ADMITTED_TASK,
     START_TASK,
     STOP_TASK,
+    Topology,
 )
+from orchestrator.publishing import topology
 from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
@@ -83,9 +86,18 @@ def _retry(
             why,
         )
         raise Reject(f"gave up after {task.request.retries} retries: {why}", requeue=False)
-    logger.warning("%s: %s, retry in %.1f s", task.name, why, delay)
-    # Our own limit above acts first; Celery's would log the arguments.
-    raise task.retry(countdown=delay, max_retries=DB_RETRY_MAX + 1, headers=headers or {}) from None
+    countdown = _topology(task).retry_countdown(delay)
+    logger.warning("%s: %s, retry in %.1f s", task.name, why, countdown)
+    # Our own limit above acts first; Celery's would log the arguments. On quorum queues the
+    # retry waits in the broker (native delayed delivery), not in a worker's memory.
+    raise task.retry(
+        countdown=countdown, max_retries=DB_RETRY_MAX + 1, headers=headers or {}
+    ) from None
+
+
+def _topology(task: AnyTask) -> Topology:
+    settings = getattr(task.app, "settings", None)
+    return topology(settings) if isinstance(settings, Settings) else Topology("classic")
 
 
 def _traceparent(task: AnyTask) -> str | None:

@@ -9,7 +9,9 @@ from typing import Any
 
 from kombu import Connection, Exchange
 
-START_QUEUE_EXCHANGE = Exchange("orchestrator.start", type="direct", durable=True)
+# Publishing names the exchange only (no declaration), so this works whatever its type: topic
+# with quorum queues (the default), direct with classic ones.
+START_QUEUE_EXCHANGE = Exchange("orchestrator.start", type="topic", durable=True)
 
 
 def celery_headers(task: str, task_id: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from celery.events.event import get_exchange
 from kombu import Connection, Queue
 
 from orchestrator.config import Settings
-from orchestrator.messaging import START_QUEUE, work_queue
+from orchestrator.messaging import START_QUEUE, Topology
 from orchestrator.producer import Producer
 from tests.amqp import publish_raw
 from tests.conftest import WorkerProcess, settings_env
@@ -40,7 +40,7 @@ def celery(settings: Settings, *args: str, cwd: Path) -> subprocess.CompletedPro
 
 def queue_depth(broker_url: str, name: str) -> int:
     with Connection(broker_url) as conn:
-        _, depth, _ = work_queue(name)(conn.default_channel).queue_declare(passive=True)
+        _, depth, _ = Topology().work_queue(name)(conn.default_channel).queue_declare(passive=True)
     return int(depth)
 
 

@@ -16,7 +16,7 @@ from orchestrator.cli import EXIT_SESSION_FAILED, main
 from orchestrator.config import Settings
 from orchestrator.lifecycle import Lifecycle, handle_start_message
 from orchestrator.lifecycle.requests import is_valid_stop_reason
-from orchestrator.messaging import START_QUEUE, work_queue
+from orchestrator.messaging import START_QUEUE, Topology
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import settings_env
 from tests.helpers import row
@@ -73,7 +73,7 @@ def test_enqueue_publishes_a_start_job_and_rejects_bad_input_in_one_line(
     assert code == 0, out
     assert out.strip() == "cli-q1"
     with Connection(broker_url) as conn:
-        message = work_queue(START_QUEUE)(conn.default_channel).get(no_ack=True)
+        message = Topology().work_queue(START_QUEUE)(conn.default_channel).get(no_ack=True)
     assert message is not None
     assert message.headers["task"] == "orchestrator.start_session"
     assert json.loads(message.body)[1] == {

@@ -21,6 +21,30 @@ def test_defaults_are_embedded_and_match_the_design(monkeypatch: pytest.MonkeyPa
     assert (settings.reaper_interval_seconds, settings.reconcile_interval_seconds) == (5, 30)
     assert (settings.orphan_grace_seconds, settings.start_timeout_seconds) == (60, 120)
     assert settings.vendor_timeout_seconds == 30
+    assert (settings.queue_type, settings.delivery_limit) == ("quorum", 10)
+    assert settings.effective_queue_type == "classic"  # the embedded broker has no quorum
+
+
+def test_queue_type_is_quorum_or_classic_and_only_rabbitmq_is_quorum() -> None:
+    rabbit = "amqp://u:p@mq-a//;amqp://u:p@mq-b//"
+    assert load_settings(broker_url=rabbit).effective_queue_type == "quorum"
+    classic = load_settings(broker_url=rabbit, queue_type=" Classic ")
+    assert (classic.queue_type, classic.effective_queue_type) == ("classic", "classic")
+    with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_QUEUE_TYPE: Input should be 'quorum'"):
+        load_settings(queue_type="mirrored")
+    with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_DELIVERY_LIMIT: "):
+        load_settings(delivery_limit=0)
+
+
+def test_a_failover_list_reaches_kombu_as_one_list_without_spaces() -> None:
+    from kombu import Connection
+
+    from orchestrator.publishing import broker_url
+
+    settings = load_settings(broker_url="amqp://u:p@mq-a:5672/v ; amqp://u:p@mq-b:5673/v")
+    assert broker_url(settings) == "amqp://u:p@mq-a:5672/v;amqp://u:p@mq-b:5673/v"
+    connection = Connection(broker_url(settings))
+    assert connection.alt == ["amqp://u:p@mq-a:5672/v", "amqp://u:p@mq-b:5673/v"]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from kombu import Connection, Queue
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database
-from orchestrator.messaging import dead_letter_queue, events_exchange
+from orchestrator.messaging import Topology, events_exchange
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from tests.amqp import publish_raw
@@ -78,7 +78,7 @@ def dead_letters(broker_url: str) -> list[Any]:
     """Take every message now in ``orchestrator.dead``."""
     found = []
     with Connection(broker_url) as conn:
-        queue = dead_letter_queue(conn.default_channel)
+        queue = Topology().dead_letter_queue(conn.default_channel)
         while (message := queue.get(no_ack=True)) is not None:
             found.append(message)
     return found

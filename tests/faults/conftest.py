@@ -26,7 +26,7 @@ from sqlalchemy import select, text
 
 from orchestrator.config import Settings
 from orchestrator.db import Database, SessionEvent, SessionRow
-from orchestrator.messaging import dead_letter_queue
+from orchestrator.messaging import Topology
 from orchestrator.simulator import SimulatorServer
 from tests.amqp import purge_work_queues
 from tests.conftest import WorkerProcess
@@ -91,7 +91,7 @@ def take_dead_letters(broker_url: str) -> list[Any]:
     found = []
     with Connection(broker_url) as conn:
         channel = conn.default_channel
-        dead_letter_queue(channel).declare()
+        Topology().dead_letter_queue(channel).declare()
         while (message := channel.basic_get("orchestrator.dead", no_ack=True)) is not None:
             found.append(message)
     return found

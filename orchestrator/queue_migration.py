@@ -1,0 +1,204 @@
+"""``orchestrator queues migrate``: move the broker's queues to the shape the settings ask for
+(quorum or classic, the delivery limit) without losing a queued message.
+
+RabbitMQ cannot change a queue's arguments or an exchange's type in place. For each queue
+whose declaration the broker refuses (PRECONDITION_FAILED), with no consumer on it:
+
+1. declare a holding queue ``<name>.migrating`` and bind it where the queue is bound, then
+   unbind the queue: new messages land in the holding queue from now on;
+2. move every message of the queue to the holding queue (publisher confirms; each message is
+   acknowledged only once the broker confirmed its copy, so a crash duplicates, never loses);
+3. delete the queue (only if empty) and, when its exchange's type must change, the exchange
+   (a publish in that instant fails with NOT_FOUND at the producer: never silently lost);
+4. declare the exchange and the queue as asked, bound as before;
+5. move the holding queue's messages back, then delete it.
+
+Every step can run again: a command that stopped half way is finished by running it again
+(messages waiting in a holding queue are moved back). Messages keep their headers
+(``x-death`` included) and properties.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from amqp import Message
+from amqp.exceptions import NotFound, PreconditionFailed
+from kombu import Connection
+
+from orchestrator.messaging import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    WORK_QUEUE_NAMES,
+    Topology,
+)
+
+logger = logging.getLogger(__name__)
+HOLDING_SUFFIX = ".migrating"
+
+
+class MigrationRefused(Exception):
+    """The migration cannot run now (consumers attached); the message says why."""
+
+
+@dataclass(frozen=True)
+class QueuePlan:
+    """One queue, where it is bound, and how it should be declared."""
+
+    name: str
+    exchange: str
+    exchange_type: str
+    routing_key: str
+    arguments: dict[str, Any]
+    holding_arguments: dict[str, Any]
+
+    @property
+    def holding(self) -> str:
+        return self.name + HOLDING_SUFFIX
+
+
+@dataclass(frozen=True)
+class QueueReport:
+    name: str
+    changed: bool
+    moved: int
+
+    def line(self, queue_type: str) -> str:
+        if not self.changed:
+            extra = f" ({self.moved} messages moved back from {self.name}{HOLDING_SUFFIX})"
+            return f"{self.name}: already as asked ({queue_type})" + (extra if self.moved else "")
+        return f"{self.name}: redeclared as {queue_type}, {self.moved} messages moved"
+
+
+def plans(topology: Topology) -> list[QueuePlan]:
+    holding = {"x-queue-type": "quorum"} if topology.quorum else {}
+    found = [
+        QueuePlan(
+            name,
+            name,
+            topology.exchange_type,
+            name,
+            topology.work_queue_arguments(),
+            holding,
+        )
+        for name in WORK_QUEUE_NAMES
+    ]
+    found.append(
+        QueuePlan(
+            DEAD_LETTER_QUEUE,
+            DEAD_LETTER_EXCHANGE,
+            "fanout",
+            "",
+            topology.dead_letter_queue_arguments(),
+            holding,
+        )
+    )
+    return found
+
+
+def migrate(
+    connection: Connection,
+    topology: Topology,
+    progress: Callable[[str], None] = logger.info,
+) -> list[QueueReport]:
+    """Bring every queue of the contract to ``topology``; see the module's docstring."""
+    return [_migrate_queue(connection, plan, progress) for plan in plans(topology)]
+
+
+def _refused(connection: Connection, declare: Callable[[Any], Any]) -> bool:
+    """True if the broker refuses ``declare`` (PRECONDITION_FAILED); the channel it closed is
+    replaced by a fresh one for the caller."""
+    channel: Any = connection.channel()
+    try:
+        declare(channel)
+    except PreconditionFailed:
+        return True
+    finally:
+        try:
+            channel.close()
+        except Exception:
+            logger.debug("channel already closed", exc_info=True)
+    return False
+
+
+def _exists(connection: Connection, queue: str) -> tuple[int, int] | None:
+    """(messages, consumers) of ``queue``, or None if there is no such queue."""
+    channel: Any = connection.channel()
+    try:
+        _, messages, consumers = channel.queue_declare(queue, passive=True)
+        return int(messages), int(consumers)
+    except NotFound:
+        return None
+    finally:
+        try:
+            channel.close()
+        except Exception:
+            logger.debug("channel already closed", exc_info=True)
+
+
+def _move(connection: Connection, source: str, target: str) -> int:
+    """Move every message of ``source`` to ``target`` (through the default exchange); each is
+    acknowledged after the broker confirmed its copy."""
+    channel: Any = connection.channel()
+    channel.confirm_select()
+    moved = 0
+    try:
+        while (message := channel.basic_get(source, no_ack=False)) is not None:
+            copy = Message(message.body, **message.properties)
+            channel.basic_publish_confirm(copy, exchange="", routing_key=target)
+            channel.basic_ack(message.delivery_tag)
+            moved += 1
+    finally:
+        channel.close()
+    return moved
+
+
+def _migrate_queue(
+    connection: Connection, plan: QueuePlan, progress: Callable[[str], None]
+) -> QueueReport:
+    def declare_queue(channel: Any) -> None:
+        channel.queue_declare(plan.name, durable=True, arguments=plan.arguments)
+
+    def declare_exchange(channel: Any) -> None:
+        channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True)
+
+    queue_refused = _refused(connection, declare_queue)
+    exchange_refused = _refused(connection, declare_exchange)
+    moved = 0
+    channel: Any = connection.channel()
+    try:
+        if queue_refused or exchange_refused:
+            found = _exists(connection, plan.name)
+            if found is not None and found[1]:
+                raise MigrationRefused(
+                    f"{plan.name} has {found[1]} consumer(s): stop every worker first"
+                    " (scale the worker Deployments to 0), then run the migration again"
+                )
+            progress(f"{plan.name}: moving its messages to {plan.holding}")
+            channel.queue_declare(plan.holding, durable=True, arguments=plan.holding_arguments)
+            channel.queue_bind(plan.holding, plan.exchange, plan.routing_key)
+            if found is not None:
+                channel.queue_unbind(plan.name, plan.exchange, plan.routing_key)
+                moved += _move(connection, plan.name, plan.holding)
+                channel.queue_delete(plan.name, if_empty=True)
+            if exchange_refused:
+                progress(f"{plan.name}: exchange {plan.exchange} becomes {plan.exchange_type}")
+                channel.exchange_delete(plan.exchange)
+                channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True)
+        channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True)
+        declare_queue(channel)
+        channel.queue_bind(plan.name, plan.exchange, plan.routing_key)
+        held = _exists(connection, plan.holding)
+        if held is not None:
+            channel.queue_unbind(plan.holding, plan.exchange, plan.routing_key)
+            back = _move(connection, plan.holding, plan.name)
+            channel.queue_delete(plan.holding, if_empty=True)
+            if not (queue_refused or exchange_refused):
+                moved += back
+            progress(f"{plan.name}: {back} messages moved back")
+    finally:
+        channel.close()
+    return QueueReport(plan.name, queue_refused or exchange_refused, moved)
