@@ -4,14 +4,48 @@ which builds none of the worker; :mod:`orchestrator.celery_app` adds the worker'
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from celery import Celery
 
+from orchestrator.backoff import exponential_backoff
 from orchestrator.config import Settings
 from orchestrator.messaging import CONTROL_QUEUE, TASK_QUEUES, Topology
 
 EMBEDDED_TRANSPORT = "orchestrator.embedded_broker:EmbeddedTransport"
+# A quorum queue whose leader's node died refuses (nacks) publishes until the other nodes
+# have elected a new leader, a few seconds; longer than this is an outage (PublishError).
+NACK_RETRY_SECONDS = 15.0
+logger = logging.getLogger(__name__)
+
+
+def _nacked(error: BaseException) -> bool:
+    from amqp.exceptions import MessageNacked
+
+    return isinstance(error, MessageNacked) or isinstance(error.__cause__, MessageNacked)
+
+
+class PublishingCelery(Celery):
+    """Celery whose every publish (the producer's, a task's retry, admission's dispatch,
+    beat's ticks: all go through :meth:`send_task`) is published again while the broker
+    refuses it with a nack, for up to ``NACK_RETRY_SECONDS``. Without it, a retry refused
+    during a leader election would be rejected into the dead-letter queue by Celery."""
+
+    def send_task(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + NACK_RETRY_SECONDS
+        attempt = 0
+        while True:
+            try:
+                return super().send_task(*args, **kwargs)
+            except Exception as error:
+                if not _nacked(error) or time.monotonic() >= deadline:
+                    raise
+                attempt += 1
+                delay = exponential_backoff(attempt, base=0.25, cap=2.0)
+                logger.warning("the broker refused a publish (nack); again in %.1f s", delay)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
 
 
 def broker_url(settings: Settings) -> str:
@@ -54,6 +88,8 @@ def publishing_config(settings: Settings) -> dict[str, Any]:
 
 def publishing_app(settings: Settings) -> Celery:
     """A Celery app that only publishes: no tasks, no consumer, no lifecycle."""
-    app = Celery("orchestrator-producer", broker=broker_url(settings), set_as_current=False)
+    app = PublishingCelery(
+        "orchestrator-producer", broker=broker_url(settings), set_as_current=False
+    )
     app.conf.update(publishing_config(settings))
     return app

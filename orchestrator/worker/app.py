@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import threading
 
-from celery import Celery
-
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.lifecycle import Lifecycle, metrics
-from orchestrator.publishing import broker_url
+from orchestrator.publishing import PublishingCelery, broker_url
 from orchestrator.worker.dispatcher import CeleryDispatcher
 
 
-class OrchestratorCelery(Celery):
+class OrchestratorCelery(PublishingCelery):
     def __init__(self, settings: Settings) -> None:
         super().__init__("orchestrator", broker=broker_url(settings), set_as_current=False)
         self.settings = settings
