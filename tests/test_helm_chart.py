@@ -786,6 +786,22 @@ def test_every_orchestrator_variable_is_a_setting_of_the_application() -> None:
     assert not unknown, f"the chart sets variables the application ignores: {sorted(unknown)}"
 
 
+def test_a_cluster_s_broker_urls_become_one_failover_list_in_the_secret() -> None:
+    values = required_values()
+    values["secrets"].pop("brokerUrl")
+    values["secrets"]["brokerUrls"] = ["amqp://u:p@mq-0:5672/o", "amqp://u:p@mq-1:5672/o"]
+    values = merge(values, {"config": {"queueType": "quorum", "deliveryLimit": 5}})
+    manifests = render(values)
+    secret = one(manifests, "Secret", "so-session-orchestrator")
+    broker = base64.b64decode(secret["data"]["broker-url"]).decode()
+    assert broker == "amqp://u:p@mq-0:5672/o;amqp://u:p@mq-1:5672/o"
+    data = of_kind(manifests, "ConfigMap")[0]["data"]
+    assert (data["ORCHESTRATOR_QUEUE_TYPE"], data["ORCHESTRATOR_DELIVERY_LIMIT"]) == ("quorum", "5")
+    both = merge(values, {"secrets": {"brokerUrl": "amqp://u:p@mq-0:5672/o"}})
+    assert "brokerUrl and secrets.brokerUrls are both set" in error_of(both)
+    assert "queueType" in error_of(merge(values, {"config": {"queueType": "mirrored"}}))
+
+
 def test_every_chart_default_is_the_applications_default() -> None:
     """A value left at its default means what the application means without it: each
     config.* default is the Settings default, the worker's are the CLI's, and nothing is
@@ -813,6 +829,8 @@ def test_every_chart_default_is_the_applications_default() -> None:
         if defaults["worker"][key] != worker_options[option]:
             differ[f"worker.{key}"] = (defaults["worker"][key], worker_options[option])
     assert not differ, f"chart default != application default: {differ}"
+    # The queue type: the chart's default is the application's (quorum), and reaches pods.
+    assert defaults["config"]["queueType"] == fields["queue_type"].default == "quorum"
 
     data = of_kind(manifests_for("default"), "ConfigMap")[0]["data"]
     assert not {k for k in data if k.endswith("_EXPORTER")}, data

@@ -79,19 +79,29 @@ session-orchestrator/worker-pool: {{ . }}
 {{- end }}
 
 {{/*
+ORCHESTRATOR_BROKER_URL: secrets.brokerUrl, or secrets.brokerUrls as kombu's failover list.
+*/}}
+{{- define "session-orchestrator.brokerUrl" -}}
+{{- if .Values.secrets.brokerUrls }}{{ join ";" .Values.secrets.brokerUrls }}{{ else }}{{ .Values.secrets.brokerUrl }}{{ end }}
+{{- end }}
+
+{{/*
 The Secret the workloads read: existingSecret, or the one this chart makes. Fails with a
 clear message when neither the values nor existingSecret are given, or when both are.
 */}}
 {{- define "session-orchestrator.secretName" -}}
 {{- $s := .Values.secrets }}
 {{- if $s.existingSecret }}
-{{- if or $s.databaseUrl $s.brokerUrl $s.deepbrainAppId $s.deepbrainUserKey }}
-{{- fail "secrets.existingSecret is set: leave secrets.databaseUrl, brokerUrl, deepbrainAppId and deepbrainUserKey empty (they would be ignored)" }}
+{{- if or $s.databaseUrl $s.brokerUrl $s.brokerUrls $s.deepbrainAppId $s.deepbrainUserKey }}
+{{- fail "secrets.existingSecret is set: leave secrets.databaseUrl, brokerUrl, brokerUrls, deepbrainAppId and deepbrainUserKey empty (they would be ignored)" }}
 {{- end }}
 {{- $s.existingSecret }}
 {{- else }}
 {{- $_ := required "secrets.databaseUrl is required (or set secrets.existingSecret)" $s.databaseUrl }}
-{{- $_ := required "secrets.brokerUrl is required (or set secrets.existingSecret)" $s.brokerUrl }}
+{{- if and $s.brokerUrl $s.brokerUrls }}
+{{- fail "secrets.brokerUrl and secrets.brokerUrls are both set: give the cluster's nodes in brokerUrls only" }}
+{{- end }}
+{{- $_ := required "secrets.brokerUrl (or brokerUrls) is required (or set secrets.existingSecret)" (include "session-orchestrator.brokerUrl" .) }}
 {{- $_ := required "secrets.deepbrainAppId is required (or set secrets.existingSecret)" $s.deepbrainAppId }}
 {{- $_ := required "secrets.deepbrainUserKey is required (or set secrets.existingSecret)" $s.deepbrainUserKey }}
 {{- include "session-orchestrator.fullname" . }}
@@ -125,6 +135,8 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
   "ORCHESTRATOR_EARLY_STOP_RETENTION_SECONDS" ($c.earlyStopRetentionSeconds | toString)
   "ORCHESTRATOR_DB_POOL_SIZE" (int $c.dbPoolSize | toString)
   "ORCHESTRATOR_HEARTBEAT_MAX_AGE_SECONDS" ($c.heartbeatMaxAgeSeconds | toString)
+  "ORCHESTRATOR_QUEUE_TYPE" $c.queueType
+  "ORCHESTRATOR_DELIVERY_LIMIT" (int $c.deliveryLimit | toString)
   "OTEL_SERVICE_NAME" $o.serviceName
   "OTEL_EXPORTER_OTLP_PROTOCOL" $o.protocol
   "OTEL_SDK_DISABLED" ($o.sdkDisabled | toString)
