@@ -21,9 +21,9 @@ from orchestrator.producer import Producer
 AVATAR = "bench-avatar"
 
 
-def make_producer(database_url: str, broker_url: str) -> Producer:
+def make_producer(database_url: str, broker_url: str, **overrides: Any) -> Producer:
     """The real Python producer API (validation, publisher confirms, traceparent header)."""
-    return Producer(load_settings(database_url=database_url, broker_url=broker_url))
+    return Producer(load_settings(database_url=database_url, broker_url=broker_url, **overrides))
 
 
 def start_kwargs(tag: str, i: int, **extra: Any) -> dict[str, Any]:

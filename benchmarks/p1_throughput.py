@@ -128,9 +128,14 @@ def _bare_io(
 
 
 def _ours(
-    ctx: BenchContext, database_url: str, broker_url: str, sim: Simulator, count: int
+    ctx: BenchContext,
+    database_url: str,
+    broker_url: str,
+    sim: Simulator,
+    count: int,
+    queue_type: str = "quorum",
 ) -> dict[str, Any]:
-    producer = make_producer(database_url, broker_url)
+    producer = make_producer(database_url, broker_url, queue_type=queue_type)
     try:
         _, publish_rate = publish_starts(producer, "p1", count)
     finally:
@@ -140,6 +145,7 @@ def _ours(
         database_url=database_url,
         broker_url=broker_url,
         simulator_url=sim.base_url,
+        queue_type=queue_type,
     )
     busy = cpu_busy_fraction()
     worker = ctx.managed(start_orchestrator_worker(ctx.scratch("p1"), env, concurrency=CONCURRENCY))
@@ -166,7 +172,20 @@ def _ours(
         "worker_peak_rss_mib": round(worker.peak_rss / 2**20, 1),
         "vendor_start_calls": vendor_stats["calls"],
         "postgres_waits": pg_waits,
+        "queue_type": queue_type,
     }
+
+
+def measure_ours(
+    ctx: BenchContext,
+    database_url: str,
+    broker_url: str,
+    sim: Simulator,
+    count: int,
+    queue_type: str,
+) -> dict[str, Any]:
+    """P1's measurement of the orchestrator alone, on queues of ``queue_type`` (P1Q)."""
+    return _ours(ctx, database_url, broker_url, sim, count, queue_type)
 
 
 def _sequential(database_url: str, sim: Simulator) -> dict[str, Any]:

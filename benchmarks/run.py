@@ -42,6 +42,7 @@ from benchmarks.report import write_report
 
 BENCHMARKS = (
     "benchmarks.p1_throughput",
+    "benchmarks.p1q_queue_types",
     "benchmarks.p2_concurrency",
     "benchmarks.p3_latency",
     "benchmarks.p4_reaper",
