@@ -227,16 +227,21 @@ class RabbitCluster:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
 
     def leader(self, queue: str, vhost: str, timeout: float = 30) -> Node:
-        """The node holding ``queue``'s leader (a quorum queue), once a running one does."""
+        """The node holding ``queue``'s leader (a quorum queue), once a running one does. A
+        classic queue has no leader: it lives on the node it was declared through, which the
+        tests make the first."""
         deadline = time.monotonic() + timeout
         while True:
             ask = self.running()[0].name
             found = json.loads(
                 rabbitmqctl(
-                    ask, "list_queues", "-p", vhost, "name", "leader", "--formatter", "json"
+                    ask, "list_queues", "-p", vhost, "name", "type", "leader", "--formatter", "json"
                 )
             )
-            leaders = [str(row.get("leader")) for row in found if row["name"] == queue]
+            rows = [row for row in found if row["name"] == queue]
+            if rows and rows[0].get("type") == "classic":
+                return self.nodes[0]
+            leaders = [str(row.get("leader")) for row in rows]
             running = {node.name for node in self.running()}
             if leaders and leaders[0] in running:
                 return self.node(leaders[0])
