@@ -156,14 +156,32 @@ def _move(connection: Connection, source: str, target: str) -> int:
     return moved
 
 
+def _drain_and_delete(connection: Connection, source: str, target: str) -> int:
+    """Move ``source``'s messages to ``target`` until it is empty, then delete it. (Quorum
+    queues refuse ``if-empty`` deletes: emptiness is checked just before.)"""
+    moved = 0
+    while True:
+        moved += _move(connection, source, target)
+        found = _exists(connection, source)
+        if found is None:
+            return moved
+        if found[0] == 0:
+            channel: Any = connection.channel()
+            try:
+                channel.queue_delete(source)
+            finally:
+                channel.close()
+            return moved
+
+
 def _migrate_queue(
     connection: Connection, plan: QueuePlan, progress: Callable[[str], None]
 ) -> QueueReport:
     def declare_queue(channel: Any) -> None:
-        channel.queue_declare(plan.name, durable=True, arguments=plan.arguments)
+        channel.queue_declare(plan.name, durable=True, auto_delete=False, arguments=plan.arguments)
 
     def declare_exchange(channel: Any) -> None:
-        channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True)
+        channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True, auto_delete=False)
 
     queue_refused = _refused(connection, declare_queue)
     exchange_refused = _refused(connection, declare_exchange)
@@ -178,24 +196,26 @@ def _migrate_queue(
                     " (scale the worker Deployments to 0), then run the migration again"
                 )
             progress(f"{plan.name}: moving its messages to {plan.holding}")
-            channel.queue_declare(plan.holding, durable=True, arguments=plan.holding_arguments)
+            channel.queue_declare(
+                plan.holding, durable=True, auto_delete=False, arguments=plan.holding_arguments
+            )
             channel.queue_bind(plan.holding, plan.exchange, plan.routing_key)
             if found is not None:
                 channel.queue_unbind(plan.name, plan.exchange, plan.routing_key)
-                moved += _move(connection, plan.name, plan.holding)
-                channel.queue_delete(plan.name, if_empty=True)
+                moved += _drain_and_delete(connection, plan.name, plan.holding)
             if exchange_refused:
                 progress(f"{plan.name}: exchange {plan.exchange} becomes {plan.exchange_type}")
                 channel.exchange_delete(plan.exchange)
-                channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True)
-        channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True)
+                channel.exchange_declare(
+                    plan.exchange, plan.exchange_type, durable=True, auto_delete=False
+                )
+        channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True, auto_delete=False)
         declare_queue(channel)
         channel.queue_bind(plan.name, plan.exchange, plan.routing_key)
         held = _exists(connection, plan.holding)
         if held is not None:
             channel.queue_unbind(plan.holding, plan.exchange, plan.routing_key)
-            back = _move(connection, plan.holding, plan.name)
-            channel.queue_delete(plan.holding, if_empty=True)
+            back = _drain_and_delete(connection, plan.holding, plan.name)
             if not (queue_refused or exchange_refused):
                 moved += back
             progress(f"{plan.name}: {back} messages moved back")

@@ -37,7 +37,7 @@ from tests.faults.conftest import wait_settled
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres, pytest.mark.worker]
 
-QUEUED = 12
+QUEUED = 8  # below the admission cap (10) and the simulator's limit
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -84,8 +84,8 @@ def test_classic_queues_with_queued_jobs_move_to_quorum_and_every_job_is_served(
     simulator: SimulatorServer,
     tmp_path: Path,
 ) -> None:
-    old = settings_for(broker_url=old_vhost, queue_type="classic")
-    new = settings_for(broker_url=old_vhost, state_dir=tmp_path / "new")
+    old = settings_for(broker_url=old_vhost, queue_type="classic", orphan_grace_seconds=5.0)
+    new = settings_for(broker_url=old_vhost, state_dir=tmp_path / "new", orphan_grace_seconds=5.0)
 
     # The earlier release's broker: classic queues, direct exchanges, jobs waiting, and a dead
     # letter with its x-death headers.
