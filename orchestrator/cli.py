@@ -219,9 +219,7 @@ def queues_migrate(queue_type: str | None) -> None:
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format)
-    if settings.effective_queue_type == "classic" and not settings.effective_broker_url.startswith(
-        "amqp"
-    ):
+    if not settings.effective_broker_url.startswith(("amqp", "pyamqp")):
         raise click.ClickException("only a RabbitMQ broker (amqp://) has queues to migrate")
     chosen = queue_type or settings.queue_type
     target = Topology("quorum" if chosen == "quorum" else "classic", settings.delivery_limit)
