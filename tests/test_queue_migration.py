@@ -175,3 +175,12 @@ def test_the_topology_of_each_type(settings_for: Callable[..., Settings]) -> Non
     assert Topology("quorum").retry_countdown(0.3) == 1.0
     assert Topology("quorum").retry_countdown(0.0) == 0.0
     assert Topology("classic").retry_countdown(0.3) == 0.3
+
+
+def test_queues_migrate_on_the_embedded_broker_is_one_line(
+    settings_for: Callable[..., Settings],
+) -> None:
+    code, out = run_cli(settings_for(broker_url=""), "queues", "migrate")
+    assert (
+        code == 1 and out.strip() == "Error: only a RabbitMQ broker (amqp://) has queues to migrate"
+    )
