@@ -83,14 +83,28 @@ if ! bh inspect --type image "$base" > /dev/null 2>&1; then
   echo "ci-image: base ready in $((SECONDS - start)) s"
 fi
 
+# The commit, plus a digest of uncommitted changes (and untracked files) if any.
+revision() {
+  local head dirty
+  head="$(git -C "$root" rev-parse HEAD 2> /dev/null)" || { echo "unknown-$(date +%s)"; return; }
+  dirty="$( { git -C "$root" diff HEAD --binary
+              git -C "$root" ls-files -z --others --exclude-standard \
+                | (cd "$root" && xargs -0 -r sha256sum); } | sha256sum | cut -c1-12)"
+  if [ -z "$(git -C "$root" status --porcelain)" ]; then echo "$head"; else echo "$head-dirty-$dirty"; fi
+}
+
 built=$SECONDS
 cd "$root"
 # --layers keeps each step as a cached layer: the dependency wheels are rebuilt only when the
-# lock changes. The ignore file is the one BuildKit reads next to the Dockerfile.
+# lock changes (COPY steps are keyed on content). buildah does not key the runtime stage's
+# `RUN --mount=...,from=build` on what the build stage made, so REVISION (a label, and part of
+# the key of every RUN of that stage) names the sources: the runtime stage is redone whenever
+# they change. The ignore file is the one BuildKit reads next to the Dockerfile.
 bh bud --quiet --layers --isolation chroot \
   --ignorefile docker/Dockerfile.dockerignore \
   --volume "$certs:/etc/ssl/certs:ro" \
   --build-arg PYTHON_IMAGE="$base" \
+  --build-arg REVISION="$(revision)" \
   --file docker/Dockerfile --tag "$image" . > /dev/null
 size="$(bh images --format '{{.Size}}' "$image" | head -n1)"
 echo "ci-image: built $image ($size) in $((SECONDS - built)) s"

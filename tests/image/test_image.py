@@ -9,6 +9,7 @@ enqueued from the host with the producer API, as an application would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import urllib.request
@@ -106,7 +107,7 @@ def new_pod(role: str, run: ContainerRun, tmp: Path) -> Pod:
 
 
 @pytest.fixture(scope="module")
-def migration(runs: dict[str, ContainerRun], tmp_path_factory: pytest.TempPathFactory) -> Any:
+def migration(runs: dict[str, ContainerRun]) -> Any:
     """The migration hook Job's container, run to its end before anything else (as Helm's
     pre-install hook is)."""
     container = buildah.Container.create("migrate")
@@ -169,6 +170,30 @@ def test_the_migration_job_creates_the_schema(migration: Any, image_database_url
     assert revision, "the Job ran but left no Alembic revision"
 
 
+CODE_DIGESTS = """
+import hashlib, pathlib, orchestrator
+root = pathlib.Path(orchestrator.__file__).parent
+for path in sorted(root.rglob("*.py")):
+    print(path.relative_to(root), hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def test_the_image_holds_this_checkouts_code(image_config: dict[str, Any]) -> None:
+    """Not an image from an older build: buildah's layer cache is keyed on the sources."""
+    container = buildah.Container.create("code")
+    try:
+        result = container.run(["python", "-c", CODE_DIGESTS], {}, timeout=60)
+    finally:
+        container.remove()
+    assert result.returncode == 0, result.stderr
+    in_image = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    package = Path(__file__).resolve().parents[2] / "orchestrator"
+    for path in sorted(package.rglob("*.py")):
+        name = str(path.relative_to(package))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert in_image.get(name) == digest, f"orchestrator/{name} differs in {buildah.IMAGE}"
+
+
 def test_the_chart_runs_the_image_under_test(runs: dict[str, ContainerRun]) -> None:
     assert set(runs) == {"migrate", *LONG_RUNNING}
     assert {run.image for run in runs.values()} == {buildah.IMAGE}
@@ -209,7 +234,7 @@ def test_sigterm_with_starts_in_flight_loses_none(stack: Stack, tmp_path: Path) 
     worker = stack.pods["worker"]
     before = {s["session_id"] for s in stack.simulator("/_sim/sessions")}
     producer = stack.producer()
-    count = 8
+    count = 16  # more than the pool's 8 threads: some wait in the queue or in admission
     try:
         request_ids = [
             producer.enqueue_start_session(
@@ -249,7 +274,12 @@ def test_sigterm_with_starts_in_flight_loses_none(stack: Stack, tmp_path: Path) 
                 return len(rows) == count and all(r["status"] == "ended" for r in rows)
 
             wait_until("every request ending", all_ended, 120, stack.logs())
-            assert replacement.probe("readiness") == 0
+            wait_until(
+                "the replacement's readiness probe passing",
+                lambda: replacement.probe("readiness") == 0,
+                60,
+                stack.logs(),
+            )
         finally:
             replacement.container.remove()
     finally:
