@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -22,9 +23,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 
 from orchestrator.config import load_settings
+from orchestrator.db.migrate import alembic_config
 from orchestrator.producer import Producer
 from tests.image import buildah
 from tests.image.chart import ContainerRun
@@ -101,13 +104,17 @@ class Stack:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def passes(pod: Pod, kind: str) -> Callable[[], bool]:
+    return lambda: pod.probe(kind) == 0
+
+
 def new_pod(role: str, run: ContainerRun, tmp: Path) -> Pod:
     container = buildah.Container.create(role)
     return Pod(role=role, run=run, container=container, log=tmp / f"{role}.log")
 
 
 @pytest.fixture(scope="module")
-def migration(runs: dict[str, ContainerRun]) -> Any:
+def migration(runs: dict[str, ContainerRun]) -> subprocess.CompletedProcess[str]:
     """The migration hook Job's container, run to its end before anything else (as Helm's
     pre-install hook is)."""
     container = buildah.Container.create("migrate")
@@ -120,7 +127,7 @@ def migration(runs: dict[str, ContainerRun]) -> Any:
 @pytest.fixture(scope="module")
 def stack(
     runs: dict[str, ContainerRun],
-    migration: Any,
+    migration: subprocess.CompletedProcess[str],
     image_database_url: str,
     broker_url: str,
     simulator_port: int,
@@ -152,22 +159,21 @@ def stack(
 
         wait_until("the simulator answering /_sim/stats", simulator_up, 60, result.logs())
         for role in ("worker", "control", "beat"):
-            pod = pods[role]
             wait_until(
-                f"{role}'s startup probe passing",
-                lambda pod=pod: pod.probe("startup") == 0,  # type: ignore[misc]
-                90,
-                result.logs(),
+                f"{role}'s startup probe passing", passes(pods[role], "startup"), 90, result.logs()
             )
         yield result
 
 
-def test_the_migration_job_creates_the_schema(migration: Any, image_database_url: str) -> None:
+def test_the_migration_job_migrates_the_empty_database_to_head(
+    migration: subprocess.CompletedProcess[str], image_database_url: str
+) -> None:
     assert migration.returncode == 0, migration.stdout + migration.stderr
     conninfo = make_url(image_database_url).set(drivername="postgresql")
     with psycopg.connect(conninfo.render_as_string(hide_password=False)) as conn:
-        (revision,) = conn.execute("SELECT version_num FROM alembic_version").fetchone() or ("",)
-    assert revision, "the Job ran but left no Alembic revision"
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    head = ScriptDirectory.from_config(alembic_config(image_database_url)).get_current_head()
+    assert row == (head,), f"the Job left the database at {row}, not {head}"
 
 
 CODE_DIGESTS = """
@@ -276,7 +282,7 @@ def test_sigterm_with_starts_in_flight_loses_none(stack: Stack, tmp_path: Path) 
             wait_until("every request ending", all_ended, 120, stack.logs())
             wait_until(
                 "the replacement's readiness probe passing",
-                lambda: replacement.probe("readiness") == 0,
+                passes(replacement, "readiness"),
                 60,
                 stack.logs(),
             )
