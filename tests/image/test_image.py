@@ -37,11 +37,15 @@ pytestmark = [pytest.mark.postgres, pytest.mark.broker, pytest.mark.worker]
 LONG_RUNNING = ("simulator", "worker", "control", "beat")
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float, logs: str = "") -> None:
+def wait_until(what: str, check: Callable[[], bool], timeout: float, stack: Stack) -> None:
+    """Poll ``check``; fail with the containers' logs at the deadline, or at once when a
+    container's command has exited that nobody stopped."""
     deadline = time.monotonic() + timeout
     while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout:g} s\n{logs}")
+        crashed = stack.crashed()
+        if crashed or time.monotonic() > deadline:
+            reason = f"{', '.join(crashed)} exited" if crashed else f"not within {timeout:g} s"
+            pytest.fail(f"{what}: did not happen ({reason})\n{stack.logs()}")
         time.sleep(0.5)
 
 
@@ -54,9 +58,17 @@ class Pod:
     container: buildah.Container
     log: Path
     process: Any = None
+    stopped: bool = False  # by the test: its exit is no crash
 
     def start(self) -> None:
         self.process = self.container.start(self.run.argv, self.run.env, self.log)
+        self.stopped = False
+
+    def stop(self) -> int:
+        """SIGTERM, as the kubelet stops a container; the command's exit status."""
+        self.stopped = True
+        status: int = self.container.terminate(self.process, timeout=120)
+        return status
 
     def probe(self, kind: str) -> int:
         """The chart's exec probe of this kind, run inside the container (as the kubelet
@@ -81,6 +93,13 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(p.tail() for p in [*self.pods.values(), *self.extra])
+
+    def crashed(self) -> list[str]:
+        return [
+            p.role
+            for p in [*self.pods.values(), *self.extra]
+            if p.process is not None and p.process.poll() is not None and not p.stopped
+        ]
 
     def producer(self) -> Producer:
         settings = load_settings(
@@ -157,11 +176,9 @@ def stack(
                 return False
             return True
 
-        wait_until("the simulator answering /_sim/stats", simulator_up, 60, result.logs())
+        wait_until("the simulator answering /_sim/stats", simulator_up, 60, result)
         for role in ("worker", "control", "beat"):
-            wait_until(
-                f"{role}'s startup probe passing", passes(pods[role], "startup"), 90, result.logs()
-            )
+            wait_until(f"{role}'s startup probe passing", passes(pods[role], "startup"), 90, result)
         yield result
 
 
@@ -220,7 +237,7 @@ def test_a_start_goes_active_and_is_reaped(stack: Stack) -> None:
             "the reaper ending the session",
             lambda: producer.session_info(request_id).status == "ended",
             60,
-            stack.logs(),
+            stack,
         )
         assert producer.session_info(request_id).end_reason == "MAX_DURATION_REACHED"
         vendor = stack.simulator(f"/_sim/sessions/{info.session_id}")
@@ -254,10 +271,10 @@ def test_sigterm_with_starts_in_flight_loses_none(stack: Stack, tmp_path: Path) 
             "starts in flight at the vendor",
             lambda: sum(r["status"] == "starting" for r in stack.rows(request_ids)) >= 2,
             60,
-            stack.logs(),
+            stack,
         )
         in_flight = [r["request_id"] for r in stack.rows(request_ids) if r["status"] == "starting"]
-        status = worker.container.terminate(worker.process, timeout=120)
+        status = worker.stop()
         assert status == 0, f"worker exited {status} after SIGTERM\n{stack.logs()}"
 
         # A stopped worker's probes fail once its heartbeat is older than the chart's limit.
@@ -265,7 +282,7 @@ def test_sigterm_with_starts_in_flight_loses_none(stack: Stack, tmp_path: Path) 
             "the stopped worker's liveness probe failing",
             lambda: worker.probe("liveness") != 0,
             40,
-            stack.logs(),
+            stack,
         )
         assert worker.probe("readiness") != 0
 
@@ -279,12 +296,12 @@ def test_sigterm_with_starts_in_flight_loses_none(stack: Stack, tmp_path: Path) 
                 rows = stack.rows(request_ids)
                 return len(rows) == count and all(r["status"] == "ended" for r in rows)
 
-            wait_until("every request ending", all_ended, 120, stack.logs())
+            wait_until("every request ending", all_ended, 120, stack)
             wait_until(
                 "the replacement's readiness probe passing",
                 passes(replacement, "readiness"),
                 60,
-                stack.logs(),
+                stack,
             )
         finally:
             replacement.container.remove()
