@@ -42,7 +42,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 def image_config() -> dict[str, Any]:
     """The CI image's OCI config; fails (never skips) without buildah or the image."""
     if shutil.which("buildah") is None:
-        pytest.fail("buildah is not installed: `make image-test` installs it (Debian package)")
+        pytest.fail("buildah is not installed: apt-get install buildah debootstrap (.ci/run does)")
     try:
         return buildah.image_config()
     except RuntimeError as error:
