@@ -100,11 +100,20 @@ cd "$root"
 # `RUN --mount=...,from=build` on what the build stage made, so REVISION (a label, and part of
 # the key of every RUN of that stage) names the sources: the runtime stage is redone whenever
 # they change. The ignore file is the one BuildKit reads next to the Dockerfile.
-bh bud --quiet --layers --isolation chroot \
-  --ignorefile docker/Dockerfile.dockerignore \
-  --volume "$certs:/etc/ssl/certs:ro" \
-  --build-arg PYTHON_IMAGE="$base" \
-  --build-arg REVISION="$(revision)" \
-  --file docker/Dockerfile --tag "$image" . > /dev/null
+args=(--quiet --layers --force-rm --isolation chroot
+  --ignorefile docker/Dockerfile.dockerignore
+  --volume "$certs:/etc/ssl/certs:ro"
+  --build-arg PYTHON_IMAGE="$base"
+  --build-arg REVISION="$(revision)"
+  --file docker/Dockerfile)
+bh bud "${args[@]}" --tag "$image" . > /dev/null
+# vfs stores every layer as a full copy, so each change of the sources adds about a gigabyte.
+# Past a limit, drop every image no tag needs (earlier builds, and the cached dependency
+# wheels: the next build downloads them again). The base stays.
+limit_mb="${ORCHESTRATOR_CI_STORAGE_LIMIT_MB:-8000}"
+if [ "$(du -sm "$storage" | cut -f1)" -gt "$limit_mb" ]; then
+  echo "ci-image: storage over ${limit_mb} MB, pruning untagged images"
+  bh rmi --prune > /dev/null || echo "ci-image: some images are still in use by containers" >&2
+fi
 size="$(bh images --format '{{.Size}}' "$image" | head -n1)"
 echo "ci-image: built $image ($size) in $((SECONDS - built)) s"
