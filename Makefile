@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 CONSTRAINTS := $(VENV)/constraints.txt
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest image-test bench clean
 
 # One-time set-up: the only steps that need the package registry. The lock's hashes are
 # for the image build (pip's hash mode); here its pins are constraints.
@@ -44,6 +44,14 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
+
+## The image: docker/Dockerfile built with buildah (no Docker engine, no registry; the first
+## run makes a local Debian base, kept with the layer cache in buildah's storage), then run the
+## way the chart runs it (tests/image/). Needs buildah and debootstrap (.ci/run installs them),
+## root, Postgres and RabbitMQ as for `make test`.
+image-test: $(STAMP)
+	docker/ci-image.sh
+	ORCHESTRATOR_IMAGE_TEST=1 $(BIN)/pytest -q -p no:cacheprovider tests/image
 
 ## Benchmarks, each 3 times; the report gives medians and min-max (about 30 min; do not run
 ## beside `make test`, whose fault suite restarts RabbitMQ). E.g. BENCH_ARGS="--only P1 --repeat 1".
