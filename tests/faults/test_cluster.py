@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,9 +35,6 @@ from orchestrator.simulator import SimulatorServer
 from tests.amqp import publish_raw
 from tests.conftest import WorkerProcess
 from tests.faults.conftest import (
-    ORPHAN_GRACE_SECONDS,
-    RECONCILE_INTERVAL_SECONDS,
-    START_TIMEOUT_SECONDS,
     audit_vendor,
     event_counts,
     kill_worker,
@@ -75,25 +71,11 @@ def vhost(cluster: RabbitCluster) -> str:
 
 
 @pytest.fixture
-def cluster_settings(
-    settings_for: Callable[..., Settings], tmp_path: Path
-) -> Callable[..., Settings]:
+def cluster_settings(fault_settings: Callable[..., Settings]) -> Callable[..., Settings]:
     """The fault suite's settings (tests/faults/conftest.py), on a broker URL given."""
 
     def make(name: str, broker_url: str, **overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "state_dir": tmp_path / f"state-{name}",
-            "broker_url": broker_url,
-            "reaper_interval_seconds": 0.5,
-            "reconcile_interval_seconds": RECONCILE_INTERVAL_SECONDS,
-            "orphan_grace_seconds": ORPHAN_GRACE_SECONDS,
-            "start_timeout_seconds": START_TIMEOUT_SECONDS,
-            "stop_retry_seconds": 3.0,
-            "vendor_timeout_seconds": 2.0,
-            "max_concurrent_sessions": 1000,
-        }
-        values.update(overrides)
-        return settings_for(**values)
+        return fault_settings(name, broker_url=broker_url, **overrides)
 
     return make
 
