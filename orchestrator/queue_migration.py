@@ -21,7 +21,8 @@ Every step can run again: a command that stopped half way is finished by running
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,35 +109,38 @@ def migrate(
     return [_migrate_queue(connection, plan, progress) for plan in plans(topology)]
 
 
-def _refused(connection: Connection, declare: Callable[[Any], Any]) -> bool:
-    """True if the broker refuses ``declare`` (PRECONDITION_FAILED); the channel it closed is
-    replaced by a fresh one for the caller."""
+@contextmanager
+def _scratch_channel(connection: Connection) -> Iterator[Any]:
+    """A channel of its own for one probe: the broker closes a channel whose declaration it
+    refuses, so each probe gets a fresh one, closed after (quietly if already closed)."""
     channel: Any = connection.channel()
     try:
-        declare(channel)
-    except PreconditionFailed:
-        return True
+        yield channel
     finally:
         try:
             channel.close()
         except Exception:
             logger.debug("channel already closed", exc_info=True)
+
+
+def _refused(connection: Connection, declare: Callable[[Any], Any]) -> bool:
+    """True if the broker refuses ``declare`` (PRECONDITION_FAILED)."""
+    with _scratch_channel(connection) as channel:
+        try:
+            declare(channel)
+        except PreconditionFailed:
+            return True
     return False
 
 
 def _exists(connection: Connection, queue: str) -> tuple[int, int] | None:
     """(messages, consumers) of ``queue``, or None if there is no such queue."""
-    channel: Any = connection.channel()
-    try:
-        _, messages, consumers = channel.queue_declare(queue, passive=True)
-        return int(messages), int(consumers)
-    except NotFound:
-        return None
-    finally:
+    with _scratch_channel(connection) as channel:
         try:
-            channel.close()
-        except Exception:
-            logger.debug("channel already closed", exc_info=True)
+            _, messages, consumers = channel.queue_declare(queue, passive=True)
+        except NotFound:
+            return None
+        return int(messages), int(consumers)
 
 
 def _move(connection: Connection, source: str, target: str) -> int:
