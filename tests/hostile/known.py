@@ -1,0 +1,43 @@
+"""Classes of violation the generator found that issue 22 is fixing (its paths are being
+closed by other work at the same time). Each has a strict-xfail regression test in
+test_hostile_regressions.py named after its shrunk case; when a fix lands, that test passes,
+strict xfail turns it into a failure, and the fixer removes the mark and the entry here.
+
+A signature is ``invariant`` for the state checks, ``invariant:where`` for secrets, and
+``stage:Exception@module:function`` for a crash (the innermost frame in our code).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase as fnmatch
+
+from tests.invariants import Violation
+
+_ECHO = "issue 22 path 2: a vendor error that echoes the request leaks the customer's keys"
+_VALUES = "issue 22 path 1: vendor values are untrusted input"
+KNOWN: dict[str, str] = {
+    # a vendor value Python cannot turn into a datetime/float ends the whole pass
+    "reconcile-completes:*:*Error@deepbrain/models.py:*": _VALUES,
+    "start-ends-known:start:*Error@deepbrain/models.py:*": _VALUES,
+    # a vendor session id or text Postgres cannot store (NUL, too long) fails the write
+    "start-ends-known:start:DataError@lifecycle/store/starts.py:record_started": _VALUES,
+    "reconcile-completes:reconcile:DataError@lifecycle/store/vendor_sync.py:*": _VALUES,
+    "secret:table sessions": _ECHO,
+    "secret:table event_outbox": _ECHO,
+    "secret:table session_events": _ECHO,
+    "secret:log": _ECHO,
+}
+
+
+def signature(violation: Violation) -> str:
+    if violation.invariant.endswith("-completes") or violation.invariant == "start-ends-known":
+        stage, _, rest = violation.detail.partition(":")
+        return f"{violation.invariant}:{stage.split('.')[-1]}:{rest}"
+    if violation.invariant == "secret":
+        return "secret:" + violation.detail.rsplit(" is in ", 1)[-1]
+    return violation.invariant
+
+
+def known_path(violation: Violation) -> str | None:
+    found = signature(violation)
+    return next((path for pattern, path in KNOWN.items() if fnmatch(found, pattern)), None)
