@@ -1,6 +1,8 @@
 """A small threaded TCP proxy for outage tests: forwards a local port to a target, and can
-refuse new connections and cut the existing ones, so a process behind it loses its server
-while the server itself (shared with the rest of the suite) keeps running.
+refuse new connections and cut the existing ones, stall every connection (they stay open, no
+byte moves), or drop one reply, so a process behind it loses its server while the server
+itself (shared with the rest of the suite) keeps running. One proxy serves Postgres, the
+broker and the vendor alike.
 
     with TcpProxy("127.0.0.1", 5432) as proxy:
         url = f"postgresql://postgres@127.0.0.1:{proxy.port}/db"
@@ -8,6 +10,8 @@ while the server itself (shared with the rest of the suite) keeps running.
         proxy.restore()   # listen again on the same port
         proxy.drop_reply_to(b"UPDATE")  # that statement reaches the server; its reply never
                                         # reaches the client, whose connection is then reset
+        proxy.stall()     # connections stay open, nothing moves either way (new ones too)
+        proxy.unstall()   # bytes held back flow again, in order
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class TcpProxy:
         self._reset_after = 0.5
         self._blackholed: set[tuple[socket.socket, socket.socket]] = set()
         self.replies_dropped = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self.stalls = 0
 
     # -- control ----------------------------------------------------------------------
 
@@ -85,6 +92,21 @@ class TcpProxy:
             self._drop_marker = marker
             self._reset_after = reset_after
 
+    def stall(self) -> None:
+        """Hold every byte, both ways, on open and new connections, until :meth:`unstall`:
+        a server that stops answering without closing anything (a network partition, a
+        process stopped with SIGSTOP)."""
+        if self._flowing.is_set():
+            self.stalls += 1
+        self._flowing.clear()
+
+    def unstall(self) -> None:
+        self._flowing.set()
+
+    @property
+    def stalled(self) -> bool:
+        return not self._flowing.is_set()
+
     def restore(self) -> None:
         """Listen again, on the same port."""
         if self._serving.is_set():
@@ -92,6 +114,7 @@ class TcpProxy:
         self.start()
 
     def close(self) -> None:
+        self._flowing.set()
         self._stop_listening()
         self.drop_connections()
 
@@ -154,6 +177,9 @@ class TcpProxy:
         from_client = source is pair[0]
         try:
             while data := source.recv(CHUNK):
+                while not self._flowing.wait(ACCEPT_POLL_SECONDS):
+                    if pair not in self._pairs:  # cut while stalled
+                        raise OSError("connection cut")
                 if not from_client and pair in self._blackholed:
                     continue  # the reply is lost on its way
                 if from_client and self._drop_marker is not None and self._drop_marker in data:

@@ -104,7 +104,7 @@ def crash_signature(stage: str, error: BaseException) -> str:
     for frame in traceback.extract_tb(error.__traceback__):
         if "/tests/" in frame.filename:  # the harness's own bug: never counted as known
             where = f"HARNESS {frame.filename.rsplit('/tests/', 1)[1]}:{frame.name}"
-        elif "/orchestrator/" in frame.filename:
+        elif "/orchestrator/" in frame.filename and not frame.filename.endswith("db/engine.py"):
             where = f"{frame.filename.rsplit('/orchestrator/', 1)[1]}:{frame.name}"
     return f"{stage}:{type(error).__name__}@{where}"
 

@@ -19,9 +19,13 @@ KNOWN: dict[str, str] = {
     # a vendor value Python cannot turn into a datetime/float ends the whole pass
     "reconcile-completes:*:*Error@deepbrain/models.py:*": _VALUES,
     "start-ends-known:start:*Error@deepbrain/models.py:*": _VALUES,
+    # the LiveKit token's exp (a vendor value too) in milliseconds, inf or huge
+    "start-ends-known:start:*Error@lifecycle/start.py:jwt_expiry": _VALUES,
+    "start-ends-known:start:*Error@deepbrain/auth.py:*": _VALUES,
     # a vendor session id or text Postgres cannot store (NUL, too long) fails the write
-    "start-ends-known:start:DataError@lifecycle/store/starts.py:record_started": _VALUES,
-    "reconcile-completes:reconcile:DataError@lifecycle/store/vendor_sync.py:*": _VALUES,
+    # (session id with NUL; an envelope code of 60 digits making error_code longer than its
+    # column; a stop error's message with NUL in the stop's history …)
+    "*:DataError@lifecycle/store/*": _VALUES,
     "secret:table sessions": _ECHO,
     "secret:table event_outbox": _ECHO,
     "secret:table session_events": _ECHO,
