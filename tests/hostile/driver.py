@@ -218,9 +218,15 @@ def _heal(
     # Time passes: stops that failed under the hostile vendor are due again.
     with lc.db.engine.begin() as conn:
         conn.execute(text("UPDATE sessions SET stop_retry_at = now() WHERE status = 'stopping'"))
-    lc.dispatcher.admit_waiting()
+    try:
+        lc.dispatcher.admit_waiting()
+    except Exception as error:
+        out.add("admission-completes", crash_signature("healed.admit", error))
     for round_ in range(2):
         _sweep(lc, out, f"healed{round_}")
+    after = _start(lc, {"request_id": "req-e", "avatar_id": "avatar-e"}, out, "healed.start")
+    if after is not None:
+        out.add("start-ends-known", "healed.start:RetryLater@an honest vendor's start")
 
 
 def healed_violations(world: inv.World, bounds: inv.Bounds) -> list[inv.Violation]:
@@ -287,11 +293,15 @@ def run_scenario(
         zero = inv.Bounds(0, 0, 0, 0, 0, 0, 0, bounds.cap, 0)
         world = inv.snapshot(db, sim, {"log": "\n".join(logs.lines)})
         expect = inv.Expect(
-            confirmed=["req-a", "req-b", "req-c", "hostile-d"],
+            confirmed=["req-a", "req-b", "req-c", "hostile-d", "req-e"],
             secrets=secrets,
             require_published=False,
         )
         out.violations += healed_violations(world, zero)
+        e = world.rows_by_request().get("req-e")
+        if e is not None and e["status"] not in ("active", "waiting"):
+            what = f"{e['status']}:{e['error_code']}: {e['error_message']}"
+            out.add("serves-after-heal", what[:300])
         out.violations += inv.one_row_or_dead_letter(world, expect)
         out.violations += inv.terminal_events_published(world, expect)
         out.violations += inv.cap_respected(world, bounds, expect)

@@ -26,6 +26,10 @@ KNOWN: dict[str, str] = {
     # (session id with NUL; an envelope code of 60 digits making error_code longer than its
     # column; a stop error's message with NUL in the stop's history …)
     "*:DataError@lifecycle/store/*": _VALUES,
+    # a start reply's max_session_numbers <= 0 (or past int4) is kept and every later
+    # admission fails in orchestrator_admission_state (negative LIMIT); path 8 keeps that limit
+    "admission-completes:admit:DataError@lifecycle/store/admission.py:*": _VALUES,
+    "serves-after-heal:failed:VALIDATION_ERROR:*SQLSTATE 2201W*": _VALUES,
     "secret:table sessions": _ECHO,
     "secret:table event_outbox": _ECHO,
     "secret:table session_events": _ECHO,
@@ -37,6 +41,8 @@ def signature(violation: Violation) -> str:
     if violation.invariant.endswith("-completes") or violation.invariant == "start-ends-known":
         stage, _, rest = violation.detail.partition(":")
         return f"{violation.invariant}:{stage.split('.')[-1]}:{rest}"
+    if violation.invariant == "serves-after-heal":
+        return f"{violation.invariant}:{violation.detail}"
     if violation.invariant == "secret":
         return "secret:" + violation.detail.rsplit(" is in ", 1)[-1]
     return violation.invariant
