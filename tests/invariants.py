@@ -211,8 +211,10 @@ def rows_settled(world: World, bounds: Bounds) -> list[Violation]:
             expires = r["expires_at"]
             if expires is None or expires + timedelta(seconds=bounds.reaper) < now:
                 out.append(Violation("settled", f"{rid!r} active past expires_at {expires}"))
-            if not (r["vendor_session_id"] and r["livekit_token"]):
-                out.append(Violation("settled", f"{rid!r} active without a vendor session"))
+            credentials = ("vendor_session_id", "livekit_url", "livekit_room", "livekit_token")
+            if not all(r[name] for name in credentials):
+                missing = [name for name in credentials if not r[name]]
+                out.append(Violation("settled", f"{rid!r} active without {', '.join(missing)}"))
         elif status == "waiting":
             deadline = r["start_deadline_at"]
             if deadline is not None and deadline + timedelta(seconds=bounds.reaper) < now:

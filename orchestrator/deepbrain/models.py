@@ -133,7 +133,15 @@ def parse_started_session(data: Any, endpoint: str) -> StartedSession:
     if not isinstance(livekit, Mapping):
         raise _malformed(endpoint, f"data.livekit missing (session {session_id})")
     url, room, token = livekit.get("url"), livekit.get("room_name"), livekit.get("token")
-    if not (isinstance(url, str) and isinstance(room, str) and isinstance(token, str)):
+    # Empty is missing: a session nobody can join must not be recorded as started.
+    if not (
+        isinstance(url, str)
+        and isinstance(room, str)
+        and isinstance(token, str)
+        and url
+        and room
+        and token
+    ):
         raise _malformed(
             endpoint, f"data.livekit url/room_name/token missing (session {session_id})"
         )
