@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 CONSTRAINTS := $(VENV)/constraints.txt
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest image-test bench clean
+.PHONY: demo test lint typecheck pytest image-test bench chaos clean
 
 # One-time set-up: the only steps that need the package registry. The lock's hashes are
 # for the image build (pip's hash mode); here its pins are constraints.
@@ -59,6 +59,21 @@ BENCH_ARGS ?= --repeat 3
 bench: $(STAMP)
 	$(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) -e '.[dev,bench,embedded,simulator]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+## Find the next defect by machine (docs/reliability.md, "The generator"): random fault schedules
+## on real workers for CHAOS_MINUTES, then HOSTILE_EXAMPLES random hostile vendor replies; the
+## report is .chaos/report.md, each schedule's history .chaos/chaos-<seed>.json.
+## `make chaos SEED=n` replays one schedule. Needs Postgres and RabbitMQ as for `make test`.
+CHAOS_MINUTES ?= 30
+HOSTILE_EXAMPLES ?= 300
+chaos: $(STAMP)
+ifdef SEED
+	CHAOS_SEED=$(SEED) $(BIN)/pytest -q -p no:cacheprovider -s tests/chaos/test_chaos.py -k replay
+else
+	CHAOS_MINUTES=$(CHAOS_MINUTES) $(BIN)/pytest -q -p no:cacheprovider -s tests/chaos/test_chaos.py -k budget
+	HOSTILE_PROFILE=chaos HOSTILE_EXAMPLES=$(HOSTILE_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
+		-p no:logging tests/hostile/test_hostile_vendor.py -k hostile_vendor_breaks
+endif
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .orchestrator

@@ -275,6 +275,7 @@ def run_scenario(
     sim: SimulatorServer,
     plan: Mapping[str, Sequence[Mutation]],
     secrets: Sequence[str],
+    lasting: Mapping[str, Mutation] | None = None,
 ) -> Outcome:
     out = Outcome()
     _reset(db, sim)
@@ -285,6 +286,7 @@ def run_scenario(
         with _captured_logs() as logs:
             _setup(lc, sim)
             transport.script(plan)
+            transport.lasting = lasting or {}
             later = _start(lc, request_d(), out, "hostile.start")
             _sweep(lc, out, "hostile")
             _heal(lc, transport, later, out)

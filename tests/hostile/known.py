@@ -26,10 +26,12 @@ KNOWN: dict[str, str] = {
     # (session id with NUL; an envelope code of 60 digits making error_code longer than its
     # column; a stop error's message with NUL in the stop's history …)
     "*:DataError@lifecycle/store/*": _VALUES,
+    "*:UnicodeEncodeError@lifecycle/store/*": _VALUES,  # a lone surrogate in vendor text
     # a start reply's max_session_numbers <= 0 (or past int4) is kept and every later
     # admission fails in orchestrator_admission_state (negative LIMIT); path 8 keeps that limit
     "admission-completes:admit:DataError@lifecycle/store/admission.py:*": _VALUES,
     "serves-after-heal:failed:VALIDATION_ERROR:*SQLSTATE 2201W*": _VALUES,
+    "expiry-ask": "issue 22 path 3: the vendor's grant outlives the ask",
     "secret:table sessions": _ECHO,
     "secret:table event_outbox": _ECHO,
     "secret:table session_events": _ECHO,

@@ -69,6 +69,9 @@ JWTS = st.one_of(
     st.just("not.a.jwt"),
 )
 ANY = st.one_of(NUMBERS, STRINGS, WRONG_TYPES)
+_KNOWN = {f.path[0] for r in schema.REPLIES.values() for f in r.fields} | {
+    f.path[0] for f in schema.LIST_ROW
+}
 
 BY_KIND: dict[schema.Kind, st.SearchStrategy[Any]] = {
     "str": STRINGS,
@@ -168,4 +171,35 @@ def plans(endpoints: tuple[str, ...] = ("token", "start", "stop", "list", "detai
     """Up to ``size`` hostile replies per endpoint, served in order; most endpoints honest."""
     return st.fixed_dictionaries(
         {}, optional={e: st.lists(mutation(e), min_size=1, max_size=size) for e in endpoints}
+    )
+
+
+# Rows of the vendor's list that are not sessions: not an object, no id, an empty or
+# non-string id.
+JUNK_ROWS = st.one_of(
+    WRONG_TYPES,
+    STRINGS,
+    st.fixed_dictionaries(
+        {"sessionId": st.one_of(st.just(""), NUMBERS, WRONG_TYPES)},
+        optional={f.path[0]: value_for(f) for f in schema.LIST_ROW[1:]},
+    ),
+)
+EXTRA_FIELD = st.builds(
+    SetField, st.tuples(st.text(min_size=1, max_size=8).filter(lambda k: k not in _KNOWN)), ANY
+)
+
+
+def lasting_quirks() -> st.SearchStrategy[dict[str, Mutation]]:
+    """Quirks a vendor may keep for good and the service must live with: junk rows in its
+    list, fields the documentation does not name."""
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "list": st.one_of(
+                st.builds(AddRows, st.lists(JUNK_ROWS, min_size=1, max_size=3).map(tuple)),
+                st.builds(SetField, EXTRA_FIELD.map(lambda m: m.path), ANY, st.just(True)),
+            ),
+            "detail": EXTRA_FIELD,
+            "start": EXTRA_FIELD,
+        },
     )

@@ -67,6 +67,11 @@ CASES = [
         id="stop-400-message-nul",
     ),
     pytest.param(
+        {"start": [Reply(400, {"code": 4000, "message": "\ud800", "data": None})]},
+        marks=issue22(1, "a vendor message with a lone surrogate fails the write of the failure"),
+        id="start-400-message-lone-surrogate",
+    ),
+    pytest.param(
         {"start": [SetField(("max_session_numbers",), -1)]},
         marks=issue22(1, "max_session_numbers -1 is kept: every later admission fails"),
         id="start-max_session_numbers-minus-1",

@@ -102,6 +102,22 @@ def test_a_hostile_vendor_breaks_no_promise(
     fail_on_new(outcome)
 
 
+@settings(settings.get_profile(PROFILE))
+@given(plan=strategies.plans(size=1), lasting=strategies.lasting_quirks())
+def test_a_vendor_with_lasting_quirks_breaks_no_promise(
+    plan: dict[str, list[strategies.Mutation]],
+    lasting: dict[str, strategies.Mutation],
+    settings_for: Callable[..., Settings],
+    db: Database,
+    simulator: SimulatorServer,
+) -> None:
+    """Quirks that stay after the heal (junk rows in the list, unknown fields): the service
+    must keep its promises with them for good."""
+    outcome = run_scenario(hostile_settings(settings_for), db, simulator, plan, SECRETS, lasting)
+    note(f"lasting quirks: {lasting!r}"[:1000])
+    fail_on_new(outcome)
+
+
 def test_an_honest_vendor_breaks_no_promise(
     settings_for: Callable[..., Settings], db: Database, simulator: SimulatorServer
 ) -> None:

@@ -199,6 +199,9 @@ class HostileTransport(httpx.BaseTransport):
     inner: httpx.BaseTransport
     plan: Mapping[str, Sequence[Mutation]] = field(default_factory=dict)
     served: list[tuple[str, Mutation]] = field(default_factory=list)
+    # Quirks the vendor keeps for good (healing does not remove them): every reply of the
+    # endpoint that no scripted mutation takes.
+    lasting: Mapping[str, Mutation] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._queues: dict[str, deque[Mutation]] = {k: deque(v) for k, v in self.plan.items()}
@@ -207,7 +210,10 @@ class HostileTransport(httpx.BaseTransport):
         endpoint = endpoint_of(request)
         queue = self._queues.get(endpoint)
         if not queue:
-            return self.inner.handle_request(request)
+            quirk = self.lasting.get(endpoint)
+            if quirk is None:
+                return self.inner.handle_request(request)
+            return quirk.serve(request, self.inner)
         mutation = queue[0] if isinstance(queue[0], LoopPages) else queue.popleft()
         if not self.served or self.served[-1][1] is not mutation:  # a loop is listed once
             self.served.append((endpoint, mutation))
