@@ -85,6 +85,11 @@ BY_KIND: dict[schema.Kind, st.SearchStrategy[Any]] = {
 }
 
 
+def _present(row: dict[str, Any]) -> dict[str, Any]:
+    """A generated row as sent: MISSING fields left out."""
+    return {k: v for k, v in row.items() if v is not MISSING}
+
+
 def value_for(field: schema.Field) -> st.SearchStrategy[Any]:
     return st.one_of(BY_KIND[field.kind], WRONG_TYPES, st.just(MISSING))
 
@@ -149,7 +154,7 @@ LIST_ONLY = st.one_of(
                 st.fixed_dictionaries(
                     {"sessionId": st.one_of(st.just(""), STRINGS, NUMBERS, st.none())},
                     optional={f.path[0]: value_for(f) for f in schema.LIST_ROW[1:]},
-                ),
+                ).map(_present),
                 ANY,
             ),
             max_size=3,
@@ -182,7 +187,7 @@ JUNK_ROWS = st.one_of(
     st.fixed_dictionaries(
         {"sessionId": st.one_of(st.just(""), NUMBERS, WRONG_TYPES)},
         optional={f.path[0]: value_for(f) for f in schema.LIST_ROW[1:]},
-    ),
+    ).map(_present),
 )
 EXTRA_FIELD = st.builds(
     SetField, st.tuples(st.text(min_size=1, max_size=8).filter(lambda k: k not in _KNOWN)), ANY

@@ -30,20 +30,21 @@ from tests.hostile.known import KNOWN, known_path, signature
 pytestmark = [pytest.mark.postgres, pytest.mark.chaos]
 
 PROFILE = os.environ.get("HOSTILE_PROFILE", "ci")
+# HOSTILE_SHRINK=0: report the first failing plan as found (shrinking may take minutes).
+PHASES = (
+    tuple(Phase)
+    if os.environ.get("HOSTILE_SHRINK", "1") != "0"
+    else (Phase.explicit, Phase.reuse, Phase.generate, Phase.target)
+)
 settings.register_profile(
     "ci",
+    phases=PHASES,
     max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "40")),
     derandomize=True,
     deadline=None,
     print_blob=True,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-# HOSTILE_SHRINK=0: report the first failing plan as found (shrinking may take minutes).
-PHASES = (
-    tuple(Phase)
-    if os.environ.get("HOSTILE_SHRINK", "1") != "0"
-    else (Phase.explicit, Phase.reuse, Phase.generate, Phase.target)
 )
 settings.register_profile(
     "chaos",
@@ -77,7 +78,12 @@ def violated(invariant: str) -> type[AssertionError]:
     return _ERRORS.setdefault(invariant, type(name, (AssertionError,), {}))
 
 
+EXAMPLES_RUN = [0]  # examples run in this process: "found at example n" (HOSTILE_SHRINK=0)
+
+
 def fail_on_new(outcome: Outcome) -> None:
+    EXAMPLES_RUN[0] += 1
+    note(f"example {EXAMPLES_RUN[0]} of this process")
     served = "\n".join(f"  {endpoint}: {mutation!r}"[:600] for endpoint, mutation in outcome.served)
     note(f"replies served:\n{served or '  (none)'}")
     for violation in outcome.violations:
