@@ -76,4 +76,4 @@ else
 endif
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .orchestrator
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .orchestrator .chaos .hypothesis

@@ -323,7 +323,7 @@ def run(
         deadline = time.monotonic() + SETTLE_SECONDS
         while time.monotonic() < deadline and not _settled(db, confirmed, dead):
             time.sleep(0.5)
-            dead |= _dead_request_ids(broker_url, confirmed)
+            dead |= _dead_request_ids(broker_url, confirmed, history)
         bounds = inv.Bounds.from_settings(service.settings("check"))
         time.sleep(bounds.orphan)  # every orphan made before the heal is past its bound
         stop_sampling.set()
@@ -361,11 +361,15 @@ def run(
     return result
 
 
-def _dead_request_ids(broker_url: str, confirmed: list[str]) -> set[str]:
-    found = set()
-    for message in take_dead_letters(broker_url):
-        body = bytes(message.body) if message.body is not None else b""
-        found |= {rid for rid in confirmed if rid.encode() in body}
+def _dead_request_ids(broker_url: str, confirmed: list[str], history: History) -> set[str]:
+    found: set[str] = set()
+    letters = take_dead_letters(broker_url)
+    for message in letters:
+        body = message.body
+        text_body = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+        found |= {rid for rid in confirmed if rid in text_body}
+    if letters:
+        history.log("dead-letters", f"{len(letters)} taken", request_ids=sorted(found))
     return found
 
 
