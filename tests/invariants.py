@@ -158,7 +158,9 @@ def snapshot(db: Database, vendor: VendorRecord, texts: Mapping[str, str] = ()) 
                 # needs it); it is stripped when the row leaves `waiting`/`starting`.
                 if table == "sessions" and r["status"] in ("waiting", "starting"):
                     r.pop("request_payload")
-            dumps[f"table {table}"] = "\n".join(json.dumps(r, default=str) for r in found)
+            for column in found[0] if found else ():
+                values = (json.dumps(r.get(column), default=str) for r in found)
+                dumps[f"table {table}.{column}"] = "\n".join(values)
     all_texts = dict(dumps)
     all_texts.update(dict(texts))
     return World(now, rows, outbox, vendor.sessions(), finished, all_texts)

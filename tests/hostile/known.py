@@ -32,9 +32,10 @@ KNOWN: dict[str, str] = {
     "admission-completes:admit:DataError@lifecycle/store/admission.py:*": _VALUES,
     "serves-after-heal:failed:VALIDATION_ERROR:*SQLSTATE 2201W*": _VALUES,
     "expiry-ask": "issue 22 path 3: the vendor's grant outlives the ask",
-    "secret:table sessions": _ECHO,
-    "secret:table event_outbox": _ECHO,
-    "secret:table session_events": _ECHO,
+    # where a vendor's error text goes: the failed row, its event, its history, its log line
+    "secret:table sessions.error_message": _ECHO,
+    "secret:table event_outbox.body": _ECHO,
+    "secret:table session_events.detail": _ECHO,
     "secret:log": _ECHO,
 }
 
