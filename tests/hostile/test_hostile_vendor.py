@@ -3,7 +3,7 @@ real client, start path, reconciler and reaper (tests/hostile/driver.py), shrunk
 to the smallest plan that breaks a promise.
 
 In CI the examples are derandomized (the same ones every run) and bounded by
-``HOSTILE_EXAMPLES`` (40); ``make chaos`` runs them random and longer
+``HOSTILE_EXAMPLES`` (100 per property); ``make chaos`` runs them random and longer
 (``HOSTILE_PROFILE=chaos``). A failure prints the shrunk plan, the violations, and a
 ``@reproduce_failure`` blob that replays it. Violations of the classes issue 22 is fixing are
 listed in :data:`KNOWN` (each has its own strict-xfail test in test_hostile_regressions.py):
@@ -39,7 +39,7 @@ PHASES = (
 settings.register_profile(
     "ci",
     phases=PHASES,
-    max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "100")),
     derandomize=True,
     deadline=None,
     print_blob=True,
