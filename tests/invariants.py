@@ -128,6 +128,20 @@ class Expect:
     events_seen: Iterable[Mapping[str, Any]] | None = None  # bodies taken from the exchange
     require_published: bool = True  # a worker's relay ran: outbox rows must be published
     check_reconcile: bool = True
+    # When the service could not keep time (a fault was in force): a time bound counts only
+    # the time outside these windows (wall clock, UTC).
+    outages: Sequence[tuple[datetime, datetime]] = ()
+
+
+def deadline(
+    start: datetime, bound: float, outages: Sequence[tuple[datetime, datetime]]
+) -> datetime:
+    """``start`` + ``bound`` seconds of time outside ``outages``."""
+    end = start + timedelta(seconds=bound)
+    for began, healed in sorted(outages):
+        if began <= end and healed > start:
+            end += healed - max(began, start)
+    return end
 
 
 # -- reading the world -------------------------------------------------------------------
@@ -198,11 +212,16 @@ def one_row_or_dead_letter(world: World, expect: Expect) -> list[Violation]:
     return out
 
 
-def rows_settled(world: World, bounds: Bounds) -> list[Violation]:
+def rows_settled(
+    world: World, bounds: Bounds, outages: Sequence[tuple[datetime, datetime]] = ()
+) -> list[Violation]:
     """Every row is terminal (and explained), or live within its own deadline."""
     out = []
     now = world.now
-    late = timedelta(seconds=bounds.slack)
+
+    def past(start: datetime | None, bound: float) -> bool:
+        return start is not None and deadline(start, bound, outages) < now
+
     for r in world.rows:
         rid, status = r["request_id"], r["status"]
         if status == "failed" and not (r["error_code"] and r["error_message"]):
@@ -211,25 +230,25 @@ def rows_settled(world: World, bounds: Bounds) -> list[Violation]:
             out.append(Violation("settled", f"{rid!r} ended without an end reason"))
         elif status == "active":
             expires = r["expires_at"]
-            if expires is None or expires + timedelta(seconds=bounds.reaper) < now:
+            if expires is None or past(expires, bounds.reaper):
                 out.append(Violation("settled", f"{rid!r} active past expires_at {expires}"))
             credentials = ("vendor_session_id", "livekit_url", "livekit_room", "livekit_token")
             if not all(r[name] for name in credentials):
                 missing = [name for name in credentials if not r[name]]
                 out.append(Violation("settled", f"{rid!r} active without {', '.join(missing)}"))
         elif status == "waiting":
-            deadline = r["start_deadline_at"]
-            if deadline is not None and deadline + timedelta(seconds=bounds.reaper) < now:
-                out.append(Violation("settled", f"{rid!r} waiting past its deadline {deadline}"))
+            ends = r["start_deadline_at"]
+            if past(ends, bounds.reaper):
+                out.append(Violation("settled", f"{rid!r} waiting past its deadline {ends}"))
         elif status == "starting":
             lease = r["attempt_lease_until"] or (
                 (r["admitted_at"] or r["created_at"]) + timedelta(seconds=bounds.start_timeout)
             )
-            if lease + timedelta(seconds=bounds.starting) < now:
+            if past(lease, bounds.starting):
                 out.append(Violation("settled", f"{rid!r} starting past its lease {lease}"))
         elif status == "stopping":
             retry = r["stop_retry_at"] or r["stop_requested_at"] or now
-            if retry + timedelta(seconds=bounds.reaper) + late < now:
+            if past(retry, bounds.reaper + bounds.slack):
                 out.append(Violation("settled", f"{rid!r} stopping since {retry}"))
     return out
 
@@ -266,7 +285,16 @@ def _vendor_times(s: Mapping[str, Any], now: datetime) -> tuple[datetime, dateti
     return created, ended
 
 
-def vendor_sessions_end_on_time(world: World, bounds: Bounds) -> list[Violation]:
+def _over(
+    start: datetime, end: datetime, bound: float, outages: Sequence[tuple[datetime, datetime]]
+) -> float:
+    """Seconds ``end`` is past ``start`` + ``bound`` (outages not counted); <= 0: in time."""
+    return (end - deadline(start, bound, outages)).total_seconds()
+
+
+def vendor_sessions_end_on_time(
+    world: World, bounds: Bounds, outages: Sequence[tuple[datetime, datetime]] = ()
+) -> list[Violation]:
     """No vendor session lives past its row's ``expires_at`` plus the reaper's bound, nor
     without a live row once the orphan grace and one reconcile interval have passed."""
     owner = {r["vendor_session_id"]: r for r in world.rows if r["vendor_session_id"]}
@@ -276,7 +304,7 @@ def vendor_sessions_end_on_time(world: World, bounds: Bounds) -> list[Violation]
         row = owner.get(s["session_id"])
         if row is None:
             life = (ended - created).total_seconds()
-            if life > bounds.orphan:
+            if _over(created, ended, bounds.orphan, outages) > 0:
                 out.append(
                     Violation(
                         "orphan",
@@ -288,7 +316,7 @@ def vendor_sessions_end_on_time(world: World, bounds: Bounds) -> list[Violation]
             continue
         if row["expires_at"] is not None:
             over = (ended - row["expires_at"]).total_seconds()
-            if over > bounds.reaper:
+            if _over(row["expires_at"], ended, bounds.reaper, outages) > 0:
                 out.append(
                     Violation(
                         "expiry",
@@ -297,8 +325,9 @@ def vendor_sessions_end_on_time(world: World, bounds: Bounds) -> list[Violation]
                     )
                 )
         if row["status"] in TERMINAL and row["ended_at"] is not None:
-            over = (ended - max(row["ended_at"], created)).total_seconds()
-            if over > bounds.orphan:
+            since = max(row["ended_at"], created)
+            over = (ended - since).total_seconds()
+            if _over(since, ended, bounds.orphan, outages) > 0:
                 out.append(
                     Violation(
                         "orphan",
@@ -309,7 +338,9 @@ def vendor_sessions_end_on_time(world: World, bounds: Bounds) -> list[Violation]
     return out
 
 
-def at_most_one_vendor_session(world: World, bounds: Bounds) -> list[Violation]:
+def at_most_one_vendor_session(
+    world: World, bounds: Bounds, outages: Sequence[tuple[datetime, datetime]] = ()
+) -> list[Violation]:
     """Requests are told apart at the vendor by their avatar id (the drivers give each request
     its own). An extra session is allowed only as a documented crash duplicate: never
     recorded, and stopped within the orphan bound."""
@@ -327,7 +358,7 @@ def at_most_one_vendor_session(world: World, bounds: Bounds) -> list[Violation]:
             if s["session_id"] in recorded:
                 continue
             created, ended = _vendor_times(s, world.now)
-            if (ended - created).total_seconds() > bounds.orphan:
+            if _over(created, ended, bounds.orphan, outages) > 0:
                 what = f"avatar {avatar!r}: an extra session outlived the bound"
                 out.append(Violation("one-session", what))
     return out
@@ -361,12 +392,14 @@ def secrets_nowhere(world: World, expect: Expect) -> list[Violation]:
     return out
 
 
-def reconcile_keeps_completing(world: World, bounds: Bounds) -> list[Violation]:
+def reconcile_keeps_completing(
+    world: World, bounds: Bounds, outages: Sequence[tuple[datetime, datetime]] = ()
+) -> list[Violation]:
     finished = world.reconcile_finished_at
     if finished is None:
         return [Violation("reconcile", "no reconcile pass ever finished")]
     gap = (world.now - finished).total_seconds()
-    if gap > bounds.reconcile_gap:
+    if _over(finished, world.now, bounds.reconcile_gap, outages) > 0:
         return [Violation("reconcile", f"last pass finished {gap:.1f} s ago")]
     return []
 
@@ -386,15 +419,16 @@ CHECKS: Sequence[str] = (
 
 def check_all(world: World, bounds: Bounds, expect: Expect) -> list[Violation]:
     """Every invariant; the violations found (empty: the history keeps every promise)."""
+    outages = list(expect.outages)
     found = [
         *one_row_or_dead_letter(world, expect),
-        *rows_settled(world, bounds),
+        *rows_settled(world, bounds, outages),
         *terminal_events_published(world, expect),
-        *vendor_sessions_end_on_time(world, bounds),
-        *at_most_one_vendor_session(world, bounds),
+        *vendor_sessions_end_on_time(world, bounds, outages),
+        *at_most_one_vendor_session(world, bounds, outages),
         *cap_respected(world, bounds, expect),
         *secrets_nowhere(world, expect),
     ]
     if expect.check_reconcile:
-        found += reconcile_keeps_completing(world, bounds)
+        found += reconcile_keeps_completing(world, bounds, outages)
     return found

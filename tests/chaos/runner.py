@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from tests import invariants as inv
 from tests.chaos.schedule import Fault, Operation, Schedule
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess
 from tests.faults.conftest import kill_worker, take_dead_letters
+from tests.faults.crashable_postgres import CrashablePostgres
 from tests.faults.tcp_proxy import TcpProxy
 
 CHAOS_DIR = Path(os.environ.get("CHAOS_DIR", ".chaos"))
@@ -52,7 +54,7 @@ def libfaketime() -> str | None:
 
 @dataclass
 class History:
-    seed: int
+    seed: str
     path: Path
     started: float = field(default_factory=time.monotonic)
     entries: list[dict[str, Any]] = field(default_factory=list)
@@ -61,7 +63,8 @@ class History:
     def log(self, kind: str, what: str, **detail: Any) -> None:
         with self._lock:
             at = round(time.monotonic() - self.started, 3)
-            self.entries.append({"t": at, "kind": kind, "what": what, **detail})
+            wall = datetime.now(UTC).isoformat(timespec="milliseconds")
+            self.entries.append({"t": at, "wall": wall, "kind": kind, "what": what, **detail})
 
     def write(self, **extra: Any) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,7 @@ class History:
 
 @dataclass
 class Result:
-    seed: int
+    seed: str
     violations: list[inv.Violation]
     history_path: Path
     faults: list[str]
@@ -113,8 +116,10 @@ class Service:
         sim: SimulatorServer,
         workdir: Path,
         history: History,
+        crashable: CrashablePostgres | None = None,
     ) -> None:
         self.history = history
+        self.crashable = crashable
         self.sim = sim
         self.workdir = workdir
         db_url = make_url(database_url)
@@ -131,6 +136,9 @@ class Service:
         }
         self.workers: dict[str, WorkerProcess] = {}
         self._logs: list[Path] = []
+        self._starting: dict[str, threading.Thread] = {}
+        self.outages: list[tuple[datetime, datetime]] = []
+        self._open: dict[int, datetime] = {}
 
     def settings(self, name: str) -> Settings:
         return self._settings(name, **self._urls)
@@ -143,6 +151,31 @@ class Service:
         log = self.workdir / f"{name}-{len(self._logs)}.log"
         self._logs.append(log)
         self.workers[name] = WorkerProcess(self.settings(name), log, *extra, env_extra=env_extra)
+
+    def start_later(
+        self, name: str, env_extra: dict[str, str] | None = None, began: datetime | None = None
+    ) -> None:
+        """Start a worker without holding up the schedule (a start during a stall waits);
+        ``began``: the outage its absence is part of, closed once it runs."""
+
+        def start() -> None:
+            try:
+                self.start_worker(name, env_extra)
+            except RuntimeError as error:  # it did not come up: the settle check will tell
+                self.history.log("note", f"{name} did not start: {str(error)[:200]}")
+            if began is not None:
+                self.outages.append((began, datetime.now(UTC)))
+
+        self.wait_started(name)
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        self._starting[name] = thread
+
+    def wait_started(self, name: str | None = None, timeout: float = 60.0) -> None:
+        for worker, thread in list(self._starting.items()):
+            if name is None or worker == name:
+                thread.join(timeout)
+                self._starting.pop(worker, None)
 
     def kill(self, name: str) -> None:
         worker = self.workers.get(name)
@@ -162,6 +195,7 @@ class Service:
     # -- faults ---------------------------------------------------------------------
 
     def inject(self, fault: Fault) -> None:
+        self._open[id(fault)] = datetime.now(UTC)
         kind = fault.kind
         if kind in ("kill-starter", "kill-steady"):
             self.kill(kind.removeprefix("kill-"))
@@ -170,14 +204,14 @@ class Service:
             self.kill("starter")
             if lib is None:
                 self.history.log("note", "libfaketime missing: clock-jump is a plain restart")
-                self.start_worker("starter")
+                self.start_later("starter")
             else:
                 env = {
                     "LD_PRELOAD": lib,
                     "FAKETIME": f"{fault.offset_seconds:+d}s",
                     "FAKETIME_DONT_FAKE_MONOTONIC": "1",
                 }
-                self.start_worker("starter", env)
+                self.start_later("starter", env)
         elif kind.endswith("-cut"):
             self._proxy(kind).cut()
         elif kind.endswith("-stall"):
@@ -190,13 +224,17 @@ class Service:
             self.sim.configure(endpoint_latency="start=2.5,stop=1.5,list=1.0")
         elif kind == "vendor-errors":
             self.sim.configure(failure_rate="start=0.5,stop=0.5,list=0.5,detail=0.5")
+        elif kind == "pg-crash":
+            assert self.crashable is not None, "a crash schedule needs a crashable Postgres"
+            self.crashable.crash()
 
     def heal(self, fault: Fault) -> None:
         kind = fault.kind
         if kind in ("kill-starter", "kill-steady", "clock-jump"):
             name = "steady" if kind == "kill-steady" else "starter"
+            self.wait_started(name)
             self.kill(name)
-            self.start_worker(name)
+            self.start_later(name, began=self._open.pop(id(fault), None))
         elif kind.endswith("-cut"):
             self._proxy(kind).restore()
         elif kind.endswith("-stall"):
@@ -205,6 +243,12 @@ class Service:
             self.sim.configure(endpoint_latency=BASE_LATENCY)
         elif kind == "vendor-errors":
             self.sim.configure(failure_rate={})
+        elif kind == "pg-crash":
+            assert self.crashable is not None
+            self.crashable.restart()
+        began = self._open.pop(id(fault), None)
+        if began is not None:
+            self.outages.append((began, datetime.now(UTC)))
 
     def _proxy(self, kind: str) -> TcpProxy:
         return {"pg": self.pg, "broker": self.broker, "vendor": self.vendor}[
@@ -271,8 +315,12 @@ def _reset(db: Database, sim: SimulatorServer) -> None:
 
 
 def _settled(db: Database, confirmed: list[str], dead: set[str]) -> bool:
-    with db.engine.connect() as conn:
-        found = dict(conn.execute(text("SELECT request_id, status FROM sessions")).tuples().all())
+    try:
+        with db.engine.connect() as conn:
+            query = text("SELECT request_id, status FROM sessions")
+            found = dict(conn.execute(query).tuples().all())
+    except Exception:  # a connection the crash left stale: ask again
+        return False
     return all(
         found.get(rid) in ("active", "ended", "failed") or (rid not in found and rid in dead)
         for rid in confirmed
@@ -288,15 +336,17 @@ def run(
     db: Database,
     sim: SimulatorServer,
     workdir: Path,
+    crashable: CrashablePostgres | None = None,
 ) -> Result:
     """One schedule: set up, run operations and faults, heal, settle, check."""
-    history = History(schedule.seed, CHAOS_DIR / f"chaos-{schedule.seed}.json")
-    print(f"chaos: seed {schedule.seed} (replay: make chaos SEED={schedule.seed})", flush=True)
+    name = schedule.name
+    history = History(name, CHAOS_DIR / f"chaos-{name}.json")
+    print(f"chaos: seed {name} (replay: make chaos SEED={name})", flush=True)
     began = time.monotonic()
     _reset(db, sim)
     take_dead_letters(broker_url)
     tap = EventTap(broker_url)
-    service = Service(settings, database_url, broker_url, sim, workdir, history)
+    service = Service(settings, database_url, broker_url, sim, workdir, history, crashable)
     producer = Producer(settings("producer", broker_url=broker_url))
     confirmed: list[str] = []
     samples: list[int] = []
@@ -318,7 +368,9 @@ def run(
         history.started = time.monotonic()
         history.log("run", "schedule", **schedule.as_dict())
         _play(schedule, service, producer, history, confirmed)
+        service.wait_started()
         history.log("heal", "all faults healed, waiting for the service to settle")
+        db.engine.dispose()  # the test's own connections may predate a Postgres crash
         dead: set[str] = set()
         deadline = time.monotonic() + SETTLE_SECONDS
         while time.monotonic() < deadline and not _settled(db, confirmed, dead):
@@ -334,6 +386,7 @@ def run(
             secrets=(PLANTED_KEY, APP_ID, USER_KEY),
             live_samples=samples,
             events_seen=tap.drain(),
+            outages=service.outages,
         )
         violations = inv.check_all(world, bounds, expect)
         history.log("check", "invariants", checked=list(inv.CHECKS), violations=len(violations))
@@ -343,7 +396,7 @@ def run(
         producer.close()
         service.stop_all()
     result = Result(
-        schedule.seed,
+        name,
         violations,
         history.path,
         [f.kind for f in schedule.faults],

@@ -24,7 +24,11 @@ FAULTS: dict[str, str] = {
     "vendor-drop-reply": "vendor-net",  # one start reaches the vendor, its reply is lost
     "vendor-latency": "vendor",  # the simulator answers slowly (start 2.5 s, stop 1.5 s)
     "vendor-errors": "vendor",  # the simulator fails half the start, stop and list calls
+    # Only in crash schedules ("c<seed>"): the service's Postgres (a server of the run's own,
+    # tests/faults/crashable_postgres.py) killed with SIGKILL, restarted at heal (recovery).
+    "pg-crash": "pg",
 }
+DEFAULT_KINDS = tuple(kind for kind in FAULTS if kind != "pg-crash")
 DURATIONS = (3, 6, 12, None)  # max_duration_seconds of a start (None: the default, long)
 
 
@@ -52,6 +56,12 @@ class Schedule:
     operations: list[Operation] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        """The seed as ``make chaos SEED=…`` takes it (``c`` for a crash schedule)."""
+        crash = any(f.kind == "pg-crash" for f in self.faults)
+        return f"c{self.seed}" if crash else str(self.seed)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -63,7 +73,8 @@ def generate(
     starts: int = 20,
     faults: int = 4,
     cap: int = 5,
-    kinds: tuple[str, ...] = tuple(FAULTS),
+    kinds: tuple[str, ...] = DEFAULT_KINDS,
+    crash: bool = False,
 ) -> Schedule:
     rng = random.Random(seed)
     schedule = Schedule(seed, length, cap)
@@ -90,5 +101,20 @@ def generate(
         offset = rng.choice((-45, -20, 20, 45, 300)) if kind == "clock-jump" else 0
         schedule.faults.append(Fault(at, kind, heal_after, offset))
         busy.setdefault(part, []).append((at, end))
+    if crash:  # its own random stream: the rest of the schedule is the plain seed's
+        crash_rng = random.Random(f"crash-{seed}")
+        for _ in range(20):
+            at = round(crash_rng.uniform(2.0, length * 0.8), 2)
+            end = at + 6.0
+            if not any(at < b and a < end for a, b in busy.get("pg", [])):
+                heal_after = round(crash_rng.uniform(1.0, 4.0), 2)
+                schedule.faults.append(Fault(at, "pg-crash", heal_after))
+                break
     schedule.faults.sort(key=lambda f: f.at)
     return schedule
+
+
+def parse_seed(text: str) -> tuple[int, bool]:
+    """``"42"`` → (42, no crash); ``"c42"`` → (42, with a Postgres crash)."""
+    crash = text.startswith("c")
+    return int(text.removeprefix("c")), crash

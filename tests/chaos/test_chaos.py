@@ -11,6 +11,7 @@ A failure names the seed, the replay command and the history file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -22,10 +23,12 @@ import pytest
 
 from orchestrator.config import Settings
 from orchestrator.db import Database
+from orchestrator.db.migrate import upgrade
 from orchestrator.simulator import SimulatorServer
 from tests import invariants as inv
 from tests.chaos import runner
-from tests.chaos.schedule import generate
+from tests.chaos.schedule import generate, parse_seed
+from tests.faults.crashable_postgres import CrashablePostgres
 
 pytestmark = [
     pytest.mark.chaos,
@@ -35,8 +38,9 @@ pytestmark = [
     pytest.mark.worker,
 ]
 
-# Each covers a different mix of faults (see docs/reliability.md, "The generator").
-CI_SEEDS = (22, 112, 7)
+# Between them 12 of the 13 plain fault kinds, and a Postgres crash (docs/reliability.md,
+# "The generator").
+CI_SEEDS = ("22", "112", "7", "c4")
 REPLAY = os.environ.get("CHAOS_SEED")
 MINUTES = float(os.environ.get("CHAOS_MINUTES", "0") or 0)
 
@@ -50,29 +54,43 @@ def chaos_run(
     simulator: SimulatorServer,
     tmp_path: Path,
     clean_queues: None,
-) -> Callable[[int], runner.Result]:
-    def run(seed: int) -> runner.Result:
-        schedule = generate(seed)
+) -> Callable[[str], runner.Result]:
+    """Run the schedule of a seed ("42", or "c42" for one with a Postgres crash: the service's
+    database is then a server of the run's own)."""
 
-        def settings(name: str, **overrides: object) -> Settings:
-            return fault_settings(
-                name,
-                max_concurrent_sessions=schedule.cap,
-                start_timeout_seconds=10.0,
-                **overrides,
-            )
-
-        workdir = tmp_path / f"seed-{seed}"
+    def run(seed_text: str) -> runner.Result:
+        seed, crash = parse_seed(seed_text)
+        schedule = generate(seed, crash=crash)
+        workdir = tmp_path / f"seed-{seed_text}"
         workdir.mkdir()
-        return runner.run(
-            schedule,
-            settings=settings,
-            database_url=database_url,
-            broker_url=broker_url,
-            db=db,
-            sim=simulator,
-            workdir=workdir,
-        )
+        with contextlib.ExitStack() as stack:
+            url, database, crashable = database_url, db, None
+            if crash:
+                crashable = stack.enter_context(CrashablePostgres())
+                upgrade(crashable.url)
+                url = crashable.url
+                database = Database(url, pool_size=2)
+                stack.callback(database.dispose)
+
+            def settings(name: str, **overrides: object) -> Settings:
+                values: dict[str, object] = {
+                    "database_url": url,
+                    "max_concurrent_sessions": schedule.cap,
+                    "start_timeout_seconds": 10.0,
+                }
+                values.update(overrides)
+                return fault_settings(name, **values)
+
+            return runner.run(
+                schedule,
+                settings=settings,
+                database_url=url,
+                broker_url=broker_url,
+                db=database,
+                sim=simulator,
+                workdir=workdir,
+                crashable=crashable,
+            )
 
     return run
 
@@ -80,26 +98,28 @@ def chaos_run(
 @pytest.mark.skipif(bool(REPLAY or MINUTES), reason="make chaos runs its own seeds")
 @pytest.mark.parametrize("seed", CI_SEEDS)
 def test_a_fault_schedule_breaks_no_promise(
-    seed: int, chaos_run: Callable[[int], runner.Result]
+    seed: str, chaos_run: Callable[[str], runner.Result]
 ) -> None:
     result = chaos_run(seed)
     assert not result.violations, result.describe()
 
 
 @pytest.mark.skipif(not REPLAY, reason="CHAOS_SEED not set (make chaos SEED=…)")
-def test_replay_one_seed(chaos_run: Callable[[int], runner.Result]) -> None:
+def test_replay_one_seed(chaos_run: Callable[[str], runner.Result]) -> None:
     assert REPLAY is not None
-    result = chaos_run(int(REPLAY))
+    result = chaos_run(REPLAY)
     assert not result.violations, result.describe()
 
 
 @pytest.mark.skipif(not MINUTES or bool(REPLAY), reason="CHAOS_MINUTES not set (make chaos)")
 @pytest.mark.timeout(0)
-def test_random_schedules_for_a_time_budget(chaos_run: Callable[[int], runner.Result]) -> None:
+def test_random_schedules_for_a_time_budget(chaos_run: Callable[[str], runner.Result]) -> None:
     ends = time.monotonic() + MINUTES * 60
     results: list[runner.Result] = []
     while time.monotonic() < ends:
-        results.append(chaos_run(random.SystemRandom().randrange(1, 10**9)))
+        seed = random.SystemRandom().randrange(1, 10**9)
+        crash = len(results) % 3 == 2  # every third schedule crashes Postgres too
+        results.append(chaos_run(f"c{seed}" if crash else str(seed)))
         report = write_report(results, MINUTES)
     print(f"chaos: report in {report}")
     failed = [r for r in results if r.violations]
