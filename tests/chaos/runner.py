@@ -153,12 +153,23 @@ class Service:
         self.workers[name] = WorkerProcess(self.settings(name), log, *extra, env_extra=env_extra)
 
     def start_later(
-        self, name: str, env_extra: dict[str, str] | None = None, began: datetime | None = None
+        self,
+        name: str,
+        env_extra: dict[str, str] | None = None,
+        began: datetime | None = None,
+        *,
+        restart: bool = False,
     ) -> None:
         """Start a worker without holding up the schedule (a start during a stall waits);
         ``began``: the outage its absence is part of, closed once it runs."""
 
+        previous = self._starting.get(name)
+
         def start() -> None:
+            if previous is not None:
+                previous.join(60)
+            if restart:
+                self.kill(name)
             try:
                 self.start_worker(name, env_extra)
             except RuntimeError as error:  # it did not come up: the settle check will tell
@@ -166,7 +177,6 @@ class Service:
             if began is not None:
                 self.outages.append((began, datetime.now(UTC)))
 
-        self.wait_started(name)
         thread = threading.Thread(target=start, daemon=True)
         thread.start()
         self._starting[name] = thread
@@ -184,6 +194,7 @@ class Service:
             worker.stop()
 
     def stop_all(self) -> None:
+        self.wait_started()  # no worker may come up after this
         for worker in self.workers.values():
             worker.stop()
         for proxy in (self.pg, self.broker, self.vendor):
@@ -201,17 +212,16 @@ class Service:
             self.kill(kind.removeprefix("kill-"))
         elif kind == "clock-jump":
             lib = libfaketime()
-            self.kill("starter")
             if lib is None:
                 self.history.log("note", "libfaketime missing: clock-jump is a plain restart")
-                self.start_later("starter")
+                self.start_later("starter", restart=True)
             else:
                 env = {
                     "LD_PRELOAD": lib,
                     "FAKETIME": f"{fault.offset_seconds:+d}s",
                     "FAKETIME_DONT_FAKE_MONOTONIC": "1",
                 }
-                self.start_later("starter", env)
+                self.start_later("starter", env, restart=True)
         elif kind.endswith("-cut"):
             self._proxy(kind).cut()
         elif kind.endswith("-stall"):
@@ -232,9 +242,7 @@ class Service:
         kind = fault.kind
         if kind in ("kill-starter", "kill-steady", "clock-jump"):
             name = "steady" if kind == "kill-steady" else "starter"
-            self.wait_started(name)
-            self.kill(name)
-            self.start_later(name, began=self._open.pop(id(fault), None))
+            self.start_later(name, began=self._open.pop(id(fault), None), restart=True)
         elif kind.endswith("-cut"):
             self._proxy(kind).restore()
         elif kind.endswith("-stall"):
@@ -422,7 +430,8 @@ def _dead_request_ids(broker_url: str, confirmed: list[str], history: History) -
         text_body = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
         found |= {rid for rid in confirmed if rid in text_body}
     if letters:
-        history.log("dead-letters", f"{len(letters)} taken", request_ids=sorted(found))
+        tasks = sorted({str((m.headers or {}).get("task")) for m in letters})
+        history.log("dead-letters", f"{len(letters)} taken", request_ids=sorted(found), tasks=tasks)
     return found
 
 
