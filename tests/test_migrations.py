@@ -10,7 +10,14 @@ from orchestrator.db.migrate import check, downgrade, upgrade
 from tests.conftest import fresh_postgres_database
 
 pytestmark = pytest.mark.postgres
-TABLES = {"sessions", "session_events", "event_outbox", "early_stops", "sweep_leases"}
+TABLES = {
+    "sessions",
+    "session_events",
+    "event_outbox",
+    "early_stops",
+    "sweep_leases",
+    "schema_compatibility",
+}
 
 
 def tables(url: str) -> set[str]:
