@@ -41,8 +41,16 @@ class Release:
         return self.root / "venv" / "bin" / "orchestrator"
 
     def has(self, path: str, text: str) -> bool:
-        """Whether ``text`` occurs in ``path`` at this release's commit."""
-        return text in git("show", f"{self.commit}:{path}")
+        """Whether ``path`` exists at this release's commit and contains ``text``."""
+        try:
+            return text in git("show", f"{self.commit}:{path}")
+        except ReleaseUnavailable:
+            return False
+
+    @property
+    def has_window(self) -> bool:
+        """Whether its worker starts on a later revision that serves it (migration 0005 on)."""
+        return self.has("orchestrator/db/compatibility.py", "def served(")
 
 
 def git(*args: str) -> str:
