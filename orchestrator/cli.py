@@ -151,6 +151,7 @@ def beat() -> None:
     celery_options = _configure_logging(settings)
     _setup_telemetry(serve_metrics=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    _check_schema(settings)  # as the worker: one line, not schedules for a schema it does not serve
     app = create_app(settings)
     app.start([*celery_options, "beat", f"--loglevel={settings.log_level}"])
 

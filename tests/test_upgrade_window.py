@@ -97,18 +97,19 @@ def test_downgrade_of_0005_removes_the_table(migrated: str) -> None:
     assert schema_revision(migrated) == head(migrated)
 
 
-def test_worker_refuses_in_one_line_and_check_accepts_the_window(
+def test_worker_and_beat_refuse_in_one_line_and_check_accepts_the_window(
     settings_for: Callable[..., Settings], migrated: str
 ) -> None:
     env = settings_env(settings_for(database_url=migrated, orphan_grace_seconds=5.0))
     own = head(migrated)
     later_release(migrated, down=own, oldest=FUTURE)
-    line = one_line(orchestrator("worker", env=env))
-    assert line == (
-        f"Error: the database is at revision {FUTURE}, which this program does not know"
-        f" (a newer release migrated it) and it serves releases from revision {FUTURE} on;"
-        f" this program needs {own}"
-    )
+    for command in ("worker", "beat"):
+        line = one_line(orchestrator(command, env=env))
+        assert line == (
+            f"Error: the database is at revision {FUTURE}, which this program does not know"
+            f" (a newer release migrated it) and it serves releases from revision {FUTURE} on;"
+            f" this program needs {own}"
+        )
     with psycopg.connect(migrated.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(f"UPDATE {TABLE} SET oldest_served_revision = %s", (own,))
     checked = orchestrator("check", "--no-vendor", env=env)

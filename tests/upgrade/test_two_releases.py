@@ -1,6 +1,6 @@
 """A rolling upgrade with two releases side by side, then a rollback (docs/operations.md,
 "Upgrades"). The previous release (docs/releases.md's newest row, or the commit in
-``ORCHESTRATOR_UPGRADE_FROM``) runs from its own commit and virtualenv (tests/upgrade/release.py)
+``TEST_UPGRADE_FROM``) runs from its own commit and virtualenv (tests/upgrade/release.py)
 against a fresh database at its own revision and a fresh vhost; starts keep arriving while this
 checkout's migration runs, while this checkout's worker and beat serve beside the old worker,
 and after they are stopped again. Every start is served exactly once: no dead letters, one row
@@ -50,7 +50,7 @@ SETTLE_SECONDS = 60.0  # after the last start: the reaped ones end 3 s after the
 @pytest.fixture(scope="module")
 def old() -> Release:
     """The previous release's environment; a failure to build it fails the test, loudly."""
-    pinned = os.environ.get("ORCHESTRATOR_UPGRADE_FROM")
+    pinned = os.environ.get("TEST_UPGRADE_FROM")
     started = time.monotonic()
     try:
         release = build("override", pinned, "?") if pinned else build(*previous_release())
