@@ -75,8 +75,8 @@ def vhost() -> Iterator[str]:
 
 
 class Traffic:
-    """Starts every START_EVERY_SECONDS; each even request is stopped once it is active, each
-    odd one is left to the reaper."""
+    """Starts every START_EVERY_SECONDS; each even request is stopped a phase after it became
+    active, each odd one is left to the reaper (REAPED_AFTER_SECONDS)."""
 
     def __init__(self, broker_url: str, database_url: str) -> None:
         self.broker_url = broker_url
@@ -111,12 +111,19 @@ class Traffic:
             time.sleep(START_EVERY_SECONDS)
 
     def _stop_active(self) -> None:
+        """Stop each even request in the phase after the one it was first seen active in (at
+        once when no more starts come), so a stop often meets a session the other release, or
+        the other schema, started."""
+        seen_in: dict[str, str] = {}
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
             while not self._done.is_set():
                 active = conn.execute("SELECT request_id FROM sessions WHERE status = 'active'")
+                phase = self.phase
                 for (request_id,) in active.fetchall():
-                    index = int(request_id.removeprefix("up-"))
-                    if index % 2 == 0 and request_id not in self.stopped:
+                    if int(request_id.removeprefix("up-")) % 2 or request_id in self.stopped:
+                        continue
+                    first = seen_in.setdefault(request_id, phase)
+                    if first != phase or phase == "draining":
                         processes.stop(self.broker_url, request_id)
                         self.stopped.add(request_id)
                 time.sleep(0.2)
@@ -224,6 +231,7 @@ def test_a_rolling_upgrade_and_a_rollback_serve_every_start_once(
             old_beat = launch(old_cli, "beat", "old-beat-again")
             time.sleep(PHASE_SECONDS)
             traffic.end_feeding()
+            traffic.phase = "draining"  # the last phase's stops, by the old release
             sent = list(traffic.sent)
 
             def settled() -> bool:
