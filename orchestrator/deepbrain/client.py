@@ -52,6 +52,7 @@ from orchestrator.deepbrain.models import (
     parse_vendor_session,
 )
 from orchestrator.deepbrain.retry import RetryPolicy, call_with_retry
+from orchestrator.deepbrain.values import loggable_id, skipped_values
 
 __all__ = ["DeepBrainClient"]
 
@@ -84,6 +85,11 @@ def _is_uncertain(exc: DeepBrainError) -> bool:
         return True
     unclassified = type(exc) is DeepBrainError
     return unclassified and (exc.http_status is None or 200 <= exc.http_status < 300)
+
+
+def _is_short_ascii_number(text: str) -> bool:
+    # str.isdigit() also accepts "²" (which int() refuses); a code is a few digits.
+    return 0 < len(text) <= 9 and text.isascii() and text.isdigit()
 
 
 @dataclass
@@ -267,6 +273,7 @@ class DeepBrainClient:
                 except DeepBrainError as error:
                     if on_malformed is None:
                         raise
+                    skipped_values.add(1, {"field": "session", "endpoint": endpoint})
                     on_malformed(error.vendor_message)
                     continue
                 sessions.setdefault(session.session_id, session)
@@ -358,6 +365,10 @@ class DeepBrainClient:
             )
             return parse_started_session(data, endpoint)
         except DeepBrainError as exc:
+            if exc.unusable_session_id is not None and self._stop_unusable(
+                exc.unusable_session_id, endpoint, deadline
+            ):
+                raise
             if _is_uncertain(exc):
                 state.uncertain += 1
                 logger.warning(
@@ -369,6 +380,27 @@ class DeepBrainClient:
                     extra={"vendor_endpoint": endpoint, "vendor_error_code": exc.error_code},
                 )
             raise
+
+    def _stop_unusable(self, session_id: str, endpoint: str, deadline: float | None) -> bool:
+        """Stop a session the vendor started whose reply cannot be recorded (nothing would
+        own it); False if the stop failed (the reconciler then stops it as an orphan)."""
+        try:
+            outcome = self.stop_session(session_id, "ERROR", deadline=deadline)
+        except DeepBrainError as error:
+            logger.error(
+                "deepbrain %s: could not stop the session of an unusable start reply (%s); "
+                "the reconciler stops it as an orphan",
+                endpoint,
+                error.error_code,
+            )
+            return False
+        logger.warning(
+            "deepbrain %s: stopped the session %s of an unusable start reply (%s)",
+            endpoint,
+            loggable_id(session_id),
+            outcome.value,
+        )
+        return True
 
     def _send(
         self,
@@ -403,7 +435,7 @@ class DeepBrainClient:
         status = response.status_code
         try:
             payload = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             payload = None
         if not isinstance(payload, Mapping) or "code" not in payload:
             kind = "a non-JSON body" if payload is None else "JSON without the vendor envelope"
@@ -420,8 +452,14 @@ class DeepBrainClient:
                 has_envelope=False,
             )
         raw_code = payload.get("code")
-        code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
-        if code is None and isinstance(raw_code, str) and raw_code.isdigit():
+        code = (
+            raw_code
+            if isinstance(raw_code, int)
+            and not isinstance(raw_code, bool)
+            and 0 <= raw_code < 10**9
+            else None
+        )
+        if code is None and isinstance(raw_code, str) and _is_short_ascii_number(raw_code):
             code = int(raw_code)
         if 200 <= status < 300 and code == SUCCESS_CODE:
             return payload.get("data")

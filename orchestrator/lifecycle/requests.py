@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+from datetime import timedelta
 from typing import Any
 
 from pydantic import (
@@ -104,6 +105,20 @@ class StartRequest(BaseModel):
         if self.max_duration_seconds is not None:
             return math.ceil(self.max_duration_seconds / 60)
         return None
+
+    def lifetime(self, *, granted_minutes: int | None, plan_minutes: int) -> timedelta:
+        """How long the session may run: the shortest of what was asked (``max_session_duration``,
+        ``max_duration_seconds``, or the plan limit when neither is given), what the vendor
+        granted and the plan limit (``ORCHESTRATOR_MAX_SESSION_MINUTES``). A grant never
+        lengthens a session."""
+        limits = [timedelta(minutes=plan_minutes)]
+        if self.max_session_duration is not None:
+            limits.append(timedelta(minutes=self.max_session_duration))
+        if self.max_duration_seconds is not None:
+            limits.append(timedelta(seconds=self.max_duration_seconds))
+        if granted_minutes is not None and granted_minutes > 0:
+            limits.append(timedelta(minutes=granted_minutes))
+        return min(limits)
 
     def vendor_body(self) -> dict[str, Any]:
         """The start body: only the five vendor fields, unknown nested fields kept as given."""

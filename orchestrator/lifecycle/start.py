@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
@@ -367,12 +367,9 @@ def _vendor_start(
     lc: Lifecycle, request: StartRequest, ticket: store.StartTicket, started: StartedSession
 ) -> store.VendorStart:
     granted_minutes = started.max_session_duration
-    minutes = (
-        granted_minutes or request.vendor_duration_minutes() or lc.settings.max_session_minutes
+    lifetime = request.lifetime(
+        granted_minutes=granted_minutes, plan_minutes=lc.settings.max_session_minutes
     )
-    lifetime = timedelta(minutes=minutes)
-    if request.max_duration_seconds is not None:
-        lifetime = min(lifetime, timedelta(seconds=request.max_duration_seconds))
     return store.VendorStart(
         vendor_session_id=started.session_id,
         voice_id=started.voice_id,
