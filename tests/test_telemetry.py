@@ -4,6 +4,7 @@ metrics through an in-memory reader; no secret in any span."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -331,3 +332,63 @@ def _scrape_or_none(port: int) -> str | None:
         return scrape(port)
     except httpx.TransportError:
         return None
+
+
+SQL_FAILURES = """
+import json, sys
+from orchestrator.telemetry import setup_telemetry, shutdown_telemetry
+assert setup_telemetry()  # first, as the worker does: then the engine is instrumented
+from sqlalchemy import text
+from orchestrator import masking
+from orchestrator.db import Database
+known, unknown, url = sys.argv[1:4]
+db = Database(url, pool_size=1)
+with masking.masking({known}):
+    try:
+        with db.transaction() as session:
+            session.execute(text("SELECT CAST(:v AS integer)"), {"v": known})
+    except Exception:
+        pass
+    try:
+        with db.transaction() as session:
+            session.execute(
+                text(
+                    "INSERT INTO sessions (id, request_id, status, request_payload,"
+                    " payload_sha256) VALUES (gen_random_uuid(), 'r', 'bogus', :p, '0')"
+                ),
+                {"p": json.dumps({"headers": {"Authorization": unknown}})},
+            )
+    except Exception:
+        pass
+db.dispose()
+shutdown_telemetry()
+"""
+
+
+def test_a_failed_sql_statements_span_status_quotes_no_secret(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The server's message of a failed statement may quote data: a value (the primary line,
+    masked by value while a request's secrets are known) or the whole failing row (a DETAIL
+    line, dropped). Neither reaches a span's status text or its exception events (a process
+    that sets up telemetry first, as the worker does)."""
+    known, unknown = "sk-span-SECRET-9d2e41", "sk-row-SECRET-77c1a0"
+    span_file = tmp_path / "spans.jsonl"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "ORCHESTRATOR_TRACE_FILE": str(span_file),
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
+    subprocess.run(
+        [sys.executable, "-c", SQL_FAILURES, known, unknown, database_url],
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    spans = [json.loads(line) for line in span_file.read_text().splitlines()]
+    texts = [s["status_text"] for s in spans if s.get("status_text")]
+    assert any("invalid input syntax" in t for t in texts), texts
+    assert any("check constraint" in t for t in texts), texts
+    everything = span_file.read_text()
+    assert known not in everything and unknown not in everything, texts

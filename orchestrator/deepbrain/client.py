@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -94,6 +94,7 @@ def _is_short_ascii_number(text: str) -> bool:
 
 @dataclass
 class _StartState:
+    masked: frozenset[str] = frozenset()  # the request's secret values
     sent: int = 0
     uncertain: int = 0
     refreshed: bool = False
@@ -179,7 +180,11 @@ class DeepBrainClient:
     # -- public calls --------------------------------------------------------------------
 
     def start_session(
-        self, body: Mapping[str, Any], *, deadline: float | None = None
+        self,
+        body: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+        secrets: Iterable[str] = (),
     ) -> StartedSession:
         """``POST /api/v2/sessions/start`` with ``body`` sent as JSON as given.
 
@@ -189,10 +194,12 @@ class DeepBrainClient:
         new token and resends once; a second 401 raises :class:`VendorAuthError`. Any error
         raised carries ``attempts`` and ``uncertain_attempts``. With ``deadline`` (a
         ``time.monotonic()`` reading) no attempt starts that could not end before it.
+        ``secrets``: the secret values ``body`` carries (the customer's keys), masked in any
+        text of the vendor's this call keeps (:mod:`orchestrator.masking`).
         """
         endpoint = f"POST {START_PATH}"
         payload = dict(body)
-        state = _StartState()
+        state = _StartState(masked=frozenset(secrets))
         try:
             started = call_with_retry(
                 lambda: self._start_once(payload, state, endpoint, deadline),
@@ -362,6 +369,7 @@ class DeepBrainClient:
                 deadline,
                 headers={"Authorization": f"Bearer {token}"},
                 json=payload,
+                masked=state.masked,
             )
             return parse_started_session(data, endpoint)
         except DeepBrainError as exc:
@@ -412,9 +420,11 @@ class DeepBrainClient:
         headers: Mapping[str, str] | None = None,
         json: Any = None,
         params: Mapping[str, str | int] | None = None,
+        masked: frozenset[str] = frozenset(),
     ) -> Any:
         """One HTTP request, done within ``timeout_seconds`` and the call's ``deadline``;
-        returns the envelope's ``data`` or raises a DeepBrainError."""
+        returns the envelope's ``data`` or raises a DeepBrainError (whose texts show none of
+        our keys nor the ``masked`` values the request carried)."""
         ends_at = time.monotonic() + self._timeout_seconds
         if deadline is not None:
             ends_at = min(ends_at, deadline)
@@ -427,11 +437,15 @@ class DeepBrainClient:
                 )
         except httpx.TransportError as exc:
             raise error_from_transport(
-                endpoint, exc, timeout_seconds=self._timeout_seconds, secrets=self._secrets()
+                endpoint,
+                exc,
+                timeout_seconds=self._timeout_seconds,
+                secrets=self._secrets(),
+                request_secrets=masked,
             ) from exc
-        return self._unwrap(endpoint, response)
+        return self._unwrap(endpoint, response, masked)
 
-    def _unwrap(self, endpoint: str, response: httpx.Response) -> Any:
+    def _unwrap(self, endpoint: str, response: httpx.Response, masked: frozenset[str]) -> Any:
         status = response.status_code
         try:
             payload = response.json()
@@ -468,7 +482,11 @@ class DeepBrainClient:
             endpoint,
             status,
             code,
-            sanitize_message(vendor_message if vendor_message is not None else "", self._secrets())
+            sanitize_message(
+                vendor_message if vendor_message is not None else "",
+                self._secrets(),
+                request_secrets=masked,
+            )
             or "(no message)",
             retry_after=response.headers.get("retry-after"),
             has_envelope=True,

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import httpx
 
 from orchestrator.deepbrain.values import clean_text
+from orchestrator.masking import mask
 
 __all__ = [
     "DeepBrainError",
@@ -43,10 +44,15 @@ _MAX_MESSAGE_CHARS = 300
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
-def sanitize_message(message: object, secrets: Iterable[str] = ()) -> str:
-    """One line, at most 300 chars, with known secrets and anything JWT-shaped replaced, and
-    nothing Postgres cannot store (NUL, unpaired surrogates)."""
-    text = clean_text(" ".join(str(message).split()))
+def sanitize_message(
+    message: object, secrets: Iterable[str] = (), *, request_secrets: Iterable[str] = ()
+) -> str:
+    """One line, at most 300 chars, with known secrets (ours, whatever their length; the
+    request's, by :func:`orchestrator.masking.mask`'s rules) and anything JWT-shaped replaced,
+    and nothing Postgres cannot store (NUL, unpaired surrogates)."""
+    request_secrets = tuple(request_secrets)
+    text = mask(str(message), request_secrets)
+    text = mask(clean_text(" ".join(text.split())), request_secrets)
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -282,11 +288,16 @@ def error_from_reply(
 
 
 def error_from_transport(
-    endpoint: str, exc: httpx.TransportError, *, timeout_seconds: float, secrets: Iterable[str] = ()
+    endpoint: str,
+    exc: httpx.TransportError,
+    *,
+    timeout_seconds: float,
+    secrets: Iterable[str] = (),
+    request_secrets: Iterable[str] = (),
 ) -> VendorUnavailable:
     """Map an httpx transport failure (no usable reply) to :class:`VendorUnavailable`."""
     name = type(exc).__name__
-    detail = sanitize_message(exc, secrets)
+    detail = sanitize_message(exc, secrets, request_secrets=request_secrets)
     message = f"{name}: {detail}" if detail else name
     retryable = True
     if isinstance(exc, httpx.ConnectTimeout):

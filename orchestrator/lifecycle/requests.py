@@ -236,6 +236,36 @@ def payload_digest(kwargs: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(kwargs).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def secret_values(payload: Any) -> frozenset[str]:
+    """Every value under a ``headers``/``extra_headers``/``auth_plugins`` key, at any depth of
+    any shape (numbers as their text): what :mod:`orchestrator.masking` masks in the vendor's
+    texts and in span statuses while the request is handled."""
+    found: set[str] = set()
+
+    def leaves(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                leaves(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                leaves(item)
+        elif isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found.add(str(value))
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                (leaves if key in SECRET_KEYS else walk)(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+
+    walk(payload)
+    return frozenset(found)
+
+
 def without_secrets(payload: Any) -> Any:
     """A copy with every ``headers``/``extra_headers``/``auth_plugins`` value replaced, at any
     depth: ``custom_http`` is where the vendor reads them, but a message of another shape
