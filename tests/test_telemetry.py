@@ -16,12 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
+import respx
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import text
 
 from orchestrator.config import Settings
 from orchestrator.db import Database
-from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop
+from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, reconcile, request_stop
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.lifecycle.metrics import register_gauges
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
@@ -392,3 +395,40 @@ def test_a_failed_sql_statements_span_status_quotes_no_secret(
     assert any("check constraint" in t for t in texts), texts
     everything = span_file.read_text()
     assert known not in everything and unknown not in everything, texts
+
+
+def test_skipped_vendor_values_and_failed_reconcile_passes_are_counted(
+    telemetry: Telemetry, settings_for: Callable[..., Settings], db: Database
+) -> None:
+    """The two counters the alert in docs/operations.md reads."""
+    lifecycle = inline_lifecycle(settings_for(deepbrain_base_url="http://vendor.test"))
+
+    def skipped() -> float:
+        points = telemetry.metric_points("orchestrator.vendor.skipped_values")
+        return sum(p.value for p in points if dict(p.attributes)["field"] == "created_at")
+
+    def failed(reason: str) -> float:
+        points = telemetry.metric_points("orchestrator.reconcile.failed_passes")
+        return sum(p.value for p in points if dict(p.attributes)["reason"] == reason)
+
+    skipped_before, failed_before = skipped(), failed("vendor_error")
+    sessions = "http://vendor.test/api/v2/sessions"
+    try:
+        with respx.mock(assert_all_called=False) as vendor:
+            vendor.get(sessions).respond(
+                json={
+                    "code": 1000,
+                    "message": "ok",
+                    "data": {"next": None, "results": [{"sessionId": "x", "created_at": [1]}]},
+                }
+            )
+            reconcile(lifecycle)
+        with lifecycle.db.transaction() as session:
+            session.execute(text("UPDATE sweep_leases SET finished_at = NULL"))
+        with respx.mock(assert_all_called=False) as vendor:
+            vendor.get(sessions).respond(status_code=502, text="bad gateway")
+            assert reconcile(lifecycle).vendor_error
+    finally:
+        lifecycle.close()
+    assert skipped() == skipped_before + 1
+    assert failed("vendor_error") == failed_before + 1
