@@ -226,7 +226,7 @@ def _close_rows_the_vendor_ended(lc: Lifecycle, listed: _Listed, report: Reconci
         _check_time(listed.deadline)
         tracing.link_sessions(sweep, [row.traceparent])
         with (
-            _one_row(report, "row", row.session_id),
+            _one_row(report, "row", str(row.session_id)),
             tracing.session_span(
                 "session.reconcile.check", row.traceparent, session_id=row.vendor_session_id
             ) as span,
