@@ -6,6 +6,7 @@ not an end, and the database's clock times events."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -219,12 +220,24 @@ def start_route(vendor: respx.MockRouter, data: Any) -> respx.Route:
     )
 
 
+LIVEKIT = {"url": "wss://lk.test", "room_name": "room-1", "token": "lk-token"}
+
+
+def unsigned_jwt(claims_json: str) -> str:
+    """A JWT-shaped token whose claims are the JSON given as is (the vendor's to write)."""
+
+    def part(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    return ".".join([part('{"alg": "HS256", "typ": "JWT"}'), part(claims_json), "c2ln"])
+
+
 def start_data(**changes: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "session_id": "vendor-1",
         "max_session_duration": 20,
         "max_session_numbers": 10,
-        "livekit": {"url": "wss://lk.test", "room_name": "room-1", "token": "lk-token"},
+        "livekit": LIVEKIT,
     }
     data.update(changes)
     return data
@@ -241,6 +254,9 @@ def start_data(**changes: Any) -> dict[str, Any]:
         {"max_session_duration": math.inf},
         {"voice_id": "v\x00oice"},
         {"voice_id": {"not": "a string"}},
+        {"livekit": {**LIVEKIT, "token": unsigned_jwt('{"exp": 1e18}')}},
+        {"livekit": {**LIVEKIT, "token": unsigned_jwt('{"exp": Infinity}')}},
+        {"livekit": {**LIVEKIT, "token": unsigned_jwt('{"exp": ' + "9" * 400 + "}")}},
     ],
     ids=[
         "numbers-400-digits",
@@ -251,6 +267,9 @@ def start_data(**changes: Any) -> dict[str, Any]:
         "minutes-inf",
         "voice-nul",
         "voice-object",
+        "livekit-exp-1e18",
+        "livekit-exp-inf",
+        "livekit-exp-400-digits",
     ],
 )
 def test_a_bad_value_in_a_start_reply_is_skipped_and_the_session_recorded(
