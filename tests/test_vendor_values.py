@@ -158,11 +158,12 @@ def test_an_orphan_the_vendor_gives_no_usable_time_is_stopped_after_the_grace(
     assert sorted(e["vendor_session_id"] for e in seen) == ["bad-time", "future", "no-time"]
 
 
-def test_a_detail_reply_with_a_long_or_nul_end_reason_ends_the_row_with_it_cut(
+def test_a_detail_reply_with_a_long_or_nul_end_reason_or_a_far_end_time_ends_the_row_sanely(
     lc: Lifecycle,
 ) -> None:
     insert_live_row(lc.db, "long", "vendor-long")
     insert_live_row(lc.db, "nul", "vendor-nul")
+    insert_live_row(lc.db, "future", "vendor-future")
     with respx.mock(assert_all_called=False) as vendor:
         vendor.get(LIST_URL).mock(return_value=list_reply())
         vendor.get(f"{LIST_URL}/vendor-long").respond(
@@ -171,10 +172,15 @@ def test_a_detail_reply_with_a_long_or_nul_end_reason_ends_the_row_with_it_cut(
         vendor.get(f"{LIST_URL}/vendor-nul").respond(
             json=envelope({"sessionId": "vendor-nul", "end_at": old(5), "end_reason": "IDLE\x00"})
         )
+        vendor.get(f"{LIST_URL}/vendor-future").respond(
+            json=envelope({"sessionId": "vendor-future", "end_at": "9999-12-31T00:00:00Z"})
+        )
         report = reconcile(lc)
-    assert report.vendor_ended == 2
+    assert report.vendor_ended == 3
     assert row(lc.db, "long").end_reason == "X" * 64
     assert row(lc.db, "nul").end_reason == "IDLE"
+    ended_at = row(lc.db, "future").ended_at
+    assert ended_at is not None and ended_at <= datetime.now(UTC)  # not the vendor's year 9999
 
 
 def test_an_empty_end_reason_on_a_running_session_does_not_end_it(lc: Lifecycle) -> None:

@@ -116,18 +116,23 @@ def record_vendor_ended(
     db: Database, session_id: uuid.UUID, *, end_reason: str, ended_at: datetime | None
 ) -> bool:
     """The vendor ended a session on its own (idle, error): ``ended`` with the vendor's reason
-    (cut to fit its column; the vendor's text is not ours to trust)."""
+    (cut to fit its column) at the vendor's end time (kept between the start and now: the
+    vendor's values are not ours to trust)."""
     end_reason = clean_text(end_reason)[:END_REASON_LENGTH] or "UNKNOWN"
     with db.transaction() as session:
         row = lock_row(session, session_id)
         if row is None or row.status not in (S.ACTIVE, S.STOPPING):
             return False
         reason = row.end_reason if row.status == S.STOPPING and row.end_reason else end_reason
+        now = db_now(session)
+        when = now if ended_at is None or ended_at > now else ended_at  # not in the future
+        if row.started_at is not None:
+            when = max(when, row.started_at)  # nor before it started (a skewed vendor clock)
         finish(
             session,
             row,
             S.ENDED,
-            ended_at or db_now(session),
+            when,
             end_reason=reason,
             source="reconciler",
         )
