@@ -184,7 +184,8 @@ def _vendor_end(
     report.skipped_values += len(detail.skipped)
     if detail.end_at is None and not detail.end_reason:
         return None  # the vendor still runs it ("" is no reason); the list was just stale
-    return detail.end_reason or UNKNOWN_END_REASON, detail.end_at
+    reason = (detail.end_reason or UNKNOWN_END_REASON)[: store.END_REASON_LENGTH]
+    return reason, detail.end_at  # cut as the row keeps it (span attributes too)
 
 
 def _describe(error: Exception) -> str:

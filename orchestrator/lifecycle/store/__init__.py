@@ -53,6 +53,7 @@ from orchestrator.lifecycle.store.stops import (
     stop_failed,
 )
 from orchestrator.lifecycle.store.vendor_sync import (
+    END_REASON_LENGTH,
     LEASE_GRACE_SECONDS,
     LiveVendorRow,
     StuckStarts,
@@ -70,6 +71,7 @@ from orchestrator.lifecycle.store.vendor_sync import (
 __all__ = [
     "ADMISSION_LOCK_KEY",
     "CLAIM_FUNCTION_MIGRATION",
+    "END_REASON_LENGTH",
     "LEASE_GRACE_SECONDS",
     "MAX_DURATION_REACHED",
     "USER_CLOSED",

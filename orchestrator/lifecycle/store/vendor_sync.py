@@ -109,7 +109,7 @@ def first_sightings(db: Database, vendor_session_ids: Sequence[str]) -> dict[str
     return {vendor_id: seen.get(key) or now for key, vendor_id in keys.items()}
 
 
-END_REASON_LENGTH = SessionRow.__table__.c.end_reason.type.length  # type: ignore[attr-defined]
+END_REASON_LENGTH: int = SessionRow.__table__.c.end_reason.type.length  # type: ignore[attr-defined]
 
 
 def record_vendor_ended(
