@@ -146,6 +146,7 @@ def check_expansions(url: str, config: Config) -> None:
             assert script.revision in window, f"{script.revision} did not call declare()"
             previous = window.get(str(script.down_revision), str(script.down_revision))
             oldest = window[script.revision]
+            assert oldest in ids, f"{script.revision} serves from {oldest}, not a revision"
             assert ids.index(oldest) >= ids.index(previous), (
                 f"{script.revision} serves from {oldest}, before {previous}: a window"
                 " never goes back"
