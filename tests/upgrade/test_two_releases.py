@@ -275,6 +275,10 @@ def test_a_rolling_upgrade_and_a_rollback_serve_every_start_once(
         assert {v["session_id"] for v in vendor} == {r[3] for r in rows.values()}
         assert all(v["status"] == "ended" and v["ended_by"] == "stop" for v in vendor)
         assert all(traffic.by_phase.get(p, 0) >= 4 for p in ("old on the new schema", "both"))
+        for worker in (old_worker, new_worker):  # both releases served starts, stops and sweeps
+            served = worker.log()
+            for task in ("start_session", "stop_session", "reap_sessions"):
+                assert f"Task orchestrator.{task}[" in served, f"{worker.log_path.name}: no {task}"
         print(restart(launch, old_cli, old, old_head, env))
 
 
@@ -283,7 +287,7 @@ def restart(
 ) -> str:
     """A pod of the old release started after the rollback: a release with the window starts
     on the expanded schema; one before it refuses in one line until the schema is downgraded
-    to its head (docs/deploy.md, "Rolling back")."""
+    to its head (docs/deploy.md, "Upgrades and rollbacks without an outage")."""
     if old.has_window:
         launch(old_cli, "worker", "old-worker-restarted").stop()
         return "the old release's worker restarted on the new schema"
