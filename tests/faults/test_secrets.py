@@ -105,8 +105,8 @@ def run_scenario(level: str, state: Path, database_url: str, broker_url: str) ->
             minted: list[str] = []
             mint = sim.state.mint_session_token
 
-            def recording_mint() -> str:
-                token = mint()
+            def recording_mint(account: str | None = None) -> str:
+                token = mint(account)
                 minted.append(token)
                 return token
 
