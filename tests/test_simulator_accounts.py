@@ -322,6 +322,6 @@ def test_accounts_file(tmp_path: Path) -> None:
         load_accounts_file(path)
     assert str(path) in str(error.value)
     assert "secret-app" not in str(error.value)
+    path.write_text("[]")
     with pytest.raises(ValueError, match="names no account"):
-        path.write_text("[]")
         load_accounts_file(path)
