@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -133,7 +133,8 @@ class SimulatorConfig:
     #: Every account's key is refused: 401 / 4010 on every call.
     refuse_key: bool = False
     #: The accounts served; empty: one account, ``default``, of the fields above.
-    accounts: tuple[SimulatorAccount, ...] = ()
+    #: (A list is accepted and kept as a tuple.)
+    accounts: Sequence[SimulatorAccount] = ()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -243,7 +244,7 @@ class SimulatorConfig:
     def account_list(self) -> tuple[SimulatorAccount, ...]:
         """The accounts served: ``accounts``, or the one ``default`` account."""
         if self.accounts:
-            return self.accounts
+            return tuple(self.accounts)
         return (
             SimulatorAccount(
                 name=DEFAULT_ACCOUNT,
