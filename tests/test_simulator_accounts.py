@@ -7,6 +7,8 @@ the account whose key minted it, and a session of another account is "not found"
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -325,3 +327,22 @@ def test_accounts_file(tmp_path: Path) -> None:
     path.write_text("[]")
     with pytest.raises(ValueError, match="names no account"):
         load_accounts_file(path)
+
+
+def test_module_entry_point_refuses_a_bad_accounts_file(tmp_path: Path) -> None:
+    path = write_accounts(tmp_path, [{"name": "eu", "app_id": "x", "user_key": "y", "cap": 1}])
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.simulator", "--accounts-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {path}: unknown account field(s): cap"
+
+
+def write_accounts(folder: Path, accounts: list[dict[str, Any]]) -> Path:
+    path = folder / "accounts.json"
+    path.write_text(json.dumps(accounts))
+    return path

@@ -11,6 +11,7 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
@@ -241,8 +242,9 @@ class SimulatorConfig:
 
     # -- derived values -------------------------------------------------------
 
-    def account_list(self) -> tuple[SimulatorAccount, ...]:
-        """The accounts served: ``accounts``, or the one ``default`` account."""
+    @cached_property
+    def _served(self) -> tuple[SimulatorAccount, ...]:
+        # Built once per configuration: every request asks for its account.
         if self.accounts:
             return tuple(self.accounts)
         return (
@@ -253,6 +255,10 @@ class SimulatorConfig:
                 max_concurrent_sessions=self.max_concurrent_sessions,
             ),
         )
+
+    def account_list(self) -> tuple[SimulatorAccount, ...]:
+        """The accounts served: ``accounts``, or the one ``default`` account."""
+        return self._served
 
     def account(self, name: str) -> SimulatorAccount | None:
         return next((a for a in self.account_list() if a.name == name), None)
