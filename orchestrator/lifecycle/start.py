@@ -177,7 +177,7 @@ def _after_claim(
         metrics.record_start("cancelled")
         return StartOutcome(request_id, claim.status, "stopped before it started")
     if claim.ticket is not None:
-        return _start_with(lc, claim.ticket)
+        return start_claimed(lc, claim.ticket)
     if claim.outcome is store.ClaimOutcome.NEW:  # waiting for a slot
         metrics.record_start("waiting")
         return StartOutcome(request_id, claim.status, "waiting for a free slot")
@@ -230,11 +230,21 @@ def run_start(
         )
     if isinstance(began, str):
         return StartOutcome(request_id, began, "no start needed")
-    return _start_with(lc, began)
+    return start_claimed(lc, began)
 
 
-def _start_with(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
+def start_claimed(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
+    """The vendor start of an attempt this delivery holds (its claim or ``begin_attempt``
+    gave the ticket), unless a stop came meanwhile."""
     request = StartRequest.model_validate(ticket.payload)
+    stopped = store.end_if_stopped(lc.db, ticket)
+    _claim_again_if_gone(stopped)
+    if stopped is store.NotRecorded.MOVED_ON:
+        return StartOutcome(ticket.request_id, "unchanged", "the row moved on before the call")
+    if isinstance(stopped, str):
+        logger.info("start request %s: stopped before the vendor call", ticket.request_id)
+        metrics.record_start("cancelled")
+        return StartOutcome(ticket.request_id, stopped, "stopped before the vendor call")
     with tracing.session_span(
         "session.start",
         ticket.traceparent,
@@ -258,25 +268,39 @@ def _start_with(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
 def _call_vendor(
     lc: Lifecycle, ticket: store.StartTicket, request: StartRequest
 ) -> StartedSession | StartOutcome:
-    """The vendor start, with no transaction open; a refusal is recorded and returned."""
+    """The vendor start, with no transaction open; a refusal is recorded and returned. A row
+    lost meanwhile (a crash of the database took its claim) is claimed again: RetryLater."""
     try:
         with metrics.vendor_call("start"):
             return lc.vendor.start_session(request.vendor_body(), deadline=_start_deadline(lc))
     except (VendorForbidden, VendorConflict) as error:
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
-        if ticket.attempt < MAX_CAPACITY_BOUNCES and store.back_to_waiting(
-            lc.db, ticket, vendor_error=error.error_code
-        ):
-            logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
-            return StartOutcome(ticket.request_id, "waiting", error.error_code)
+        if ticket.attempt < MAX_CAPACITY_BOUNCES:
+            waiting = store.back_to_waiting(lc.db, ticket, vendor_error=error.error_code)
+            _claim_again_if_gone(waiting)
+            if waiting is None:
+                logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
+                return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure: DeepBrainError = error
     except DeepBrainError as error:
         failure = error
     logger.warning("start of request %s failed: %s", ticket.request_id, failure)
     code = failure.error_code
-    store.record_failed(lc.db, ticket, error_code=code, error_message=failure.vendor_message)
+    failed = store.record_failed(
+        lc.db, ticket, error_code=code, error_message=failure.vendor_message
+    )
+    _claim_again_if_gone(failed)
+    if failed is store.NotRecorded.MOVED_ON:
+        return StartOutcome(ticket.request_id, "unchanged", f"{code}: the row moved on")
     return StartOutcome(ticket.request_id, "failed", code)
+
+
+def _claim_again_if_gone(written: object) -> None:
+    """The claim was lost in a crash of the database (it committed without waiting for the
+    disk): this message must not be acknowledged, so that its redelivery claims it again."""
+    if written is store.NotRecorded.GONE:
+        raise RetryLater("the request's row was lost; claiming it again", 0.0)
 
 
 def _start_deadline(lc: Lifecycle) -> float:

@@ -84,6 +84,31 @@ def test_a_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_dropped(
     assert [s["end_reason"] for s in sessions if s["status"] == "ended"] == ["ERROR"]
 
 
+@pytest.mark.parametrize("status", [400, 409], ids=["refused", "at-its-limit"])
+def test_a_refused_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_acked(
+    crashable: CrashablePostgres,
+    crash_lifecycle: Lifecycle,
+    simulator: SimulatorServer,
+    status: int,
+) -> None:
+    """Every outcome of the vendor call, not only its yes: a refusal (recorded as ``failed``)
+    and "the account is at its limit" (back to ``waiting``) find no row after the crash."""
+    lc = crash_lifecycle
+    # Long enough for the crash, the restart and the pool's renewal to happen inside the call.
+    simulator.push_fault({"endpoint": "start", "status": status, "delay_seconds": 4.0})
+    first_delivery = in_background(lambda: start(lc, "t-1", "refused"))
+    wait_until(lambda: simulator.stats()["endpoints"]["start"]["calls"] > 0, 5, 0.01)
+    crashable.crash()  # the claim had not reached the disk
+    crashable.restart()
+    lc.db.engine.dispose()
+
+    with pytest.raises(RetryLater):  # not acknowledged: the message is sent again
+        first_delivery.result(timeout=30)
+    assert row_or_none(lc.db, "refused") is None
+    assert start(lc, "t-1", "refused").status == "active"  # the redelivery, no fault left
+    assert [s["status"] for s in simulator.sessions()] == ["active"]
+
+
 # -- 12. a lost commit reply -----------------------------------------------------------------
 
 

@@ -322,49 +322,75 @@ def start_state(
         return NotRecorded.MOVED_ON
 
 
-def _lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | None:
-    """The row, locked, if it still waits for this very attempt's answer; else None."""
+def _lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | NotRecorded:
+    """The row, locked, if it still waits for this very attempt's answer; else why not."""
     row = lock_row(session, ticket.session_id)
+    if row is None:
+        return NotRecorded.GONE
     if (
-        row is None
-        or row.status != S.STARTING
+        row.status != S.STARTING
         or row.vendor_session_id is not None
         or row.attempt_owner != ticket.owner
     ):
-        return None
+        return NotRecorded.MOVED_ON
     return row
+
+
+_STOP_REQUESTED = text("SELECT stop_requested_at IS NOT NULL FROM sessions WHERE id = :id")
+
+
+def end_if_stopped(db: Database, ticket: StartTicket) -> NotRecorded | str | None:
+    """Just before the vendor call: a stop that came after the claim ends the row here, with
+    no call at all. The row's status if it was ended (or had moved on), GONE if the claim was
+    lost in a crash of the database, None if the call should go ahead.
+
+    One primary-key read on the hot path; the row is locked only when a stop is there."""
+    with db.autocommit() as connection:
+        stopped = connection.execute(_STOP_REQUESTED, {"id": ticket.session_id}).scalar()
+    if stopped is None:
+        return NotRecorded.GONE
+    if not stopped:
+        return None
+    with db.transaction() as session:
+        row = _lock_own_attempt(session, ticket)
+        if isinstance(row, NotRecorded):
+            return row
+        finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
+        return row.status
 
 
 def record_failed(
     db: Database, ticket: StartTicket, *, error_code: str, error_message: str
-) -> bool:
-    """``starting`` → ``failed`` for this attempt; False if the row had moved on (another
-    attempt holds it, or it ended)."""
+) -> NotRecorded | None:
+    """``starting`` → ``failed`` for this attempt; None once written, else why not: MOVED_ON
+    (another attempt holds the row, or it ended), GONE (the claim was lost in a crash of the
+    database: the caller must not acknowledge the message)."""
     with db.transaction() as session:
         row = _lock_own_attempt(session, ticket)
-        if row is None:
-            return False
+        if isinstance(row, NotRecorded):
+            return row
         row.error_code = error_code
         row.error_message = error_message
         finish(session, row, S.FAILED, db_now(session))
-        return True
+        return None
 
 
-def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> bool:
-    """The vendor said the account is at its limit: wait again (first in line, by age)."""
+def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> NotRecorded | None:
+    """The vendor said the account is at its limit: wait again (first in line, by age). None
+    once written, else why not (as :func:`record_failed`)."""
     with db.transaction() as session:
         row = _lock_own_attempt(session, ticket)
-        if row is None:
-            return False
+        if isinstance(row, NotRecorded):
+            return row
         if row.stop_requested_at is not None:
             finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
-            return True
+            return None
         row.status = S.WAITING.value
         row.attempt_owner = None
         row.attempt_lease_until = None
         row.admitted_at = None
         history.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
-        return True
+        return None
 
 
 def log_compensation(db: Database, request_id: str, vendor_session_id: str, *, why: str) -> None:
