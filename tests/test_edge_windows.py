@@ -4,14 +4,22 @@ reply during a long outage, stops and their leases, admission without scanning h
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from orchestrator.lifecycle import Lifecycle, request_stop, store
+from orchestrator.config import Settings
+from orchestrator.db import Database
+from orchestrator.deepbrain import DeepBrainClient
+from orchestrator.lifecycle import Lifecycle, RetryLater, handle_start_message, request_stop, store
 from orchestrator.lifecycle.start import start_claimed
 from orchestrator.simulator import SimulatorServer
+from tests.conftest import APP_ID, USER_KEY, wait_until
 from tests.helpers import outbox_bodies, row
+from tests.test_edge_cases import RecordingDispatcher
+from tests.threads import in_background
 
 pytestmark = pytest.mark.postgres
 
@@ -56,3 +64,47 @@ def test_a_stop_between_the_claim_and_the_vendor_call_ends_the_row_without_a_cal
     r = row(lifecycle.db, "between")
     assert (r.status, r.end_reason, r.vendor_session_id) == ("ended", "USER_CLOSED", None)
     assert [b["status"] for b in outbox_bodies(lifecycle.db, "between")] == ["ended"]
+
+
+# -- a full pool while recording a start -----------------------------------------------------
+
+
+def test_a_full_pool_while_recording_a_start_is_waited_out_no_longer_than_the_record_window(
+    settings_for: Callable[..., Settings],
+    database_url: str,
+    db: Database,
+    simulator: SimulatorServer,
+) -> None:
+    """The pool's own timeout (30 s) is longer than the record window (the orphan grace less
+    the vendor timeout: 3 s here): each wait for a connection on the record path is cut to
+    what is left of the window, so the session is stopped within it, not at twice the pool
+    timeout, long after the reconciler could have met it as an orphan."""
+    settings = settings_for(orphan_grace_seconds=8.0, vendor_timeout_seconds=5.0)
+    window = settings.orphan_grace_seconds - settings.vendor_timeout_seconds
+    simulator.configure(endpoint_latency="start=0.5")
+    lc = Lifecycle(
+        settings=settings,
+        db=Database(database_url, pool_size=1, max_overflow=0, pool_timeout=30.0),
+        vendor=DeepBrainClient(simulator.base_url, APP_ID, USER_KEY, timeout_seconds=5),
+        dispatcher=RecordingDispatcher(),
+    )
+    try:
+        started = in_background(
+            lambda: handle_start_message(
+                lc, (), {"avatar_id": "a", "request_id": "full"}, claim_id="t-1"
+            )
+        )
+        wait_until(lambda: simulator.stats()["endpoints"]["start"]["calls"] > 0, 5, 0.01)
+        # Another thread of the worker holds the only connection past the whole window.
+        with lc.db.engine.connect():
+            replied = time.monotonic() + 0.5
+            with pytest.raises(RetryLater):
+                started.result(timeout=window + 10)
+            took = time.monotonic() - replied
+    finally:
+        lc.close()
+    # The window, then the compensating stop and its audit entry's bounded wait (2 s).
+    assert took <= window + 2.0 + 2.0, took
+    (vendor,) = simulator.sessions()
+    assert vendor["status"] == "ended" and vendor["end_reason"] == "ERROR"
+    assert row(db, "full").status == "starting"  # the retry starts it again

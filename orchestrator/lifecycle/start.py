@@ -53,12 +53,20 @@ class RetryLater(Exception):
     """Do not acknowledge this message yet: run it again in ``delay`` seconds.
 
     ``abandoned_attempt`` names an attempt this delivery gave up on (its lease may be taken at
-    once by the retry)."""
+    once by the retry); ``stopped_vendor_session`` a vendor session it stopped again because
+    its record seemed to fail (the retry ends the row if that record landed after all)."""
 
-    def __init__(self, reason: str, delay: float, abandoned_attempt: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        delay: float,
+        abandoned_attempt: str | None = None,
+        stopped_vendor_session: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.delay = delay
         self.abandoned_attempt = abandoned_attempt
+        self.stopped_vendor_session = stopped_vendor_session
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class _Message:
     claim_id: str
     traceparent: str | None
     abandoned_attempt: str | None
+    stopped_vendor_session: str | None = None
 
     @property
     def received(self) -> dict[str, Any]:
@@ -100,8 +109,10 @@ def handle_start_message(
     claim_id: str,
     traceparent: str | None = None,
     abandoned_attempt: str | None = None,
+    stopped_vendor_session: str | None = None,
 ) -> StartOutcome:
-    """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id.
+    """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id;
+    the last two are a RetryLater's, carried by the retry.
 
     ``traceparent`` is the producer's, from the message headers: the ``session.admit`` span
     continues that trace (when no instrumented consumer span already does), and the row keeps
@@ -115,6 +126,7 @@ def handle_start_message(
             _storable_claim_id(claim_id),
             tracing.current_traceparent() or traceparent,
             abandoned_attempt,
+            stopped_vendor_session,
         )
         outcome = _admit(lc, message)
         tracing.set_attributes(span, request_id=outcome.request_id, status=outcome.status)
@@ -182,7 +194,14 @@ def _after_claim(
         metrics.record_start("waiting")
         return StartOutcome(request_id, claim.status, "waiting for a free slot")
     # A redelivery: carry on from the row.
-    return run_start(lc, claim.session_id, message.claim_id, message.abandoned_attempt, request_id)
+    return run_start(
+        lc,
+        claim.session_id,
+        message.claim_id,
+        message.abandoned_attempt,
+        request_id,
+        stopped_vendor_session=message.stopped_vendor_session,
+    )
 
 
 def _failed(lc: Lifecycle, message: _Message, request_id: str, reason: str) -> StartOutcome:
@@ -213,9 +232,23 @@ def run_start(
     claim_id: str,
     abandoned_attempt: str | None = None,
     request_id: str = "",
+    *,
+    stopped_vendor_session: str | None = None,
 ) -> StartOutcome:
     """One vendor start for a ``starting`` row this claim owns; safe to call again. A live
-    attempt of another delivery is waited for (RetryLater), never doubled."""
+    attempt of another delivery is waited for (RetryLater), never doubled.
+
+    ``stopped_vendor_session``: an earlier delivery stopped that vendor session because its
+    record seemed to fail; if the record landed after all (its commit reply was lost), the row
+    holds a stopped session and is ended here."""
+    if stopped_vendor_session is not None and store.end_if_holding(
+        lc.db, session_id, stopped_vendor_session
+    ):
+        logger.warning(
+            "start request %s: its record had landed after all; the session stopped then is"
+            " ended now",
+            request_id,
+        )
     began = store.begin_attempt(
         lc.db,
         session_id,
@@ -320,36 +353,38 @@ def _is_outage(error: SQLAlchemyError) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _RecordWindow:
+    """How long storing a vendor's yes may take, by the monotonic clock: an outage is retried
+    until ``write_until``; a full pool (not the database's fault) until ``pool_until``. Every
+    wait inside, the wait for a pooled connection included, ends by ``pool_until``: past what
+    the orphan grace leaves after the vendor's reply the reconciler would take the session
+    for an orphan."""
+
+    write_until: float
+    pool_until: float
+
+    @classmethod
+    def from_now(cls, lc: Lifecycle) -> _RecordWindow:
+        settings = lc.settings
+        before_orphan = max(0.0, settings.orphan_grace_seconds - settings.vendor_timeout_seconds)
+        now = time.monotonic()
+        return cls(
+            now + min(RECORD_RETRY_SECONDS, before_orphan),
+            min(_start_deadline(lc), now + before_orphan),
+        )
+
+    def left(self) -> float:
+        return self.pool_until - time.monotonic()
+
+
 def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) -> StartOutcome:
     """Store the vendor's yes. A write whose outcome is unknown (the connection dropped, maybe
     after the commit) is settled by reading the row again; one that did not land is written
     again for a few seconds; only then, or if the row no longer wants this session, the vendor
     session is stopped again (compensation)."""
     vendor_id = start.vendor_session_id
-    settings = lc.settings
-    before_orphan = max(0.0, settings.orphan_grace_seconds - settings.vendor_timeout_seconds)
-    began = time.monotonic()
-    give_up_at = began + min(RECORD_RETRY_SECONDS, before_orphan)
-    pool_give_up_at = min(_start_deadline(lc), began + before_orphan)
-    tries = 0
-    result: store.StopTicket | store.NotRecorded | _Unknown | None
-    while True:
-        tries += 1
-        pool_full = False
-        try:
-            result = store.record_started(lc.db, ticket, start)
-        except SQLAlchemyError as error:
-            if not _is_outage(error):
-                compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
-                raise
-            pool_full = isinstance(error, PoolTimeout)
-            result = _reread(lc, ticket, vendor_id)
-        if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
-            break
-        now = time.monotonic()
-        if now >= (pool_give_up_at if pool_full else give_up_at):
-            break
-        time.sleep(exponential_backoff(tries, base=0.2, cap=1.0))
+    result = _record_within(lc, ticket, start, _RecordWindow.from_now(lc))
     if result is None:
         return StartOutcome(ticket.request_id, "active", vendor_id)
     if isinstance(result, store.StopTicket):
@@ -364,9 +399,42 @@ def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) 
         compensate(lc, vendor_id, request_id=ticket.request_id, why="row lost")
         raise RetryLater("the request's row was lost; claiming it again", 0.0)
     compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+    # The write may have landed with its reply lost: the retry ends the row if it holds the
+    # session just stopped.
     raise RetryLater(
-        "the database did not take the vendor's answer", 1.0, abandoned_attempt=ticket.owner
+        "the database did not take the vendor's answer",
+        1.0,
+        abandoned_attempt=ticket.owner,
+        stopped_vendor_session=vendor_id,
     )
+
+
+def _record_within(
+    lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart, window: _RecordWindow
+) -> store.StopTicket | store.NotRecorded | _Unknown | None:
+    """``record_started``, re-read and written again until settled or the window closes."""
+    vendor_id = start.vendor_session_id
+    tries = 0
+    result: store.StopTicket | store.NotRecorded | _Unknown | None
+    while True:
+        tries += 1
+        pool_full = False
+        try:
+            with lc.db.waits_at_most(window.left()):
+                result = store.record_started(lc.db, ticket, start)
+        except SQLAlchemyError as error:
+            if not _is_outage(error):
+                compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+                raise
+            pool_full = isinstance(error, PoolTimeout)
+            result = _reread(lc, ticket, vendor_id, window)
+        if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
+            return result
+        until = window.pool_until if pool_full else window.write_until
+        pause = min(exponential_backoff(tries, base=0.2, cap=1.0), until - time.monotonic())
+        if pause <= 0:
+            return result
+        time.sleep(pause)
 
 
 class _Unknown:
@@ -377,10 +445,11 @@ _UNKNOWN = _Unknown()
 
 
 def _reread(
-    lc: Lifecycle, ticket: store.StartTicket, vendor_id: str
+    lc: Lifecycle, ticket: store.StartTicket, vendor_id: str, window: _RecordWindow
 ) -> store.StopTicket | store.NotRecorded | _Unknown | None:
     try:
-        return store.start_state(lc.db, ticket, vendor_id)
+        with lc.db.waits_at_most(window.left()):
+            return store.start_state(lc.db, ticket, vendor_id)
     except SQLAlchemyError as error:
         if not _is_outage(error):
             raise

@@ -13,6 +13,9 @@ from orchestrator.lifecycle.context import Lifecycle
 
 logger = logging.getLogger(__name__)
 MAX_STOP_BACKOFF_SECONDS = 300.0
+# The audit entry of a compensation waits this long at most for a pooled connection: the pool
+# may be full (a reason to compensate), and the message's retry must not wait behind it.
+COMPENSATION_LOG_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: s
         return False
     logger.warning("stopped vendor session of request %s again: %s", request_id, why)
     try:
-        store.log_compensation(lc.db, request_id, vendor_session_id, why=why)
+        with lc.db.waits_at_most(COMPENSATION_LOG_WAIT_SECONDS):
+            store.log_compensation(lc.db, request_id, vendor_session_id, why=why)
     except Exception:  # noqa: BLE001 - the stop is what matters; the DB may be the cause
         logger.warning("could not record the compensation of request %s", request_id)
     return True

@@ -139,3 +139,48 @@ def test_a_lost_commit_reply_is_not_taken_for_a_failed_write(
     (vendor,) = simulator.sessions()
     assert vendor["status"] == "active" and vendor["stop_calls"] == 0
     assert "compensated" not in event_kinds(db, "r")
+
+
+def test_a_lost_commit_reply_during_a_long_outage_ends_the_row_at_the_retry(
+    settings_for: Callable[..., Settings],
+    database_url: str,
+    db: Database,
+    pg_proxy: TcpProxy,
+    simulator: SimulatorServer,
+) -> None:
+    """The record's commit lands, its reply is lost, and the database stays away past the
+    record window: the worker stops the vendor session (it cannot tell) and carries its id to
+    the message's retry, which finds the row holding it and ends the row — no row says
+    ``active`` for a session that no longer runs, and no second session is started."""
+    url = via_proxy(database_url, pg_proxy)
+    lc = inline_lifecycle(
+        settings_for(database_url=url, orphan_grace_seconds=8.0, vendor_timeout_seconds=5.0)
+    )
+    body = {"avatar_id": "a", "request_id": "r"}
+    try:
+        pg_proxy.drop_reply_to(b"WITH marked AS", reset_after=5.0)
+        first = in_background(lambda: handle_start_message(lc, (), body, claim_id="t-1"))
+        wait_until(lambda: pg_proxy.replies_dropped == 1, 10, 0.005)
+        pg_proxy.cut()  # the database is away for longer than the record window (3 s)
+        with pytest.raises(RetryLater) as retry:
+            first.result(timeout=30)
+        pg_proxy.restore()
+        assert row(db, "r").status == "active"  # the commit had landed
+        (vendor,) = simulator.sessions()
+        assert (vendor["status"], vendor["end_reason"]) == ("ended", "ERROR")
+
+        later = retry.value  # the retry, as the start task publishes it
+        outcome = handle_start_message(
+            lc,
+            (),
+            body,
+            claim_id="t-1",
+            abandoned_attempt=later.abandoned_attempt,
+            stopped_vendor_session=later.stopped_vendor_session,
+        )
+    finally:
+        lc.close()
+    assert outcome.status == "ended"
+    r = row(db, "r")
+    assert (r.status, r.end_reason, r.vendor_session_id) == ("ended", "ERROR", vendor["session_id"])
+    assert len(simulator.sessions()) == 1

@@ -166,6 +166,7 @@ class VendorStart:
 
 
 STOP_RETRY_AFTER_START_SECONDS = 30.0
+COMPENSATED = "ERROR"  # the reason a compensating stop gives the vendor
 
 
 class NotRecorded(Enum):
@@ -391,6 +392,23 @@ def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> 
         row.admitted_at = None
         history.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
         return None
+
+
+def end_if_holding(db: Database, session_id: uuid.UUID, vendor_session_id: str) -> bool:
+    """A vendor session was stopped again because its record seemed to fail: if the record
+    landed after all (its commit reply was lost), the row is ``active`` (or ``stopping``) for
+    a session that no longer runs. End it (``ERROR``, the compensation's reason); True if so."""
+    with db.transaction() as session:
+        row = lock_row(session, session_id)
+        if (
+            row is None
+            or row.vendor_session_id != vendor_session_id
+            or row.status not in (S.ACTIVE, S.STOPPING)
+        ):
+            return False
+        reason = row.end_reason if row.status == S.STOPPING and row.end_reason else COMPENSATED
+        finish(session, row, S.ENDED, db_now(session), end_reason=reason, record_reply_lost=True)
+        return True
 
 
 def log_compensation(db: Database, request_id: str, vendor_session_id: str, *, why: str) -> None:
