@@ -105,6 +105,8 @@ class Settings(BaseSettings):
         lease (``START_TIMEOUT_SECONDS``, less its margin) must fit a token and a start
         request; a stop's lease (``STOP_RETRY_SECONDS``, less its margin) must fit a stop
         request, or another sweep would stop the same session while the first still waits.
+        Every stop holds that lease: the reaper's, a request's, and the one a start owes when a
+        stop came during its vendor call.
         """
         timeout = self.vendor_timeout_seconds
         problems = []

@@ -421,7 +421,9 @@ def _record_within(
         pool_full = False
         try:
             with lc.db.waits_at_most(window.left()):
-                result = store.record_started(lc.db, ticket, start)
+                result = store.record_started(
+                    lc.db, ticket, start, stop_retry_in=lc.settings.stop_retry_seconds
+                )
         except SQLAlchemyError as error:
             if not _is_outage(error):
                 compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")

@@ -165,7 +165,6 @@ class VendorStart:
     expires_at: datetime
 
 
-STOP_RETRY_AFTER_START_SECONDS = 30.0
 COMPENSATED = "ERROR"  # the reason a compensating stop gives the vendor
 
 
@@ -178,10 +177,12 @@ class NotRecorded(Enum):
 
 
 def record_started(
-    db: Database, ticket: StartTicket, start: VendorStart
+    db: Database, ticket: StartTicket, start: VendorStart, *, stop_retry_in: float
 ) -> StopTicket | NotRecorded | None:
     """Store the vendor's answer. Returns None (the row is ``active``), a StopTicket if a stop
-    was requested meanwhile (the caller owes the vendor stop), or why nothing was written.
+    was requested meanwhile (the caller owes the vendor stop, within ``stop_retry_in``: the
+    stop's lease, ``STOP_RETRY_SECONDS``, before the reaper may try it again), or why nothing
+    was written.
 
     The hot path of every start: one autocommitted statement (the conditional UPDATE that
     guards the transition — still ``starting``, no vendor session yet, this attempt's lease —,
@@ -217,7 +218,7 @@ def record_started(
                 "max_session_numbers": start.max_session_numbers,
                 "expires_at": start.expires_at,
                 "request_payload": without_secrets(ticket.payload),
-                "stop_retry_in": timedelta(seconds=STOP_RETRY_AFTER_START_SECONDS),
+                "stop_retry_in": timedelta(seconds=stop_retry_in),
                 "event_id": event_id,
                 "routing_key": bodies.routing_key(S.ACTIVE.value),
                 "body": body,
