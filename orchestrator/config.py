@@ -30,6 +30,12 @@ class ConfigError(Exception):
 
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+# `orchestrator worker`'s defaults (options, not settings: the chart passes them as arguments).
+# Vendor calls are I/O-bound: a start thread waits for the vendor, it does not compute, so a
+# host is sized by how many calls may wait at once (docs/operations.md has the figures).
+DEFAULT_START_THREADS = 256
+# Threads of their own for stops and sweeps when one threads pool serves both queues.
+DEFAULT_CONTROL_THREADS = 16
 
 
 class Settings(BaseSettings):
