@@ -130,6 +130,8 @@ def db(database_url: str) -> Iterator[Database]:
                 " RESTART IDENTITY CASCADE"
             )
         )
+        # The vendor's last reported limit outlives the rows that reported it.
+        conn.execute(text("UPDATE vendor_accounts SET reported_limit = NULL, reported_at = NULL"))
     yield database
     database.dispose()
 

@@ -4,15 +4,18 @@ reply during a long outage, stops and their leases, admission without scanning h
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from orchestrator.config import Settings
-from orchestrator.db import Database
+from orchestrator.db import Database, SessionRow
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.lifecycle import (
     Lifecycle,
@@ -27,7 +30,7 @@ from orchestrator.lifecycle.requests import StartRequest
 from orchestrator.lifecycle.start import start_claimed
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY, wait_until
-from tests.helpers import outbox_bodies, row
+from tests.helpers import outbox_bodies, row, row_or_none
 from tests.test_edge_cases import RecordingDispatcher, insert_live_row
 from tests.threads import in_background
 
@@ -217,3 +220,113 @@ def test_a_slow_detail_endpoint_leaves_the_orphan_sweep_its_share_of_the_pass(
     assert report.orphans_stopped == 1
     (vendor,) = [s for s in simulator.sessions() if s["session_id"] == orphan]
     assert (vendor["status"], vendor["end_reason"]) == ("ended", "ZOMBIE_SESSION_REAP")
+
+
+# -- the admission lock: a lease that starts after it, a bounded wait ------------------------
+
+
+def hold_admission_lock(db: Database, seconds: float) -> Future[datetime]:
+    """Another claim (or a slow admission) holds the lock for ``seconds``; returns once it is
+    held. The future gives when it was released, by the database's clock."""
+    held = threading.Event()
+
+    def hold() -> datetime:
+        with db.engine.connect() as connection, connection.begin():
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:k)"), {"k": store.ADMISSION_LOCK_KEY}
+            )
+            held.set()
+            time.sleep(seconds)
+            released: datetime = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
+        return released
+
+    future = in_background(hold)
+    assert held.wait(10)
+    return future
+
+
+def test_the_attempt_lease_runs_from_when_the_admission_lock_was_granted(
+    lifecycle: Lifecycle,
+) -> None:
+    """A claim that waited for the lock does not start its lease (or its row's clock) before
+    the wait: a lease stamped at the statement's start would lose the wait from its margin."""
+    holder = hold_admission_lock(lifecycle.db, 2.0)
+    claimed = claim(lifecycle, "late")
+    released = holder.result(timeout=10)
+    assert claimed.ticket is not None
+    r = row(lifecycle.db, "late")
+    assert r.attempt_lease_until is not None
+    lease = timedelta(seconds=lifecycle.settings.start_timeout_seconds)
+    assert r.attempt_lease_until >= released + lease - timedelta(seconds=0.2)
+    assert r.created_at >= released - timedelta(seconds=0.2)
+
+
+def test_a_claim_that_cannot_get_the_admission_lock_in_time_is_retried_not_failed(
+    lifecycle: Lifecycle, simulator: SimulatorServer
+) -> None:
+    bound = store.admission.ADMISSION_LOCK_WAIT_SECONDS
+    holder = hold_admission_lock(lifecycle.db, bound + 2.0)
+    body = {"avatar_id": "a", "request_id": "busy"}
+    began = time.monotonic()
+    with pytest.raises(RetryLater):
+        handle_start_message(lifecycle, (), body, claim_id="t-1")
+    took = time.monotonic() - began
+    holder.result(timeout=20)
+    assert bound - 0.5 <= took < bound + 1.5, took
+    assert row_or_none(lifecycle.db, "busy") is None
+    assert handle_start_message(lifecycle, (), body, claim_id="t-1").status == "active"
+
+
+# -- admission that does not scan history ----------------------------------------------------
+
+
+def tuples_read(session: Any) -> int:
+    """Rows of ``sessions`` this transaction has read so far (sequential and by index)."""
+    found = session.execute(
+        text(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " FROM pg_stat_xact_user_tables WHERE relname = 'sessions'"
+        )
+    ).scalar()
+    return int(found or 0)
+
+
+def test_admission_reads_the_vendor_limit_from_one_row_not_the_history_of_starts(
+    lifecycle: Lifecycle, simulator: SimulatorServer
+) -> None:
+    simulator.configure(max_concurrent_sessions=3)  # reported as max_session_numbers
+    assert (
+        handle_start_message(
+            lifecycle, (), {"avatar_id": "a", "request_id": "reported"}, claim_id="t-0"
+        ).status
+        == "active"
+    )
+    # Then 3,000 starts whose replies left the optional limit out, all ended since.
+    long_ago = datetime.now(UTC) - timedelta(days=1)
+    with lifecycle.db.transaction() as session:
+        session.add_all(
+            SessionRow(
+                request_id=f"old-{i}",
+                status="ended",
+                avatar_id="a",
+                request_payload={},
+                payload_sha256="0" * 64,
+                created_at=long_ago,
+                started_at=long_ago + timedelta(seconds=i),
+                ended_at=long_ago + timedelta(seconds=i + 1),
+            )
+            for i in range(3000)
+        )
+    with lifecycle.db.transaction() as session:
+        session.execute(
+            text(
+                "UPDATE sessions SET started_at = now() - interval '2 days'"
+                " WHERE request_id = 'reported'"
+            )
+        )
+    with lifecycle.db.transaction() as session:
+        before = tuples_read(session)
+        state = store.admission._admission_state(session, 10)
+        read = tuples_read(session) - before
+    assert state.cap == 3  # the vendor's last reported limit still holds
+    assert read < 20, f"admission read {read} rows of sessions under its lock"

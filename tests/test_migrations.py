@@ -20,6 +20,7 @@ TABLES = {
     "early_stops",
     "sweep_leases",
     "schema_compatibility",
+    "vendor_accounts",
 }
 
 

@@ -169,6 +169,9 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
             max_concurrent_sessions=lc.settings.max_concurrent_sessions,
             lease_seconds=lc.settings.start_timeout_seconds,
         )
+    except store.AdmissionBusy as error:
+        # Admission is busy for longer than a claim may wait: an outage, not a failure.
+        raise RetryLater(str(error), random.uniform(0.5, 1.5)) from None
     except DataError as error:
         # A value the checks above let through and Postgres refuses: the request still ends
         # visibly. Only the SQLSTATE is kept: the server's message may quote the payload.

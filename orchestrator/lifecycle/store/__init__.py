@@ -13,6 +13,7 @@ a host's clock.
 from orchestrator.lifecycle.store.admission import (
     ADMISSION_LOCK_KEY,
     CLAIM_FUNCTION_MIGRATION,
+    AdmissionBusy,
     AdmissionState,
     Claim,
     ClaimOutcome,
@@ -74,6 +75,7 @@ __all__ = [
     "LEASE_GRACE_SECONDS",
     "MAX_DURATION_REACHED",
     "USER_CLOSED",
+    "AdmissionBusy",
     "AdmissionState",
     "AttemptBusy",
     "Claim",
