@@ -61,7 +61,7 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
         }
         _retry(task, later.delay, str(later), headers)
     except PoolTimeout:
-        _retry(task, _backoff(task), "no free database connection in this worker")
+        _retry(task, _backoff(task), "no free database connection in this worker", _carried(task))
     except DBAPIError as error:
         if not error.connection_invalidated and not isinstance(
             error, OperationalError | InterfaceError
@@ -71,7 +71,19 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
                 "%s: database error %s (SQLSTATE %s)", task.name, type(error).__name__, sqlstate
             )
             raise StorageError(f"{type(error).__name__} (SQLSTATE {sqlstate})") from None
-        _retry(task, _backoff(task), f"database unavailable ({type(error.orig).__name__})")
+        why = f"database unavailable ({type(error.orig).__name__})"
+        _retry(task, _backoff(task), why, _carried(task))
+
+
+def _carried(task: AnyTask) -> dict[str, str]:
+    """This delivery's own headers, for a retry that sets none: an abandoned attempt and a
+    stopped vendor session must reach the delivery that can act on them, however many outage
+    retries come between (a retry's headers replace the message's)."""
+    return {
+        name: value
+        for name in (ABANDONED_ATTEMPT_HEADER, STOPPED_VENDOR_SESSION_HEADER)
+        if isinstance(value := getattr(task.request, name, None), str) and value
+    }
 
 
 def _backoff(task: AnyTask) -> float:

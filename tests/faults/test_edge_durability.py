@@ -14,8 +14,9 @@ from orchestrator.db import Database
 from orchestrator.db.migrate import upgrade
 from orchestrator.lifecycle import Lifecycle, RetryLater, handle_start_message
 from orchestrator.lifecycle.inline import inline_lifecycle
+from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
-from tests.conftest import wait_until
+from tests.conftest import WorkerProcess, wait_until
 from tests.faults.conftest import via_proxy
 from tests.faults.crashable_postgres import CrashablePostgres
 from tests.faults.tcp_proxy import TcpProxy
@@ -184,3 +185,43 @@ def test_a_lost_commit_reply_during_a_long_outage_ends_the_row_at_the_retry(
     r = row(db, "r")
     assert (r.status, r.end_reason, r.vendor_session_id) == ("ended", "ERROR", vendor["session_id"])
     assert len(simulator.sessions()) == 1
+
+
+@pytest.mark.broker
+@pytest.mark.worker
+def test_a_worker_ends_the_row_of_a_session_it_stopped_after_a_lost_commit_reply(
+    fault_settings: Callable[..., Settings],
+    start_worker: Callable[..., WorkerProcess],
+    database_url: str,
+    db: Database,
+    big_vendor: SimulatorServer,
+    pg_proxy: TcpProxy,
+    clean_queues: None,
+) -> None:
+    """As above, through a worker: the stopped session's id travels in the retry's headers,
+    across the retries the outage itself causes, until the database is back."""
+    settings = fault_settings(
+        database_url=via_proxy(database_url, pg_proxy),
+        orphan_grace_seconds=8.0,
+        vendor_timeout_seconds=5.0,
+        start_timeout_seconds=20.0,
+        stop_retry_seconds=10.0,
+    )
+    worker = start_worker(settings)
+    producer = Producer(settings)
+    try:
+        pg_proxy.drop_reply_to(b"WITH marked AS", reset_after=5.0)
+        producer.enqueue_start_session(request_id="r", avatar_id="a")
+        wait_until(lambda: pg_proxy.replies_dropped == 1, 20, 0.005)
+        pg_proxy.cut()  # away past the record window (3 s) and through a few retries
+        wait_until(lambda: big_vendor.sessions(status="ended"), 20, 0.1, "the compensation")
+        wait_until(lambda: "database unavailable" in worker.log(), 30, 0.2, "a retry in the outage")
+        pg_proxy.restore()
+        r = wait_until(
+            lambda: (found := row(db, "r")).status == "ended" and found, 30, 0.2, "row ended"
+        )
+    finally:
+        producer.close()
+    assert (r.status, r.end_reason) == ("ended", "ERROR")
+    (vendor,) = big_vendor.sessions()
+    assert r.vendor_session_id == vendor["session_id"]
