@@ -45,7 +45,8 @@ def test_the_admission_count_uses_the_live_statuses_of_the_models() -> None:
 
 @pytest.mark.postgres
 def test_the_database_runs_what_the_migrations_say(db: Database) -> None:
-    """Every version of the claim still defined (older releases call theirs) takes the lock."""
+    # Every version of the claim (the previous release's is kept beside the current one
+    # during an upgrade) takes the one admission lock.
     with db.engine.connect() as connection:
         bodies = (
             connection.execute(

@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from orchestrator.db import Database, OutboxEvent
-from orchestrator.db.types import utcnow
 
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 100
@@ -51,7 +50,7 @@ _NEXT_BATCH = (
 _MARK_PUBLISHED = (
     update(OutboxEvent)
     .where(OutboxEvent.id.in_(bindparam("ids", expanding=True)))
-    .values(published_at=bindparam("now"))
+    .values(published_at=func.clock_timestamp())  # the database's clock, as every time
 )
 
 
@@ -70,7 +69,7 @@ def relay(db: Database, publish: PublishBatch, *, max_batches: int = 100) -> int
                 publish(
                     [PendingEvent(r.event_id, r.routing_key, r.body, r.traceparent) for r in rows]
                 )
-                connection.execute(_MARK_PUBLISHED, {"ids": [r.id for r in rows], "now": utcnow()})
+                connection.execute(_MARK_PUBLISHED, {"ids": [r.id for r in rows]})
         total += len(rows)
         if len(rows) < BATCH_SIZE:
             break

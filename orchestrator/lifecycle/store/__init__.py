@@ -56,10 +56,12 @@ from orchestrator.lifecycle.store.stops import (
     stop_failed,
 )
 from orchestrator.lifecycle.store.vendor_sync import (
+    END_REASON_LENGTH,
     LEASE_GRACE_SECONDS,
     LiveVendorRow,
     StuckStarts,
     database_time,
+    first_sightings,
     live_vendor_rows,
     log_orphan_stop,
     owned_vendor_ids,
@@ -72,6 +74,7 @@ from orchestrator.lifecycle.store.vendor_sync import (
 __all__ = [
     "ADMISSION_LOCK_KEY",
     "CLAIM_FUNCTION_MIGRATION",
+    "END_REASON_LENGTH",
     "LEASE_GRACE_SECONDS",
     "MAX_DURATION_REACHED",
     "USER_CLOSED",
@@ -101,6 +104,7 @@ __all__ = [
     "end_if_stopped",
     "expire_waiting",
     "finish_stops",
+    "first_sightings",
     "has_waiting",
     "live_vendor_rows",
     "log_compensation",
