@@ -4,7 +4,8 @@ processes — expiry, start timeouts, leases, retry times — is the database's 
 a host's clock.
 
 - :mod:`.admission`: the claim of a new request, admission of waiting ones;
-- :mod:`.starts`: vendor start attempts and their answers;
+- :mod:`.starts`: vendor start attempts and their answers; :mod:`.invalid`: requests that
+  cannot be started;
 - :mod:`.stops`: stop requests, the reaper's claim, confirmed stops;
 - :mod:`.vendor_sync`: what the reconciler compares with the vendor;
 - :mod:`.rows` and :mod:`.history`: what they share, and the ``session_events`` log.
@@ -24,6 +25,7 @@ from orchestrator.lifecycle.store.admission import (
     expire_waiting,
     has_waiting,
 )
+from orchestrator.lifecycle.store.invalid import record_invalid
 from orchestrator.lifecycle.store.rows import (
     MAX_DURATION_REACHED,
     USER_CLOSED,
@@ -41,7 +43,6 @@ from orchestrator.lifecycle.store.starts import (
     end_if_stopped,
     log_compensation,
     record_failed,
-    record_invalid,
     record_started,
     start_state,
 )

@@ -1,5 +1,5 @@
 """The vendor start of a claimed row: an attempt (with its lease), its answer recorded or
-its failure, and requests that cannot be started at all."""
+its failure (requests that cannot be started at all: :mod:`.invalid`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument, UTCDateTime
-from orchestrator.events import bodies, outbox
-from orchestrator.lifecycle.requests import storable, without_secrets
+from orchestrator.events import bodies
+from orchestrator.lifecycle.requests import without_secrets
 from orchestrator.lifecycle.store import history
 from orchestrator.lifecycle.store.rows import (
     USER_CLOSED,
@@ -23,7 +23,6 @@ from orchestrator.lifecycle.store.rows import (
     StopTicket,
     db_now,
     finish,
-    insert_ignoring_conflict,
     lock_row,
     new_attempt_owner,
 )
@@ -49,57 +48,6 @@ class AttemptBusy:
     """Another delivery of this start holds the attempt's lease for ``seconds`` more."""
 
     seconds: float
-
-
-def record_invalid(
-    db: Database,
-    *,
-    request_id: str,
-    claim_id: str,
-    payload: dict[str, Any],
-    digest: str,
-    error_code: str,
-    message: str,
-    traceparent: str | None,
-) -> uuid.UUID | None:
-    """A message that decoded but cannot be started becomes a ``failed`` row (its payload kept
-    as storable text, without secrets)."""
-    payload = storable(payload)
-    message = storable(message)
-    avatar = payload.get("avatar_id")
-    with db.transaction() as session:
-        now = db_now(session)
-        new_id = session.execute(
-            insert_ignoring_conflict(
-                {
-                    "id": uuid.uuid4(),
-                    "request_id": request_id,
-                    "claim_id": claim_id,
-                    "status": S.FAILED.value,
-                    "avatar_id": avatar if isinstance(avatar, str) else None,
-                    "request_payload": payload,
-                    "payload_sha256": digest,
-                    "error_code": error_code,
-                    "error_message": message,
-                    "traceparent": traceparent,
-                    "created_at": now,
-                    "ended_at": now,
-                }
-            )
-        ).scalar_one_or_none()
-        if new_id is None:
-            row = session.scalars(
-                select(SessionRow).where(SessionRow.request_id == request_id)
-            ).one()
-            if row.claim_id != claim_id:
-                history.log(
-                    session, EventKind.DUPLICATE_CONFLICT, row=row, claim_id=claim_id, error=message
-                )
-            return None
-        row = session.get_one(SessionRow, new_id)
-        history.log(session, EventKind.FAILED, row=row, error_code=error_code, error=message)
-        outbox.emit(session, row)
-        return row.id
 
 
 # -- starts ----------------------------------------------------------------------------------
