@@ -3,10 +3,17 @@ vendor session stopped again (compensation) when no row will own it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from orchestrator.backoff import exponential_backoff
@@ -22,6 +29,11 @@ from orchestrator.lifecycle.stop import compensate, execute_stop
 # may outlast what the orphan grace leaves after the vendor's reply (grace - vendor timeout):
 # past it the reconciler would take the unrecorded session for an orphan and stop it.
 RECORD_RETRY_SECONDS = 5.0
+
+# The unique constraint on ``sessions.vendor_session_id`` (migration 0001).
+VENDOR_ID_CONSTRAINT = "uq_sessions_vendor_session_id"
+
+log = logging.getLogger(__name__)
 
 
 def start_deadline(lc: Lifecycle) -> float:
@@ -74,7 +86,13 @@ def record_vendor_yes(
     again for a few seconds; only then, or if the row no longer wants this session, the vendor
     session is stopped again (compensation)."""
     vendor_id = start.vendor_session_id
-    result = _record_within(lc, ticket, start, _RecordWindow.from_now(lc))
+    try:
+        result = _record_within(lc, ticket, start, _RecordWindow.from_now(lc))
+    except IntegrityError as error:
+        if not _names_another_rows_session(error):
+            compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+            raise
+        return _fail_reused_session_id(lc, ticket, vendor_id)
     if result is None:
         return StartOutcome(ticket.request_id, "active", vendor_id)
     if isinstance(result, store.StopTicket):
@@ -114,6 +132,8 @@ def _record_within(
                 result = store.record_started(
                     lc.db, ticket, start, stop_retry_in=lc.settings.stop_retry_seconds
                 )
+        except IntegrityError:
+            raise  # the caller tells a reused vendor id (no stop) from any other
         except SQLAlchemyError as error:
             if not _is_outage(error):
                 compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
@@ -146,3 +166,26 @@ def _reread(
         if not _is_outage(error):
             raise
         return _UNKNOWN
+
+
+def _names_another_rows_session(error: IntegrityError) -> bool:
+    diag = getattr(error.orig, "diag", None)
+    return getattr(diag, "constraint_name", None) == VENDOR_ID_CONSTRAINT
+
+
+def _fail_reused_session_id(
+    lc: Lifecycle, ticket: store.StartTicket, vendor_id: str
+) -> StartOutcome:
+    """The vendor answered with a session id another request's row already holds. Stopping it
+    would end that request's session, and no second session under one id can exist: nothing
+    of ours bills under this request, so it fails and nothing is stopped. (If the vendor did
+    make a session under some other id, it has no row and the reconciler stops it as an
+    orphan.)"""
+    message = "the vendor answered with a session id another request already holds"
+    log.error("request %s: %s (%s); nothing stopped", ticket.request_id, message, vendor_id[:255])
+    failed = store.record_failed(
+        lc.db, ticket, error_code="VENDOR_BAD_REPLY", error_message=message
+    )
+    if failed is store.NotRecorded.GONE:
+        raise RetryLater("the request's row was lost; claiming it again", 0.0)
+    return StartOutcome(ticket.request_id, "failed", message)
