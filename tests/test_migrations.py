@@ -26,6 +26,7 @@ TABLES = {
     "early_stops",
     "sweep_leases",
     "schema_compatibility",
+    "vendor_accounts",
 }
 
 
