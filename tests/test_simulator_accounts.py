@@ -178,6 +178,18 @@ def test_server_errors_on_one_account_at_run_time(
     assert sim.stats()["accounts"]["c"]["statuses"]["start"] == {"500": 1, "200": 1}
 
 
+def test_top_level_keys_and_cap_are_refused_with_accounts(sim: SimulatorServer) -> None:
+    with pytest.raises(ValueError, match="max_concurrent_sessions: set per account"):
+        sim.configure(max_concurrent_sessions=1)
+    with pytest.raises(ValueError, match="app_id, user_key: set per account"):
+        SimulatorConfig.from_options(app_id="x", user_key="y", accounts=[keys_account("eu")])
+    assert sim.config.account_list()[0].max_concurrent_sessions == 2
+
+
+def keys_account(name: str) -> SimulatorAccount:
+    return SimulatorAccount(name, *keys(name))
+
+
 def test_latency_and_failure_rates_per_account(sim: SimulatorServer, client: httpx.Client) -> None:
     sim.configure_account("a", latency_seconds=0.4, failure_rate={"list": 1.0})
     began = time.monotonic()

@@ -45,6 +45,8 @@ def _new_secret() -> str:
 _MAPPING_FIELDS: Final = frozenset({"failure_rate", "endpoint_latency"})
 _OPTIONAL_FIELDS: Final = frozenset({"idle_timeout_seconds", "seed", "voice_id"})
 _BOOL_FIELDS: Final = frozenset({"server_errors", "refuse_key"})
+#: Fields only the implicit ``default`` account uses (accounts have their own).
+_IMPLICIT_ACCOUNT_ONLY: Final = frozenset({"app_id", "user_key", "max_concurrent_sessions"})
 #: Top-level fields that describe the implicit ``default`` account (no ``accounts`` given).
 _DEFAULT_ACCOUNT_FIELDS: Final = frozenset(
     {
@@ -184,12 +186,19 @@ class SimulatorConfig:
 
         Per-endpoint knobs (``failure_rate``, ``endpoint_latency``) also accept the
         ``"start=0.1,stop=0.05"`` form and *replace* the previous mapping; ``accounts``
-        (a list of accounts or mappings) replaces every account.
+        (a list of accounts or mappings) replaces every account. With accounts, the keys and
+        the cap are each account's: changing the top-level ones is refused, not ignored.
         """
         unknown = sorted(set(changes) - self.field_names())
         if unknown:
             raise ValueError(f"unknown simulator setting(s): {', '.join(unknown)}")
         coerced = {name: _coerce(name, value) for name, value in changes.items()}
+        per_account = sorted(set(changes) & _IMPLICIT_ACCOUNT_ONLY)
+        if per_account and coerced.get("accounts", self.accounts):
+            raise ValueError(
+                f"{', '.join(per_account)}: set per account when accounts are given"
+                " (configure_account NAME or the account's own fields)"
+            )
         return dataclasses.replace(self, **coerced)
 
     @classmethod
