@@ -301,6 +301,11 @@ def _simulator_module() -> Any:
 @click.option("--token-ttl", type=float, help="Session token lifetime in seconds.")
 @click.option("--app-id", help="Accepted appId (default demo-app-id).")
 @click.option("--user-key", help="Accepted userKey (default demo-user-key).")
+@click.option(
+    "--accounts-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON list of accounts to serve, each with its own keys, cap and faults.",
+)
 def simulator(
     host: str,
     port: int,
@@ -311,6 +316,7 @@ def simulator(
     token_ttl: float | None,
     app_id: str | None,
     user_key: str | None,
+    accounts_file: str | None,
 ) -> None:
     """Serve a fake DeepBrain API (for the demo, tests, staging)."""
     sim = _simulator_module()
@@ -325,6 +331,7 @@ def simulator(
             token_ttl=token_ttl,
             app_id=app_id,
             user_key=user_key,
+            accounts_file=accounts_file,
         )
     except ValueError as error:
         raise click.ClickException(str(error)) from None

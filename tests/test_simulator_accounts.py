@@ -358,3 +358,18 @@ def write_accounts(folder: Path, accounts: list[dict[str, Any]]) -> Path:
     path = folder / "accounts.json"
     path.write_text(json.dumps(accounts))
     return path
+
+
+def test_cli_simulator_refuses_a_bad_accounts_file_in_one_line(tmp_path: Path) -> None:
+    path = write_accounts(tmp_path, [{"name": "eu", "app_id": "x", "user_key": "y", "cap": 1}])
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "simulator", "--accounts-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: {path}: unknown account field(s): cap"
+    )
