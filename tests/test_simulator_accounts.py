@@ -370,6 +370,4 @@ def test_cli_simulator_refuses_a_bad_accounts_file_in_one_line(tmp_path: Path) -
         check=False,
     )
     assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"Error: {path}: unknown account field(s): cap"
-    )
+    assert done.stderr.strip().splitlines()[-1] == (f"Error: {path}: unknown account field(s): cap")
