@@ -176,13 +176,28 @@ def publishing_config(settings: Settings) -> dict[str, Any]:
         # only), replicated like the work queues; Celery picks this up from the quorum
         # arguments of task_queues, and turns global QoS off for them.
         "broker_native_delayed_delivery_queue_type": "quorum",
-        "task_routes": {name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        "task_routes": task_routes(settings),
         "task_create_missing_queues": False,
         "task_publish_retry": True,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport_options,
         # Waiting for a free producer of the pool counts against the publish's bound too.
         "broker_pool_acquire_timeout": settings.publish_timeout_seconds,
+    }
+
+
+def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """Each task to its queue, through the queue's exchange. For a direct exchange (classic)
+    Celery would publish through the default exchange straight to the queue, which unbinding
+    cannot stop: ``queues migrate`` could then delete a queue with a message just confirmed
+    into it. On RabbitMQ the exchange is named explicitly (the embedded broker keeps
+    Celery's default)."""
+    through_exchange = settings.effective_broker_url.startswith(("amqp", "pyamqp"))
+    return {
+        name: {"queue": queue, "exchange": queue, "routing_key": queue}
+        if through_exchange
+        else {"queue": queue}
+        for name, queue in TASK_QUEUES.items()
     }
 
 

@@ -12,13 +12,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from kombu import Connection
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    calculate_routing_key,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from orchestrator.cli import main
 from orchestrator.config import Settings
@@ -30,7 +38,7 @@ from orchestrator.messaging import (
     Topology,
     dead_letter_exchange,
 )
-from orchestrator.producer import Producer
+from orchestrator.producer import Producer, PublishError
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import AMQP_HOST, WorkerProcess, settings_env
 from tests.faults.conftest import wait_settled
@@ -184,3 +192,137 @@ def test_queues_migrate_on_the_embedded_broker_is_one_line(
     assert (
         code == 1 and out.strip() == "Error: only a RabbitMQ broker (amqp://) has queues to migrate"
     )
+
+
+def start_ids(url: str, queue: str) -> list[str]:
+    """The request ids of the start messages in ``queue`` (taken off it)."""
+    found = []
+    with Connection(url) as conn:
+        channel: Any = conn.channel()
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            _, kwargs, _ = json.loads(message.body)
+            found.append(str(kwargs["request_id"]))
+    return found
+
+
+class Enqueuer(threading.Thread):
+    """A producer publishing starts with confirms as fast as it can: ``accepted`` is what the
+    broker confirmed (the producer returned), ``refused`` what raised PublishError."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(daemon=True)
+        self.producer = Producer(settings)
+        self.accepted: list[str] = []
+        self.refused = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        number = 0
+        while not self.stopping.is_set():
+            rid = f"during-{number:05d}"
+            number += 1
+            try:
+                self.accepted.append(
+                    self.producer.enqueue_start_session(request_id=rid, avatar_id="a")
+                )
+            except PublishError:
+                self.refused += 1
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(60)
+        self.producer.close()
+
+
+def migrate_killed_after_line(settings: Settings, line: int) -> tuple[bool, str]:
+    """``orchestrator queues migrate`` in a process of its own, SIGKILLed as soon as it has
+    printed ``line`` lines; (whether it was killed, its output)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "queues", "migrate"],
+        env=settings_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    for text_line in process.stdout:
+        lines.append(text_line)
+        if len(lines) == line:
+            process.kill()
+            process.wait(30)
+            return True, "".join(lines)
+    code = process.wait(60)
+    assert code == 0, "".join(lines)
+    return False, "".join(lines)
+
+
+def test_a_migration_killed_after_each_step_loses_no_confirmed_start(
+    settings_for: Callable[..., Settings], old_vhost: str, tmp_path: Path
+) -> None:
+    """A producer publishes starts with confirms all through ``queues migrate`` (classic to
+    quorum), the command SIGKILLed after its first progress line, then run again and killed
+    after its second, and so on until a run finishes: every start the broker confirmed is in
+    the start queue at the end, and no holding queue is left."""
+    old = settings_for(broker_url=old_vhost, queue_type="classic", publish_timeout_seconds=3.0)
+    new = settings_for(broker_url=old_vhost, state_dir=tmp_path / "new")
+    with Connection(old_vhost) as conn:
+        Topology("classic").declare(conn)
+    enqueuer = Enqueuer(old)
+    enqueuer.start()
+    runs: list[str] = []
+    try:
+        while len(enqueuer.accepted) < 20:
+            time.sleep(0.05)
+        for line in range(1, 40):
+            killed, out = migrate_killed_after_line(new, line)
+            runs.append(out)
+            if not killed:
+                break
+            time.sleep(0.3)  # publishes meet the half-migrated broker
+        assert not killed, f"the migration never finished: {runs}"
+    finally:
+        enqueuer.stop()
+    code, out = run_cli(new, "queues", "migrate")
+    assert code == 0 and out.count("already as asked (quorum)") == 3, out
+    types = queue_types(old_vhost)
+    assert types.get(START_QUEUE) == "quorum", types
+    assert not [name for name in types if name.endswith(".migrating")], types
+    found = set(start_ids(old_vhost, START_QUEUE))
+    lost = [rid for rid in enqueuer.accepted if rid not in found]
+    assert not lost, f"{len(lost)} of {len(enqueuer.accepted)} confirmed starts lost: {lost[:5]}"
+    print(
+        f"\nmigration killed {len(runs) - 1} times: {len(enqueuer.accepted)} starts confirmed,"
+        f" all in {START_QUEUE}; {enqueuer.refused} refused (PublishError)"
+    )
+
+
+def test_countdown_retries_waiting_in_the_broker_survive_a_move_to_classic(
+    settings_for: Callable[..., Settings], old_vhost: str
+) -> None:
+    """A quorum worker's countdown retry waits in Celery's delay queues and comes back
+    through ``celery_delayed_delivery``; moving the queues to classic must keep that way in."""
+    quorum = Topology("quorum")
+    with Connection(old_vhost) as conn:
+        quorum.declare(conn)
+        declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
+        bind_queue_to_native_delayed_delivery_exchange(conn, quorum.work_queue(START_QUEUE))
+        conn.Producer().publish(
+            b'[[], {"request_id": "delayed"}, {}]',
+            exchange="celery_delayed_27",
+            routing_key=calculate_routing_key(4, START_QUEUE),
+            content_type="application/json",
+            delivery_mode=2,
+        )
+    code, out = run_cli(
+        settings_for(broker_url=old_vhost, queue_type="classic"), "queues", "migrate"
+    )
+    assert code == 0, out
+    assert queue_types(old_vhost)[START_QUEUE] == "classic"
+    deadline = time.monotonic() + 20
+    found: list[str] = []
+    while not found and time.monotonic() < deadline:
+        found = start_ids(old_vhost, START_QUEUE)
+        time.sleep(0.5)
+    assert found == ["delayed"], "the countdown retry never came back to its queue"
