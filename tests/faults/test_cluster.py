@@ -13,6 +13,7 @@ installed.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -26,8 +27,9 @@ import pytest
 from kombu import Connection
 from sqlalchemy import text
 
+from orchestrator.celery_app import create_app
 from orchestrator.config import Settings
-from orchestrator.db import Database
+from orchestrator.db import Database, OutboxEvent
 from orchestrator.messaging import CONTROL_QUEUE, DEAD_LETTER_QUEUE, START_QUEUE, events_exchange
 from orchestrator.producer import Producer, PublishError, SessionEvents
 from orchestrator.publishing import topology
@@ -39,8 +41,10 @@ from tests.faults.conftest import (
     event_counts,
     kill_worker,
     rows_by_request,
+    via_proxy,
     wait_settled,
 )
+from tests.faults.tcp_proxy import TcpProxy
 from tests.rabbit_cluster import Node, RabbitCluster, rabbitmqctl
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres, pytest.mark.worker]
@@ -295,34 +299,126 @@ def timed_publish(publish: Callable[[], object]) -> tuple[BaseException | None, 
     return (outcome[0] if outcome else None), took, bool(outcome)
 
 
-def test_a_producer_under_a_disk_alarm_gets_publish_error_within_its_bound(
-    cluster: RabbitCluster, vhost: str, cluster_settings: Callable[..., Settings]
+def test_under_a_disk_alarm_every_publisher_gives_up_within_its_bound_and_loses_nothing(
+    cluster: RabbitCluster,
+    vhost: str,
+    cluster_settings: Callable[..., Settings],
+    start_worker: Callable[..., WorkerProcess],
+    database_url: str,
+    db: Database,
+    big_vendor: SimulatorServer,
+    pg_proxy: TcpProxy,
 ) -> None:
+    """A disk alarm blocks every publishing connection of the cluster. Meanwhile:
+
+    - the producer's ``enqueue_start_session`` and ``request_stop`` raise ``PublishError``
+      within the bound;
+    - the event relay gives up within the bound, holding no row lock (another transaction
+      locks the outbox row at once, NOWAIT) and leaves the event for a later pass;
+    - a worker whose start must be retried (its database is away) and whose retry cannot be
+      published requeues the start and says so; the start is served once both are back."""
     node = cluster.nodes[0]
     url = cluster.failover_url(node, vhost)
-    settings = cluster_settings("alarm", url, publish_timeout_seconds=PUBLISH_BOUND)
+    bound = {"publish_timeout_seconds": PUBLISH_BOUND}
+    settings = cluster_settings("alarm", url, **bound)
     declare(settings, url)
     producer = Producer(settings)
     producer.enqueue_start_session(request_id="before-alarm", avatar_id="a")
+    relay_app = create_app(settings)
+    event = OutboxEvent(routing_key="session.active", body=event_body("relayed"))
+    worker = start_worker(
+        cluster_settings("retrier", url, database_url=via_proxy(database_url, pg_proxy), **bound)
+    )
+    wait_settled(db, ["before-alarm"], timeout=30, allowed=("active",))
+    pg_proxy.cut()
+    publish_raw(url, {"request_id": "requeued", "avatar_id": "a"})
     results = []
+    relay_locks: list[str] = []
     try:
+        deadline = time.monotonic() + 30
+        while "retry in" not in worker.log():  # the start met the missing database
+            assert time.monotonic() < deadline, worker.log()[-2000:]
+            time.sleep(0.1)
         set_disk_alarm(cluster, node, on=True)
         results.append(
             timed_publish(lambda: producer.enqueue_start_session(request_id="x", avatar_id="a"))
         )
         results.append(timed_publish(lambda: producer.request_stop(request_id="x")))
+        with db.transaction() as session:  # after the alarm: no worker's relay sent it before
+            session.add(event)
+        relay = threading.Thread(target=relay_app.dispatcher.relay.relay_now, daemon=True)
+        relay.start()
+        time.sleep(1.0)  # the relay is waiting for the broker's confirm
+        relay_locks = outbox_locks_held(db)
+        relay.join(PUBLISH_BOUND + BOUND_SLACK)
+        results.append((None, 0.0, not relay.is_alive()))
+        unrelayed_under_alarm = unpublished_events(db, event.event_id)
+        deadline = time.monotonic() + PUBLISH_BOUND + BOUND_SLACK + 10
+        while "message requeued" not in worker.log():
+            assert time.monotonic() < deadline, (
+                f"the worker never requeued its start: {worker.log()[-3000:]}"
+            )
+            time.sleep(0.2)
     finally:
         set_disk_alarm(cluster, node, on=False)
+        pg_proxy.restore()
     try:
-        for error, took, returned in results:
+        for error, took, returned in results[:2]:
             assert returned, f"a publish under the alarm still blocked after {took:.1f} s"
             assert isinstance(error, PublishError), f"not PublishError: {error!r}"
             assert took <= PUBLISH_BOUND + BOUND_SLACK, took
-        # The alarm cleared: the same producer publishes again.
+        assert results[2][2], "the event relay still blocked past its bound"
+        assert not relay_locks, f"the relay held a lock while it published: {relay_locks}"
+        assert unrelayed_under_alarm == 1
+        # The alarm cleared: the producer publishes again, the relay sends the event, the
+        # requeued start is served.
         producer.enqueue_start_session(request_id="after-alarm", avatar_id="a")
+        relay_app.dispatcher.relay.relay_now()
+        assert unpublished_events(db, event.event_id) == 0
+        wait_settled(db, ["requeued", "after-alarm"], timeout=60, allowed=("active",))
+        assert not take_dead(url), "a message was dead-lettered"
+        assert worker.log().count("message requeued") >= 1
     finally:
         producer.close()
-    print(f"\ndisk alarm: PublishError after {', '.join(f'{r[1]:.1f} s' for r in results)}")
+        relay_app.close()
+        kill_worker(worker)
+    print(f"\ndisk alarm: PublishError after {', '.join(f'{r[1]:.1f} s' for r in results[:2])}")
+
+
+def unpublished_events(db: Database, event_id: uuid.UUID) -> int:
+    with db.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM event_outbox"
+                    " WHERE published_at IS NULL AND event_id = :event_id"
+                ),
+                {"event_id": event_id},
+            ).scalar_one()
+        )
+
+
+def outbox_locks_held(db: Database) -> list[str]:
+    """What keeps this transaction from locking the unpublished outbox rows at once (NOWAIT),
+    or sessions idle in a transaction: empty when no relay holds a lock or a transaction."""
+    problems = []
+    with db.engine.connect() as conn:
+        try:
+            conn.execute(
+                text("SELECT id FROM event_outbox WHERE published_at IS NULL FOR UPDATE NOWAIT")
+            ).all()
+        except Exception as error:  # LockNotAvailable: someone holds the row
+            problems.append(type(error).__name__)
+        conn.rollback()
+        idle = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+        if idle:
+            problems.append(f"{idle} session(s) idle in transaction")
+    return problems
 
 
 def set_disk_alarm(cluster: RabbitCluster, node: Node, *, on: bool) -> None:
@@ -428,7 +524,7 @@ def test_a_lost_majority_refuses_publishes_within_the_bound_and_loses_nothing_co
         for number in range(3):
             rid = f"during-{number}"
             error, took, returned = timed_publish(
-                lambda rid=rid: producer.enqueue_start_session(request_id=rid, avatar_id=rid)
+                functools.partial(producer.enqueue_start_session, request_id=rid, avatar_id=rid)
             )
             if not returned or took > PUBLISH_BOUND + BOUND_SLACK:
                 slow.append(f"{rid}: {took:.1f} s")
