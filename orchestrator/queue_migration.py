@@ -271,8 +271,9 @@ def _migrate_queue(
             if exchange_refused:
                 channel.exchange_delete(plan.exchange)
                 declare_exchange(channel)
-                channel.queue_bind(plan.holding, plan.exchange, plan.routing_key)
                 progress(f"{plan.name}: exchange {plan.exchange} is now {plan.exchange_type}")
+                channel.queue_bind(plan.holding, plan.exchange, plan.routing_key)
+                progress(f"{plan.name}: {plan.holding} bound to it again")
         declare_exchange(channel)
         declare_queue(channel)
         _bind(channel, plan.name, plan, delayed)
