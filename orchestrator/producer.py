@@ -165,6 +165,9 @@ class Producer:
                 task_id=task_id,
                 headers=headers,
                 kwargsrepr="{…}",  # keep payloads (and the secrets they may hold) out of monitors
+                # Declared once above; declaring again on each new connection would recreate
+                # a queue `queues migrate` just deleted, or fail on the exchange it retyped.
+                declare=[],
             )  # bounded by ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS: PublishError after that
         except self._publish_errors as error:
             raise PublishError(f"could not publish {name}: {error}") from None

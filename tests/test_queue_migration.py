@@ -39,6 +39,7 @@ from orchestrator.messaging import (
     dead_letter_exchange,
 )
 from orchestrator.producer import Producer, PublishError
+from orchestrator.queue_migration import migrate
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import AMQP_HOST, WorkerProcess, settings_env
 from tests.faults.conftest import wait_settled
@@ -235,57 +236,74 @@ class Enqueuer(threading.Thread):
         self.producer.close()
 
 
-def migrate_killed_after_line(settings: Settings, line: int) -> tuple[bool, str]:
-    """``orchestrator queues migrate`` in a process of its own, SIGKILLed as soon as it has
-    printed ``line`` lines; (whether it was killed, its output)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "queues", "migrate"],
-        env=settings_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    for text_line in process.stdout:
-        lines.append(text_line)
-        if len(lines) == line:
-            process.kill()
-            process.wait(30)
-            return True, "".join(lines)
-    code = process.wait(60)
-    assert code == 0, "".join(lines)
-    return False, "".join(lines)
+# The steps of one queue's migration, in order, as its progress lines say them.
+STEPS = (
+    "new messages go to",
+    "messages moved to",
+    "is now topic",
+    "bound to it again",
+    "declared as asked and bound",
+    "messages moved back",
+)
+
+
+class Killed(BaseException):
+    """The migration dies right after a step (raised from its progress callback)."""
+
+
+def migrate_killed_after_step(url: str, first: int) -> int | None:
+    """Run the migration (to quorum) and let it die right after the first step of
+    ``orchestrator.start`` numbered ``first`` or later: its connection is dropped without a
+    goodbye (unacknowledged messages go back to their queue), as when the process is
+    SIGKILLed. Returns the step it died after, or None if it finished."""
+    died: list[int] = []
+
+    def progress(line: str) -> None:
+        if not line.startswith(f"{START_QUEUE}:"):
+            return
+        for number, step in enumerate(STEPS):
+            if number >= first and step in line:
+                died.append(number)
+                raise Killed(line)
+
+    connection = Connection(url)
+    try:
+        migrate(connection, Topology("quorum"), progress)
+    except Killed:
+        connection.collect()
+        return died[0]
+    connection.close()
+    return None
 
 
 def test_a_migration_killed_after_each_step_loses_no_confirmed_start(
     settings_for: Callable[..., Settings], old_vhost: str, tmp_path: Path
 ) -> None:
     """A producer publishes starts with confirms all through ``queues migrate`` (classic to
-    quorum), the command SIGKILLed after its first progress line, then run again and killed
-    after its second, and so on until a run finishes: every start the broker confirmed is in
-    the start queue at the end, and no holding queue is left."""
+    quorum), the migration dying after each of its steps in turn, a second apart, and run
+    again: every start the broker confirmed is in the start queue at the end, and no holding
+    queue is left. (Between a step and the next run the broker has a half-migrated shape:
+    an exchange without bindings, a queue gone, messages in the holding queue.)"""
     old = settings_for(broker_url=old_vhost, queue_type="classic", publish_timeout_seconds=3.0)
     new = settings_for(broker_url=old_vhost, state_dir=tmp_path / "new")
     with Connection(old_vhost) as conn:
         Topology("classic").declare(conn)
     enqueuer = Enqueuer(old)
     enqueuer.start()
-    runs: list[str] = []
+    died: list[int] = []
     try:
         while len(enqueuer.accepted) < 20:
             time.sleep(0.05)
-        for line in range(1, 40):
-            killed, out = migrate_killed_after_line(new, line)
-            runs.append(out)
-            if not killed:
-                break
-            time.sleep(0.3)  # publishes meet the half-migrated broker
-        assert not killed, f"the migration never finished: {runs}"
+        while (
+            step := migrate_killed_after_step(old_vhost, died[-1] + 1 if died else 0)
+        ) is not None:
+            died.append(step)
+            time.sleep(1.0)  # publishes meet the half-migrated broker
+        code, out = run_cli(new, "queues", "migrate")
+        assert code == 0 and out.count("already as asked (quorum)") == 3, out
     finally:
         enqueuer.stop()
-    code, out = run_cli(new, "queues", "migrate")
-    assert code == 0 and out.count("already as asked (quorum)") == 3, out
+    assert died[:3] == [0, 1, 2], died  # among them: the exchange without a binding
     types = queue_types(old_vhost)
     assert types.get(START_QUEUE) == "quorum", types
     assert not [name for name in types if name.endswith(".migrating")], types
@@ -293,8 +311,8 @@ def test_a_migration_killed_after_each_step_loses_no_confirmed_start(
     lost = [rid for rid in enqueuer.accepted if rid not in found]
     assert not lost, f"{len(lost)} of {len(enqueuer.accepted)} confirmed starts lost: {lost[:5]}"
     print(
-        f"\nmigration killed {len(runs) - 1} times: {len(enqueuer.accepted)} starts confirmed,"
-        f" all in {START_QUEUE}; {enqueuer.refused} refused (PublishError)"
+        f"\nmigration died after steps {died}: {len(enqueuer.accepted)} starts confirmed, all in"
+        f" {START_QUEUE}; {enqueuer.refused} refused (PublishError)"
     )
 
 
