@@ -5,7 +5,14 @@
   in ``ORCHESTRATOR_BROKER_URL``) move to another node; every request ends ``active`` with
   exactly one vendor session, nothing is left in any queue, the workers go on consuming;
 - a message that kills every worker that takes it is dead-lettered after the delivery limit
-  (``x-death`` reason ``delivery_limit``) while good messages keep flowing.
+  (``x-death`` reason ``delivery_limit``) while good messages keep flowing;
+- under a disk alarm every publisher gives up within its bound (the producer with
+  ``PublishError``, the event relay without holding a lock, a worker by requeuing);
+- the broker-only events waiter sees every event across the loss of its node;
+- two nodes of three lost, then back: publishes fail within their bound, nothing confirmed is
+  lost, the worker and beat carry on.
+
+The tests share one cluster (module scope); each leaves every node up and no alarm set.
 
 The machine's RabbitMQ on 5672 is not touched. Skipped only where ``rabbitmq-server`` is not
 installed.
