@@ -12,6 +12,7 @@ Module-level functions use one :class:`Producer` built from the environment on f
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -148,7 +149,13 @@ class Producer:
         if self._declared:
             return
         with self.app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=3)
+            connection.ensure_connection(  # within the publish bound, like the publish itself
+                max_retries=3,
+                interval_start=0,
+                interval_step=1,
+                interval_max=2,
+                timeout=math.ceil(self.settings.publish_timeout_seconds),
+            )
             topology(self.settings).declare(connection)
         self._declared = True
 
