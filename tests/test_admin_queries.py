@@ -42,7 +42,7 @@ VIEWS = {
     "admin_stuck",
 }
 TABLES_0001 = {"sessions", "session_events", "event_outbox"}
-TABLES = TABLES_0001 | {"early_stops", "sweep_leases"}  # 0004
+TABLES = TABLES_0001 | {"early_stops", "sweep_leases", "schema_compatibility"}  # 0004, 0005
 SECRET = "SECRET"  # in every secret value inserted below; no view or query may show it
 FORBIDDEN_COLUMN = re.compile(r"token|payload|secret|claim|traceparent|password|sha256")
 MINUTE = timedelta(minutes=1)

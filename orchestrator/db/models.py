@@ -57,6 +57,9 @@ class EventKind(enum.StrEnum):
     ORPHAN_STOPPED = "orphan_stopped"
     STOP_BEFORE_START = "stop_before_start"  # remembered in early_stops (no row yet)
     REDISPATCHED = "redispatched"  # an admitted start whose dispatch was lost, sent again
+    # The first time the reconciler saw, in the vendor's list, a session no row knows and the
+    # vendor gave no usable creation time for: the orphan grace runs from here.
+    VENDOR_SESSION_SEEN = "vendor_session_seen"
 
 
 RARE_EVENT_KINDS = (

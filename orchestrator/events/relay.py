@@ -24,7 +24,6 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, select, update
 
 from orchestrator.db import Database, OutboxEvent
-from orchestrator.db.types import utcnow
 
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 100
@@ -58,7 +57,7 @@ _NEXT_BATCH = (
 _MARK_PUBLISHED = (
     update(OutboxEvent)
     .where(OutboxEvent.id.in_(bindparam("ids", expanding=True)))
-    .values(published_at=bindparam("now"))
+    .values(published_at=func.clock_timestamp())  # the database's clock, as every time
 )
 
 
@@ -92,7 +91,7 @@ def _relay_locked(connection: Connection, publish: PublishBatch, max_batches: in
         rows = connection.execute(_NEXT_BATCH).all()
         if rows:
             publish([PendingEvent(r.event_id, r.routing_key, r.body, r.traceparent) for r in rows])
-            connection.execute(_MARK_PUBLISHED, {"ids": [r.id for r in rows], "now": utcnow()})
+            connection.execute(_MARK_PUBLISHED, {"ids": [r.id for r in rows]})
         total += len(rows)
         if len(rows) < BATCH_SIZE:
             break

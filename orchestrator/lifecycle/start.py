@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
@@ -23,6 +23,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from orchestrator import masking
 from orchestrator.backoff import exponential_backoff
 from orchestrator.config import lease_without_margin
 from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
@@ -35,6 +36,7 @@ from orchestrator.lifecycle.requests import (
     StartRequest,
     parse_start_request,
     payload_digest,
+    secret_values,
 )
 from orchestrator.lifecycle.stop import compensate, execute_stop
 
@@ -116,7 +118,8 @@ def handle_start_message(
             tracing.current_traceparent() or traceparent,
             abandoned_attempt,
         )
-        outcome = _admit(lc, message)
+        with masking.masking(secret_values(message.received)):  # in span statuses too
+            outcome = _admit(lc, message)
         tracing.set_attributes(span, request_id=outcome.request_id, status=outcome.status)
         if outcome.status == "failed":
             tracing.mark_error(span, outcome.detail.split(":")[0])
@@ -261,7 +264,11 @@ def _call_vendor(
     """The vendor start, with no transaction open; a refusal is recorded and returned."""
     try:
         with metrics.vendor_call("start"):
-            return lc.vendor.start_session(request.vendor_body(), deadline=_start_deadline(lc))
+            return lc.vendor.start_session(
+                request.vendor_body(),
+                deadline=_start_deadline(lc),
+                secrets=secret_values(ticket.payload),
+            )
     except (VendorForbidden, VendorConflict) as error:
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
@@ -367,12 +374,9 @@ def _vendor_start(
     lc: Lifecycle, request: StartRequest, ticket: store.StartTicket, started: StartedSession
 ) -> store.VendorStart:
     granted_minutes = started.max_session_duration
-    minutes = (
-        granted_minutes or request.vendor_duration_minutes() or lc.settings.max_session_minutes
+    lifetime = request.lifetime(
+        granted_minutes=granted_minutes, plan_minutes=lc.settings.max_session_minutes
     )
-    lifetime = timedelta(minutes=minutes)
-    if request.max_duration_seconds is not None:
-        lifetime = min(lifetime, timedelta(seconds=request.max_duration_seconds))
     return store.VendorStart(
         vendor_session_id=started.session_id,
         voice_id=started.voice_id,

@@ -53,10 +53,12 @@ from orchestrator.lifecycle.store.stops import (
     stop_failed,
 )
 from orchestrator.lifecycle.store.vendor_sync import (
+    END_REASON_LENGTH,
     LEASE_GRACE_SECONDS,
     LiveVendorRow,
     StuckStarts,
     database_time,
+    first_sightings,
     live_vendor_rows,
     log_orphan_stop,
     owned_vendor_ids,
@@ -69,6 +71,7 @@ from orchestrator.lifecycle.store.vendor_sync import (
 __all__ = [
     "ADMISSION_LOCK_KEY",
     "CLAIM_FUNCTION_MIGRATION",
+    "END_REASON_LENGTH",
     "LEASE_GRACE_SECONDS",
     "MAX_DURATION_REACHED",
     "USER_CLOSED",
@@ -95,6 +98,7 @@ __all__ = [
     "db_now",
     "expire_waiting",
     "finish_stops",
+    "first_sightings",
     "has_waiting",
     "live_vendor_rows",
     "log_compensation",

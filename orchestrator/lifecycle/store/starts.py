@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
-from orchestrator.db.types import JSONDocument, UTCDateTime, utcnow
+from orchestrator.db.types import JSONDocument, UTCDateTime
 from orchestrator.events import bodies, outbox
 from orchestrator.lifecycle.requests import storable, without_secrets
 from orchestrator.lifecycle.store import history
@@ -187,11 +187,10 @@ def record_started(
     the ``active`` event, the outbox row, and the move to ``stopping`` if a stop was requested
     meanwhile), so no transaction waits on this process.
     """
-    now = utcnow()  # the event body's occurred_at only; the row's times are the server's
     event_id = uuid.uuid4()
     body = bodies.body_for(
         event_id,
-        now,
+        None,  # occurred_at: the statement's now(), as every time of the row
         status=S.ACTIVE.value,
         request_id=ticket.request_id,
         vendor_session_id=start.vendor_session_id,
@@ -280,10 +279,12 @@ logged AS (
 ),
 queued AS (
     INSERT INTO event_outbox (event_id, routing_key, body, traceparent, created_at)
-    SELECT :event_id, :routing_key, :body, :traceparent, now() FROM marked
+    SELECT :event_id, :routing_key,
+           jsonb_set(:body, '{occurred_at}', to_jsonb(OCCURRED_AT)), :traceparent, now()
+      FROM marked
 )
 SELECT status, end_reason FROM marked
-"""
+""".replace("OCCURRED_AT", bodies.DATABASE_NOW_ISO)
 ).bindparams(
     bindparam("livekit_token_expires_at", type_=UTCDateTime()),
     bindparam("expires_at", type_=UTCDateTime()),
