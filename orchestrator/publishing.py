@@ -126,7 +126,7 @@ class PublishingCelery(Celery):
 def publish_within(bound: float, attempt: Callable[[float], T], what: str) -> T:
     """``attempt(seconds left)`` until it returns, again with backoff after each error the
     broker may recover from, for ``bound`` seconds in all; then :class:`PublishError`. The
-    attempt discards its connection when it fails (see :func:`_discard_connection`)."""
+    attempt discards its connection when it fails (see :func:`discard_connection`)."""
     deadline = time.monotonic() + bound
     attempts = 0
     while True:
