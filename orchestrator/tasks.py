@@ -37,6 +37,7 @@ AnyTask: TypeAlias = "Task[Any, Any]"
 
 
 ABANDONED_ATTEMPT_HEADER = "orchestrator_abandoned_attempt"
+STOPPED_VENDOR_SESSION_HEADER = "orchestrator_stopped_vendor_session"
 
 
 class StorageError(Exception):
@@ -54,10 +55,13 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
     try:
         yield
     except lifecycle.RetryLater as later:
-        headers = {ABANDONED_ATTEMPT_HEADER: later.abandoned_attempt or ""}
+        headers = {
+            ABANDONED_ATTEMPT_HEADER: later.abandoned_attempt or "",
+            STOPPED_VENDOR_SESSION_HEADER: later.stopped_vendor_session or "",
+        }
         _retry(task, later.delay, str(later), headers)
     except PoolTimeout:
-        _retry(task, _backoff(task), "no free database connection in this worker")
+        _retry(task, _backoff(task), "no free database connection in this worker", _carried(task))
     except DBAPIError as error:
         if not error.connection_invalidated and not isinstance(
             error, OperationalError | InterfaceError
@@ -67,7 +71,19 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
                 "%s: database error %s (SQLSTATE %s)", task.name, type(error).__name__, sqlstate
             )
             raise StorageError(f"{type(error).__name__} (SQLSTATE {sqlstate})") from None
-        _retry(task, _backoff(task), f"database unavailable ({type(error.orig).__name__})")
+        why = f"database unavailable ({type(error.orig).__name__})"
+        _retry(task, _backoff(task), why, _carried(task))
+
+
+def _carried(task: AnyTask) -> dict[str, str]:
+    """This delivery's own headers, for a retry that sets none: an abandoned attempt and a
+    stopped vendor session must reach the delivery that can act on them, however many outage
+    retries come between (a retry's headers replace the message's)."""
+    return {
+        name: value
+        for name in (ABANDONED_ATTEMPT_HEADER, STOPPED_VENDOR_SESSION_HEADER)
+        if isinstance(value := getattr(task.request, name, None), str) and value
+    }
 
 
 @contextmanager
@@ -134,6 +150,11 @@ def _abandoned_attempt(task: AnyTask) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
+def _stopped_vendor_session(task: AnyTask) -> str | None:
+    value = getattr(task.request, STOPPED_VENDOR_SESSION_HEADER, None)
+    return value if isinstance(value, str) and 0 < len(value) <= 255 else None
+
+
 def register(app: OrchestratorCelery) -> None:
     """Register every task of the contract (docs/messages.md) on ``app``."""
 
@@ -147,6 +168,7 @@ def register(app: OrchestratorCelery) -> None:
                 claim_id=str(self.request.id),
                 traceparent=_traceparent(self),
                 abandoned_attempt=_abandoned_attempt(self),
+                stopped_vendor_session=_stopped_vendor_session(self),
             )
         return {"request_id": outcome.request_id, "status": outcome.status}
 
@@ -160,7 +182,11 @@ def register(app: OrchestratorCelery) -> None:
     def start_admitted(self: AnyTask, session_id: str, claim_id: str) -> dict[str, str]:
         with requeue_when_unpublished(START_ADMITTED_TASK), retry_when_database_is_away(self):
             outcome = lifecycle.run_start(
-                app.lifecycle(), uuid.UUID(session_id), claim_id, _abandoned_attempt(self)
+                app.lifecycle(),
+                uuid.UUID(session_id),
+                claim_id,
+                _abandoned_attempt(self),
+                stopped_vendor_session=_stopped_vendor_session(self),
             )
         return {"request_id": outcome.request_id, "status": outcome.status}
 

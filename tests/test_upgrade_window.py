@@ -1,9 +1,14 @@
-"""The compatibility window: a worker starts on its own head or on a later revision whose
-``schema_compatibility`` row serves it; anything else is one line (tests/test_cli_errors.py)."""
+"""The compatibility window: a worker or beat starts on its own head or on a later revision
+whose ``schema_compatibility`` row serves it; anything else is one line
+(tests/test_cli_errors.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -13,11 +18,12 @@ from orchestrator.config import Settings
 from orchestrator.db.compatibility import TABLE
 from orchestrator.db.migrate import alembic_config, downgrade, upgrade
 from orchestrator.preflight import NotMigrated, schema_revision
-from tests.conftest import fresh_postgres_database, settings_env
+from tests.conftest import WorkerProcess, fresh_postgres_database, settings_env
 from tests.test_cli_errors import one_line, orchestrator
 
 pytestmark = pytest.mark.postgres
 FUTURE = "9000_from_a_later_release"
+BEAT_SECONDS = 4.0
 
 
 def head(url: str) -> str:
@@ -97,19 +103,48 @@ def test_downgrade_of_0005_removes_the_table(migrated: str) -> None:
     assert schema_revision(migrated) == head(migrated)
 
 
-def test_worker_refuses_in_one_line_and_check_accepts_the_window(
+def test_worker_and_beat_refuse_in_one_line_and_check_accepts_the_window(
     settings_for: Callable[..., Settings], migrated: str
 ) -> None:
     env = settings_env(settings_for(database_url=migrated, orphan_grace_seconds=5.0))
     own = head(migrated)
     later_release(migrated, down=own, oldest=FUTURE)
-    line = one_line(orchestrator("worker", env=env))
-    assert line == (
-        f"Error: the database is at revision {FUTURE}, which this program does not know"
-        f" (a newer release migrated it) and it serves releases from revision {FUTURE} on;"
-        f" this program needs {own}"
-    )
+    for command in ("worker", "beat"):
+        line = one_line(orchestrator(command, env=env))
+        assert line == (
+            f"Error: the database is at revision {FUTURE}, which this program does not know"
+            f" (a newer release migrated it) and it serves releases from revision {FUTURE} on;"
+            f" this program needs {own}"
+        )
     with psycopg.connect(migrated.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(f"UPDATE {TABLE} SET oldest_served_revision = %s", (own,))
     checked = orchestrator("check", "--no-vendor", env=env)
     assert f"database: ok, at revision {FUTURE} (serves this release's {own})" in checked.stdout
+
+
+@pytest.mark.broker
+@pytest.mark.worker
+def test_worker_and_beat_start_on_a_later_revision_that_serves_them(
+    settings_for: Callable[..., Settings], migrated: str, broker_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(database_url=migrated, broker_url=broker_url, orphan_grace_seconds=5.0)
+    later_release(migrated, down=head(migrated), oldest=head(migrated))
+    worker = WorkerProcess(settings, tmp_path / "worker.log")  # waits for its heartbeat
+    try:
+        assert worker.process.poll() is None, worker.log()
+    finally:
+        worker.stop()
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "beat"],
+        env={**settings_env(settings), "ORCHESTRATOR_STATE_DIR": str(tmp_path / "beat")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(BEAT_SECONDS)  # a refusal exits at once (the test above)
+        assert beat.poll() is None, beat.communicate(timeout=10)[0]
+    finally:
+        beat.terminate()
+        output = beat.communicate(timeout=30)[0]
+    assert "Scheduler: Sending due task" in output or "beat: Starting" in output, output

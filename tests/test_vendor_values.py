@@ -411,12 +411,6 @@ def test_any_json_value_in_any_field_parses_or_is_a_typed_skip(value: Any) -> No
         parse_vendor_session({"sessionId": value}, "GET /x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a start reply naming a session id another row holds fails the record with "
-    "IntegrityError; start._record then stops that session (the other request's) and the "
-    "error escapes. Fix belongs in start._record / store.record_started (not in this branch).",
-)
 def test_a_start_reply_reusing_another_requests_session_id_stops_nothing_of_theirs(
     lc: Lifecycle,
 ) -> None:

@@ -221,3 +221,16 @@ class SweepLease(Base):
     owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class VendorAccount(Base):
+    """The vendor's last reported concurrent-session limit (``max_session_numbers``), one row
+    per vendor account (``default`` today): admission reads one row, not the history of starts.
+    A trigger on ``sessions`` (migration 0006) writes it when a start reports another value;
+    ``reported_at`` is when it last changed."""
+
+    __tablename__ = "vendor_accounts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="default")
+    reported_limit: Mapped[int | None] = mapped_column(Integer)
+    reported_at: Mapped[datetime | None]

@@ -1,7 +1,7 @@
 """An earlier release's worker, built from its commit: the source from the clone's own history
 (``git archive``; a shallow clone fails with what to run), a virtualenv from that commit's own
 lock and pyproject, installed from the pip cache. Built once per commit and kept under
-``ORCHESTRATOR_RELEASE_CACHE`` (default ``~/.cache/orchestrator-ci/releases``)."""
+``TEST_RELEASE_CACHE`` (default ``~/.cache/orchestrator-ci/releases``)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,16 @@ class Release:
         return self.root / "venv" / "bin" / "orchestrator"
 
     def has(self, path: str, text: str) -> bool:
-        """Whether ``text`` occurs in ``path`` at this release's commit."""
-        return text in git("show", f"{self.commit}:{path}")
+        """Whether ``path`` exists at this release's commit and contains ``text``."""
+        try:
+            return text in git("show", f"{self.commit}:{path}")
+        except ReleaseUnavailable:
+            return False
+
+    @property
+    def has_window(self) -> bool:
+        """Whether its worker starts on a later revision that serves it (migration 0005 on)."""
+        return self.has("orchestrator/db/compatibility.py", "def served(")
 
 
 def git(*args: str) -> str:
@@ -93,7 +101,7 @@ def build(version: str, commit: str, schema_head: str) -> Release:
     """The release's virtualenv, built unless the cache has it (one build at a time)."""
     full = resolve(commit)
     cache = Path(
-        os.environ.get("ORCHESTRATOR_RELEASE_CACHE")
+        os.environ.get("TEST_RELEASE_CACHE")
         or Path.home() / ".cache" / "orchestrator-ci" / "releases"
     )
     release = Release(version, full, schema_head, cache / full)

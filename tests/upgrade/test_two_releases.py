@@ -1,6 +1,6 @@
 """A rolling upgrade with two releases side by side, then a rollback (docs/operations.md,
 "Upgrades"). The previous release (docs/releases.md's newest row, or the commit in
-``ORCHESTRATOR_UPGRADE_FROM``) runs from its own commit and virtualenv (tests/upgrade/release.py)
+``TEST_UPGRADE_FROM``) runs from its own commit and virtualenv (tests/upgrade/release.py)
 against a fresh database at its own revision and a fresh vhost; starts keep arriving while this
 checkout's migration runs, while this checkout's worker and beat serve beside the old worker,
 and after they are stopped again. Every start is served exactly once: no dead letters, one row
@@ -44,12 +44,13 @@ pytestmark = [
 START_EVERY_SECONDS = 0.25
 REAPED_AFTER_SECONDS = 3  # max_duration_seconds of every other request
 PHASE_SECONDS = 6.0
+SETTLE_SECONDS = 60.0  # after the last start: the reaped ones end 3 s after theirs
 
 
 @pytest.fixture(scope="module")
 def old() -> Release:
     """The previous release's environment; a failure to build it fails the test, loudly."""
-    pinned = os.environ.get("ORCHESTRATOR_UPGRADE_FROM")
+    pinned = os.environ.get("TEST_UPGRADE_FROM")
     started = time.monotonic()
     try:
         release = build("override", pinned, "?") if pinned else build(*previous_release())
@@ -74,8 +75,8 @@ def vhost() -> Iterator[str]:
 
 
 class Traffic:
-    """Starts every START_EVERY_SECONDS; each even request is stopped once it is active, each
-    odd one is left to the reaper."""
+    """Starts every START_EVERY_SECONDS; each even request is stopped a phase after it became
+    active, each odd one is left to the reaper (REAPED_AFTER_SECONDS)."""
 
     def __init__(self, broker_url: str, database_url: str) -> None:
         self.broker_url = broker_url
@@ -110,12 +111,19 @@ class Traffic:
             time.sleep(START_EVERY_SECONDS)
 
     def _stop_active(self) -> None:
+        """Stop each even request in the phase after the one it was first seen active in (at
+        once when no more starts come), so a stop often meets a session the other release, or
+        the other schema, started."""
+        seen_in: dict[str, str] = {}
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
             while not self._done.is_set():
                 active = conn.execute("SELECT request_id FROM sessions WHERE status = 'active'")
+                phase = self.phase
                 for (request_id,) in active.fetchall():
-                    index = int(request_id.removeprefix("up-"))
-                    if index % 2 == 0 and request_id not in self.stopped:
+                    if int(request_id.removeprefix("up-")) % 2 or request_id in self.stopped:
+                        continue
+                    first = seen_in.setdefault(request_id, phase)
+                    if first != phase or phase == "draining":
                         processes.stop(self.broker_url, request_id)
                         self.stopped.add(request_id)
                 time.sleep(0.2)
@@ -223,13 +231,16 @@ def test_a_rolling_upgrade_and_a_rollback_serve_every_start_once(
             old_beat = launch(old_cli, "beat", "old-beat-again")
             time.sleep(PHASE_SECONDS)
             traffic.end_feeding()
+            traffic.phase = "draining"  # the last phase's stops, by the old release
             sent = list(traffic.sent)
 
             def settled() -> bool:
                 rows = sessions(conninfo)
                 return len(rows) == len(sent) and all(r[1] in ("ended", "failed") for r in rows)
 
-            wait_until(settled, timeout=90, interval=0.5, what="every request ended")
+            deadline = time.monotonic() + SETTLE_SECONDS
+            while not settled() and time.monotonic() < deadline:
+                time.sleep(0.5)
             assert old_worker.alive(), old_worker.log()[-3000:]
         finally:
             traffic.close()
@@ -241,9 +252,18 @@ def test_a_rolling_upgrade_and_a_rollback_serve_every_start_once(
             f" {len(sent)} starts by phase {traffic.by_phase}"
         )
         assert not traffic.errors, traffic.errors
-        assert processes.dead_letters(vhost) == 0, logs
         rows = {r[0]: r for r in sessions(conninfo)}
-        assert sorted(rows) == sorted(sent)
+        statuses: dict[str, int] = {}
+        for r in rows.values():
+            statuses[r[1]] = statuses.get(r[1], 0) + 1
+        dead = processes.dead_letters(vhost)
+        summary = (
+            f"{len(sent)} starts sent, {dead} dead-lettered, {len(sent) - len(rows)} without a"
+            f" row, rows by status {statuses}"
+        )
+        print(summary)
+        assert dead == 0, f"{summary}\n{logs}"
+        assert sorted(rows) == sorted(sent), summary
         expected = {
             request_id: "USER_CLOSED" if int(request_id[3:]) % 2 == 0 else "MAX_DURATION_REACHED"
             for request_id in sent
@@ -255,3 +275,28 @@ def test_a_rolling_upgrade_and_a_rollback_serve_every_start_once(
         assert {v["session_id"] for v in vendor} == {r[3] for r in rows.values()}
         assert all(v["status"] == "ended" and v["ended_by"] == "stop" for v in vendor)
         assert all(traffic.by_phase.get(p, 0) >= 4 for p in ("old on the new schema", "both"))
+        for worker in (old_worker, new_worker):  # both releases served starts, stops and sweeps
+            served = worker.log()
+            for task in ("start_session", "stop_session", "reap_sessions"):
+                assert f"Task orchestrator.{task}[" in served, f"{worker.log_path.name}: no {task}"
+        print(restart(launch, old_cli, old, old_head, env))
+
+
+def restart(
+    launch: Any, old_cli: list[str], old: Release, old_head: str, env: dict[str, str]
+) -> str:
+    """A pod of the old release started after the rollback: a release with the window starts
+    on the expanded schema; one before it refuses in one line until the schema is downgraded
+    to its head (docs/deploy.md, "Upgrades and rollbacks without an outage")."""
+    if old.has_window:
+        launch(old_cli, "worker", "old-worker-restarted").stop()
+        return "the old release's worker restarted on the new schema"
+    if not old.has("orchestrator/preflight.py", "def schema_revision("):
+        launch(old_cli, "worker", "old-worker-restarted").stop()
+        return "the old release checks no schema revision: its worker restarted"
+    with pytest.raises(RuntimeError, match="which this program does not know"):
+        launch(old_cli, "worker", "old-worker-restarted").stop()
+    downgraded = processes.run([*NEW, "db", "downgrade", old_head], env, REPO)
+    assert downgraded.returncode == 0, downgraded.stderr
+    launch(old_cli, "worker", "old-worker-after-downgrade").stop()
+    return f"the old release (before the window) restarted after `db downgrade {old_head}`"
