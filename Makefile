@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 CONSTRAINTS := $(VENV)/constraints.txt
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest image-test bench chaos clean
+.PHONY: demo test lint typecheck pytest upgrade-test image-test bench chaos clean
 
 # One-time set-up: the only steps that need the package registry. The lock's hashes are
 # for the image build (pip's hash mode); here its pins are constraints.
@@ -44,6 +44,11 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
+
+## The two-release upgrade test alone (`make test` runs it too): the previous release of
+## docs/releases.md built from its commit beside this checkout (docs/operations.md, "Upgrades").
+upgrade-test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/upgrade
 
 ## The image: docker/Dockerfile built with buildah (no Docker engine, no registry; the first
 ## run makes a local Debian base, kept with the layer cache in buildah's storage), then run the

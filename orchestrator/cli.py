@@ -12,7 +12,13 @@ from typing import Any, TypeVar
 import click
 
 from orchestrator.cli_errors import describe
-from orchestrator.config import ConfigError, Settings, load_settings
+from orchestrator.config import (
+    DEFAULT_CONTROL_THREADS,
+    DEFAULT_START_THREADS,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from orchestrator.logging_setup import configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -99,16 +105,36 @@ def _check_schema(settings: Settings) -> None:
     default="threads",
     show_default=True,
 )
-@click.option("--concurrency", type=click.IntRange(1, 2000), default=64, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 2000),
+    default=DEFAULT_START_THREADS,
+    show_default=True,
+    help="Tasks at once: the start threads when the threads pool serves both queues.",
+)
+@click.option(
+    "--control-concurrency",
+    type=click.IntRange(1, 500),
+    default=DEFAULT_CONTROL_THREADS,
+    show_default=True,
+    help="Threads of their own for stops and sweeps when the threads pool serves both queues.",
+)
 @click.option("--beat", "with_beat", is_flag=True, help="Also run beat inside (one process only).")
 @click.option("--hostname", default="orchestrator@%h", show_default=True)
 @click.option(
     "--events", is_flag=True, help="Send task events (Flower, `celery events`); off by default."
 )
 def worker(
-    queues: str, pool: str, concurrency: int, with_beat: bool, hostname: str, events: bool
+    queues: str,
+    pool: str,
+    concurrency: int,
+    control_concurrency: int,
+    with_beat: bool,
+    hostname: str,
+    events: bool,
 ) -> None:
-    """Run a Celery worker consuming the start and control queues."""
+    """Run a Celery worker consuming the start and control queues. With the threads pool on
+    both (the default), stops and sweeps run on threads of their own, never behind starts."""
     from orchestrator.celery_app import create_app
     from orchestrator.publishing import topology
 
@@ -127,7 +153,7 @@ def worker(
     argv = [
         *celery_options,
         "worker",
-        f"--pool={pool}",
+        *_pool_options(app, pool, queues, control_concurrency),
         f"--concurrency={concurrency}",
         f"--queues={queues}",
         f"--loglevel={settings.log_level}",
@@ -142,6 +168,20 @@ def worker(
     app.worker_main(argv)
 
 
+def _pool_options(app: Any, pool: str, queues: str, control_threads: int) -> list[str]:
+    """``--pool``; or, for the threads pool on both queues, the split pool (Celery takes a
+    pool class from ``worker_pool`` when ``--pool`` is not given)."""
+    from orchestrator.messaging import CONTROL_QUEUE, START_QUEUE
+    from orchestrator.worker.pool import CONTROL_THREADS_SETTING, SPLIT_POOL
+
+    served = {q.strip() for q in queues.split(",")}
+    if pool != "threads" or not {START_QUEUE, CONTROL_QUEUE} <= served:
+        return [f"--pool={pool}"]
+    app.conf.worker_pool = SPLIT_POOL
+    app.conf[CONTROL_THREADS_SETTING] = control_threads
+    return []
+
+
 @main.command()
 def beat() -> None:
     """Run Celery beat: the reaper and reconciler schedules (run exactly one)."""
@@ -151,6 +191,7 @@ def beat() -> None:
     celery_options = _configure_logging(settings)
     _setup_telemetry(serve_metrics=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    _check_schema(settings)  # as the worker: one line, not schedules for a schema it does not serve
     app = create_app(settings)
     app.start([*celery_options, "beat", f"--loglevel={settings.log_level}"])
 
@@ -260,6 +301,11 @@ def _simulator_module() -> Any:
 @click.option("--token-ttl", type=float, help="Session token lifetime in seconds.")
 @click.option("--app-id", help="Accepted appId (default demo-app-id).")
 @click.option("--user-key", help="Accepted userKey (default demo-user-key).")
+@click.option(
+    "--accounts-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON list of accounts to serve, each with its own keys, cap and faults.",
+)
 def simulator(
     host: str,
     port: int,
@@ -270,6 +316,7 @@ def simulator(
     token_ttl: float | None,
     app_id: str | None,
     user_key: str | None,
+    accounts_file: str | None,
 ) -> None:
     """Serve a fake DeepBrain API (for the demo, tests, staging)."""
     sim = _simulator_module()
@@ -284,6 +331,7 @@ def simulator(
             token_ttl=token_ttl,
             app_id=app_id,
             user_key=user_key,
+            accounts_file=accounts_file,
         )
     except ValueError as error:
         raise click.ClickException(str(error)) from None

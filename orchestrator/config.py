@@ -30,6 +30,12 @@ class ConfigError(Exception):
 
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+# `orchestrator worker`'s defaults (options, not settings: the chart passes them as arguments).
+# Vendor calls are I/O-bound: a start thread waits for the vendor, it does not compute, so a
+# host is sized by how many calls may wait at once (docs/operations.md has the figures).
+DEFAULT_START_THREADS = 256
+# Threads of their own for stops and sweeps when one threads pool serves both queues.
+DEFAULT_CONTROL_THREADS = 16
 
 
 class Settings(BaseSettings):
@@ -59,6 +65,8 @@ class Settings(BaseSettings):
     # classic (effective_queue_type).
     queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = Field(default=10, ge=1, le=10_000)
+    # Every publish (confirm wait, reconnects, re-publishes) gives up after this: PublishError.
+    publish_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # auto: JSON lines unless stderr is a terminal (so JSON in containers, text in a shell).
     log_format: Literal["auto", "text", "json"] = "auto"
@@ -105,6 +113,8 @@ class Settings(BaseSettings):
         lease (``START_TIMEOUT_SECONDS``, less its margin) must fit a token and a start
         request; a stop's lease (``STOP_RETRY_SECONDS``, less its margin) must fit a stop
         request, or another sweep would stop the same session while the first still waits.
+        Every stop holds that lease: the reaper's, a request's, and the one a start owes when a
+        stop came during its vendor call.
         """
         timeout = self.vendor_timeout_seconds
         problems = []

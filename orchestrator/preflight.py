@@ -11,6 +11,7 @@ from sqlalchemy.pool import NullPool
 
 from orchestrator.cli_errors import UPGRADE_HINT
 from orchestrator.config import Settings
+from orchestrator.db.compatibility import declarations, served
 from orchestrator.db.engine import normalize_database_url
 from orchestrator.db.migrate import alembic_config
 
@@ -22,9 +23,11 @@ class NotMigrated(Exception):
 
 
 def schema_revision(database_url: str) -> str:
-    """The database's revision if it is this program's head; :class:`NotMigrated` if not.
-    An unreachable database raises SQLAlchemy's error."""
-    heads = set(ScriptDirectory.from_config(alembic_config(database_url)).get_heads())
+    """The database's revision if this program may run on it: its own head, or a later
+    revision whose compatibility window serves this head (orchestrator/db/compatibility.py);
+    :class:`NotMigrated` if not. An unreachable database raises SQLAlchemy's error."""
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    heads = set(script.get_heads())
     engine = create_engine(
         normalize_database_url(database_url),
         poolclass=NullPool,
@@ -34,21 +37,25 @@ def schema_revision(database_url: str) -> str:
     try:
         with engine.connect() as connection:
             current = set(MigrationContext.configure(connection).get_current_heads())
+            recorded = declarations(connection) if current - heads else {}
     finally:
         engine.dispose()
     if current == heads:
         return ", ".join(sorted(current))
     if not current:
         raise NotMigrated(f"the database has no tables yet: {UPGRADE_HINT}")
-    known = {
-        s.revision
-        for s in ScriptDirectory.from_config(alembic_config(database_url)).walk_revisions()
-    }
+    known = {s.revision for s in script.walk_revisions()}
     shown, needed = ", ".join(sorted(current)), ", ".join(sorted(heads))
     if current - known:
+        if len(current) == 1 and len(heads) == 1:
+            why = served(next(iter(current)), next(iter(heads)), known, recorded)
+            if why is None:
+                return f"{shown} (serves this release's {needed})"
+        else:
+            why = "more than one head"
         raise NotMigrated(
             f"the database is at revision {shown}, which this program does not know"
-            f" (a newer release migrated it); this program needs {needed}"
+            f" (a newer release migrated it) and {why}; this program needs {needed}"
         )
     raise NotMigrated(
         f"the database is at revision {shown}, this program needs {needed}: {UPGRADE_HINT}"

@@ -27,7 +27,7 @@ from orchestrator.messaging import (
     STOP_TASK,
     Topology,
 )
-from orchestrator.publishing import topology
+from orchestrator.publishing import PublishError, topology
 from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ AnyTask: TypeAlias = "Task[Any, Any]"
 
 
 ABANDONED_ATTEMPT_HEADER = "orchestrator_abandoned_attempt"
+STOPPED_VENDOR_SESSION_HEADER = "orchestrator_stopped_vendor_session"
 
 
 class StorageError(Exception):
@@ -54,10 +55,13 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
     try:
         yield
     except lifecycle.RetryLater as later:
-        headers = {ABANDONED_ATTEMPT_HEADER: later.abandoned_attempt or ""}
+        headers = {
+            ABANDONED_ATTEMPT_HEADER: later.abandoned_attempt or "",
+            STOPPED_VENDOR_SESSION_HEADER: later.stopped_vendor_session or "",
+        }
         _retry(task, later.delay, str(later), headers)
     except PoolTimeout:
-        _retry(task, _backoff(task), "no free database connection in this worker")
+        _retry(task, _backoff(task), "no free database connection in this worker", _carried(task))
     except DBAPIError as error:
         if not error.connection_invalidated and not isinstance(
             error, OperationalError | InterfaceError
@@ -67,7 +71,43 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
                 "%s: database error %s (SQLSTATE %s)", task.name, type(error).__name__, sqlstate
             )
             raise StorageError(f"{type(error).__name__} (SQLSTATE {sqlstate})") from None
-        _retry(task, _backoff(task), f"database unavailable ({type(error.orig).__name__})")
+        why = f"database unavailable ({type(error.orig).__name__})"
+        _retry(task, _backoff(task), why, _carried(task))
+
+
+def _carried(task: AnyTask) -> dict[str, str]:
+    """This delivery's own headers, for a retry that sets none: an abandoned attempt and a
+    stopped vendor session must reach the delivery that can act on them, however many outage
+    retries come between (a retry's headers replace the message's)."""
+    return {
+        name: value
+        for name in (ABANDONED_ATTEMPT_HEADER, STOPPED_VENDOR_SESSION_HEADER)
+        if isinstance(value := getattr(task.request, name, None), str) and value
+    }
+
+
+@contextmanager
+def requeue_when_unpublished(name: str) -> Iterator[None]:
+    """A publish this task needed (its own retry, admission's dispatch) was refused within the
+    publish bound (an alarm, a lost majority): the message goes back to its queue, to be
+    delivered again, instead of failing. With ``task_acks_on_failure_or_timeout`` off a failure
+    would dead-letter it (Celery rejects a retry it could not publish the same way). Every
+    step is idempotent per task id, so running the message again carries on where it stopped.
+    On quorum queues each requeue counts towards the delivery limit."""
+    try:
+        yield
+    except PublishError as error:
+        _requeue(name, error)
+    except Reject as rejected:
+        reason = getattr(rejected, "reason", None)
+        if isinstance(reason, PublishError):
+            _requeue(name, reason)
+        raise
+
+
+def _requeue(name: str, error: PublishError) -> NoReturn:
+    logger.warning("%s: %s; message requeued", name, error)
+    raise Reject(f"requeued: {error}", requeue=True) from None
 
 
 def _backoff(task: AnyTask) -> float:
@@ -110,12 +150,17 @@ def _abandoned_attempt(task: AnyTask) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
+def _stopped_vendor_session(task: AnyTask) -> str | None:
+    value = getattr(task.request, STOPPED_VENDOR_SESSION_HEADER, None)
+    return value if isinstance(value, str) and 0 < len(value) <= 255 else None
+
+
 def register(app: OrchestratorCelery) -> None:
     """Register every task of the contract (docs/messages.md) on ``app``."""
 
     @app.task(name=START_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
     def start_session(self: AnyTask, *args: Any, **kwargs: Any) -> dict[str, str]:
-        with retry_when_database_is_away(self):
+        with requeue_when_unpublished(START_TASK), retry_when_database_is_away(self):
             outcome = lifecycle.handle_start_message(
                 app.lifecycle(),
                 args,
@@ -123,6 +168,7 @@ def register(app: OrchestratorCelery) -> None:
                 claim_id=str(self.request.id),
                 traceparent=_traceparent(self),
                 abandoned_attempt=_abandoned_attempt(self),
+                stopped_vendor_session=_stopped_vendor_session(self),
             )
         return {"request_id": outcome.request_id, "status": outcome.status}
 
@@ -134,9 +180,13 @@ def register(app: OrchestratorCelery) -> None:
         reject_on_worker_lost=True,
     )
     def start_admitted(self: AnyTask, session_id: str, claim_id: str) -> dict[str, str]:
-        with retry_when_database_is_away(self):
+        with requeue_when_unpublished(START_ADMITTED_TASK), retry_when_database_is_away(self):
             outcome = lifecycle.run_start(
-                app.lifecycle(), uuid.UUID(session_id), claim_id, _abandoned_attempt(self)
+                app.lifecycle(),
+                uuid.UUID(session_id),
+                claim_id,
+                _abandoned_attempt(self),
+                stopped_vendor_session=_stopped_vendor_session(self),
             )
         return {"request_id": outcome.request_id, "status": outcome.status}
 
@@ -152,7 +202,7 @@ def register(app: OrchestratorCelery) -> None:
             raise Reject(
                 "give exactly one of request_id or session_id, and a reason", requeue=False
             )
-        with retry_when_database_is_away(self):
+        with requeue_when_unpublished(STOP_TASK), retry_when_database_is_away(self):
             result = lifecycle.request_stop(
                 app.lifecycle(), request_id=request_id, session_id=session_id, reason=reason
             )
@@ -160,15 +210,19 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=REAP_TASK, shared=False, acks_late=True)
     def reap_sessions() -> dict[str, int]:
-        report = lifecycle.reap(app.lifecycle(), plan_ahead=app.settings.reaper_interval_seconds)
+        with requeue_when_unpublished(REAP_TASK):
+            report = lifecycle.reap(
+                app.lifecycle(), plan_ahead=app.settings.reaper_interval_seconds
+            )
         return {"claimed": report.claimed, "stopped": report.stopped}
 
     @app.task(name=RECONCILE_TASK, shared=False, acks_late=True)
     def reconcile_sessions() -> dict[str, int]:
         settings = app.settings
-        return lifecycle.reconcile(
-            app.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
-        ).as_dict()
+        with requeue_when_unpublished(RECONCILE_TASK):
+            return lifecycle.reconcile(
+                app.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
+            ).as_dict()
 
     @app.task(name=PUBLISH_EVENTS_TASK, shared=False, acks_late=True)
     def publish_events() -> None:
@@ -176,5 +230,6 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=ADMIT_TASK, shared=False, acks_late=True)
     def admit_waiting() -> dict[str, int]:
-        report = lifecycle.admit_waiting(app.lifecycle())
+        with requeue_when_unpublished(ADMIT_TASK):
+            report = lifecycle.admit_waiting(app.lifecycle())
         return {"admitted": report.admitted, "expired": report.expired}

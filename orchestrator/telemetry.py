@@ -16,22 +16,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.trace import Status
+
+from orchestrator import masking
 
 SERVICE_NAME = "session-orchestrator"
 TRACE_FILE_VARIABLE = "ORCHESTRATOR_TRACE_FILE"
@@ -53,6 +58,71 @@ class JsonLinesSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
+# A database server's message quotes data on these lines (``DETAIL:  Failing row contains
+# (…)`` holds a whole row, the payload with the customer's keys included).
+_QUOTING_LINE = re.compile(r"^\s*(DETAIL|HINT|CONTEXT|WHERE):.*$\n?", re.MULTILINE)
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def mask_text(text: str) -> str:
+    """A text we did not write (a driver's error) as a span may carry it: no line that quotes
+    data, no secret value of the request being handled, nothing JWT-shaped."""
+    return _JWT.sub(masking.MASK, masking.mask(_QUOTING_LINE.sub("", text), masking.current()))
+
+
+class MaskingSpanProcessor(SpanProcessor):
+    """Hands ``inner`` a copy of each ended span whose status text and exception events are
+    masked (:func:`mask_text`). OpenTelemetry's SQLAlchemy instrumentation sets a failed
+    statement's status to the server's message; this runs in the thread that ended the span,
+    where the request's secret values are known (:func:`orchestrator.masking.masking`)."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        description = span.status.description
+        if description is None and not span.events:
+            self._inner.on_end(span)
+            return
+        status = Status(span.status.status_code, mask_text(description)) if description else None
+        events = [
+            Event(
+                event.name,
+                {
+                    key: mask_text(value) if isinstance(value, str) else value
+                    for key, value in (event.attributes or {}).items()
+                },
+                event.timestamp,
+            )
+            for event in span.events
+        ]
+        self._inner.on_end(
+            ReadableSpan(
+                name=span.name,
+                context=span.context,
+                parent=span.parent,
+                resource=span.resource,
+                attributes=span.attributes,
+                events=events,
+                links=span.links,
+                kind=span.kind,
+                status=status or span.status,
+                start_time=span.start_time,
+                end_time=span.end_time,
+                instrumentation_scope=span.instrumentation_scope,
+            )
+        )
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
 def span_record(span: ReadableSpan) -> dict[str, Any]:
     context = span.get_span_context()
     assert context is not None
@@ -64,6 +134,7 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
         "start_ns": span.start_time,
         "end_ns": span.end_time,
         "status": span.status.status_code.name,
+        "status_text": span.status.description,
         "attributes": dict(span.attributes or {}),
         "links": [f"{link.context.trace_id:032x}" for link in span.links],
         "resource": dict(span.resource.attributes),
@@ -161,7 +232,7 @@ def setup_telemetry(
         if processors:
             provider = TracerProvider(resource=resource)
             for processor in processors:
-                provider.add_span_processor(processor)
+                provider.add_span_processor(MaskingSpanProcessor(processor))
             trace.set_tracer_provider(provider)
             _instrument_libraries()
         if readers:

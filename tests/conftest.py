@@ -130,6 +130,8 @@ def db(database_url: str) -> Iterator[Database]:
                 " RESTART IDENTITY CASCADE"
             )
         )
+        # The vendor's last reported limit outlives the rows that reported it.
+        conn.execute(text("UPDATE vendor_accounts SET reported_limit = NULL, reported_at = NULL"))
     yield database
     database.dispose()
 
@@ -220,13 +222,16 @@ class WorkerProcess:
         log_path: Path,
         *extra: str,
         env_extra: dict[str, str] | None = None,
+        bare: bool = False,
     ) -> None:
+        """``bare``: the command's own defaults, no ``--concurrency 8`` added."""
         self.settings = settings
         self.log_path = log_path
         self._log = log_path.open("ab")
         heartbeat = settings.state_dir / "worker.heartbeat"
         heartbeat.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", "8", *extra]
+        defaults = () if bare else ("--concurrency", "8")
+        command = [sys.executable, "-m", "orchestrator.cli", "worker", *defaults, *extra]
         self.process = subprocess.Popen(
             command,
             env={**settings_env(settings), **(env_extra or {})},
@@ -261,8 +266,9 @@ class WorkerProcess:
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     workers: list[WorkerProcess] = []
 
-    def start(settings: Settings, *extra: str) -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log", *extra)
+    def start(settings: Settings, *extra: str, bare: bool = False) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(workers)}.log"
+        worker = WorkerProcess(settings, log, *extra, bare=bare)
         workers.append(worker)
         return worker
 

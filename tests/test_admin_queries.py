@@ -42,7 +42,12 @@ VIEWS = {
     "admin_stuck",
 }
 TABLES_0001 = {"sessions", "session_events", "event_outbox"}
-TABLES = TABLES_0001 | {"early_stops", "sweep_leases"}  # 0004
+TABLES = TABLES_0001 | {
+    "early_stops",
+    "sweep_leases",
+    "schema_compatibility",
+    "vendor_accounts",
+}  # 0004 to 0006
 SECRET = "SECRET"  # in every secret value inserted below; no view or query may show it
 FORBIDDEN_COLUMN = re.compile(r"token|payload|secret|claim|traceparent|password|sha256")
 MINUTE = timedelta(minutes=1)

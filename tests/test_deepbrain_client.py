@@ -312,12 +312,24 @@ def test_start_without_voice_id(client: DeepBrainClient, router: respx.MockRoute
     assert started.max_session_duration == 20
 
 
-def test_start_success_with_malformed_data_is_a_non_retried_uncertain_error(
-    client: DeepBrainClient, router: respx.MockRouter, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("stop_works", [True, False], ids=["stopped", "stop-failed"])
+def test_start_success_with_malformed_data_stops_the_session_it_made(
+    client: DeepBrainClient,
+    router: respx.MockRouter,
+    caplog: pytest.LogCaptureFixture,
+    stop_works: bool,
 ) -> None:
+    """A reply naming the session it created but not what a session needs (no LiveKit block):
+    not retried, and the session is stopped at once; if that stop fails, the attempt is
+    uncertain (the reconciler stops the orphan)."""
     router.post(TOKEN).mock(return_value=token_reply(make_jwt(3600)))
     start_route = router.post(START).mock(
         return_value=httpx.Response(200, json=envelope({"session_id": "sess-x"}))
+    )
+    stop_route = router.post(STOP).mock(
+        return_value=httpx.Response(200, json=envelope(None))
+        if stop_works
+        else fail(400, 4000, "no")
     )
     with (
         caplog.at_level(logging.WARNING, "orchestrator.deepbrain"),
@@ -326,8 +338,9 @@ def test_start_success_with_malformed_data_is_a_non_retried_uncertain_error(
         client.start_session(START_BODY)
     assert type(info.value) is DeepBrainError
     assert start_route.call_count == 1
-    assert "sess-x" in str(info.value)  # so the caller can stop it
-    assert info.value.uncertain_attempts == 1
+    assert [request_json(c)["session_id"] for c in stop_route.calls] == ["sess-x"]
+    assert "sess-x" in str(info.value)
+    assert info.value.uncertain_attempts == (0 if stop_works else 1)
     assert info.value.error_code == "VENDOR_BAD_REPLY"
 
 

@@ -513,7 +513,7 @@ def test_default_workers_split_starts_from_control_work() -> None:
     pod = worker["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[:3] == ["worker", "--queues", "orchestrator.start"]
-    assert args[args.index("--concurrency") + 1] == "64"
+    assert args[args.index("--concurrency") + 1] == "256"
     assert "--events" not in args
     assert args[args.index("--pool") + 1] == "threads"
     assert pod["terminationGracePeriodSeconds"] >= 60
@@ -522,6 +522,7 @@ def test_default_workers_split_starts_from_control_work() -> None:
     control = one(manifests_for("default"), "Deployment", "so-session-orchestrator-control")
     control_args = control["spec"]["template"]["spec"]["containers"][0]["args"]
     assert control_args[:3] == ["worker", "--queues", "orchestrator.control"]
+    assert control_args[control_args.index("--concurrency") + 1] == "16"
 
 
 def test_pools_split_queues_with_their_own_scaling() -> None:

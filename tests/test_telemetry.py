@@ -4,6 +4,7 @@ metrics through an in-memory reader; no secret in any span."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -15,12 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
+import respx
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import text
 
 from orchestrator.config import Settings
 from orchestrator.db import Database
-from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop
+from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, reconcile, request_stop
+from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.lifecycle.metrics import register_gauges
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
@@ -331,3 +335,100 @@ def _scrape_or_none(port: int) -> str | None:
         return scrape(port)
     except httpx.TransportError:
         return None
+
+
+SQL_FAILURES = """
+import json, sys
+from orchestrator.telemetry import setup_telemetry, shutdown_telemetry
+assert setup_telemetry()  # first, as the worker does: then the engine is instrumented
+from sqlalchemy import text
+from orchestrator import masking
+from orchestrator.db import Database
+known, unknown, url = sys.argv[1:4]
+db = Database(url, pool_size=1)
+with masking.masking({known}):
+    try:
+        with db.transaction() as session:
+            session.execute(text("SELECT CAST(:v AS integer)"), {"v": known})
+    except Exception:
+        pass
+    try:
+        with db.transaction() as session:
+            session.execute(
+                text(
+                    "INSERT INTO sessions (id, request_id, status, request_payload,"
+                    " payload_sha256) VALUES (gen_random_uuid(), 'r', 'bogus', :p, '0')"
+                ),
+                {"p": json.dumps({"headers": {"Authorization": unknown}})},
+            )
+    except Exception:
+        pass
+db.dispose()
+shutdown_telemetry()
+"""
+
+
+def test_a_failed_sql_statements_span_status_quotes_no_secret(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The server's message of a failed statement may quote data: a value (the primary line,
+    masked by value while a request's secrets are known) or the whole failing row (a DETAIL
+    line, dropped). Neither reaches a span's status text or its exception events (a process
+    that sets up telemetry first, as the worker does)."""
+    known, unknown = "sk-span-SECRET-9d2e41", "sk-row-SECRET-77c1a0"
+    span_file = tmp_path / "spans.jsonl"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "ORCHESTRATOR_TRACE_FILE": str(span_file),
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
+    subprocess.run(
+        [sys.executable, "-c", SQL_FAILURES, known, unknown, database_url],
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    spans = [json.loads(line) for line in span_file.read_text().splitlines()]
+    texts = [s["status_text"] for s in spans if s.get("status_text")]
+    assert any("invalid input syntax" in t for t in texts), texts
+    assert any("check constraint" in t for t in texts), texts
+    everything = span_file.read_text()
+    assert known not in everything and unknown not in everything, texts
+
+
+def test_skipped_vendor_values_and_failed_reconcile_passes_are_counted(
+    telemetry: Telemetry, settings_for: Callable[..., Settings], db: Database
+) -> None:
+    """The two counters the alert in docs/operations.md reads."""
+    lifecycle = inline_lifecycle(settings_for(deepbrain_base_url="http://vendor.test"))
+
+    def skipped() -> float:
+        points = telemetry.metric_points("orchestrator.vendor.skipped_values")
+        return sum(p.value for p in points if dict(p.attributes)["field"] == "created_at")
+
+    def failed(reason: str) -> float:
+        points = telemetry.metric_points("orchestrator.reconcile.failed_passes")
+        return sum(p.value for p in points if dict(p.attributes)["reason"] == reason)
+
+    skipped_before, failed_before = skipped(), failed("vendor_error")
+    sessions = "http://vendor.test/api/v2/sessions"
+    try:
+        with respx.mock(assert_all_called=False) as vendor:
+            vendor.get(sessions).respond(
+                json={
+                    "code": 1000,
+                    "message": "ok",
+                    "data": {"next": None, "results": [{"sessionId": "x", "created_at": [1]}]},
+                }
+            )
+            reconcile(lifecycle)
+        with lifecycle.db.transaction() as session:
+            session.execute(text("UPDATE sweep_leases SET finished_at = NULL"))
+        with respx.mock(assert_all_called=False) as vendor:
+            vendor.get(sessions).respond(status_code=502, text="bad gateway")
+            assert reconcile(lifecycle).vendor_error
+    finally:
+        lifecycle.close()
+    assert skipped() == skipped_before + 1
+    assert failed("vendor_error") == failed_before + 1

@@ -15,9 +15,15 @@ Create Date: 2026-12-01 14:00:00.000000
 - ``orchestrator_claim`` takes every time from the server's clock (``now()``), takes the
   attempt lease when it admits at once, and reports an early stop instead of inserting (the
   caller then records the request as ended, in one transaction with the early stop's removal).
+  It is a new signature beside 0003's, which stays: the previous release's workers keep calling
+  that one while this release rolls out (expand/contract, docs/operations.md). 0003's function
+  still works on this schema: the columns added here are nullable, and a row it claims is read
+  by this release like one claimed before the upgrade (no lease, the start timeout from
+  ``start_sent_at``). A later contract migration may drop it.
 """
 
 from collections.abc import Sequence
+from importlib import import_module
 
 import sqlalchemy as sa
 from alembic import op
@@ -111,16 +117,14 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.DateTime(timezone=True)),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_sweep_leases")),
     )
-    op.execute(f"DROP FUNCTION {OLD_CLAIM_SIGNATURE}")
-    op.execute(CLAIM)
+    op.execute(CLAIM)  # beside 0003's OLD_CLAIM_SIGNATURE, which the previous release calls
 
 
 def downgrade() -> None:
-    from importlib import import_module
-
-    previous = import_module("orchestrator.migrations.versions.0003_admission_functions")
     op.execute(f"DROP FUNCTION {NEW_CLAIM_SIGNATURE}")
-    op.execute(previous.CLAIM)
+    # A database upgraded by this migration before it kept 0003's function has none.
+    op.execute(f"DROP FUNCTION IF EXISTS {OLD_CLAIM_SIGNATURE}")
+    op.execute(import_module("orchestrator.migrations.versions.0003_admission_functions").CLAIM)
     op.drop_table("sweep_leases")
     op.drop_table("early_stops")
     op.drop_column("sessions", "attempt_lease_until")

@@ -18,6 +18,7 @@ from orchestrator.db.models import (
     SessionRow,
     SessionStatus,
     SweepLease,
+    VendorAccount,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SessionRow",
     "SessionStatus",
     "SweepLease",
+    "VendorAccount",
     "after_commit",
     "normalize_database_url",
 ]

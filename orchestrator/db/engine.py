@@ -6,11 +6,13 @@ import enum
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol
 
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 HOOKS_KEY = "orchestrator.after_commit"
 logger = logging.getLogger(__name__)
@@ -43,6 +45,33 @@ def after_commit(session: Session, hook: AfterCommit) -> None:
     """Have :meth:`Database.transaction` fire ``hook`` once this session's transaction commits
     (not at all if it rolls back)."""
     session.info.setdefault(HOOKS_KEY, set()).add(hook)
+
+
+# A caller's own bound on the wait for a pooled connection (Database.waits_at_most).
+_WAIT_BOUND: ContextVar[float | None] = ContextVar("orchestrator_pool_wait_bound", default=None)
+MIN_POOL_WAIT_SECONDS = 0.01
+
+
+class BoundedWaitPool(QueuePool):
+    """A QueuePool whose wait for a free connection a caller may shorten for itself: the
+    configured ``pool_timeout`` is the longest any checkout waits."""
+
+    @property
+    def _timeout(self) -> float:
+        bound = _WAIT_BOUND.get()
+        configured = self._configured_timeout
+        return configured if bound is None else min(configured, bound)
+
+    @_timeout.setter
+    def _timeout(self, value: float) -> None:
+        self._configured_timeout = value
+
+    def recreate(self) -> QueuePool:
+        token = _WAIT_BOUND.set(None)  # the new pool keeps the configured timeout
+        try:
+            return super().recreate()
+        finally:
+            _WAIT_BOUND.reset(token)
 
 
 def normalize_database_url(url: str) -> str:
@@ -79,6 +108,7 @@ class Database:
             pool_size=pool_size,
             max_overflow=pool_size if max_overflow is None else max_overflow,
             pool_timeout=pool_timeout,
+            poolclass=BoundedWaitPool,
             pool_recycle=1800,
             connect_args={"connect_timeout": 10, "application_name": "session-orchestrator"},
         )
@@ -103,6 +133,17 @@ class Database:
         back to this process, which may wait for the GIL, before the commit)."""
         with self.engine.connect() as connection:
             yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def waits_at_most(self, seconds: float) -> Iterator[None]:
+        """Inside, this thread waits at most ``seconds`` for a pooled connection (a full pool
+        then raises ``sqlalchemy.exc.TimeoutError`` sooner): for callers whose window is
+        shorter than ``pool_timeout``."""
+        token = _WAIT_BOUND.set(max(MIN_POOL_WAIT_SECONDS, seconds))
+        try:
+            yield
+        finally:
+            _WAIT_BOUND.reset(token)
 
     def durability_barrier(self) -> None:
         """Return once everything committed so far is on disk.

@@ -57,6 +57,9 @@ class EventKind(enum.StrEnum):
     ORPHAN_STOPPED = "orphan_stopped"
     STOP_BEFORE_START = "stop_before_start"  # remembered in early_stops (no row yet)
     REDISPATCHED = "redispatched"  # an admitted start whose dispatch was lost, sent again
+    # The first time the reconciler saw, in the vendor's list, a session no row knows and the
+    # vendor gave no usable creation time for: the orphan grace runs from here.
+    VENDOR_SESSION_SEEN = "vendor_session_seen"
 
 
 RARE_EVENT_KINDS = (
@@ -218,3 +221,16 @@ class SweepLease(Base):
     owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class VendorAccount(Base):
+    """The vendor's last reported concurrent-session limit (``max_session_numbers``), one row
+    per vendor account (``default`` today): admission reads one row, not the history of starts.
+    A trigger on ``sessions`` (migration 0006) writes it when a start reports another value;
+    ``reported_at`` is when it last changed."""
+
+    __tablename__ = "vendor_accounts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="default")
+    reported_limit: Mapped[int | None] = mapped_column(Integer)
+    reported_at: Mapped[datetime | None]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -52,6 +52,7 @@ from orchestrator.deepbrain.models import (
     parse_vendor_session,
 )
 from orchestrator.deepbrain.retry import RetryPolicy, call_with_retry
+from orchestrator.deepbrain.values import loggable_id, skipped_values
 
 __all__ = ["DeepBrainClient"]
 
@@ -86,8 +87,14 @@ def _is_uncertain(exc: DeepBrainError) -> bool:
     return unclassified and (exc.http_status is None or 200 <= exc.http_status < 300)
 
 
+def _is_short_ascii_number(text: str) -> bool:
+    # str.isdigit() also accepts "²" (which int() refuses); a code is a few digits.
+    return 0 < len(text) <= 9 and text.isascii() and text.isdigit()
+
+
 @dataclass
 class _StartState:
+    masked: frozenset[str] = frozenset()  # the request's secret values
     sent: int = 0
     uncertain: int = 0
     refreshed: bool = False
@@ -173,7 +180,11 @@ class DeepBrainClient:
     # -- public calls --------------------------------------------------------------------
 
     def start_session(
-        self, body: Mapping[str, Any], *, deadline: float | None = None
+        self,
+        body: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+        secrets: Iterable[str] = (),
     ) -> StartedSession:
         """``POST /api/v2/sessions/start`` with ``body`` sent as JSON as given.
 
@@ -183,10 +194,12 @@ class DeepBrainClient:
         new token and resends once; a second 401 raises :class:`VendorAuthError`. Any error
         raised carries ``attempts`` and ``uncertain_attempts``. With ``deadline`` (a
         ``time.monotonic()`` reading) no attempt starts that could not end before it.
+        ``secrets``: the secret values ``body`` carries (the customer's keys), masked in any
+        text of the vendor's this call keeps (:mod:`orchestrator.masking`).
         """
         endpoint = f"POST {START_PATH}"
         payload = dict(body)
-        state = _StartState()
+        state = _StartState(masked=frozenset(secrets))
         try:
             started = call_with_retry(
                 lambda: self._start_once(payload, state, endpoint, deadline),
@@ -267,6 +280,7 @@ class DeepBrainClient:
                 except DeepBrainError as error:
                     if on_malformed is None:
                         raise
+                    skipped_values.add(1, {"field": "session", "endpoint": endpoint})
                     on_malformed(error.vendor_message)
                     continue
                 sessions.setdefault(session.session_id, session)
@@ -355,9 +369,14 @@ class DeepBrainClient:
                 deadline,
                 headers={"Authorization": f"Bearer {token}"},
                 json=payload,
+                masked=state.masked,
             )
             return parse_started_session(data, endpoint)
         except DeepBrainError as exc:
+            if exc.unusable_session_id is not None and self._stop_unusable(
+                exc.unusable_session_id, endpoint, deadline
+            ):
+                raise
             if _is_uncertain(exc):
                 state.uncertain += 1
                 logger.warning(
@@ -370,6 +389,27 @@ class DeepBrainClient:
                 )
             raise
 
+    def _stop_unusable(self, session_id: str, endpoint: str, deadline: float | None) -> bool:
+        """Stop a session the vendor started whose reply cannot be recorded (nothing would
+        own it); False if the stop failed (the reconciler then stops it as an orphan)."""
+        try:
+            outcome = self.stop_session(session_id, "ERROR", deadline=deadline)
+        except DeepBrainError as error:
+            logger.error(
+                "deepbrain %s: could not stop the session of an unusable start reply (%s); "
+                "the reconciler stops it as an orphan",
+                endpoint,
+                error.error_code,
+            )
+            return False
+        logger.warning(
+            "deepbrain %s: stopped the session %s of an unusable start reply (%s)",
+            endpoint,
+            loggable_id(session_id),
+            outcome.value,
+        )
+        return True
+
     def _send(
         self,
         method: str,
@@ -380,9 +420,11 @@ class DeepBrainClient:
         headers: Mapping[str, str] | None = None,
         json: Any = None,
         params: Mapping[str, str | int] | None = None,
+        masked: frozenset[str] = frozenset(),
     ) -> Any:
         """One HTTP request, done within ``timeout_seconds`` and the call's ``deadline``;
-        returns the envelope's ``data`` or raises a DeepBrainError."""
+        returns the envelope's ``data`` or raises a DeepBrainError (whose texts show none of
+        our keys nor the ``masked`` values the request carried)."""
         ends_at = time.monotonic() + self._timeout_seconds
         if deadline is not None:
             ends_at = min(ends_at, deadline)
@@ -395,15 +437,19 @@ class DeepBrainClient:
                 )
         except httpx.TransportError as exc:
             raise error_from_transport(
-                endpoint, exc, timeout_seconds=self._timeout_seconds, secrets=self._secrets()
+                endpoint,
+                exc,
+                timeout_seconds=self._timeout_seconds,
+                secrets=self._secrets(),
+                request_secrets=masked,
             ) from exc
-        return self._unwrap(endpoint, response)
+        return self._unwrap(endpoint, response, masked)
 
-    def _unwrap(self, endpoint: str, response: httpx.Response) -> Any:
+    def _unwrap(self, endpoint: str, response: httpx.Response, masked: frozenset[str]) -> Any:
         status = response.status_code
         try:
             payload = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             payload = None
         if not isinstance(payload, Mapping) or "code" not in payload:
             kind = "a non-JSON body" if payload is None else "JSON without the vendor envelope"
@@ -420,8 +466,14 @@ class DeepBrainClient:
                 has_envelope=False,
             )
         raw_code = payload.get("code")
-        code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
-        if code is None and isinstance(raw_code, str) and raw_code.isdigit():
+        code = (
+            raw_code
+            if isinstance(raw_code, int)
+            and not isinstance(raw_code, bool)
+            and 0 <= raw_code < 10**9
+            else None
+        )
+        if code is None and isinstance(raw_code, str) and _is_short_ascii_number(raw_code):
             code = int(raw_code)
         if 200 <= status < 300 and code == SUCCESS_CODE:
             return payload.get("data")
@@ -430,7 +482,11 @@ class DeepBrainClient:
             endpoint,
             status,
             code,
-            sanitize_message(vendor_message if vendor_message is not None else "", self._secrets())
+            sanitize_message(
+                vendor_message if vendor_message is not None else "",
+                self._secrets(),
+                request_secrets=masked,
+            )
             or "(no message)",
             retry_after=response.headers.get("retry-after"),
             has_envelope=True,

@@ -19,6 +19,9 @@ from typing import Any, ClassVar
 
 import httpx
 
+from orchestrator.deepbrain.values import clean_text
+from orchestrator.masking import mask
+
 __all__ = [
     "DeepBrainError",
     "VendorAuthError",
@@ -41,9 +44,15 @@ _MAX_MESSAGE_CHARS = 300
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
-def sanitize_message(message: object, secrets: Iterable[str] = ()) -> str:
-    """One line, at most 300 chars, with known secrets and anything JWT-shaped replaced."""
-    text = " ".join(str(message).split())
+def sanitize_message(
+    message: object, secrets: Iterable[str] = (), *, request_secrets: Iterable[str] = ()
+) -> str:
+    """One line, at most 300 chars, with known secrets (ours, whatever their length; the
+    request's, by :func:`orchestrator.masking.mask`'s rules) and anything JWT-shaped replaced,
+    and nothing Postgres cannot store (NUL, unpaired surrogates)."""
+    request_secrets = tuple(request_secrets)
+    text = mask(str(message), request_secrets)
+    text = mask(clean_text(" ".join(text.split())), request_secrets)
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -59,8 +68,9 @@ class DeepBrainError(Exception):
     Attributes: ``endpoint`` ("POST /api/v2/sessions/start"), ``http_status`` and ``code``
     (the envelope's code; None when there was no reply or no envelope), ``vendor_message``,
     ``retryable``, ``retry_after_seconds`` (from ``Retry-After``, when sent), ``attempts``
-    (requests sent for the logical call that failed) and ``uncertain_attempts`` (start only:
-    how many of them may have created a vendor session).
+    (requests sent for the logical call that failed), ``uncertain_attempts`` (start only:
+    how many of them may have created a vendor session) and ``unusable_session_id`` (start
+    only: a session the vendor created whose reply we cannot record; the client stops it).
     """
 
     default_retryable: ClassVar[bool] = False
@@ -83,6 +93,7 @@ class DeepBrainError(Exception):
         self.retry_after_seconds = retry_after_seconds
         self.attempts = 1
         self.uncertain_attempts = 0
+        self.unusable_session_id: str | None = None
         super().__init__(self._summary())
 
     @property
@@ -225,10 +236,10 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     except ValueError:
         pass
     else:
-        return None if seconds < 0 or math.isnan(seconds) else seconds
+        return None if seconds < 0 or not math.isfinite(seconds) else seconds
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000" dates: UTC by RFC 5322
         when = when.replace(tzinfo=UTC)
@@ -277,11 +288,16 @@ def error_from_reply(
 
 
 def error_from_transport(
-    endpoint: str, exc: httpx.TransportError, *, timeout_seconds: float, secrets: Iterable[str] = ()
+    endpoint: str,
+    exc: httpx.TransportError,
+    *,
+    timeout_seconds: float,
+    secrets: Iterable[str] = (),
+    request_secrets: Iterable[str] = (),
 ) -> VendorUnavailable:
     """Map an httpx transport failure (no usable reply) to :class:`VendorUnavailable`."""
     name = type(exc).__name__
-    detail = sanitize_message(exc, secrets)
+    detail = sanitize_message(exc, secrets, request_secrets=request_secrets)
     message = f"{name}: {detail}" if detail else name
     retryable = True
     if isinstance(exc, httpx.ConnectTimeout):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
 from orchestrator.deepbrain.errors import DeepBrainError
+from orchestrator.deepbrain.values import (
+    MAX_SESSION_ID_LENGTH,
+    FieldReader,
+    clean_text,
+    is_storable_id,
+    loggable_id,
+)
 
 __all__ = [
     "StartedSession",
@@ -19,8 +25,6 @@ __all__ = [
     "parse_started_session",
     "parse_vendor_session",
 ]
-
-logger = logging.getLogger("orchestrator.deepbrain")
 
 
 class StopOutcome(StrEnum):
@@ -57,8 +61,8 @@ class VendorSession:
     """A row of the list endpoint or the detail of one session.
 
     Timestamps are tz-aware (a naive vendor timestamp is taken as UTC) and None when missing or
-    unparseable; ``duration`` is in seconds (the vendor does not document the unit). ``raw`` is
-    the whole row as received, read-only.
+    unparseable; ``duration`` is in seconds (the vendor does not document the unit); texts hold
+    no NUL, and a blank ``end_reason`` is None. ``raw`` is the whole row as received, read-only.
     """
 
     session_id: str
@@ -72,66 +76,39 @@ class VendorSession:
     raw: Mapping[str, Any] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False, hash=False
     )
+    skipped: tuple[str, ...] = ()  # fields present but unusable (they read as None)
 
 
-def _malformed(endpoint: str, what: str) -> DeepBrainError:
+def _malformed(endpoint: str, what: str, *, session_id: str | None = None) -> DeepBrainError:
     # The vendor said yes but its reply is not what the API documents: not retryable.
-    return DeepBrainError(endpoint, f"unexpected reply shape: {what}")
-
-
-def _opt_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value if isinstance(value, str) else str(value)
-
-
-def _opt_number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _opt_int(value: Any) -> int | None:
-    number = _opt_number(value)
-    if number is None or not number.is_integer():
-        return None
-    return int(number)
-
-
-def _opt_datetime(value: Any, name: str) -> datetime | None:
-    if value is None or value == "":
-        return None
-    parsed: datetime | None = None
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            parsed = None
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        parsed = datetime.fromtimestamp(value, UTC)
-    if parsed is None:
-        logger.warning("deepbrain: ignoring unparseable timestamp in field %s", name)
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    # ``unusable_session_id``: a session the vendor created that this reply cannot record.
+    error = DeepBrainError(endpoint, f"unexpected reply shape: {what}")
+    error.unusable_session_id = session_id
+    return error
 
 
 def parse_started_session(data: Any, endpoint: str) -> StartedSession:
-    """Build a :class:`StartedSession` from the start reply's ``data``."""
+    """Build a :class:`StartedSession` from the start reply's ``data``.
+
+    Optional fields that cannot be used are skipped (logged with the session's id); a reply
+    without what a session needs (its id, the LiveKit block) raises, naming the session it
+    created if it has an id (``unusable_session_id``) so that the caller stops it."""
     if not isinstance(data, Mapping):
         raise _malformed(endpoint, "data is not an object")
     session_id = data.get("session_id")
-    if not isinstance(session_id, str) or not session_id:
+    if not isinstance(session_id, str) or not session_id.strip():
         raise _malformed(endpoint, "data.session_id missing")
+    shown = loggable_id(session_id)
+    if not is_storable_id(session_id):
+        raise _malformed(
+            endpoint,
+            f"data.session_id {shown} cannot be recorded (over {MAX_SESSION_ID_LENGTH} "
+            "characters, or NUL / unpaired surrogates)",
+            session_id=session_id,
+        )
     livekit = data.get("livekit")
     if not isinstance(livekit, Mapping):
-        raise _malformed(endpoint, f"data.livekit missing (session {session_id})")
+        raise _malformed(endpoint, f"data.livekit missing (session {shown})", session_id=session_id)
     url, room, token = livekit.get("url"), livekit.get("room_name"), livekit.get("token")
     # Empty is missing: a session nobody can join must not be recorded as started.
     if not (
@@ -143,34 +120,45 @@ def parse_started_session(data: Any, endpoint: str) -> StartedSession:
         and token
     ):
         raise _malformed(
-            endpoint, f"data.livekit url/room_name/token missing (session {session_id})"
+            endpoint,
+            f"data.livekit url/room_name/token missing (session {shown})",
+            session_id=session_id,
         )
-    return StartedSession(
+    fields = FieldReader(data, endpoint)
+    started = StartedSession(
         session_id=session_id,
-        voice_id=_opt_str(data.get("voice_id")),
-        max_session_duration=_opt_int(data.get("max_session_duration")),
-        max_session_numbers=_opt_int(data.get("max_session_numbers")),
-        livekit_url=url,
-        livekit_room=room,
-        livekit_token=token,
+        voice_id=fields.text("voice_id"),
+        max_session_duration=fields.integer("max_session_duration", low=1),
+        max_session_numbers=fields.integer("max_session_numbers", low=0),
+        livekit_url=clean_text(url),
+        livekit_room=clean_text(room),
+        livekit_token=clean_text(token),
     )
+    fields.log_skips(session_id)
+    return started
 
 
 def parse_vendor_session(row: Any, endpoint: str) -> VendorSession:
-    """Build a :class:`VendorSession` from a list row or a detail ``data`` object."""
+    """Build a :class:`VendorSession` from a list row or a detail ``data`` object. Only a
+    missing id raises; any other unusable value reads as missing and is named in
+    ``skipped`` (and logged with the row's id)."""
     if not isinstance(row, Mapping):
         raise _malformed(endpoint, "session is not an object")
     session_id = row.get("sessionId", row.get("session_id"))
     if not isinstance(session_id, str) or not session_id:
         raise _malformed(endpoint, "sessionId missing")
-    return VendorSession(
+    fields = FieldReader(row, endpoint)
+    session = VendorSession(
         session_id=session_id,
-        created_at=_opt_datetime(row.get("created_at"), "created_at"),
-        updated_at=_opt_datetime(row.get("updated_at"), "updated_at"),
-        end_at=_opt_datetime(row.get("end_at"), "end_at"),
-        duration=_opt_number(row.get("duration")),
-        source=_opt_str(row.get("source")),
-        credits_consumed=_opt_number(row.get("credits_consumed")),
-        end_reason=_opt_str(row.get("end_reason")),
+        created_at=fields.time("created_at"),
+        updated_at=fields.time("updated_at"),
+        end_at=fields.time("end_at"),
+        duration=fields.number("duration"),
+        source=fields.text("source"),
+        credits_consumed=fields.number("credits_consumed"),
+        end_reason=fields.text("end_reason"),
         raw=MappingProxyType(dict(row)),
+        skipped=tuple(fields.skipped),
     )
+    fields.log_skips(session_id)
+    return session

@@ -7,6 +7,10 @@ from datetime import datetime
 from typing import Any
 
 EVENT_VERSION = 1
+# An event's ``occurred_at`` is the database's clock, as every time the service compares: this
+# expression writes it (as ``datetime.isoformat`` would) inside the statement that queues the
+# event, when the time is not read beforehand.
+DATABASE_NOW_ISO = "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
 ROUTING_KEYS = {"active": "session.active", "ended": "session.ended", "failed": "session.failed"}
 
 
@@ -21,7 +25,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def body_for(
     event_id: uuid.UUID,
-    occurred_at: datetime,
+    occurred_at: datetime | None,
     *,
     status: str,
     request_id: str,
@@ -35,7 +39,8 @@ def body_for(
     error_message: str | None = None,
 ) -> dict[str, Any]:
     """The body consumers read: ``session.active`` carries the LiveKit credentials,
-    ``session.ended`` the end reason, ``session.failed`` the error."""
+    ``session.ended`` the end reason, ``session.failed`` the error. ``occurred_at`` is the
+    database's time (None: the statement writing the body sets it, with DATABASE_NOW_ISO)."""
     body: dict[str, Any] = {
         "event_id": str(event_id),
         "version": EVENT_VERSION,

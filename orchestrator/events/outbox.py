@@ -9,20 +9,27 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, OutboxEvent, SessionRow, after_commit
-from orchestrator.db.types import utcnow
 from orchestrator.events.bodies import body_for, routing_key
+
+
+def database_now(session: Session) -> datetime:
+    """The database's clock (the transaction's start): events are timed by it, not ours."""
+    now = session.scalar(select(func.now()))
+    assert now is not None
+    return now
 
 
 def emit(session: Session, row: SessionRow) -> None:
     """Queue the event for the row's current (active/ended/failed) status."""
     event_id = uuid.uuid4()
+    now = database_now(session)
     body = body_for(
         event_id,
-        utcnow(),
+        now,
         status=row.status,
         request_id=row.request_id,
         vendor_session_id=row.vendor_session_id,
@@ -40,6 +47,7 @@ def emit(session: Session, row: SessionRow) -> None:
             routing_key=routing_key(row.status),
             body=body,
             traceparent=row.traceparent,
+            created_at=now,
         )
     )
     after_commit(session, AfterCommit.EVENTS_PENDING)
@@ -62,7 +70,7 @@ def emit_now(session: Session, updates: Sequence[Update]) -> None:
     without loading the rows; one INSERT for the lot."""
     if not updates:
         return
-    now = utcnow()
+    now = database_now(session)
     values = []
     for update in updates:
         event_id = uuid.uuid4()

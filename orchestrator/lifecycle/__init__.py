@@ -2,9 +2,10 @@
 
 from orchestrator.lifecycle.admission import AdmitReport, admit_waiting
 from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.reaper import ReapReport, reap
 from orchestrator.lifecycle.reconciler import ReconcileReport, reconcile
-from orchestrator.lifecycle.start import RetryLater, StartOutcome, handle_start_message, run_start
+from orchestrator.lifecycle.start import handle_start_message, run_start
 from orchestrator.lifecycle.stop import StopResult, request_stop
 
 __all__ = [

@@ -30,6 +30,11 @@ vendor_duration = meter.create_histogram(
 vendor_errors = meter.create_counter(
     "orchestrator.vendor.errors", unit="{error}", description="Failed DeepBrain calls by code"
 )
+failed_passes = meter.create_counter(
+    "orchestrator.reconcile.failed_passes",
+    unit="{pass}",
+    description="Reconcile passes that could not compare with the vendor, by reason",
+)
 reaper_lag = meter.create_histogram(
     "orchestrator.reaper.lag", unit="s", description="expires_at to the vendor's confirmed stop"
 )
@@ -55,6 +60,11 @@ def record_start(outcome: str, created_at: datetime | None = None) -> None:
     starts.add(1, {"outcome": outcome})
     if outcome == "active" and created_at is not None:
         start_latency.record((utcnow() - created_at).total_seconds())
+
+
+def record_failed_pass(reason: str) -> None:
+    """A reconcile pass that reconciled nothing (vendor_error, auth_error) or broke (error)."""
+    failed_passes.add(1, {"reason": reason})
 
 
 def record_reaper_lag(seconds: float) -> None:

@@ -11,8 +11,16 @@ A 401/403 from the vendor means our key is wrong: log it loudly and change nothi
 
 One pass runs at a time across the deployment (a lease in ``sweep_leases``, timed by the
 database's clock), and a pass stops calling the vendor at its deadline
-(``Settings.reconcile_pass_seconds``) however slow the vendor is. A malformed row in the
-vendor's list is skipped and logged; the rest are reconciled.
+(``Settings.reconcile_pass_seconds``) however slow the vendor is. The vendor's values are
+untrusted: a malformed row of its list is skipped and logged, an unusable value in a row reads
+as missing (logged with the row's id, counted in ``orchestrator.vendor.skipped_values``), and a
+row whose handling fails (the database refuses what the vendor sent) is skipped and logged: the
+rest are reconciled. An orphan the vendor gives no usable creation time for is aged from the
+database's first sighting of it in the list. Passes that reconcile nothing are counted in
+``orchestrator.reconcile.failed_passes``.
+
+Every vendor session on our key that no row knows is stopped: a second deployment sharing the
+key loses its sessions this way. A pass finding ``MANY_ORPHANS`` or more at once says so.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 
 from opentelemetry import trace
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from orchestrator.deepbrain import (
     DeepBrainError,
@@ -32,6 +43,7 @@ from orchestrator.deepbrain import (
     VendorNotFound,
     VendorSession,
 )
+from orchestrator.deepbrain.values import loggable_id
 from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.stop import vendor_stop
@@ -41,9 +53,15 @@ PASS_LEASE_MARGIN = 5.0  # the lease outlives the pass's deadline by this much
 UNKNOWN_END_REASON = "UNKNOWN"
 # A row started this recently may be missing from a list fetched a moment before.
 LIST_RACE_MARGIN = timedelta(seconds=5)
+# Orphans found in one pass from which a warning names the count: a crash leaves a few (about
+# one per start in flight); many at once usually means another deployment uses our vendor key.
+MANY_ORPHANS = 10
 
 
 SWEEP_NAME = "reconcile"
+# The detail calls (rows the vendor may have ended) get this part of what is left of the pass
+# once the list is read; the orphan sweep gets the rest, however slow the detail endpoint.
+DETAIL_SHARE = 0.5
 
 
 @dataclass
@@ -52,7 +70,8 @@ class ReconcileReport:
     orphans_stopped: int = 0
     start_timeouts: int = 0
     redispatched: int = 0
-    skipped_rows: int = 0
+    skipped_rows: int = 0  # rows of the list, or rows of ours, that could not be handled
+    skipped_values: int = 0  # unusable values in the vendor's rows (read as missing)
     early_stops_pruned: int = 0
     auth_error: bool = False
     vendor_error: bool = False
@@ -85,8 +104,13 @@ def reconcile(lc: Lifecycle, *, min_spacing: float = 0.0) -> ReconcileReport:
             return ReconcileReport(skipped_pass=True)
         try:
             report = _reconcile(lc, time.monotonic() + pass_seconds)
+        except Exception:
+            metrics.record_failed_pass("error")
+            raise
         finally:
             store.release_sweep_lease(lc.db, SWEEP_NAME, owner)
+        if report.auth_error or report.vendor_error:
+            metrics.record_failed_pass("auth_error" if report.auth_error else "vendor_error")
         tracing.set_attributes(span, **report.as_dict())
         if report.auth_error:
             tracing.mark_error(span, "VENDOR_AUTH")
@@ -116,16 +140,14 @@ def _reconcile(lc: Lifecycle, deadline: float) -> ReconcileReport:
         logger.error("reconciler: vendor list failed, nothing changed: %s", error)
         report.vendor_error = True
         return report
+    report.skipped_values += sum(len(s.skipped) for s in active)
     listed = _Listed({s.session_id: s for s in active}, listed_at, deadline)
     try:
-        _close_rows_the_vendor_ended(lc, listed, report)
-        _stop_orphans(lc, listed, report)
+        _in_time(_close_rows_the_vendor_ended, lc, _detail_share(listed), report)
+        _in_time(_stop_orphans, lc, listed, report)
     except _AuthRefused as error:
         logger.critical("reconciler: the vendor refused our key, stopping here: %s", error)
         report.auth_error = True
-    except _OutOfTime:
-        logger.warning("reconciler: the pass ran out of time; the next pass goes on")
-        report.out_of_time = True
     if any(report.as_dict().values()):
         logger.info("reconciler: %s", report.as_dict())
     return report
@@ -140,13 +162,33 @@ def _resolve_stuck_starts(lc: Lifecycle, report: ReconcileReport) -> None:
         lc.dispatcher.start_admitted(session_id, claim_id)
 
 
+def _detail_share(listed: _Listed) -> _Listed:
+    """The list with the detail calls' deadline: their share of what is left of the pass."""
+    now = time.monotonic()
+    return replace(listed, deadline=now + max(0.0, listed.deadline - now) * DETAIL_SHARE)
+
+
+def _in_time(
+    step: Callable[[Lifecycle, _Listed, ReconcileReport], None],
+    lc: Lifecycle,
+    listed: _Listed,
+    report: ReconcileReport,
+) -> None:
+    """One step of the pass, until its deadline; what is left waits for the next pass."""
+    try:
+        step(lc, listed, report)
+    except _OutOfTime:
+        logger.warning("reconciler: %s ran out of time; the next pass goes on", step.__name__)
+        report.out_of_time = True
+
+
 def _check_time(deadline: float) -> None:
     if time.monotonic() >= deadline:
         raise _OutOfTime
 
 
 def _vendor_end(
-    lc: Lifecycle, vendor_id: str, deadline: float
+    lc: Lifecycle, vendor_id: str, deadline: float, report: ReconcileReport
 ) -> tuple[str, datetime | None] | None:
     """(end reason, end time) if the vendor has ended the session, None if it still runs."""
     try:
@@ -159,9 +201,31 @@ def _vendor_end(
     except DeepBrainError as error:
         logger.warning("reconciler: detail of a session failed, skipped: %s", error)
         return None
-    if detail.end_at is None and detail.end_reason is None:
-        return None  # the vendor still runs it; the list was just stale
-    return detail.end_reason or UNKNOWN_END_REASON, detail.end_at
+    report.skipped_values += len(detail.skipped)
+    if detail.end_at is None and not detail.end_reason:
+        return None  # the vendor still runs it ("" is no reason); the list was just stale
+    reason = (detail.end_reason or UNKNOWN_END_REASON)[: store.END_REASON_LENGTH]
+    return reason, detail.end_at  # cut as the row keeps it (span attributes too)
+
+
+def _describe(error: Exception) -> str:
+    """An error as a log line may show it: its type and SQLSTATE, never a server message (it
+    may quote the vendor's values)."""
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return type(error).__name__ + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
+
+
+@contextmanager
+def _one_row(report: ReconcileReport, what: str, row_id: object) -> Iterator[None]:
+    """A row whose handling fails is skipped and logged with its id: one bad row never ends
+    the pass. The database being away does (every row would fail the same way)."""
+    try:
+        yield
+    except (_AuthRefused, _OutOfTime, OperationalError, InterfaceError):
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of one row is that row's
+        report.skipped_rows += 1
+        logger.error("reconciler: %s %s skipped: %s", what, loggable_id(row_id), _describe(error))
 
 
 @dataclass(frozen=True)
@@ -182,10 +246,13 @@ def _close_rows_the_vendor_ended(lc: Lifecycle, listed: _Listed, report: Reconci
             continue
         _check_time(listed.deadline)
         tracing.link_sessions(sweep, [row.traceparent])
-        with tracing.session_span(
-            "session.reconcile.check", row.traceparent, session_id=row.vendor_session_id
-        ) as span:
-            ended = _vendor_end(lc, row.vendor_session_id, listed.deadline)
+        with (
+            _one_row(report, "row", str(row.session_id)),
+            tracing.session_span(
+                "session.reconcile.check", row.traceparent, session_id=row.vendor_session_id
+            ) as span,
+        ):
+            ended = _vendor_end(lc, row.vendor_session_id, listed.deadline, report)
             if ended is not None and store.record_vendor_ended(
                 lc.db, row.session_id, end_reason=ended[0], ended_at=ended[1]
             ):
@@ -193,24 +260,46 @@ def _close_rows_the_vendor_ended(lc: Lifecycle, listed: _Listed, report: Reconci
                 report.vendor_ended += 1
 
 
-def _stop_orphans(lc: Lifecycle, listed: _Listed, report: ReconcileReport) -> None:
+def _orphans(lc: Lifecycle, listed: _Listed) -> list[tuple[str, datetime]]:
+    """(vendor id, since when) of each listed session no row owns that is older than the
+    orphan grace. Its age runs from the vendor's ``created_at``, or, when the vendor gave none
+    we can use (missing, unparseable, in the future), from the database's first sighting."""
     grace = timedelta(seconds=lc.settings.orphan_grace_seconds)
     known = store.owned_vendor_ids(
         lc.db, list(listed.sessions), ended_after=listed.at - LIST_RACE_MARGIN
     )
-    for vendor_id, session in listed.sessions.items():
-        if vendor_id in known or session.created_at is None:
-            continue  # a session we cannot age is never taken for an orphan
-        if session.created_at > listed.at - grace:
-            continue
-        _check_time(listed.deadline)
-        try:
-            outcome = vendor_stop(lc, vendor_id, "ZOMBIE_SESSION_REAP", deadline=listed.deadline)
-        except DeepBrainError as error:
-            logger.error("reconciler: could not stop an orphan vendor session: %s", error)
-            continue
-        store.log_orphan_stop(
-            lc.db, vendor_id, outcome=outcome.value, created_at=session.created_at.isoformat()
+    unknown = {v: s for v, s in listed.sessions.items() if v not in known}
+    untimed = [v for v, s in unknown.items() if s.created_at is None or s.created_at > listed.at]
+    seen = store.first_sightings(lc.db, untimed)
+    due = []
+    for vendor_id, session in unknown.items():
+        born = seen.get(vendor_id) or session.created_at
+        if born is not None and born <= listed.at - grace:
+            due.append((vendor_id, born))
+    return due
+
+
+def _stop_orphans(lc: Lifecycle, listed: _Listed, report: ReconcileReport) -> None:
+    due = _orphans(lc, listed)
+    if len(due) >= MANY_ORPHANS:
+        logger.warning(
+            "reconciler: %d vendor sessions on our key have no row here; stopping them as "
+            "orphans. If another deployment uses this vendor key, these are its sessions: give "
+            "each deployment its own key (docs/deploy.md)",
+            len(due),
         )
-        report.orphans_stopped += 1
-        logger.warning("reconciler: stopped an orphan vendor session with no row")
+    for vendor_id, born in due:
+        _check_time(listed.deadline)
+        with _one_row(report, "orphan vendor session", vendor_id):
+            try:
+                outcome = vendor_stop(
+                    lc, vendor_id, "ZOMBIE_SESSION_REAP", deadline=listed.deadline
+                )
+            except DeepBrainError as error:
+                logger.error("reconciler: could not stop an orphan vendor session: %s", error)
+                continue
+            store.log_orphan_stop(
+                lc.db, vendor_id, outcome=outcome.value, created_at=born.isoformat()
+            )
+            report.orphans_stopped += 1
+            logger.warning("reconciler: stopped an orphan vendor session with no row")

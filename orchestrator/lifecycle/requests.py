@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+from datetime import timedelta
 from typing import Any
 
 from pydantic import (
@@ -104,6 +105,20 @@ class StartRequest(BaseModel):
         if self.max_duration_seconds is not None:
             return math.ceil(self.max_duration_seconds / 60)
         return None
+
+    def lifetime(self, *, granted_minutes: int | None, plan_minutes: int) -> timedelta:
+        """How long the session may run: the shortest of what was asked (``max_session_duration``,
+        ``max_duration_seconds``, or the plan limit when neither is given), what the vendor
+        granted and the plan limit (``ORCHESTRATOR_MAX_SESSION_MINUTES``). A grant never
+        lengthens a session."""
+        limits = [timedelta(minutes=plan_minutes)]
+        if self.max_session_duration is not None:
+            limits.append(timedelta(minutes=self.max_session_duration))
+        if self.max_duration_seconds is not None:
+            limits.append(timedelta(seconds=self.max_duration_seconds))
+        if granted_minutes is not None and granted_minutes > 0:
+            limits.append(timedelta(minutes=granted_minutes))
+        return min(limits)
 
     def vendor_body(self) -> dict[str, Any]:
         """The start body: only the five vendor fields, unknown nested fields kept as given."""
@@ -219,6 +234,36 @@ def canonical_json(value: Any) -> str:
 def payload_digest(kwargs: dict[str, Any]) -> str:
     """Tells a redelivery (same payload) from a conflicting reuse of a request_id."""
     return hashlib.sha256(canonical_json(kwargs).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def secret_values(payload: Any) -> frozenset[str]:
+    """Every value under a ``headers``/``extra_headers``/``auth_plugins`` key, at any depth of
+    any shape (numbers as their text): what :mod:`orchestrator.masking` masks in the vendor's
+    texts and in span statuses while the request is handled."""
+    found: set[str] = set()
+
+    def leaves(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                leaves(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                leaves(item)
+        elif isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found.add(str(value))
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                (leaves if key in SECRET_KEYS else walk)(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+
+    walk(payload)
+    return frozenset(found)
 
 
 def without_secrets(payload: Any) -> Any:

@@ -1,5 +1,6 @@
 """Handling one ``start_session`` message: validate, claim the request, start at the vendor
-with no transaction open, record the answer (or stop the vendor session again)."""
+with no transaction open, record the answer (:mod:`.record`, which stops the vendor session
+again if it cannot be recorded)."""
 
 from __future__ import annotations
 
@@ -7,65 +8,33 @@ import hashlib
 import logging
 import random
 import re
-import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
-from sqlalchemy.exc import (
-    DataError,
-    DBAPIError,
-    InterfaceError,
-    OperationalError,
-    SQLAlchemyError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DataError
 
-from orchestrator.backoff import exponential_backoff
-from orchestrator.config import lease_without_margin
+from orchestrator import masking
 from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
 from orchestrator.deepbrain.auth import token_expiry
 from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
+from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
 from orchestrator.lifecycle.requests import (
     REQUEST_ID_PATTERN,
     InvalidStartRequest,
     StartRequest,
     parse_start_request,
     payload_digest,
+    secret_values,
 )
-from orchestrator.lifecycle.stop import compensate, execute_stop
 
 logger = logging.getLogger(__name__)
 MAX_CAPACITY_BOUNCES = 5
-# After a failed write of the vendor's yes, how long to keep trying (re-reading the row, then
-# writing again) before stopping the session: a blip of the database should not cost a good
-# session. A full pool is not the database's fault: it is waited out for longer. Neither wait
-# may outlast what the orphan grace leaves after the vendor's reply (grace - vendor timeout):
-# past it the reconciler would take the unrecorded session for an orphan and stop it.
-RECORD_RETRY_SECONDS = 5.0
 MAX_CLAIM_ID_LENGTH = 255
-
-
-class RetryLater(Exception):
-    """Do not acknowledge this message yet: run it again in ``delay`` seconds.
-
-    ``abandoned_attempt`` names an attempt this delivery gave up on (its lease may be taken at
-    once by the retry)."""
-
-    def __init__(self, reason: str, delay: float, abandoned_attempt: str | None = None) -> None:
-        super().__init__(reason)
-        self.delay = delay
-        self.abandoned_attempt = abandoned_attempt
-
-
-@dataclass(frozen=True)
-class StartOutcome:
-    request_id: str
-    status: str  # the row's status when this message was done with it
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -77,6 +46,7 @@ class _Message:
     claim_id: str
     traceparent: str | None
     abandoned_attempt: str | None
+    stopped_vendor_session: str | None = None
 
     @property
     def received(self) -> dict[str, Any]:
@@ -100,8 +70,10 @@ def handle_start_message(
     claim_id: str,
     traceparent: str | None = None,
     abandoned_attempt: str | None = None,
+    stopped_vendor_session: str | None = None,
 ) -> StartOutcome:
-    """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id.
+    """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id;
+    the last two are a RetryLater's, carried by the retry.
 
     ``traceparent`` is the producer's, from the message headers: the ``session.admit`` span
     continues that trace (when no instrumented consumer span already does), and the row keeps
@@ -115,8 +87,10 @@ def handle_start_message(
             _storable_claim_id(claim_id),
             tracing.current_traceparent() or traceparent,
             abandoned_attempt,
+            stopped_vendor_session,
         )
-        outcome = _admit(lc, message)
+        with masking.masking(secret_values(message.received)):  # in span statuses too
+            outcome = _admit(lc, message)
         tracing.set_attributes(span, request_id=outcome.request_id, status=outcome.status)
         if outcome.status == "failed":
             tracing.mark_error(span, outcome.detail.split(":")[0])
@@ -157,6 +131,9 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
             max_concurrent_sessions=lc.settings.max_concurrent_sessions,
             lease_seconds=lc.settings.start_timeout_seconds,
         )
+    except store.AdmissionBusy as error:
+        # Admission is busy for longer than a claim may wait: an outage, not a failure.
+        raise RetryLater(str(error), random.uniform(0.5, 1.5)) from None
     except DataError as error:
         # A value the checks above let through and Postgres refuses: the request still ends
         # visibly. Only the SQLSTATE is kept: the server's message may quote the payload.
@@ -177,12 +154,19 @@ def _after_claim(
         metrics.record_start("cancelled")
         return StartOutcome(request_id, claim.status, "stopped before it started")
     if claim.ticket is not None:
-        return _start_with(lc, claim.ticket)
+        return start_claimed(lc, claim.ticket)
     if claim.outcome is store.ClaimOutcome.NEW:  # waiting for a slot
         metrics.record_start("waiting")
         return StartOutcome(request_id, claim.status, "waiting for a free slot")
     # A redelivery: carry on from the row.
-    return run_start(lc, claim.session_id, message.claim_id, message.abandoned_attempt, request_id)
+    return run_start(
+        lc,
+        claim.session_id,
+        message.claim_id,
+        message.abandoned_attempt,
+        request_id,
+        stopped_vendor_session=message.stopped_vendor_session,
+    )
 
 
 def _failed(lc: Lifecycle, message: _Message, request_id: str, reason: str) -> StartOutcome:
@@ -213,9 +197,23 @@ def run_start(
     claim_id: str,
     abandoned_attempt: str | None = None,
     request_id: str = "",
+    *,
+    stopped_vendor_session: str | None = None,
 ) -> StartOutcome:
     """One vendor start for a ``starting`` row this claim owns; safe to call again. A live
-    attempt of another delivery is waited for (RetryLater), never doubled."""
+    attempt of another delivery is waited for (RetryLater), never doubled.
+
+    ``stopped_vendor_session``: an earlier delivery stopped that vendor session because its
+    record seemed to fail; if the record landed after all (its commit reply was lost), the row
+    holds a stopped session and is ended here."""
+    if stopped_vendor_session is not None and store.end_if_holding(
+        lc.db, session_id, stopped_vendor_session
+    ):
+        logger.warning(
+            "start request %s: its record had landed after all; the session stopped then is"
+            " ended now",
+            request_id,
+        )
     began = store.begin_attempt(
         lc.db,
         session_id,
@@ -230,11 +228,21 @@ def run_start(
         )
     if isinstance(began, str):
         return StartOutcome(request_id, began, "no start needed")
-    return _start_with(lc, began)
+    return start_claimed(lc, began)
 
 
-def _start_with(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
+def start_claimed(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
+    """The vendor start of an attempt this delivery holds (its claim or ``begin_attempt``
+    gave the ticket), unless a stop came meanwhile."""
     request = StartRequest.model_validate(ticket.payload)
+    stopped = store.end_if_stopped(lc.db, ticket)
+    _claim_again_if_gone(stopped)
+    if stopped is store.NotRecorded.MOVED_ON:
+        return StartOutcome(ticket.request_id, "unchanged", "the row moved on before the call")
+    if isinstance(stopped, str):
+        logger.info("start request %s: stopped before the vendor call", ticket.request_id)
+        metrics.record_start("cancelled")
+        return StartOutcome(ticket.request_id, stopped, "stopped before the vendor call")
     with tracing.session_span(
         "session.start",
         ticket.traceparent,
@@ -247,7 +255,7 @@ def _start_with(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
             outcome = started
         else:
             tracing.set_attributes(span, session_id=started.session_id)
-            outcome = _record(lc, ticket, _vendor_start(lc, request, ticket, started))
+            outcome = record_vendor_yes(lc, ticket, _vendor_start(lc, request, ticket, started))
         tracing.set_attributes(span, status=outcome.status)
         if outcome.status == "failed":
             tracing.mark_error(span, outcome.detail)
@@ -258,121 +266,52 @@ def _start_with(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
 def _call_vendor(
     lc: Lifecycle, ticket: store.StartTicket, request: StartRequest
 ) -> StartedSession | StartOutcome:
-    """The vendor start, with no transaction open; a refusal is recorded and returned."""
+    """The vendor start, with no transaction open; a refusal is recorded and returned. A row
+    lost meanwhile (a crash of the database took its claim) is claimed again: RetryLater."""
     try:
         with metrics.vendor_call("start"):
-            return lc.vendor.start_session(request.vendor_body(), deadline=_start_deadline(lc))
+            return lc.vendor.start_session(
+                request.vendor_body(),
+                deadline=start_deadline(lc),
+                secrets=secret_values(ticket.payload),
+            )
     except (VendorForbidden, VendorConflict) as error:
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
-        if ticket.attempt < MAX_CAPACITY_BOUNCES and store.back_to_waiting(
-            lc.db, ticket, vendor_error=error.error_code
-        ):
-            logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
-            return StartOutcome(ticket.request_id, "waiting", error.error_code)
+        if ticket.attempt < MAX_CAPACITY_BOUNCES:
+            waiting = store.back_to_waiting(lc.db, ticket, vendor_error=error.error_code)
+            _claim_again_if_gone(waiting)
+            if waiting is None:
+                logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
+                return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure: DeepBrainError = error
     except DeepBrainError as error:
         failure = error
     logger.warning("start of request %s failed: %s", ticket.request_id, failure)
     code = failure.error_code
-    store.record_failed(lc.db, ticket, error_code=code, error_message=failure.vendor_message)
+    failed = store.record_failed(
+        lc.db, ticket, error_code=code, error_message=failure.vendor_message
+    )
+    _claim_again_if_gone(failed)
+    if failed is store.NotRecorded.MOVED_ON:
+        return StartOutcome(ticket.request_id, "unchanged", f"{code}: the row moved on")
     return StartOutcome(ticket.request_id, "failed", code)
 
 
-def _start_deadline(lc: Lifecycle) -> float:
-    """Give up in time for the attempt's lease (``START_TIMEOUT_SECONDS``): past it the
-    reconciler fails a row still ``starting``, and a start that then succeeded would be
-    stopped again."""
-    return time.monotonic() + lease_without_margin(lc.settings.start_timeout_seconds)
-
-
-def _is_outage(error: SQLAlchemyError) -> bool:
-    """A failure of the connection (or of getting one), not of the statement: the write may or
-    may not have happened, and the row tells which."""
-    if isinstance(error, PoolTimeout):
-        return True
-    return isinstance(error, DBAPIError) and (
-        error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
-    )
-
-
-def _record(lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart) -> StartOutcome:
-    """Store the vendor's yes. A write whose outcome is unknown (the connection dropped, maybe
-    after the commit) is settled by reading the row again; one that did not land is written
-    again for a few seconds; only then, or if the row no longer wants this session, the vendor
-    session is stopped again (compensation)."""
-    vendor_id = start.vendor_session_id
-    settings = lc.settings
-    before_orphan = max(0.0, settings.orphan_grace_seconds - settings.vendor_timeout_seconds)
-    began = time.monotonic()
-    give_up_at = began + min(RECORD_RETRY_SECONDS, before_orphan)
-    pool_give_up_at = min(_start_deadline(lc), began + before_orphan)
-    tries = 0
-    result: store.StopTicket | store.NotRecorded | _Unknown | None
-    while True:
-        tries += 1
-        pool_full = False
-        try:
-            result = store.record_started(lc.db, ticket, start)
-        except SQLAlchemyError as error:
-            if not _is_outage(error):
-                compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
-                raise
-            pool_full = isinstance(error, PoolTimeout)
-            result = _reread(lc, ticket, vendor_id)
-        if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
-            break
-        now = time.monotonic()
-        if now >= (pool_give_up_at if pool_full else give_up_at):
-            break
-        time.sleep(exponential_backoff(tries, base=0.2, cap=1.0))
-    if result is None:
-        return StartOutcome(ticket.request_id, "active", vendor_id)
-    if isinstance(result, store.StopTicket):
-        execute_stop(lc, result)
-        return StartOutcome(ticket.request_id, "stopping", "stop requested during start")
-    if result is store.NotRecorded.MOVED_ON:
-        compensate(lc, vendor_id, request_id=ticket.request_id, why="request no longer starting")
-        return StartOutcome(ticket.request_id, "unchanged", "compensated")
-    if result is store.NotRecorded.GONE:
-        # The claim was lost (a crash of the database before it reached the disk): this
-        # message must not be acknowledged, so that its redelivery claims the request again.
-        compensate(lc, vendor_id, request_id=ticket.request_id, why="row lost")
+def _claim_again_if_gone(written: object) -> None:
+    """The claim was lost in a crash of the database (it committed without waiting for the
+    disk): this message must not be acknowledged, so that its redelivery claims it again."""
+    if written is store.NotRecorded.GONE:
         raise RetryLater("the request's row was lost; claiming it again", 0.0)
-    compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
-    raise RetryLater(
-        "the database did not take the vendor's answer", 1.0, abandoned_attempt=ticket.owner
-    )
-
-
-class _Unknown:
-    """The row could not be read either."""
-
-
-_UNKNOWN = _Unknown()
-
-
-def _reread(
-    lc: Lifecycle, ticket: store.StartTicket, vendor_id: str
-) -> store.StopTicket | store.NotRecorded | _Unknown | None:
-    try:
-        return store.start_state(lc.db, ticket, vendor_id)
-    except SQLAlchemyError as error:
-        if not _is_outage(error):
-            raise
-        return _UNKNOWN
 
 
 def _vendor_start(
     lc: Lifecycle, request: StartRequest, ticket: store.StartTicket, started: StartedSession
 ) -> store.VendorStart:
     granted_minutes = started.max_session_duration
-    minutes = (
-        granted_minutes or request.vendor_duration_minutes() or lc.settings.max_session_minutes
+    lifetime = request.lifetime(
+        granted_minutes=granted_minutes, plan_minutes=lc.settings.max_session_minutes
     )
-    lifetime = timedelta(minutes=minutes)
-    if request.max_duration_seconds is not None:
-        lifetime = min(lifetime, timedelta(seconds=request.max_duration_seconds))
     return store.VendorStart(
         vendor_session_id=started.session_id,
         voice_id=started.voice_id,

@@ -7,12 +7,15 @@ import time
 from dataclasses import dataclass
 
 from orchestrator.config import lease_without_margin
-from orchestrator.deepbrain import DeepBrainError, StopOutcome
+from orchestrator.deepbrain import DeepBrainError, StopOutcome, VendorNotFound
 from orchestrator.lifecycle import metrics, store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 
 logger = logging.getLogger(__name__)
 MAX_STOP_BACKOFF_SECONDS = 300.0
+# The audit entry of a compensation waits this long at most for a pooled connection: the pool
+# may be full (a reason to compensate), and the message's retry must not wait behind it.
+COMPENSATION_LOG_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -55,16 +58,29 @@ def vendor_stop(
 ) -> StopOutcome:
     """Stop at the vendor, within the stop's lease (``STOP_RETRY_SECONDS``) unless a deadline
     is given: past the lease another sweep may stop the same session. A 404 counts as gone only
-    if our key still lists sessions."""
+    once the session's detail agrees (:func:`_confirm_gone`)."""
     if deadline is None:
         deadline = time.monotonic() + lease_without_margin(lc.settings.stop_retry_seconds)
     with metrics.vendor_call("stop"):
         outcome = lc.vendor.stop_session(vendor_session_id, reason, deadline=deadline)
     if outcome is StopOutcome.NOT_FOUND:
-        with metrics.vendor_call("list"):
-            # VendorAuthError on a wrong key
-            lc.vendor.list_sessions("active", page_size=1, deadline=deadline)
+        _confirm_gone(lc, vendor_session_id, deadline)
     return outcome
+
+
+def _confirm_gone(lc: Lifecycle, vendor_session_id: str, deadline: float) -> None:
+    """One detail call settles a 404 on stop: a 404 there too (or an end) means gone. Our key
+    refused raises VendorAuthError/VendorForbidden, and a session the vendor still shows
+    running raises DeepBrainError: either way the stop is tried again, not taken as done."""
+    try:
+        with metrics.vendor_call("detail"):
+            detail = lc.vendor.get_session(vendor_session_id, deadline=deadline)
+    except VendorNotFound:
+        return
+    if detail.end_at is None and not detail.end_reason:
+        raise DeepBrainError(
+            "POST /api/v2/sessions/stop", "answered 404 for a session its detail shows running"
+        )
 
 
 def execute_stop(lc: Lifecycle, ticket: store.StopTicket) -> bool:
@@ -128,7 +144,8 @@ def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: s
         return False
     logger.warning("stopped vendor session of request %s again: %s", request_id, why)
     try:
-        store.log_compensation(lc.db, request_id, vendor_session_id, why=why)
+        with lc.db.waits_at_most(COMPENSATION_LOG_WAIT_SECONDS):
+            store.log_compensation(lc.db, request_id, vendor_session_id, why=why)
     except Exception:  # noqa: BLE001 - the stop is what matters; the DB may be the cause
         logger.warning("could not record the compensation of request %s", request_id)
     return True

@@ -7,8 +7,13 @@ against the other proves something. Vendor endpoints live under
     from orchestrator.simulator import SimulatorConfig, SimulatorServer
     with SimulatorServer(SimulatorConfig(max_concurrent_sessions=3)) as sim:
         ...  # point the client at sim.base_url
+
+Several accounts, each with its own keys, cap, sessions and faults::
+
+    SimulatorConfig(accounts=[SimulatorAccount("eu", "eu-app", "eu-key", 2), ...])
 """
 
+from orchestrator.simulator.accounts import SimulatorAccount, load_accounts_file
 from orchestrator.simulator.app import create_app
 from orchestrator.simulator.config import (
     ENDPOINTS,
@@ -23,11 +28,13 @@ from orchestrator.simulator.state import SimulatorState
 __all__ = [
     "ENDPOINTS",
     "Fault",
+    "SimulatorAccount",
     "SimulatorConfig",
     "SimulatorServer",
     "SimulatorState",
     "create_app",
     "default_code_for_status",
+    "load_accounts_file",
     "parse_endpoint_values",
     "run",
 ]

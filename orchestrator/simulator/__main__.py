@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--app-id")
     parser.add_argument("--user-key")
+    parser.add_argument(
+        "--accounts-file", help="JSON list of accounts (serves them instead of --app-id/--user-key)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             app_id=args.app_id,
             user_key=args.user_key,
+            accounts_file=args.accounts_file,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Knobs of the DeepBrain simulator and its scripted faults.
+"""Knobs of the DeepBrain simulator.
 
 Written from the vendor API description (``deepbrain-api.md``) only, never
 from the orchestrator's own DeepBrain client.
@@ -9,78 +9,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any, Final
 
-#: Endpoint names used by per-endpoint knobs, scripted faults and stats.
-ENDPOINTS: Final[tuple[str, ...]] = ("token", "start", "stop", "ping", "talk", "list", "detail")
+from orchestrator.simulator.accounts import (
+    DEFAULT_ACCOUNT,
+    SimulatorAccount,
+    coerce_accounts,
+    load_accounts_file,
+)
+from orchestrator.simulator.endpoint_values import (
+    ENDPOINTS,
+    check_rates_and_delays,
+    parse_endpoint_values,
+)
+from orchestrator.simulator.faults import DEFAULT_MESSAGES, Fault, default_code_for_status
 
-#: Default message per envelope code, used when a fault or error gives none.
-DEFAULT_MESSAGES: Final[Mapping[int, str]] = {
-    4000: "validation error",
-    4010: "session token missing, invalid or expired",
-    4020: "out of credits",
-    4030: "forbidden",
-    4040: "session not found",
-    4090: "conflict",
-    4290: "too many requests",
-    5000: "SESSION_ROOM_NOT_FOUND",
-}
-
-
-def default_code_for_status(status: int) -> int:
-    """The envelope code the vendor pairs with an HTTP status (deepbrain-api.md table)."""
-    known = {400: 4000, 422: 4000, 401: 4010, 402: 4020, 403: 4030, 404: 4040, 409: 4090}
-    if status in known:
-        return known[status]
-    if status == 429:
-        return 4290
-    if status >= 500:
-        return 5000
-    return 4000
-
-
-def _spec_items(spec: str | Mapping[str, Any] | Iterable[str]) -> list[tuple[str, Any]]:
-    if isinstance(spec, Mapping):
-        return list(spec.items())
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    items: list[tuple[str, Any]] = []
-    for part in parts:
-        for raw in str(part).split(","):
-            entry = raw.strip()
-            if not entry:
-                continue
-            name, sep, value = entry.partition("=")
-            items.append((name.strip(), value.strip()) if sep else ("*", entry))
-    return items
-
-
-def parse_endpoint_values(
-    spec: str | Mapping[str, Any] | Iterable[str] | None,
-) -> dict[str, float]:
-    """Parse per-endpoint numbers, e.g. ``"start=0.1,stop=0.05"``.
-
-    Accepts a mapping, a comma separated string, or an iterable of such strings
-    (a repeated CLI option). ``*=0.1`` or a bare ``0.1`` applies to every
-    endpoint; later entries override earlier ones. Raises ``ValueError`` naming
-    the bad part.
-    """
-    result: dict[str, float] = {}
-    for name, value in _spec_items(spec) if spec is not None else []:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not math.isfinite(number):
-            raise ValueError(f"{name}={value!r}: not a number")
-        if name == "*":
-            result.update(dict.fromkeys(ENDPOINTS, number))
-        elif name in ENDPOINTS:
-            result[name] = number
-        else:
-            raise ValueError(f"unknown endpoint {name!r} (expected one of {', '.join(ENDPOINTS)})")
-    return result
+__all__ = [
+    "DEFAULT_MESSAGES",
+    "ENDPOINTS",
+    "Fault",
+    "SimulatorConfig",
+    "default_code_for_status",
+    "parse_endpoint_values",
+]
 
 
 def _new_secret() -> str:
@@ -89,6 +44,22 @@ def _new_secret() -> str:
 
 _MAPPING_FIELDS: Final = frozenset({"failure_rate", "endpoint_latency"})
 _OPTIONAL_FIELDS: Final = frozenset({"idle_timeout_seconds", "seed", "voice_id"})
+_BOOL_FIELDS: Final = frozenset({"server_errors", "refuse_key"})
+#: Fields only the implicit ``default`` account uses (accounts have their own).
+_IMPLICIT_ACCOUNT_ONLY: Final = frozenset({"app_id", "user_key", "max_concurrent_sessions"})
+#: Top-level fields that describe the implicit ``default`` account (no ``accounts`` given).
+_DEFAULT_ACCOUNT_FIELDS: Final = frozenset(
+    {
+        "app_id",
+        "user_key",
+        "max_concurrent_sessions",
+        "latency_seconds",
+        "endpoint_latency",
+        "failure_rate",
+        "server_errors",
+        "refuse_key",
+    }
+)
 _INT_FIELDS: Final = frozenset(
     {
         "max_concurrent_sessions",
@@ -160,11 +131,20 @@ class SimulatorConfig:
     seed: int | None = None
     #: HS256 secret of the session tokens (random per process unless given).
     token_secret: str = field(default_factory=_new_secret, repr=False)
+    #: Every call answers 500 / 5000 (the whole vendor down), whatever the account.
+    server_errors: bool = False
+    #: Every account's key is refused: 401 / 4010 on every call.
+    refuse_key: bool = False
+    #: The accounts served; empty: one account, ``default``, of the fields above.
+    #: (A list is accepted and kept as a tuple.)
+    accounts: Sequence[SimulatorAccount] = ()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _MAPPING_FIELDS:
+            if f.name == "accounts":
+                object.__setattr__(self, f.name, coerce_accounts(value))
+            elif f.name in _MAPPING_FIELDS:
                 if not isinstance(value, Mapping):
                     raise ValueError(f"{f.name} must be a mapping of endpoint to number")
                 object.__setattr__(self, f.name, parse_endpoint_values(value))
@@ -173,12 +153,7 @@ class SimulatorConfig:
         self._check_ranges()
 
     def _check_ranges(self) -> None:
-        for name, rate in self.failure_rate.items():
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"failure_rate for {name} must be between 0 and 1, got {rate}")
-        for name, delay in self.endpoint_latency.items():
-            if delay < 0:
-                raise ValueError(f"endpoint_latency for {name} must be >= 0, got {delay}")
+        check_rates_and_delays("", self.failure_rate, self.endpoint_latency)
         checks = [
             (self.max_concurrent_sessions >= 0, "max_concurrent_sessions must be >= 0"),
             (self.plan_max_minutes >= 1, "plan_max_minutes must be >= 1"),
@@ -210,12 +185,20 @@ class SimulatorConfig:
         """A copy with ``changes`` applied (validated; unknown names raise ``ValueError``).
 
         Per-endpoint knobs (``failure_rate``, ``endpoint_latency``) also accept the
-        ``"start=0.1,stop=0.05"`` form and *replace* the previous mapping.
+        ``"start=0.1,stop=0.05"`` form and *replace* the previous mapping; ``accounts``
+        (a list of accounts or mappings) replaces every account. With accounts, the keys and
+        the cap are each account's: changing the top-level ones is refused, not ignored.
         """
         unknown = sorted(set(changes) - self.field_names())
         if unknown:
             raise ValueError(f"unknown simulator setting(s): {', '.join(unknown)}")
         coerced = {name: _coerce(name, value) for name, value in changes.items()}
+        per_account = sorted(set(changes) & _IMPLICIT_ACCOUNT_ONLY)
+        if per_account and coerced.get("accounts", self.accounts):
+            raise ValueError(
+                f"{', '.join(per_account)}: set per account when accounts are given"
+                " (configure_account NAME or the account's own fields)"
+            )
         return dataclasses.replace(self, **coerced)
 
     @classmethod
@@ -227,7 +210,8 @@ class SimulatorConfig:
         Aliases for CLI option names: ``latency`` -> ``latency_seconds``,
         ``failure_rates`` -> ``failure_rate``, ``idle_timeout`` -> ``idle_timeout_seconds``,
         ``token_ttl`` -> ``token_ttl_seconds``, ``max_concurrent`` -> ``max_concurrent_sessions``.
-        An ``idle_timeout`` of 0 or ``"none"`` disables the idle timeout.
+        An ``idle_timeout`` of 0 or ``"none"`` disables the idle timeout; ``accounts_file``
+        (a JSON file, see :func:`load_accounts_file`) sets ``accounts``.
         """
         aliases = {
             "latency": "latency_seconds",
@@ -236,6 +220,9 @@ class SimulatorConfig:
             "token_ttl": "token_ttl_seconds",
             "max_concurrent": "max_concurrent_sessions",
         }
+        accounts_file = options.pop("accounts_file", None)
+        if accounts_file is not None:
+            options["accounts"] = load_accounts_file(Path(accounts_file))
         changes: dict[str, Any] = {}
         for name, value in options.items():
             if value is None or (isinstance(value, tuple | list) and not value):
@@ -256,20 +243,78 @@ class SimulatorConfig:
             if f.name == "token_secret":
                 continue
             value = getattr(self, f.name)
-            out[f.name] = dict(value) if isinstance(value, Mapping) else value
+            if f.name == "accounts":
+                out[f.name] = [account.to_dict() for account in value]
+            else:
+                out[f.name] = dict(value) if isinstance(value, Mapping) else value
         return out
 
     # -- derived values -------------------------------------------------------
 
-    def latency_for(self, endpoint: str) -> float:
+    @cached_property
+    def _served(self) -> tuple[SimulatorAccount, ...]:
+        # Built once per configuration: every request asks for its account.
+        if self.accounts:
+            return tuple(self.accounts)
+        return (
+            SimulatorAccount(
+                name=DEFAULT_ACCOUNT,
+                app_id=self.app_id,
+                user_key=self.user_key,
+                max_concurrent_sessions=self.max_concurrent_sessions,
+            ),
+        )
+
+    def account_list(self) -> tuple[SimulatorAccount, ...]:
+        """The accounts served: ``accounts``, or the one ``default`` account."""
+        return self._served
+
+    def account(self, name: str) -> SimulatorAccount | None:
+        return next((a for a in self.account_list() if a.name == name), None)
+
+    def with_account_changes(self, name: str, **changes: Any) -> SimulatorConfig:
+        """A copy with one account's settings changed (the ``default`` account of a
+        single-account configuration is the top-level fields)."""
+        if not self.accounts and name == DEFAULT_ACCOUNT:
+            unknown = sorted(set(changes) - _DEFAULT_ACCOUNT_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown account setting(s): {', '.join(unknown)}")
+            return self.with_changes(**changes)
+        if self.account(name) is None:
+            raise ValueError(f"no account named {name!r}")
+        coerced = {key: _coerce(key, value) for key, value in changes.items()}
+        accounts = [a.with_changes(**coerced) if a.name == name else a for a in self.accounts]
+        return dataclasses.replace(self, accounts=tuple(accounts))
+
+    def latency_for(self, endpoint: str, account: str | None = None) -> float:
+        chosen = self.account(account) if account is not None else None
+        if chosen is not None and self.accounts:
+            if endpoint in chosen.endpoint_latency:
+                return chosen.endpoint_latency[endpoint]
+            if chosen.latency_seconds is not None:
+                return chosen.latency_seconds
         return self.endpoint_latency.get(endpoint, self.latency_seconds)
 
-    def failure_rate_for(self, endpoint: str) -> float:
+    def failure_rate_for(self, endpoint: str, account: str | None = None) -> float:
+        chosen = self.account(account) if account is not None else None
+        if chosen is not None and self.accounts and endpoint in chosen.failure_rate:
+            return chosen.failure_rate[endpoint]
         return self.failure_rate.get(endpoint, 0.0)
+
+    def server_errors_for(self, account: str | None) -> bool:
+        chosen = self.account(account) if account is not None else None
+        return self.server_errors or (chosen is not None and chosen.server_errors)
+
+    def refuses_key_of(self, account: str | None) -> bool:
+        chosen = self.account(account) if account is not None else None
+        return self.refuse_key or (chosen is not None and chosen.refuse_key)
 
 
 def _check_type(name: str, value: Any) -> None:
-    if name in _INT_FIELDS:
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif name in _INT_FIELDS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
     elif name in _FLOAT_FIELDS:
@@ -285,6 +330,11 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn CLI/JSON values (strings, ints) into the field's type; validation is in the class."""
     if name in _MAPPING_FIELDS and isinstance(value, Mapping | str | tuple | list):
         return parse_endpoint_values(value)
+    if name == "accounts":
+        return coerce_accounts(value)
+    if name in _BOOL_FIELDS and isinstance(value, str):
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        return words.get(value.lower(), value)
     kind: type[int] | type[float] | None = None
     if name in _INT_FIELDS:
         kind = int
@@ -298,135 +348,3 @@ def _coerce(name: str, value: Any) -> Any:
         except ValueError:
             raise ValueError(f"{name} must be a number, got {value!r}") from None
     return value
-
-
-_FAULT_KEYS: Final = frozenset(
-    {
-        "endpoint",
-        "status",
-        "code",
-        "message",
-        "retry_after",
-        "delay_seconds",
-        "count",
-        "after_create",
-        "disconnect",
-        "raw_body",
-    }
-)
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A scripted reply for the next ``count`` requests to ``endpoint``.
-
-    - ``status``/``code``/``message``: answer this error instead (code defaults
-      from the status, e.g. 429 -> 4290; message from the code).
-    - ``retry_after``: value of a ``Retry-After`` header (seconds or an HTTP date).
-    - ``delay_seconds``: wait this long first (a hang, to test client timeouts);
-      alone, the request is then handled normally.
-    - ``after_create``: handle the request normally (start creates the session,
-      stop ends it, ...) and *then* answer the error (default 500 / 5000):
-      the caller never learns what happened.
-    - ``disconnect``: close the connection without any reply (combine with
-      ``after_create`` for "created, then the connection dropped").
-    - ``raw_body``: reply with this text (``text/plain``) instead of the JSON
-      envelope, like a proxy's error page.
-    """
-
-    endpoint: str
-    status: int | None = None
-    code: int | None = None
-    message: str | None = None
-    retry_after: str | None = None
-    delay_seconds: float = 0.0
-    count: int = 1
-    after_create: bool = False
-    disconnect: bool = False
-    raw_body: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.endpoint not in ENDPOINTS:
-            raise ValueError(
-                f"fault endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}"
-            )
-        if self.status is not None and (
-            isinstance(self.status, bool)
-            or not isinstance(self.status, int)
-            or not 100 <= self.status <= 599
-        ):
-            raise ValueError(f"fault status must be an HTTP status, got {self.status!r}")
-        if self.code is not None and (
-            isinstance(self.code, bool) or not isinstance(self.code, int)
-        ):
-            raise ValueError(f"fault code must be an integer, got {self.code!r}")
-        if self.message is not None and not isinstance(self.message, str):
-            raise ValueError("fault message must be a string")
-        if self.raw_body is not None and not isinstance(self.raw_body, str):
-            raise ValueError("fault raw_body must be a string")
-        if (
-            isinstance(self.delay_seconds, bool)
-            or not isinstance(self.delay_seconds, int | float)
-            or not math.isfinite(self.delay_seconds)
-            or self.delay_seconds < 0
-        ):
-            raise ValueError("fault delay_seconds must be a number >= 0")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ValueError("fault count must be an integer >= 1")
-        if not isinstance(self.after_create, bool) or not isinstance(self.disconnect, bool):
-            raise ValueError("fault after_create and disconnect must be booleans")
-        if (
-            self.status is None
-            and self.code is None
-            and self.delay_seconds == 0
-            and not self.after_create
-            and not self.disconnect
-            and self.raw_body is None
-        ):
-            raise ValueError("fault does nothing: give a status, delay_seconds or disconnect")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Fault:
-        unknown = sorted(set(data) - _FAULT_KEYS)
-        if unknown:
-            raise ValueError(f"unknown fault field(s): {', '.join(unknown)}")
-        if "endpoint" not in data:
-            raise ValueError("fault needs an endpoint")
-        values = dict(data)
-        if "retry_after" in values and values["retry_after"] is not None:
-            values["retry_after"] = str(values["retry_after"])
-        try:
-            return cls(**values)
-        except TypeError as exc:  # pragma: no cover - guarded by the key check
-            raise ValueError(str(exc)) from None
-
-    @property
-    def replaces_reply(self) -> bool:
-        """True when the reply is not the normal one (an error, a raw body or no reply)."""
-        return (
-            self.status is not None
-            or self.code is not None
-            or self.after_create
-            or self.disconnect
-            or self.raw_body is not None
-        )
-
-    def reply_status(self) -> int:
-        if self.status is not None:
-            return self.status
-        if self.code is not None:
-            return max(100, min(599, self.code // 10))
-        return 500
-
-    def reply_code(self) -> int:
-        if self.code is not None:
-            return self.code
-        return default_code_for_status(self.reply_status())
-
-    def reply_message(self) -> str:
-        if self.message is not None:
-            return self.message
-        return DEFAULT_MESSAGES.get(self.reply_code(), "simulated failure")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from orchestrator.simulator.accounts import SimulatorAccount
 from orchestrator.simulator.app import create_app
 from orchestrator.simulator.config import Fault, SimulatorConfig
 from orchestrator.simulator.state import SimulatorState
@@ -157,9 +158,21 @@ class SimulatorServer:
     def config(self) -> SimulatorConfig:
         return self.state.config
 
-    def sessions(self, status: str | None = None) -> list[dict[str, Any]]:
-        """Snapshot of every session ever created (same as ``GET /_sim/sessions``)."""
-        return self.state.sessions(status)
+    def sessions(
+        self, status: str | None = None, account: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Snapshot of every session ever created, of ``account`` when given (same as
+        ``GET /_sim/sessions?account=NAME``); each names its ``account``."""
+        return self.state.sessions(status, account)
+
+    def accounts(self) -> list[SimulatorAccount]:
+        """The accounts served (same as ``GET /_sim/accounts``)."""
+        return self.state.accounts()
+
+    def configure_account(self, name: str, **knobs: Any) -> SimulatorAccount:
+        """Change one account at runtime, e.g. ``server_errors=True`` then ``False``
+        (same as ``POST /_sim/accounts/NAME/config``)."""
+        return self.state.configure_account(name, **knobs)
 
     def configure(self, **knobs: Any) -> SimulatorConfig:
         """Change knobs at runtime (same as ``POST /_sim/config``)."""
@@ -177,9 +190,9 @@ class SimulatorServer:
         """Clear sessions, faults and stats (same as ``POST /_sim/reset``)."""
         self.state.reset(restore_config=restore_config)
 
-    def revoke_tokens(self) -> None:
-        """Invalidate every session token issued so far."""
-        self.state.revoke_tokens()
+    def revoke_tokens(self, account: str | None = None) -> None:
+        """Invalidate every session token issued so far (of ``account`` alone when given)."""
+        self.state.revoke_tokens(account)
 
     def end_session(self, session_id: str, reason: str = "ERROR") -> str:
         """End a session vendor-side; returns "ok", "unknown" or "ended"."""

@@ -1,112 +1,66 @@
-"""In-memory vendor state of the simulator: sessions, tokens, faults and stats.
+"""In-memory vendor state of the simulator: accounts' sessions, tokens, faults and stats.
 
 Every public method takes one lock, so the state can be read and changed from
 any thread (the aiohttp loop, a test, a benchmark) while requests run.
 Sessions end on their own lazily: before any read or change, sessions past
 their max duration or idle deadline are ended *at that deadline*.
+
+Methods that take ``account`` act on that account alone (a session of another
+account is "unknown"); ``None`` means the first account (the only one of a
+single-account configuration) for writes, and every account for reads.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import hmac
 import random
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 import jwt
 from livekit import api as livekit_api
 
+from orchestrator.simulator import tokens
+from orchestrator.simulator.accounts import SimulatorAccount
 from orchestrator.simulator.config import ENDPOINTS, Fault, SimulatorConfig
-
-#: Top-level start fields the vendor documents (deepbrain-api.md section 2).
-DOCUMENTED_START_FIELDS = frozenset(
-    {"avatar_id", "avatar_persona", "max_session_duration", "lip_audio_mode", "greeting_text"}
+from orchestrator.simulator.sessions import (
+    DOCUMENTED_START_FIELDS,
+    NewSession,
+    Outcome,
+    SessionBook,
+    VendorSession,
+    admin_view,
+    identity_of,
+    iso,
+    new_session_id,
+    room_name_of,
 )
+from orchestrator.simulator.stats import CallStats
 
-TOKEN_ISSUER = "deepbrain-simulator"  # noqa: S105 - an issuer name, not a secret
-
-Outcome = Literal["ok", "unknown", "ended"]
-
-
-def iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC timestamp with milliseconds, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
+__all__ = ["DOCUMENTED_START_FIELDS", "Outcome", "SimulatorState", "iso"]
 
 
-@dataclass
-class _Session:
-    session_id: str
-    avatar_id: str
-    seq: int
-    created_at: float
-    granted_minutes: int
-    requested_minutes: int | None
-    max_end_at: float
-    voice_id: str | None
-    livekit_url: str
-    room_name: str
-    identity: str
-    livekit_token: str
-    livekit_token_expires_at: float
-    request_body: Any
-    request_content_type: str | None
-    last_activity_at: float
-    ended_at: float | None = None
-    end_reason: str | None = None
-    ended_by: str | None = None
-    stop_calls: int = 0
-    stop_requests: list[dict[str, Any]] = field(default_factory=list)
-    pings: int = 0
-    talks: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.ended_at is None
-
-    def updated_at(self) -> float:
-        return self.ended_at if self.ended_at is not None else self.last_activity_at
-
-    def duration(self, now: float) -> float:
-        end = self.ended_at if self.ended_at is not None else now
-        return max(0.0, end - self.created_at)
-
-
-@dataclass
-class _EndpointStats:
-    calls: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    in_flight: int = 0
-    max_in_flight: int = 0
-    faults_applied: int = 0
-    random_failures: int = 0
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 class SimulatorState:
-    """The simulated vendor account. Thread-safe."""
+    """The simulated vendor and its accounts. Thread-safe."""
 
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self._lock = threading.RLock()
         self._initial_config = config or SimulatorConfig()
         self._config = self._initial_config
         self._rng = random.Random(self._config.seed)
-        self._sessions: dict[str, _Session] = {}
-        self._active: dict[str, _Session] = {}
+        self._book = SessionBook()
         self._faults: dict[str, deque[list[Any]]] = {name: deque() for name in ENDPOINTS}
         self._token_generation = 0
-        self._next_check = math.inf
-        self._seq = 0
-        self._endpoint_stats = {name: _EndpointStats() for name in ENDPOINTS}
-        self._stop_calls_unknown: dict[str, int] = {}
-        self._max_active = 0
+        self._generations: dict[str, int] = {}
+        self._stats = CallStats()
 
     # -- configuration --------------------------------------------------------
 
@@ -120,9 +74,21 @@ class SimulatorState:
             self._config = self._config.with_changes(**changes)
             if "seed" in changes:
                 self._rng = random.Random(self._config.seed)
-            # Deadlines may have moved earlier (e.g. a smaller idle timeout).
-            self._next_check = 0.0
+            self._book.recheck()
             return self._config
+
+    def configure_account(self, name: str, **changes: Any) -> SimulatorAccount:
+        """Change one account's settings (cap, keys, latency, failure rates,
+        ``server_errors``, ``refuse_key``) while requests run."""
+        with self._lock:
+            self._config = self._config.with_account_changes(name, **changes)
+            account = self._config.account(name)
+            if account is None:  # pragma: no cover - with_account_changes checked the name
+                raise ValueError(f"no account named {name!r}")
+            return account
+
+    def accounts(self) -> list[SimulatorAccount]:
+        return list(self._config.account_list())
 
     def reset(self, *, restore_config: bool = False) -> None:
         """Forget sessions, faults and stats; reseed the RNG (revoked tokens stay revoked)."""
@@ -130,26 +96,47 @@ class SimulatorState:
             if restore_config:
                 self._config = self._initial_config
             self._rng = random.Random(self._config.seed)
-            self._sessions.clear()
-            self._active.clear()
+            self._book.clear()
             for queue in self._faults.values():
                 queue.clear()
-            self._next_check = math.inf
-            self._endpoint_stats = {name: _EndpointStats() for name in ENDPOINTS}
-            self._stop_calls_unknown.clear()
-            self._max_active = 0
+            self._stats = CallStats()
 
-    def revoke_tokens(self) -> int:
-        """Invalidate every session token minted so far; returns the new generation."""
+    def revoke_tokens(self, account: str | None = None) -> int:
+        """Invalidate every session token minted so far (of ``account`` alone when given);
+        returns the new generation."""
         with self._lock:
             self._token_generation += 1
+            names = [account] if account is not None else [a.name for a in self.accounts()]
+            for name in names:
+                self._generations[name] = self._generations.get(name, 0) + 1
             return self._token_generation
+
+    # -- who is calling ---------------------------------------------------------
+
+    def account_with_app_id(self, app_id: str) -> SimulatorAccount | None:
+        matches = [a for a in self._config.account_list() if _same(app_id, a.app_id)]
+        return matches[0] if matches else None
+
+    def account_with_user_key(self, user_key: str) -> SimulatorAccount | None:
+        """The account of a ``STUDIO-API-KEY`` (every key compared: no timing hint)."""
+        matches = [a for a in self._config.account_list() if _same(user_key, a.user_key)]
+        return matches[0] if matches else None
+
+    def _account_or_first(self, account: str | None) -> SimulatorAccount:
+        if account is None:
+            return self._config.account_list()[0]
+        chosen = self._config.account(account)
+        if chosen is None:
+            raise ValueError(f"no account named {account!r}")
+        return chosen
 
     # -- faults -------------------------------------------------------------
 
     def push_fault(self, fault: Fault | Mapping[str, Any]) -> Fault:
         parsed = fault if isinstance(fault, Fault) else Fault.from_dict(fault)
         with self._lock:
+            if parsed.account is not None and self._config.account(parsed.account) is None:
+                raise ValueError(f"fault account {parsed.account!r} is not served")
             self._faults[parsed.endpoint].append([parsed, parsed.count])
         return parsed
 
@@ -163,52 +150,55 @@ class SimulatorState:
                     out.append(entry)
             return out
 
-    def take_fault(self, endpoint: str) -> Fault | None:
+    def take_fault(self, endpoint: str, account: str | None = None) -> Fault | None:
+        """The first fault queued for ``endpoint`` that applies to ``account``."""
         with self._lock:
             queue = self._faults[endpoint]
-            if not queue:
-                return None
-            head = queue[0]
-            fault: Fault = head[0]
-            head[1] -= 1
-            if head[1] <= 0:
-                queue.popleft()
-            self._endpoint_stats[endpoint].faults_applied += 1
-            return fault
+            for entry in queue:
+                fault: Fault = entry[0]
+                if fault.account is not None and fault.account != account:
+                    continue
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    queue.remove(entry)
+                self._stats.endpoints[endpoint].faults_applied += 1
+                return fault
+            return None
 
-    def roll_failure(self, endpoint: str) -> bool:
+    def roll_failure(self, endpoint: str, account: str | None = None) -> bool:
         with self._lock:
-            rate = self._config.failure_rate_for(endpoint)
+            rate = self._config.failure_rate_for(endpoint, account)
             if rate <= 0:
                 return False
             failed = self._rng.random() < rate
             if failed:
-                self._endpoint_stats[endpoint].random_failures += 1
+                self._stats.endpoints[endpoint].random_failures += 1
             return failed
 
     # -- request accounting -----------------------------------------------------
 
     def begin_request(self, endpoint: str) -> None:
         with self._lock:
-            stats = self._endpoint_stats[endpoint]
-            stats.calls += 1
-            stats.in_flight += 1
-            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+            self._stats.begin(endpoint)
 
     def end_request(self, endpoint: str, status: int | str) -> None:
         """``status``: the HTTP status, or "dropped" / "cancelled" when none was sent."""
         with self._lock:
-            stats = self._endpoint_stats[endpoint]
-            stats.in_flight -= 1
-            key = str(status)
-            stats.statuses[key] = stats.statuses.get(key, 0) + 1
+            self._stats.end(endpoint, status)
 
-    def record_stop_call(self, session_id: str, reason: Any, status: int | str) -> None:
-        """Count a stop call naming ``session_id``, whatever its outcome (401/404/409/5xx too)."""
+    def record_account_call(self, account: str, endpoint: str, status: int | str) -> None:
         with self._lock:
-            session = self._sessions.get(session_id)
+            self._stats.account_call(account, endpoint, status)
+
+    def record_stop_call(
+        self, session_id: str, reason: Any, status: int | str, account: str | None = None
+    ) -> None:
+        """Count a stop call naming ``session_id``, whatever its outcome (401/404/409/5xx too);
+        a session of another account than the caller's counts as unknown."""
+        with self._lock:
+            session = self._book.find(session_id, account)
             if session is None:
-                unknown = self._stop_calls_unknown
+                unknown = self._stats.stop_calls_unknown
                 unknown[session_id] = unknown.get(session_id, 0) + 1
                 return
             session.stop_calls += 1
@@ -218,66 +208,35 @@ class SimulatorState:
 
     # -- session tokens -------------------------------------------------------
 
-    def mint_session_token(self) -> str:
+    def mint_session_token(self, account: str | None = None) -> str:
         with self._lock:
             cfg = self._config
-            generation = self._token_generation
-        now = time.time()
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "sub": cfg.app_id,
-            "iat": int(now),
-            "exp": int(now + cfg.token_ttl_seconds),
-            "jti": uuid.uuid4().hex,
-            "gen": generation,
-        }
-        return jwt.encode(claims, cfg.token_secret, algorithm="HS256")
+            chosen = self._account_or_first(account)
+            generation = self._generations.get(chosen.name, 0)
+        return tokens.mint(cfg.token_secret, chosen, cfg.token_ttl_seconds, generation)
 
-    def check_session_token(self, token: str) -> bool:
+    def check_session_token(self, token: str) -> str | None:
+        """The account a valid, unexpired, unrevoked token was minted for, or None."""
         cfg = self._config
-        try:
-            claims = jwt.decode(
-                token,
-                cfg.token_secret,
-                algorithms=["HS256"],
-                issuer=TOKEN_ISSUER,
-                options={"verify_exp": False, "require": ["exp", "sub", "gen"]},
-            )
-        except jwt.PyJWTError:
-            return False
-        if claims.get("sub") != cfg.app_id:
-            return False
-        exp = claims.get("exp")
-        if not isinstance(exp, int | float) or time.time() >= exp:
-            return False
+        claimed = tokens.claimed_account(cfg.token_secret, token)
+        if claimed is None:
+            return None
+        name, app_id, generation = claimed
+        account = cfg.account(name)
+        if account is None or account.app_id != app_id:
+            return None
         with self._lock:
-            return bool(claims.get("gen") == self._token_generation)
+            return name if generation == self._generations.get(name, 0) else None
 
     # -- sessions ---------------------------------------------------------------
 
     def _expire(self, now: float) -> None:
-        """End every live session whose max-duration or idle deadline has passed."""
-        if now < self._next_check:
-            return
-        idle = self._config.idle_timeout_seconds
-        next_check = math.inf
-        for sid, session in list(self._active.items()):
-            end_at, reason = session.max_end_at, "MAX_DURATION_REACHED"
-            if idle is not None and session.last_activity_at + idle < end_at:
-                end_at, reason = session.last_activity_at + idle, "IDLE_TIMEOUT"
-            if end_at <= now:
-                session.ended_at = max(end_at, session.created_at)
-                session.end_reason = reason
-                session.ended_by = "max_duration" if reason == "MAX_DURATION_REACHED" else "idle"
-                del self._active[sid]
-            else:
-                next_check = min(next_check, end_at)
-        self._next_check = next_check
+        self._book.expire(now, self._config.idle_timeout_seconds)
 
-    def active_count(self) -> int:
+    def active_count(self, account: str | None = None) -> int:
         with self._lock:
             self._expire(time.time())
-            return len(self._active)
+            return self._book.live_count(account)
 
     def create_session(
         self,
@@ -286,77 +245,51 @@ class SimulatorState:
         requested_minutes: int | None,
         request_body: Any,
         request_content_type: str | None,
-    ) -> _Session | None:
-        """Start a session, or return None when the concurrency limit is reached."""
+        account: str | None = None,
+    ) -> VendorSession | None:
+        """Start a session, or return None when the account's concurrency limit is reached."""
         cfg = self._config
+        chosen = self._account_or_first(account)
         if requested_minutes is None:
             granted = min(cfg.default_duration_minutes, cfg.plan_max_minutes)
         else:
             granted = min(requested_minutes, cfg.plan_max_minutes)
-        session_id = uuid.uuid4().hex
-        room_name = f"room-{session_id}"
-        identity = f"client-{session_id[:12]}"
         granted_seconds = granted * cfg.seconds_per_minute
-        lk_ttl = granted_seconds + cfg.livekit_token_margin_seconds
+        session_id = new_session_id()
         livekit_token = (
             livekit_api.AccessToken(cfg.livekit_api_key, cfg.livekit_api_secret)
-            .with_identity(identity)
-            .with_grants(livekit_api.VideoGrants(room_join=True, room=room_name))
-            .with_ttl(timedelta(seconds=lk_ttl))
+            .with_identity(identity_of(session_id))
+            .with_grants(livekit_api.VideoGrants(room_join=True, room=room_name_of(session_id)))
+            .with_ttl(timedelta(seconds=granted_seconds + cfg.livekit_token_margin_seconds))
             .to_jwt()
         )
         lk_exp = float(jwt.decode(livekit_token, options={"verify_signature": False})["exp"])
+        new = NewSession(
+            account=chosen.name,
+            avatar_id=avatar_id,
+            granted_minutes=granted,
+            requested_minutes=requested_minutes,
+            granted_seconds=granted_seconds,
+            voice_id=cfg.voice_id,
+            livekit_url=cfg.livekit_url,
+            livekit_token=livekit_token,
+            livekit_token_expires_at=lk_exp,
+            request_body=request_body,
+            request_content_type=request_content_type,
+            session_id=session_id,
+        )
         with self._lock:
-            now = time.time()
-            self._expire(now)
-            if len(self._active) >= self._config.max_concurrent_sessions:
-                return None
-            self._seq += 1
-            session = _Session(
-                session_id=session_id,
-                avatar_id=avatar_id,
-                seq=self._seq,
-                created_at=now,
-                granted_minutes=granted,
-                requested_minutes=requested_minutes,
-                max_end_at=now + granted_seconds,
-                voice_id=cfg.voice_id,
-                livekit_url=cfg.livekit_url,
-                room_name=room_name,
-                identity=identity,
-                livekit_token=livekit_token,
-                livekit_token_expires_at=lk_exp,
-                request_body=copy.deepcopy(request_body),
-                request_content_type=request_content_type,
-                last_activity_at=now,
-            )
-            self._sessions[session_id] = session
-            self._active[session_id] = session
-            self._max_active = max(self._max_active, len(self._active))
-            self._next_check = min(self._next_check, self._deadline(session))
-            return session
+            cap = self._account_or_first(chosen.name).max_concurrent_sessions
+            return self._book.create(new, time.time(), cap, self._config.idle_timeout_seconds)
 
-    def _deadline(self, session: _Session) -> float:
-        idle = self._config.idle_timeout_seconds
-        if idle is None:
-            return session.max_end_at
-        return min(session.max_end_at, session.last_activity_at + idle)
-
-    def _live(self, session_id: str, now: float) -> _Session | Outcome:
-        """The session if it still runs, else why not (caller holds the lock)."""
-        self._expire(now)
-        session = self._sessions.get(session_id)
-        if session is None:
-            return "unknown"
-        if not session.active:
-            return "ended"
-        return session
-
-    def touch(self, session_id: str, kind: Literal["ping", "talk"]) -> Outcome:
+    def touch(
+        self, session_id: str, kind: Literal["ping", "talk"], account: str | None = None
+    ) -> Outcome:
         """Record activity (resets the idle clock; never extends the max duration)."""
         with self._lock:
             now = time.time()
-            session = self._live(session_id, now)
+            self._expire(now)
+            session = self._book.live(session_id, account)
             if isinstance(session, str):
                 return session
             session.last_activity_at = now
@@ -366,130 +299,87 @@ class SimulatorState:
                 session.talks += 1
             return "ok"
 
-    def end_session(self, session_id: str, reason: str, *, ended_by: str = "stop") -> Outcome:
+    def end_session(
+        self, session_id: str, reason: str, *, ended_by: str = "stop", account: str | None = None
+    ) -> Outcome:
         with self._lock:
             now = time.time()
-            session = self._live(session_id, now)
+            self._expire(now)
+            session = self._book.live(session_id, account)
             if isinstance(session, str):
                 return session
-            session.ended_at = now
-            session.end_reason = reason
-            session.ended_by = ended_by
-            del self._active[session_id]
+            self._book.end(session, now, reason, ended_by)
             return "ok"
 
-    def _row(self, session: _Session, now: float) -> dict[str, Any]:
-        duration = session.duration(now)
-        return {
-            "sessionId": session.session_id,
-            "created_at": iso(session.created_at),
-            "updated_at": iso(session.updated_at()),
-            "duration": int(duration),
-            "source": "api",
-            "credits_consumed": round(duration / 60.0 * self._config.credits_per_minute, 2),
-        }
-
     def list_rows(
-        self, kind: str | None, page: int, page_size: int
+        self, kind: str | None, page: int, page_size: int, account: str | None = None
     ) -> tuple[int, list[dict[str, Any]]]:
-        """One page of sessions, newest first; ``kind`` is active, historic or None (all)."""
+        """One page of ``account``'s sessions, newest first; ``kind`` is active, historic or
+        None (all)."""
         with self._lock:
             now = time.time()
             self._expire(now)
-            if kind == "active":
-                chosen = list(self._active.values())
-            elif kind == "historic":
-                chosen = [s for s in self._sessions.values() if not s.active]
-            else:
-                chosen = list(self._sessions.values())
+            chosen = self._book.chosen(kind, account)
             chosen.reverse()
             start = (page - 1) * page_size
-            return len(chosen), [self._row(s, now) for s in chosen[start : start + page_size]]
+            credits = self._config.credits_per_minute
+            return len(chosen), [
+                s.list_row(now, credits) for s in chosen[start : start + page_size]
+            ]
 
-    def detail(self, session_id: str) -> dict[str, Any] | None:
+    def detail(self, session_id: str, account: str | None = None) -> dict[str, Any] | None:
         with self._lock:
             now = time.time()
             self._expire(now)
-            session = self._sessions.get(session_id)
+            session = self._book.find(session_id, account)
             if session is None:
                 return None
-            row = self._row(session, now)
+            row = session.list_row(now, self._config.credits_per_minute)
             row["end_at"] = iso(session.ended_at)
             row["end_reason"] = session.end_reason
             return row
 
     # -- admin views ------------------------------------------------------------
 
-    def _admin_view(self, session: _Session, now: float) -> dict[str, Any]:
-        body = session.request_body
-        unexpected = (
-            sorted(k for k in body if k not in DOCUMENTED_START_FIELDS)
-            if isinstance(body, dict)
-            else []
-        )
-        return {
-            "session_id": session.session_id,
-            "avatar_id": session.avatar_id,
-            "status": "active" if session.active else "ended",
-            "created_at": iso(session.created_at),
-            "updated_at": iso(session.updated_at()),
-            "last_activity_at": iso(session.last_activity_at),
-            "expires_at": iso(session.max_end_at),
-            "ended_at": iso(session.ended_at),
-            "end_reason": session.end_reason,
-            "ended_by": session.ended_by,
-            "duration_seconds": round(session.duration(now), 3),
-            "requested_minutes": session.requested_minutes,
-            "granted_minutes": session.granted_minutes,
-            "voice_id": session.voice_id,
-            "livekit_url": session.livekit_url,
-            "livekit_room": session.room_name,
-            "livekit_identity": session.identity,
-            "livekit_token": session.livekit_token,
-            "livekit_token_expires_at": iso(session.livekit_token_expires_at),
-            "request_body": copy.deepcopy(body),
-            "request_content_type": session.request_content_type,
-            "unexpected_fields": unexpected,
-            "stop_calls": session.stop_calls,
-            "stop_requests": copy.deepcopy(session.stop_requests),
-            "pings": session.pings,
-            "talks": session.talks,
-        }
-
-    def sessions(self, status: str | None = None) -> list[dict[str, Any]]:
-        """Every session ever created (oldest first), as plain dicts."""
+    def sessions(
+        self, status: str | None = None, account: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every session ever created (oldest first, of ``account`` when given), as dicts."""
         with self._lock:
             now = time.time()
             self._expire(now)
             return [
-                self._admin_view(s, now)
-                for s in self._sessions.values()
-                if status is None or (s.active == (status == "active"))
+                admin_view(s, now)
+                for s in self._book.sessions.values()
+                if (status is None or (s.active == (status == "active")))
+                and (account is None or s.account == account)
             ]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             self._expire(time.time())
-            endpoints = {
-                name: {
-                    "calls": st.calls,
-                    "statuses": dict(st.statuses),
-                    "in_flight": st.in_flight,
-                    "max_in_flight": st.max_in_flight,
-                    "faults_applied": st.faults_applied,
-                    "random_failures": st.random_failures,
+            book, st = self._book, self._stats
+            total = len(book.sessions)
+            active = book.live_count()
+            accounts = {}
+            for account in self._config.account_list():
+                view = st.account_view(account.name)
+                view["sessions"] = {
+                    "active": book.live_count(account.name),
+                    "max_active": book.max_active_by_account.get(account.name, 0),
+                    "limit": account.max_concurrent_sessions,
                 }
-                for name, st in self._endpoint_stats.items()
-            }
+                accounts[account.name] = view
             return {
-                "endpoints": endpoints,
+                "endpoints": {name: es.to_dict() for name, es in st.endpoints.items()},
                 "sessions": {
-                    "total": len(self._sessions),
-                    "active": len(self._active),
-                    "ended": len(self._sessions) - len(self._active),
-                    "max_active": self._max_active,
+                    "total": total,
+                    "active": active,
+                    "ended": total - active,
+                    "max_active": book.max_active,
                 },
-                "stop_calls_unknown": dict(self._stop_calls_unknown),
+                "accounts": accounts,
+                "stop_calls_unknown": dict(st.stop_calls_unknown),
                 "faults_pending": {
                     name: sum(remaining for _, remaining in queue)
                     for name, queue in self._faults.items()

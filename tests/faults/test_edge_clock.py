@@ -8,7 +8,7 @@ import glob
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -99,3 +99,30 @@ def test_a_worker_with_a_skewed_clock_times_sessions_by_the_database_clock(
     lag = (ended.ended_at - ended.expires_at).total_seconds()
     assert 0 <= lag < REAPER_INTERVAL + 1.5, lag
     assert "Discarding revoked task" not in worker.log()  # no sweep dropped as expired
+    # The history and the lifecycle events the skewed worker wrote are timed by the database
+    # too (not 10 s ahead of it).
+    finished = db_now(db)
+    occurred = [t for _, t in event_times(db, "skewed")]
+    assert len(occurred) >= 4 and all(before <= t <= finished for t in occurred), occurred
+
+
+def event_times(db: Database, request_id: str) -> list[tuple[str, datetime]]:
+    """(what, when) of every ``session_events`` row and event body of the request."""
+    with db.engine.connect() as connection:
+        history = connection.execute(
+            text(
+                "SELECT e.kind, e.occurred_at FROM session_events e"
+                " JOIN sessions s ON s.id = e.session_id WHERE s.request_id = :r"
+            ),
+            {"r": request_id},
+        ).all()
+        bodies = connection.execute(
+            text(
+                "SELECT routing_key, body->>'occurred_at' FROM event_outbox"
+                " WHERE body->>'request_id' = :r"
+            ),
+            {"r": request_id},
+        ).all()
+    return [(kind, at) for kind, at in history] + [
+        (key, datetime.fromisoformat(at)) for key, at in bodies
+    ]

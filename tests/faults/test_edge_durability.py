@@ -14,8 +14,9 @@ from orchestrator.db import Database
 from orchestrator.db.migrate import upgrade
 from orchestrator.lifecycle import Lifecycle, RetryLater, handle_start_message
 from orchestrator.lifecycle.inline import inline_lifecycle
+from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
-from tests.conftest import wait_until
+from tests.conftest import WorkerProcess, wait_until
 from tests.faults.conftest import via_proxy
 from tests.faults.crashable_postgres import CrashablePostgres
 from tests.faults.tcp_proxy import TcpProxy
@@ -84,6 +85,31 @@ def test_a_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_dropped(
     assert [s["end_reason"] for s in sessions if s["status"] == "ended"] == ["ERROR"]
 
 
+@pytest.mark.parametrize("status", [400, 409], ids=["refused", "at-its-limit"])
+def test_a_refused_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_acked(
+    crashable: CrashablePostgres,
+    crash_lifecycle: Lifecycle,
+    simulator: SimulatorServer,
+    status: int,
+) -> None:
+    """Every outcome of the vendor call, not only its yes: a refusal (recorded as ``failed``)
+    and "the account is at its limit" (back to ``waiting``) find no row after the crash."""
+    lc = crash_lifecycle
+    # Long enough for the crash, the restart and the pool's renewal to happen inside the call.
+    simulator.push_fault({"endpoint": "start", "status": status, "delay_seconds": 4.0})
+    first_delivery = in_background(lambda: start(lc, "t-1", "refused"))
+    wait_until(lambda: simulator.stats()["endpoints"]["start"]["calls"] > 0, 5, 0.01)
+    crashable.crash()  # the claim had not reached the disk
+    crashable.restart()
+    lc.db.engine.dispose()
+
+    with pytest.raises(RetryLater):  # not acknowledged: the message is sent again
+        first_delivery.result(timeout=30)
+    assert row_or_none(lc.db, "refused") is None
+    assert start(lc, "t-1", "refused").status == "active"  # the redelivery, no fault left
+    assert [s["status"] for s in simulator.sessions()] == ["active"]
+
+
 # -- 12. a lost commit reply -----------------------------------------------------------------
 
 
@@ -114,3 +140,88 @@ def test_a_lost_commit_reply_is_not_taken_for_a_failed_write(
     (vendor,) = simulator.sessions()
     assert vendor["status"] == "active" and vendor["stop_calls"] == 0
     assert "compensated" not in event_kinds(db, "r")
+
+
+def test_a_lost_commit_reply_during_a_long_outage_ends_the_row_at_the_retry(
+    settings_for: Callable[..., Settings],
+    database_url: str,
+    db: Database,
+    pg_proxy: TcpProxy,
+    simulator: SimulatorServer,
+) -> None:
+    """The record's commit lands, its reply is lost, and the database stays away past the
+    record window: the worker stops the vendor session (it cannot tell) and carries its id to
+    the message's retry, which finds the row holding it and ends the row — no row says
+    ``active`` for a session that no longer runs, and no second session is started."""
+    url = via_proxy(database_url, pg_proxy)
+    lc = inline_lifecycle(
+        settings_for(database_url=url, orphan_grace_seconds=8.0, vendor_timeout_seconds=5.0)
+    )
+    body = {"avatar_id": "a", "request_id": "r"}
+    try:
+        pg_proxy.drop_reply_to(b"WITH marked AS", reset_after=5.0)
+        first = in_background(lambda: handle_start_message(lc, (), body, claim_id="t-1"))
+        wait_until(lambda: pg_proxy.replies_dropped == 1, 10, 0.005)
+        pg_proxy.cut()  # the database is away for longer than the record window (3 s)
+        with pytest.raises(RetryLater) as retry:
+            first.result(timeout=30)
+        pg_proxy.restore()
+        assert row(db, "r").status == "active"  # the commit had landed
+        (vendor,) = simulator.sessions()
+        assert (vendor["status"], vendor["end_reason"]) == ("ended", "ERROR")
+
+        later = retry.value  # the retry, as the start task publishes it
+        outcome = handle_start_message(
+            lc,
+            (),
+            body,
+            claim_id="t-1",
+            abandoned_attempt=later.abandoned_attempt,
+            stopped_vendor_session=later.stopped_vendor_session,
+        )
+    finally:
+        lc.close()
+    assert outcome.status == "ended"
+    r = row(db, "r")
+    assert (r.status, r.end_reason, r.vendor_session_id) == ("ended", "ERROR", vendor["session_id"])
+    assert len(simulator.sessions()) == 1
+
+
+@pytest.mark.broker
+@pytest.mark.worker
+def test_a_worker_ends_the_row_of_a_session_it_stopped_after_a_lost_commit_reply(
+    fault_settings: Callable[..., Settings],
+    start_worker: Callable[..., WorkerProcess],
+    database_url: str,
+    db: Database,
+    big_vendor: SimulatorServer,
+    pg_proxy: TcpProxy,
+    clean_queues: None,
+) -> None:
+    """As above, through a worker: the stopped session's id travels in the retry's headers,
+    across the retries the outage itself causes, until the database is back."""
+    settings = fault_settings(
+        database_url=via_proxy(database_url, pg_proxy),
+        orphan_grace_seconds=8.0,
+        vendor_timeout_seconds=5.0,
+        start_timeout_seconds=20.0,
+        stop_retry_seconds=10.0,
+    )
+    worker = start_worker(settings)
+    producer = Producer(settings)
+    try:
+        pg_proxy.drop_reply_to(b"WITH marked AS", reset_after=5.0)
+        producer.enqueue_start_session(request_id="r", avatar_id="a")
+        wait_until(lambda: pg_proxy.replies_dropped == 1, 20, 0.005)
+        pg_proxy.cut()  # away past the record window (3 s) and through a few retries
+        wait_until(lambda: big_vendor.sessions(status="ended"), 20, 0.1, "the compensation")
+        wait_until(lambda: "database unavailable" in worker.log(), 30, 0.2, "a retry in the outage")
+        pg_proxy.restore()
+        r = wait_until(
+            lambda: (found := row(db, "r")).status == "ended" and found, 30, 0.2, "row ended"
+        )
+    finally:
+        producer.close()
+    assert (r.status, r.end_reason) == ("ended", "ERROR")
+    (vendor,) = big_vendor.sessions()
+    assert r.vendor_session_id == vendor["session_id"]

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from orchestrator.config import Settings
+from orchestrator.config import DEFAULT_START_THREADS, Settings
 from orchestrator.db import Database
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
@@ -121,52 +120,67 @@ def chart_worker_commands() -> list[list[str]]:
     return commands
 
 
+SLOW_SETTINGS = {
+    "start_timeout_seconds": 120.0,
+    "vendor_timeout_seconds": 20.0,
+    "stop_retry_seconds": 30.0,
+    "orphan_grace_seconds": 60.0,
+}
+
+
 def test_a_stop_is_carried_out_at_once_while_every_start_thread_is_busy(
     fault_settings: Callable[..., Settings],
     start_worker: Callable[..., WorkerProcess],
     db: Database,
     big_vendor: SimulatorServer,
-    tmp_path: Path,
     clean_queues: None,
 ) -> None:
     """Run the workers the chart's default values run, fill every start thread with a slow
     vendor start, then stop a session: the stop must not wait behind the starts."""
     commands = chart_worker_commands()
     assert commands, "the chart's default values run no worker"
-    settings = fault_settings(
-        start_timeout_seconds=120.0,
-        vendor_timeout_seconds=20.0,
-        stop_retry_seconds=30.0,
-        orphan_grace_seconds=60.0,
-    )
     for i, args in enumerate(commands):
         start_worker(
-            fault_settings(
-                f"chart-{i}",
-                start_timeout_seconds=120.0,
-                vendor_timeout_seconds=20.0,
-                stop_retry_seconds=30.0,
-                orphan_grace_seconds=60.0,
-            ),
+            fault_settings(f"chart-{i}", **SLOW_SETTINGS),
             *args,
             "--hostname",  # one per pod in the chart; here they share a host
             f"chart-{i}@%h",
+            bare=True,
         )
-    producer = Producer(settings)
+    concurrency = max(int(args[args.index("--concurrency") + 1]) for args in commands)
+    assert_a_stop_does_not_wait_behind_starts(fault_settings, db, big_vendor, concurrency)
+
+
+def test_a_worker_with_no_options_carries_out_a_stop_while_every_start_thread_is_busy(
+    fault_settings: Callable[..., Settings],
+    start_worker: Callable[..., WorkerProcess],
+    db: Database,
+    big_vendor: SimulatorServer,
+    clean_queues: None,
+) -> None:
+    """``orchestrator worker`` as compose and a first install run it: one pool on both queues,
+    whose stops and sweeps must still not wait for a start thread."""
+    start_worker(fault_settings("bare", **SLOW_SETTINGS), bare=True)
+    assert_a_stop_does_not_wait_behind_starts(fault_settings, db, big_vendor, DEFAULT_START_THREADS)
+
+
+def assert_a_stop_does_not_wait_behind_starts(
+    fault_settings: Callable[..., Settings],
+    db: Database,
+    big_vendor: SimulatorServer,
+    concurrency: int,
+) -> None:
+    producer = Producer(fault_settings(**SLOW_SETTINGS))
     try:
         producer.enqueue_start_session(request_id="to-stop", avatar_id="a")
         wait_settled(db, ["to-stop"], timeout=20)
         big_vendor.configure(endpoint_latency="start=15")
-        concurrency = max(
-            int(args[args.index("--concurrency") + 1]) if "--concurrency" in args else 64
-            for args in commands
-        )
         slow = [f"slow-{i:03d}" for i in range(concurrency + 8)]
         for rid in slow:
             producer.enqueue_start_session(request_id=rid, avatar_id="a")
         wait_until(
             lambda: big_vendor.stats()["endpoints"]["start"]["in_flight"] >= concurrency,
-            timeout=30,
+            timeout=60,
             what="every start thread busy in a vendor call",
         )
         asked = time.monotonic()

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import respx
 from click.testing import CliRunner
 from sqlalchemy import text
 
@@ -103,8 +105,8 @@ def run_scenario(level: str, state: Path, database_url: str, broker_url: str) ->
             minted: list[str] = []
             mint = sim.state.mint_session_token
 
-            def recording_mint() -> str:
-                token = mint()
+            def recording_mint(account: str | None = None) -> str:
+                token = mint(account)
                 minted.append(token)
                 return token
 
@@ -164,7 +166,8 @@ def _scenario(
                 "endpoint": "start",
                 "status": 400,
                 "code": 4000,
-                "message": f"appId {APP_SECRET} / userKey {USER_SECRET} not allowed",
+                "message": f"appId {APP_SECRET} / userKey {USER_SECRET} not allowed;"
+                f" custom_http {json.dumps(PERSONA)} rejected",  # it echoes the request
             }
         )
         producer.enqueue_start_session(
@@ -372,3 +375,77 @@ def test_admin_views_and_cli_table_have_no_secret(info_run: SecretRun) -> None:
     assert hits(info_run, info_run.admin_views) == []
     assert "s-reaped" in info_run.cli_table
     assert hits(info_run, info_run.cli_table) == []
+
+
+# -- a vendor that echoes the request (in process, respx at the HTTP boundary) ----------------
+
+SHORT_SECRET = "pin4"  # short values are masked as whole words (orchestrator/masking.py)
+ECHO_PERSONA = {
+    "language": "en",
+    "llm_configurations": {
+        "provider": "custom",
+        "custom_http": {
+            "endpoint": "https://llm.customer.example/v1/chat",
+            "headers": {"Authorization": f"Bearer {LLM_HEADER_SECRET}", "X-Pin": SHORT_SECRET},
+            "extra_headers": {"X-Api-Key": LLM_EXTRA_SECRET},
+            "auth_plugins": [{"kind": "static", "key": LLM_PLUGIN_SECRET, "n": 12345678}],
+        },
+    },
+}
+ECHO_SECRETS = {
+    "headers": LLM_HEADER_SECRET,
+    "extra_headers": LLM_EXTRA_SECRET,
+    "auth_plugins": LLM_PLUGIN_SECRET,
+    "a number in auth_plugins": "12345678",
+}
+
+
+def echo(request: httpx.Request, status: int, code: int) -> httpx.Response:
+    """The vendor's error quotes the request: as JSON, with its spaces changed, and once as
+    a bare header value."""
+    sent = request.content.decode()
+    message = (
+        f"bad persona: {sent} / {' '.join(sent.split())} / key {LLM_EXTRA_SECRET} /"
+        f" pin {SHORT_SECRET}."
+    )
+    return httpx.Response(status, json={"code": code, "message": message, "data": None})
+
+
+@pytest.mark.parametrize(("status", "code"), [(400, 4000), (500, 5000)], ids=["4xx", "5xx"])
+def test_a_vendor_error_echoing_the_request_leaks_no_customer_key(
+    settings_for: Any, db: Any, caplog: pytest.LogCaptureFixture, status: int, code: int
+) -> None:
+    """The customer's keys the vendor echoes in its error reach no row, event, log line or
+    exception text: every secret value the request carried is masked by value."""
+    from orchestrator.lifecycle import handle_start_message
+    from orchestrator.lifecycle.inline import inline_lifecycle
+
+    base = "http://vendor.test/api/v2/sessions"
+    caplog.set_level(logging.DEBUG)
+    lc = inline_lifecycle(
+        settings_for(deepbrain_base_url="http://vendor.test", start_timeout_seconds=20)
+    )
+    try:
+        with respx.mock(assert_all_called=False) as vendor:
+            vendor.post(f"{base}/token").respond(
+                json={"code": 1000, "message": "ok", "data": {"session_token": "t"}}
+            )
+            start = vendor.post(f"{base}/start").mock(
+                side_effect=lambda request: echo(request, status, code)
+            )
+            outcome = handle_start_message(
+                lc,
+                (),
+                {"request_id": "echoed", "avatar_id": "a", "avatar_persona": ECHO_PERSONA},
+                claim_id="t-echo",
+            )
+    finally:
+        lc.close()
+    assert outcome.status == "failed" and start.call_count >= 1
+    stored = "\n".join(table_dump(db, t) for t in ("sessions", "session_events", "event_outbox"))
+    assert "bad persona" in stored  # the vendor's message is kept, masked
+    assert "llm.customer.example" in stored  # what is not secret stays readable
+    for where, text_ in (("tables", stored), ("logs", caplog.text)):
+        found = [name for name, value in ECHO_SECRETS.items() if value in text_]
+        assert found == [], where
+        assert f"pin {SHORT_SECRET}" not in text_, where

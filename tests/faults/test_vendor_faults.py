@@ -248,6 +248,7 @@ def test_stop_answering_409_or_404_counts_as_already_stopped(
     lc = lc_for()
     assert start(lc, "gone")[0].status == "active"
     simulator.push_fault({"endpoint": "stop", "status": status, "code": code})
+    simulator.push_fault({"endpoint": "detail", "status": 404, "code": 4040})  # a 404 agrees
     request_stop(lc, request_id="gone")
     row = rows_by_request(lc.db, ["gone"])["gone"]
     assert (row.status, row.end_reason, row.stop_attempts) == ("ended", "USER_CLOSED", 0)
@@ -260,7 +261,7 @@ def test_stop_404_while_our_key_is_refused_is_not_taken_as_gone(
     lc = lc_for()
     assert start(lc, "unsure")[0].status == "active"
     simulator.push_fault({"endpoint": "stop", "status": 404, "code": 4040})
-    simulator.push_fault({"endpoint": "list", "status": 401, "code": 4010})
+    simulator.push_fault({"endpoint": "detail", "status": 401, "code": 4010})
     request_stop(lc, request_id="unsure")
     row = rows_by_request(lc.db, ["unsure"])["unsure"]
     assert (row.status, row.stop_attempts) == ("stopping", 1)

@@ -4,7 +4,8 @@ processes — expiry, start timeouts, leases, retry times — is the database's 
 a host's clock.
 
 - :mod:`.admission`: the claim of a new request, admission of waiting ones;
-- :mod:`.starts`: vendor start attempts and their answers;
+- :mod:`.starts`: vendor start attempts and their answers; :mod:`.invalid`: requests that
+  cannot be started;
 - :mod:`.stops`: stop requests, the reaper's claim, confirmed stops;
 - :mod:`.vendor_sync`: what the reconciler compares with the vendor;
 - :mod:`.rows` and :mod:`.history`: what they share, and the ``session_events`` log.
@@ -13,6 +14,7 @@ a host's clock.
 from orchestrator.lifecycle.store.admission import (
     ADMISSION_LOCK_KEY,
     CLAIM_FUNCTION_MIGRATION,
+    AdmissionBusy,
     AdmissionState,
     Claim,
     ClaimOutcome,
@@ -23,6 +25,7 @@ from orchestrator.lifecycle.store.admission import (
     expire_waiting,
     has_waiting,
 )
+from orchestrator.lifecycle.store.invalid import record_invalid
 from orchestrator.lifecycle.store.rows import (
     MAX_DURATION_REACHED,
     USER_CLOSED,
@@ -36,9 +39,10 @@ from orchestrator.lifecycle.store.starts import (
     VendorStart,
     back_to_waiting,
     begin_attempt,
+    end_if_holding,
+    end_if_stopped,
     log_compensation,
     record_failed,
-    record_invalid,
     record_started,
     start_state,
 )
@@ -53,10 +57,12 @@ from orchestrator.lifecycle.store.stops import (
     stop_failed,
 )
 from orchestrator.lifecycle.store.vendor_sync import (
+    END_REASON_LENGTH,
     LEASE_GRACE_SECONDS,
     LiveVendorRow,
     StuckStarts,
     database_time,
+    first_sightings,
     live_vendor_rows,
     log_orphan_stop,
     owned_vendor_ids,
@@ -69,9 +75,11 @@ from orchestrator.lifecycle.store.vendor_sync import (
 __all__ = [
     "ADMISSION_LOCK_KEY",
     "CLAIM_FUNCTION_MIGRATION",
+    "END_REASON_LENGTH",
     "LEASE_GRACE_SECONDS",
     "MAX_DURATION_REACHED",
     "USER_CLOSED",
+    "AdmissionBusy",
     "AdmissionState",
     "AttemptBusy",
     "Claim",
@@ -93,8 +101,11 @@ __all__ = [
     "claim_due_stops",
     "database_time",
     "db_now",
+    "end_if_holding",
+    "end_if_stopped",
     "expire_waiting",
     "finish_stops",
+    "first_sightings",
     "has_waiting",
     "live_vendor_rows",
     "log_compensation",

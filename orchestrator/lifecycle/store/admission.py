@@ -1,19 +1,23 @@
 """Admission: the claim of a new request (one statement, ``orchestrator_claim``, under the
 admission lock), the move of waiting rows into free slots, and deadlines of waiting rows.
 
-``orchestrator_claim`` and ``orchestrator_admission_state`` are defined by migration
-:data:`CLAIM_FUNCTION_MIGRATION`; tests/test_store.py pins their lock key and live statuses to
-:data:`ADMISSION_LOCK_KEY` and :data:`orchestrator.db.LIVE_STATUSES`.
+``orchestrator_claim`` and ``orchestrator_admission_state`` (the versions this code calls) are
+defined by migration :data:`CLAIM_FUNCTION_MIGRATION`; tests/test_store.py pins their lock key
+and live statuses to :data:`ADMISSION_LOCK_KEY` and :data:`orchestrator.db.LIVE_STATUSES`.
+The vendor's last reported limit is one row of ``vendor_accounts`` (:data:`VENDOR_ACCOUNT`).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from sqlalchemy import bindparam, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow
@@ -28,8 +32,16 @@ from orchestrator.lifecycle.store.rows import (
 )
 from orchestrator.lifecycle.store.starts import StartTicket
 
-CLAIM_FUNCTION_MIGRATION = "0004"  # defines orchestrator_claim (0003: the admission count)
+CLAIM_FUNCTION_MIGRATION = "0006"  # defines the orchestrator_claim and admission state called
 ADMISSION_LOCK_KEY = 0x5E5511  # pg_advisory_xact_lock: one admission decision at a time
+# A claim waits this long at most for the admission lock; past it, AdmissionBusy (retried).
+ADMISSION_LOCK_WAIT_SECONDS = 5.0
+VENDOR_ACCOUNT = "default"  # the row of vendor_accounts admission reads (one account today)
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+class AdmissionBusy(Exception):
+    """The admission lock was not granted within the claim's bound: try the message again."""
 
 
 class ClaimOutcome(Enum):
@@ -52,7 +64,7 @@ _CLAIM = text(
     "SELECT session_id, status, cap, live, waiting, cancelled, at FROM orchestrator_claim("
     ":id, :request_id, :claim_id, :avatar_id, :payload, :digest, :metadata,"
     " :max_duration_seconds, :start_deadline_seconds, :traceparent, :configured_cap,"
-    " :attempt_owner, :lease_seconds)"
+    " :attempt_owner, :lease_seconds, :lock_timeout_ms)"
 ).bindparams(
     bindparam("payload", type_=JSONDocument),
     bindparam("metadata", type_=JSONDocument),
@@ -75,13 +87,20 @@ class ClaimRequest:
 
 
 def claim(
-    db: Database, request: ClaimRequest, *, max_concurrent_sessions: int, lease_seconds: float
+    db: Database,
+    request: ClaimRequest,
+    *,
+    max_concurrent_sessions: int,
+    lease_seconds: float,
+    lock_wait_seconds: float = ADMISSION_LOCK_WAIT_SECONDS,
 ) -> Claim:
     """Create the row for the request — ``starting`` (its first attempt counted, its lease
-    taken) if a slot is free and nobody waits, else ``waiting`` — or say why this message finds
-    one already. A stop that came first ends the request here, with no vendor call."""
+    taken from when the admission lock was granted) if a slot is free and nobody waits, else
+    ``waiting`` — or say why this message finds one already. A stop that came first ends the
+    request here, with no vendor call. AdmissionBusy if the lock is not granted within
+    ``lock_wait_seconds``."""
     for _ in range(3):
-        claimed = _try_claim(db, request, max_concurrent_sessions, lease_seconds)
+        claimed = _try_claim(db, request, max_concurrent_sessions, lease_seconds, lock_wait_seconds)
         if claimed is not None:
             return claimed
     # An early stop and its pruning raced this claim three times: let the message retry.
@@ -89,10 +108,14 @@ def claim(
 
 
 def _try_claim(
-    db: Database, request: ClaimRequest, max_concurrent_sessions: int, lease_seconds: float
+    db: Database,
+    request: ClaimRequest,
+    max_concurrent_sessions: int,
+    lease_seconds: float,
+    lock_wait_seconds: float,
 ) -> Claim | None:
     owner = new_attempt_owner()
-    with db.autocommit() as connection:
+    with db.autocommit() as connection, _busy_on_lock_timeout():
         found = connection.execute(
             _CLAIM,
             {
@@ -109,6 +132,7 @@ def _try_claim(
                 "configured_cap": max_concurrent_sessions,
                 "attempt_owner": owner,
                 "lease_seconds": lease_seconds,
+                "lock_timeout_ms": max(1, round(lock_wait_seconds * 1000)),
             },
         ).one()
     if found.cancelled:
@@ -136,6 +160,16 @@ def _try_claim(
         )
         return Claim(ClaimOutcome.NEW, found.session_id, found.status, ticket)
     return _existing_row(db, request)
+
+
+@contextmanager
+def _busy_on_lock_timeout() -> Iterator[None]:
+    try:
+        yield
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise AdmissionBusy("the admission lock was not granted in time") from None
+        raise
 
 
 def _existing_row(db: Database, request: ClaimRequest) -> Claim | None:
@@ -222,7 +256,9 @@ class AdmissionState:
         return max(0, self.cap - self.live)
 
 
-_ADMISSION_STATE = text("SELECT cap, live, waiting FROM orchestrator_admission_state(:cap)")
+_ADMISSION_STATE = text(
+    "SELECT cap, live, waiting FROM orchestrator_admission_state(:cap, :account)"
+)
 
 
 def lock_admission(session: Session) -> None:
@@ -232,9 +268,11 @@ def lock_admission(session: Session) -> None:
 
 def _admission_state(session: Session, configured_cap: int) -> AdmissionState:
     """Counted under one lock, so no two workers hand out the same free slot. The effective
-    cap is the lower of ours and the vendor's last reported limit (migration 0003)."""
+    cap is the lower of ours and the vendor's last reported limit (``vendor_accounts``)."""
     lock_admission(session)
-    found = session.execute(_ADMISSION_STATE, {"cap": configured_cap}).one()
+    found = session.execute(
+        _ADMISSION_STATE, {"cap": configured_cap, "account": VENDOR_ACCOUNT}
+    ).one()
     return AdmissionState(found.cap, found.live, found.waiting)
 
 

@@ -1,5 +1,5 @@
 """``session_events``: the append-only history of every row (and of orphans, which have
-none). Never pass secrets in ``detail``."""
+none), timed by the database's clock. Never pass secrets in ``detail``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import func, insert
 from sqlalchemy.orm import Session
 
 from orchestrator.db import EventKind, SessionEvent, SessionRow
-from orchestrator.db.types import utcnow
 
 
 @dataclass(frozen=True)
@@ -26,16 +25,14 @@ def log_now(session: Session, kind: EventKind, entries: Sequence[Entry]) -> None
     """``log`` as one Core INSERT, executed at once (no ORM objects, no flush)."""
     if not entries:
         return
-    now = utcnow()
     session.connection().execute(
-        insert(SessionEvent),
+        insert(SessionEvent).values(occurred_at=func.now()),
         [
             {
                 "session_id": entry.session_id,
                 "vendor_session_id": entry.vendor_session_id,
                 "kind": kind.value,
                 "detail": entry.detail,
-                "occurred_at": now,
             }
             for entry in entries
         ],
@@ -58,5 +55,6 @@ def log(
             vendor_session_id=vendor_session_id or (row.vendor_session_id if row else None),
             kind=kind.value,
             detail=detail,
+            occurred_at=func.now(),  # the database's clock, not this process's
         )
     )

@@ -1,5 +1,5 @@
 """The vendor start of a claimed row: an attempt (with its lease), its answer recorded or
-its failure, and requests that cannot be started at all."""
+its failure (requests that cannot be started at all: :mod:`.invalid`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
-from orchestrator.db.types import JSONDocument, UTCDateTime, utcnow
-from orchestrator.events import bodies, outbox
-from orchestrator.lifecycle.requests import storable, without_secrets
+from orchestrator.db.types import JSONDocument, UTCDateTime
+from orchestrator.events import bodies
+from orchestrator.lifecycle.requests import without_secrets
 from orchestrator.lifecycle.store import history
 from orchestrator.lifecycle.store.rows import (
     USER_CLOSED,
@@ -23,7 +23,6 @@ from orchestrator.lifecycle.store.rows import (
     StopTicket,
     db_now,
     finish,
-    insert_ignoring_conflict,
     lock_row,
     new_attempt_owner,
 )
@@ -49,57 +48,6 @@ class AttemptBusy:
     """Another delivery of this start holds the attempt's lease for ``seconds`` more."""
 
     seconds: float
-
-
-def record_invalid(
-    db: Database,
-    *,
-    request_id: str,
-    claim_id: str,
-    payload: dict[str, Any],
-    digest: str,
-    error_code: str,
-    message: str,
-    traceparent: str | None,
-) -> uuid.UUID | None:
-    """A message that decoded but cannot be started becomes a ``failed`` row (its payload kept
-    as storable text, without secrets)."""
-    payload = storable(payload)
-    message = storable(message)
-    avatar = payload.get("avatar_id")
-    with db.transaction() as session:
-        now = db_now(session)
-        new_id = session.execute(
-            insert_ignoring_conflict(
-                {
-                    "id": uuid.uuid4(),
-                    "request_id": request_id,
-                    "claim_id": claim_id,
-                    "status": S.FAILED.value,
-                    "avatar_id": avatar if isinstance(avatar, str) else None,
-                    "request_payload": payload,
-                    "payload_sha256": digest,
-                    "error_code": error_code,
-                    "error_message": message,
-                    "traceparent": traceparent,
-                    "created_at": now,
-                    "ended_at": now,
-                }
-            )
-        ).scalar_one_or_none()
-        if new_id is None:
-            row = session.scalars(
-                select(SessionRow).where(SessionRow.request_id == request_id)
-            ).one()
-            if row.claim_id != claim_id:
-                history.log(
-                    session, EventKind.DUPLICATE_CONFLICT, row=row, claim_id=claim_id, error=message
-                )
-            return None
-        row = session.get_one(SessionRow, new_id)
-        history.log(session, EventKind.FAILED, row=row, error_code=error_code, error=message)
-        outbox.emit(session, row)
-        return row.id
 
 
 # -- starts ----------------------------------------------------------------------------------
@@ -165,7 +113,7 @@ class VendorStart:
     expires_at: datetime
 
 
-STOP_RETRY_AFTER_START_SECONDS = 30.0
+COMPENSATED = "ERROR"  # the reason a compensating stop gives the vendor
 
 
 class NotRecorded(Enum):
@@ -177,21 +125,22 @@ class NotRecorded(Enum):
 
 
 def record_started(
-    db: Database, ticket: StartTicket, start: VendorStart
+    db: Database, ticket: StartTicket, start: VendorStart, *, stop_retry_in: float
 ) -> StopTicket | NotRecorded | None:
     """Store the vendor's answer. Returns None (the row is ``active``), a StopTicket if a stop
-    was requested meanwhile (the caller owes the vendor stop), or why nothing was written.
+    was requested meanwhile (the caller owes the vendor stop, within ``stop_retry_in``: the
+    stop's lease, ``STOP_RETRY_SECONDS``, before the reaper may try it again), or why nothing
+    was written.
 
     The hot path of every start: one autocommitted statement (the conditional UPDATE that
     guards the transition — still ``starting``, no vendor session yet, this attempt's lease —,
     the ``active`` event, the outbox row, and the move to ``stopping`` if a stop was requested
     meanwhile), so no transaction waits on this process.
     """
-    now = utcnow()  # the event body's occurred_at only; the row's times are the server's
     event_id = uuid.uuid4()
     body = bodies.body_for(
         event_id,
-        now,
+        None,  # occurred_at: the statement's now(), as every time of the row
         status=S.ACTIVE.value,
         request_id=ticket.request_id,
         vendor_session_id=start.vendor_session_id,
@@ -216,7 +165,7 @@ def record_started(
                 "max_session_numbers": start.max_session_numbers,
                 "expires_at": start.expires_at,
                 "request_payload": without_secrets(ticket.payload),
-                "stop_retry_in": timedelta(seconds=STOP_RETRY_AFTER_START_SECONDS),
+                "stop_retry_in": timedelta(seconds=stop_retry_in),
                 "event_id": event_id,
                 "routing_key": bodies.routing_key(S.ACTIVE.value),
                 "body": body,
@@ -280,10 +229,12 @@ logged AS (
 ),
 queued AS (
     INSERT INTO event_outbox (event_id, routing_key, body, traceparent, created_at)
-    SELECT :event_id, :routing_key, :body, :traceparent, now() FROM marked
+    SELECT :event_id, :routing_key,
+           jsonb_set(:body, '{occurred_at}', to_jsonb(OCCURRED_AT)), :traceparent, now()
+      FROM marked
 )
 SELECT status, end_reason FROM marked
-"""
+""".replace("OCCURRED_AT", bodies.DATABASE_NOW_ISO)
 ).bindparams(
     bindparam("livekit_token_expires_at", type_=UTCDateTime()),
     bindparam("expires_at", type_=UTCDateTime()),
@@ -322,48 +273,91 @@ def start_state(
         return NotRecorded.MOVED_ON
 
 
-def _lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | None:
-    """The row, locked, if it still waits for this very attempt's answer; else None."""
+def _lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | NotRecorded:
+    """The row, locked, if it still waits for this very attempt's answer; else why not."""
     row = lock_row(session, ticket.session_id)
+    if row is None:
+        return NotRecorded.GONE
     if (
-        row is None
-        or row.status != S.STARTING
+        row.status != S.STARTING
         or row.vendor_session_id is not None
         or row.attempt_owner != ticket.owner
     ):
-        return None
+        return NotRecorded.MOVED_ON
     return row
+
+
+_STOP_REQUESTED = text("SELECT stop_requested_at IS NOT NULL FROM sessions WHERE id = :id")
+
+
+def end_if_stopped(db: Database, ticket: StartTicket) -> NotRecorded | str | None:
+    """Just before the vendor call: a stop that came after the claim ends the row here, with
+    no call at all. The row's status if it was ended (or had moved on), GONE if the claim was
+    lost in a crash of the database, None if the call should go ahead.
+
+    One primary-key read on the hot path; the row is locked only when a stop is there."""
+    with db.autocommit() as connection:
+        stopped = connection.execute(_STOP_REQUESTED, {"id": ticket.session_id}).scalar()
+    if stopped is None:
+        return NotRecorded.GONE
+    if not stopped:
+        return None
+    with db.transaction() as session:
+        row = _lock_own_attempt(session, ticket)
+        if isinstance(row, NotRecorded):
+            return row
+        finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
+        return row.status
 
 
 def record_failed(
     db: Database, ticket: StartTicket, *, error_code: str, error_message: str
-) -> bool:
-    """``starting`` → ``failed`` for this attempt; False if the row had moved on (another
-    attempt holds it, or it ended)."""
+) -> NotRecorded | None:
+    """``starting`` → ``failed`` for this attempt; None once written, else why not: MOVED_ON
+    (another attempt holds the row, or it ended), GONE (the claim was lost in a crash of the
+    database: the caller must not acknowledge the message)."""
     with db.transaction() as session:
         row = _lock_own_attempt(session, ticket)
-        if row is None:
-            return False
+        if isinstance(row, NotRecorded):
+            return row
         row.error_code = error_code
         row.error_message = error_message
         finish(session, row, S.FAILED, db_now(session))
-        return True
+        return None
 
 
-def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> bool:
-    """The vendor said the account is at its limit: wait again (first in line, by age)."""
+def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> NotRecorded | None:
+    """The vendor said the account is at its limit: wait again (first in line, by age). None
+    once written, else why not (as :func:`record_failed`)."""
     with db.transaction() as session:
         row = _lock_own_attempt(session, ticket)
-        if row is None:
-            return False
+        if isinstance(row, NotRecorded):
+            return row
         if row.stop_requested_at is not None:
             finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
-            return True
+            return None
         row.status = S.WAITING.value
         row.attempt_owner = None
         row.attempt_lease_until = None
         row.admitted_at = None
         history.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
+        return None
+
+
+def end_if_holding(db: Database, session_id: uuid.UUID, vendor_session_id: str) -> bool:
+    """A vendor session was stopped again because its record seemed to fail: if the record
+    landed after all (its commit reply was lost), the row is ``active`` (or ``stopping``) for
+    a session that no longer runs. End it (``ERROR``, the compensation's reason); True if so."""
+    with db.transaction() as session:
+        row = lock_row(session, session_id)
+        if (
+            row is None
+            or row.vendor_session_id != vendor_session_id
+            or row.status not in (S.ACTIVE, S.STOPPING)
+        ):
+            return False
+        reason = row.end_reason if row.status == S.STOPPING and row.end_reason else COMPENSATED
+        finish(session, row, S.ENDED, db_now(session), end_reason=reason, record_reply_lost=True)
         return True
 
 

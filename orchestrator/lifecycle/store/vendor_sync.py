@@ -3,6 +3,7 @@ nobody is making any more, orphans, and the deployment-wide lease of a pass."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql
 
-from orchestrator.db import Database, EventKind, SessionRow, SweepLease
+from orchestrator.db import Database, EventKind, SessionEvent, SessionRow, SweepLease
+from orchestrator.deepbrain.values import clean_text, is_storable_id
 from orchestrator.lifecycle.store import history
 from orchestrator.lifecycle.store.rows import S, db_now, finish, lock_row
 
@@ -50,38 +52,87 @@ def live_vendor_rows(db: Database) -> list[LiveVendorRow]:
     return [LiveVendorRow(r.id, r.vendor_session_id, r.started_at, r.traceparent) for r in rows]
 
 
+def storable_id(vendor_session_id: str) -> str:
+    """The key ``session_events`` keeps for a vendor session: its id, or for one no column can
+    hold as it is (too long, NUL) ``sha256:`` and its digest. Such a session is never ours."""
+    if is_storable_id(vendor_session_id):
+        return vendor_session_id
+    digest = hashlib.sha256(vendor_session_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return "sha256:" + digest
+
+
 def owned_vendor_ids(
     db: Database, vendor_session_ids: Sequence[str], *, ended_after: datetime
 ) -> set[str]:
     """The ids a row still owns: live rows, and rows that ended so recently that a vendor list
     fetched a moment ago may still show them. A session listed active whose row ended long ago
-    is billing for nothing, and is treated as an orphan."""
-    if not vendor_session_ids:
+    is billing for nothing, and is treated as an orphan (so is one whose id no row can hold)."""
+    candidates = [v for v in vendor_session_ids if is_storable_id(v)]
+    if not candidates:
         return set()
     with db.transaction() as session:
         found = session.scalars(
             select(SessionRow.vendor_session_id).where(
-                SessionRow.vendor_session_id.in_(list(vendor_session_ids)),
+                SessionRow.vendor_session_id.in_(candidates),
                 (SessionRow.ended_at.is_(None)) | (SessionRow.ended_at > ended_after),
             )
         ).all()
     return {v for v in found if v is not None}
 
 
+def first_sightings(db: Database, vendor_session_ids: Sequence[str]) -> dict[str, datetime]:
+    """When the database first saw each of these vendor sessions (no row knows them, and the
+    vendor gave no usable creation time) in the vendor's list, by its own clock; a session seen
+    for the first time is recorded now (``vendor_session_seen``). One indexed read and at most
+    one insert per pass (``session_events`` is indexed by ``vendor_session_id``)."""
+    if not vendor_session_ids:
+        return {}
+    keys = {storable_id(v): v for v in vendor_session_ids}
+    kind = EventKind.VENDOR_SESSION_SEEN.value
+    with db.transaction() as session:
+        now = db_now(session)
+        seen = dict(
+            session.execute(
+                select(SessionEvent.vendor_session_id, func.min(SessionEvent.occurred_at))
+                .where(SessionEvent.vendor_session_id.in_(list(keys)), SessionEvent.kind == kind)
+                .group_by(SessionEvent.vendor_session_id)
+            )
+            .tuples()
+            .all()
+        )
+        new = [key for key in keys if key not in seen]
+        history.log_now(
+            session,
+            EventKind.VENDOR_SESSION_SEEN,
+            [history.Entry(None, key, {"reason": "no usable created_at"}) for key in new],
+        )
+    return {vendor_id: seen.get(key) or now for key, vendor_id in keys.items()}
+
+
+END_REASON_LENGTH: int = SessionRow.__table__.c.end_reason.type.length  # type: ignore[attr-defined]
+
+
 def record_vendor_ended(
     db: Database, session_id: uuid.UUID, *, end_reason: str, ended_at: datetime | None
 ) -> bool:
-    """The vendor ended a session on its own (idle, error): ``ended`` with the vendor's reason."""
+    """The vendor ended a session on its own (idle, error): ``ended`` with the vendor's reason
+    (cut to fit its column) at the vendor's end time (kept between the start and now: the
+    vendor's values are not ours to trust)."""
+    end_reason = clean_text(end_reason)[:END_REASON_LENGTH] or "UNKNOWN"
     with db.transaction() as session:
         row = lock_row(session, session_id)
         if row is None or row.status not in (S.ACTIVE, S.STOPPING):
             return False
         reason = row.end_reason if row.status == S.STOPPING and row.end_reason else end_reason
+        now = db_now(session)
+        when = now if ended_at is None or ended_at > now else ended_at  # not in the future
+        if row.started_at is not None:
+            when = max(when, row.started_at)  # nor before it started (a skewed vendor clock)
         finish(
             session,
             row,
             S.ENDED,
-            ended_at or db_now(session),
+            when,
             end_reason=reason,
             source="reconciler",
         )
@@ -138,7 +189,7 @@ def log_orphan_stop(
         history.log(
             session,
             EventKind.ORPHAN_STOPPED,
-            vendor_session_id=vendor_session_id,
+            vendor_session_id=storable_id(vendor_session_id),
             reason="ZOMBIE_SESSION_REAP",
             vendor_outcome=outcome,
             vendor_created_at=created_at,

@@ -1,0 +1,65 @@
+"""A message that decoded but cannot be started: a ``failed`` row that says why."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+
+from orchestrator.db import Database, EventKind, SessionRow
+from orchestrator.events import outbox
+from orchestrator.lifecycle.requests import storable
+from orchestrator.lifecycle.store import history
+from orchestrator.lifecycle.store.rows import S, db_now, insert_ignoring_conflict
+
+
+def record_invalid(
+    db: Database,
+    *,
+    request_id: str,
+    claim_id: str,
+    payload: dict[str, Any],
+    digest: str,
+    error_code: str,
+    message: str,
+    traceparent: str | None,
+) -> uuid.UUID | None:
+    """A message that decoded but cannot be started becomes a ``failed`` row (its payload kept
+    as storable text, without secrets)."""
+    payload = storable(payload)
+    message = storable(message)
+    avatar = payload.get("avatar_id")
+    with db.transaction() as session:
+        now = db_now(session)
+        new_id = session.execute(
+            insert_ignoring_conflict(
+                {
+                    "id": uuid.uuid4(),
+                    "request_id": request_id,
+                    "claim_id": claim_id,
+                    "status": S.FAILED.value,
+                    "avatar_id": avatar if isinstance(avatar, str) else None,
+                    "request_payload": payload,
+                    "payload_sha256": digest,
+                    "error_code": error_code,
+                    "error_message": message,
+                    "traceparent": traceparent,
+                    "created_at": now,
+                    "ended_at": now,
+                }
+            )
+        ).scalar_one_or_none()
+        if new_id is None:
+            row = session.scalars(
+                select(SessionRow).where(SessionRow.request_id == request_id)
+            ).one()
+            if row.claim_id != claim_id:
+                history.log(
+                    session, EventKind.DUPLICATE_CONFLICT, row=row, claim_id=claim_id, error=message
+                )
+            return None
+        row = session.get_one(SessionRow, new_id)
+        history.log(session, EventKind.FAILED, row=row, error_code=error_code, error=message)
+        outbox.emit(session, row)
+        return row.id
