@@ -109,16 +109,13 @@ def parse_started_session(data: Any, endpoint: str) -> StartedSession:
     livekit = data.get("livekit")
     if not isinstance(livekit, Mapping):
         raise _malformed(endpoint, f"data.livekit missing (session {shown})", session_id=session_id)
-    url, room, token = livekit.get("url"), livekit.get("room_name"), livekit.get("token")
-    # Empty is missing: a session nobody can join must not be recorded as started.
-    if not (
-        isinstance(url, str)
-        and isinstance(room, str)
-        and isinstance(token, str)
-        and url
-        and room
-        and token
-    ):
+    url, room, token = (
+        clean_text(value) if isinstance(value, str) else None
+        for value in (livekit.get("url"), livekit.get("room_name"), livekit.get("token"))
+    )
+    # Empty (once cleaned for storage) is missing: a session nobody can join must not be
+    # recorded as started.
+    if not (url and room and token):
         raise _malformed(
             endpoint,
             f"data.livekit url/room_name/token missing (session {shown})",
@@ -130,9 +127,9 @@ def parse_started_session(data: Any, endpoint: str) -> StartedSession:
         voice_id=fields.text("voice_id"),
         max_session_duration=fields.integer("max_session_duration", low=1),
         max_session_numbers=fields.integer("max_session_numbers", low=0),
-        livekit_url=clean_text(url),
-        livekit_room=clean_text(room),
-        livekit_token=clean_text(token),
+        livekit_url=url,
+        livekit_room=room,
+        livekit_token=token,
     )
     fields.log_skips(session_id)
     return started

@@ -26,6 +26,12 @@ CASES = [
     # recorded `active` (a billing session nobody can join).
     pytest.param({"start": [SetField(("livekit", "token"), "")]}, id="start-livekit-token-empty"),
     pytest.param({"start": [SetField(("livekit", "url"), "")]}, id="start-livekit-url-empty"),
+    # Found after merging issue 22 (example 619 of a random run): a room name of NUL only is
+    # non-empty until its NULs are removed for storage.
+    pytest.param(
+        {"start": [SetField(("livekit", "room_name"), "\x00" * 16)]},
+        id="start-livekit-room_name-only-nul",
+    ),
     pytest.param(
         {"start": [Reply(400, None, echo=True)]},
         id="start-400-echoing-the-request",
