@@ -1,0 +1,31 @@
+"""Tenants: policies (guaranteed, maximum, weight, waiting cap), the choice of whose request
+gets a freed slot, and the estimate of each waiting request's wait.
+
+Pure and database-free: the admission transaction reads the backlogged tenants' usage rows
+under the account's row lock, calls :func:`choose`, and writes the result (docs/admission.md
+"Tenants").
+"""
+
+from orchestrator.tenants.choice import Choice, TenantState, choose
+from orchestrator.tenants.policy import (
+    DEFAULT_TENANT,
+    Guarantee,
+    PolicyError,
+    TenantPolicy,
+    default_policy,
+    effective_guarantees,
+    policy_for,
+)
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "Choice",
+    "Guarantee",
+    "PolicyError",
+    "TenantPolicy",
+    "TenantState",
+    "choose",
+    "default_policy",
+    "effective_guarantees",
+    "policy_for",
+]
