@@ -86,7 +86,7 @@ def choose(
         if policy.maximum is not None and state.in_use >= policy.maximum:
             continue
         own_hole = holes.get(name, 0)
-        if free - 1 < total_holes - own_hole:
+        if own_hole == 0 and free - 1 < total_holes:
             continue  # the slot is kept for another tenant's non-lendable guarantee
         guaranteed = guarantees[name].guaranteed if name in guarantees else 0
         rank: tuple[float, ...]
