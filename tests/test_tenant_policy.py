@@ -154,7 +154,11 @@ class TenantAdmission(RuleBasedStateMachine):
     def check_decision(self, tenant: str, reason: str) -> None:
         pool = self.pool
         assert tenant in self.backlogged()
-        assert self.allowed(tenant), f"{tenant} is not allowed a slot"
+        assert pool.free() >= 1, "the capacity would be exceeded"
+        policy = pool.policies.get(tenant)
+        if policy is not None and policy.maximum is not None:
+            assert pool.in_use.get(tenant, 0) < policy.maximum, f"{tenant}'s maximum is exceeded"
+        assert self.allowed(tenant), f"{tenant} took a slot kept as another's non-lendable part"
         h = holes(pool)
         waiting_holes = [t for t in self.backlogged() if h.get(t, 0) > 0]
         if waiting_holes:
