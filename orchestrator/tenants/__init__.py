@@ -7,6 +7,17 @@ under the account's row lock, calls :func:`choose`, and writes the result (docs/
 """
 
 from orchestrator.tenants.choice import Choice, TenantState, choose
+from orchestrator.tenants.estimate import (
+    LiveSession,
+    Pool,
+    SentQuote,
+    Waiter,
+    WaitEstimate,
+    admission_order,
+    estimate_waits,
+    quote,
+    should_resend,
+)
 from orchestrator.tenants.policy import (
     DEFAULT_TENANT,
     Guarantee,
@@ -21,11 +32,20 @@ __all__ = [
     "DEFAULT_TENANT",
     "Choice",
     "Guarantee",
+    "LiveSession",
     "PolicyError",
+    "Pool",
+    "SentQuote",
     "TenantPolicy",
     "TenantState",
+    "WaitEstimate",
+    "Waiter",
+    "admission_order",
     "choose",
     "default_policy",
     "effective_guarantees",
+    "estimate_waits",
     "policy_for",
+    "quote",
+    "should_resend",
 ]
