@@ -18,7 +18,6 @@ admitted session's length in turn. Cost: O(runs * (waiters + live) * log capacit
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import random
@@ -27,19 +26,23 @@ from dataclasses import dataclass
 from typing import Final
 
 from orchestrator.tenants.choice import TenantState, charge
+from orchestrator.tenants.montecarlo import Lengths, Runs
 from orchestrator.tenants.policy import (
-    Guarantee,
     TenantPolicy,
     effective_guarantees,
     policy_for,
 )
 
-#: The quantile quoted as "p90". Slightly above 0.9: the runs' p90 is itself an estimate from
-#: a finite sample, and the model leaves out fair-share arrivals that overtake; tuned on
-#: lognormal traces (tests/test_wait_estimate.py judges it on Weibull and gamma mixtures).
-P90_LEVEL: Final = 0.93
-#: The quantile quoted as "p50" (tuned with P90_LEVEL).
+#: The runs' quantiles quoted as p50 and p90.
 P50_LEVEL: Final = 0.5
+P90_LEVEL: Final = 0.9
+#: The quoted p90 is p50 + P90_STRETCH x (the runs' p90 - p50). The runs know the present
+#: (live sessions, lengths, rates) but not how the load will change, so their spread is too
+#: narrow; tuned on lognormal traces (tests/test_wait_estimate.py, judged on Weibull and
+#: gamma mixtures).
+P90_STRETCH: Final = 2.0
+#: How far ahead a run looks; a wait beyond it is quoted as infinite.
+LOOKAHEAD: Final = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,7 @@ def estimate_waits(
     seed: int = 0,
     p50_level: float = P50_LEVEL,
     p90_level: float = P90_LEVEL,
+    p90_stretch: float = P90_STRETCH,
 ) -> list[WaitEstimate]:
     """Position and p50/p90 wait of every waiting request, in admission order.
 
@@ -148,19 +152,22 @@ def estimate_waits(
     if not pool.waiters:
         return []
     order = admission_order(pool, aging=aging, horizon=horizon)
-    lengths = _Lengths(pool.durations, pool.max_duration)
+    lengths = Lengths(pool.durations, pool.max_duration)
+    every = Runs(pool, lengths, aging=aging, horizon=horizon)
     rng = random.Random(seed)
-    every = _Runs(pool, order, lengths)
-    draws = [every.run(rng) for _ in range(max(1, runs))]
+    draws = [every.run(rng, pool.now + LOOKAHEAD) for _ in range(max(1, runs))]
     out = []
     for k, i in enumerate(order):
-        sample = sorted(d[k] for d in draws)
+        sample = sorted(d[i] for d in draws)
+        p50, p90 = _quantile(sample, p50_level), _quantile(sample, p90_level)
+        if math.isfinite(p90):
+            p90 = max(p50, p50 + p90_stretch * (p90 - p50))
         out.append(
             WaitEstimate(
                 request_id=pool.waiters[i].request_id,
                 position=k + 1,
-                p50=_quantile(sample, p50_level),
-                p90=_quantile(sample, p90_level),
+                p50=p50,
+                p90=p90,
             )
         )
     return out
@@ -173,123 +180,6 @@ def _quantile(ordered: list[float], level: float) -> float:
     if math.isinf(ordered[high]):
         return ordered[high] if at > low else ordered[low]
     return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
-
-
-class _Lengths:
-    """Draws a session's length from its tenant's recent lengths (everyone's when it has few)."""
-
-    MIN_SAMPLE: Final = 5
-
-    def __init__(self, durations: Mapping[str, Sequence[float]], max_duration: float) -> None:
-        self.max_duration = max_duration
-        clean = {
-            t: sorted(min(max(d, 0.0), max_duration) for d in ds if math.isfinite(d))
-            for t, ds in durations.items()
-        }
-        everyone = sorted(d for ds in clean.values() for d in ds)
-        self.pooled = everyone or [max_duration]
-        self.by_tenant = {t: ds for t, ds in clean.items() if len(ds) >= self.MIN_SAMPLE}
-
-    def sample(self, tenant: str) -> list[float]:
-        return self.by_tenant.get(tenant, self.pooled)
-
-    def new(self, tenant: str, rng: random.Random) -> float:
-        sample = self.sample(tenant)
-        return sample[int(rng.random() * len(sample))]
-
-    def remaining(self, s: LiveSession, now: float, rng: random.Random) -> float:
-        """When a live session ends: a length longer than it has lived, capped at its expiry."""
-        sample = self.sample(s.tenant)
-        lived = now - s.started_at
-        longer = bisect.bisect_right(sample, lived)
-        if longer >= len(sample):
-            return max(now, s.expires_at)  # it outlived every recent session: its expiry
-        length = sample[longer + int(rng.random() * (len(sample) - longer))]
-        return max(now, min(s.started_at + length, s.expires_at))
-
-
-class _Runs:
-    """What every run shares (the order, each waiter's tenant, maximum and lengths)."""
-
-    def __init__(self, pool: Pool, order: list[int], lengths: _Lengths) -> None:
-        self.pool = pool
-        self.lengths = lengths
-        self.tenants = [pool.waiters[i].tenant for i in order]
-        self.maximum = {t: policy_for(pool.policies, t).maximum for t in set(self.tenants)}
-        self.guarantees = effective_guarantees(pool.capacity, pool.policies)
-        self.in_use: dict[str, int] = {}
-        for s in pool.live:
-            self.in_use[s.tenant] = self.in_use.get(s.tenant, 0) + 1
-        kept = sum(max(0, g.reserved - self.in_use.get(t, 0)) for t, g in self.guarantees.items())
-        self.free = max(0, pool.capacity - len(pool.live) - kept)
-
-    def run(self, rng: random.Random) -> list[float]:
-        """One draw of every waiter's wait, indexed like the order."""
-        pool, lengths, tenants, maximum = self.pool, self.lengths, self.tenants, self.maximum
-        now, draw, push, pop = pool.now, rng.random, heapq.heappush, heapq.heappop
-        slots = [(lengths.remaining(s, now, rng), s.tenant) for s in pool.live]
-        slots += [(now, "")] * self.free
-        heapq.heapify(slots)
-        in_use = dict(self.in_use)
-        overtakers = _overtakers(pool, self.guarantees, in_use, rng)
-        waits = [math.inf] * len(tenants)
-        deferred: dict[str, list[int]] = {}  # positions held back by their tenant's maximum
-        ready: list[int] = []  # held-back positions whose tenant has room again
-        nxt = held = 0
-        while slots and (nxt < len(tenants) or held or ready):
-            at, freed = pop(slots)
-            if freed:
-                in_use[freed] -= 1
-                if deferred.get(freed):
-                    push(ready, deferred[freed].pop(0))
-                    held -= 1
-            if overtakers and overtakers[0][0] <= at:
-                _, tenant = pop(overtakers)
-                in_use[tenant] = in_use.get(tenant, 0) + 1
-                push(slots, (at + lengths.new(tenant, rng), tenant))
-                continue
-            while nxt < len(tenants):
-                cap = maximum[tenants[nxt]]
-                if cap is None or in_use.get(tenants[nxt], 0) < cap:
-                    break
-                deferred.setdefault(tenants[nxt], []).append(nxt)
-                held += 1
-                nxt += 1
-            if ready and (nxt >= len(tenants) or ready[0] < nxt):
-                k = pop(ready)
-            elif nxt < len(tenants):
-                k, nxt = nxt, nxt + 1
-            else:
-                continue  # every waiter left is held by its maximum: this slot stays free
-            tenant = tenants[k]
-            waits[k] = at - now
-            in_use[tenant] = in_use.get(tenant, 0) + 1
-            sample = lengths.sample(tenant)
-            push(slots, (at + sample[int(draw() * len(sample))], tenant))
-        return waits
-
-
-def _overtakers(
-    pool: Pool, guarantees: Mapping[str, Guarantee], in_use: Mapping[str, int], rng: random.Random
-) -> list[tuple[float, str]]:
-    """Arrival times of requests, not here yet, that will go before every waiter: tenants
-    below their guarantee arriving at their recent rate, up to their unused guarantee."""
-    rates = pool.arrival_rates or {}
-    waiting: dict[str, int] = {}
-    for w in pool.waiters:
-        waiting[w.tenant] = waiting.get(w.tenant, 0) + 1
-    out: list[tuple[float, str]] = []
-    for tenant, g in guarantees.items():
-        rate = rates.get(tenant, 0.0)
-        room = g.guaranteed - in_use.get(tenant, 0) - waiting.get(tenant, 0)
-        if not (rate > 0 and math.isfinite(rate)) or room <= 0:
-            continue
-        at = pool.now
-        for _ in range(room):
-            at += rng.expovariate(rate)
-            out.append((at, tenant))
-    heapq.heapify(out)
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +225,7 @@ def should_resend(
             if math.isinf(before) != math.isinf(after):
                 return True
             continue
-        if abs(after - before) > fraction * max(floor, before - now):
+        if abs(after - before) > max(floor, fraction * (before - now)):
             return True
     return False
 
