@@ -90,6 +90,9 @@ class Runs:
             for t in tenants
         }
         self.horizon = horizon
+        self.maximum = {t: p.maximum for t, p in self.policies.items()}
+        self.weight = {t: p.weight for t, p in self.policies.items()}
+        self.since = [w.since for w in pool.waiters]
         kept = sum(max(0, g.reserved - self.in_use.get(t, 0)) for t, g in guarantees.items())
         self.free = max(0, pool.capacity - len(pool.live) - kept)
 
@@ -111,8 +114,7 @@ class _Run:
         self.slots = [(shared.lengths.end(s, self.now, rng), s.tenant) for s in shared.pool.live]
         self.in_use, self.tags = dict(shared.in_use), dict(shared.tags)
         for end, tenant in self.slots:  # what a live session will use beyond its charge
-            weight = shared.policies[tenant].weight
-            self.tags[tenant] += (end - self.now - shared.horizon) / weight
+            self.tags[tenant] += (end - self.now - shared.horizon) / shared.weight[tenant]
         self.slots += [(self.now, "")] * shared.free
         heapq.heapify(self.slots)
         self.arrivals = [(self.now + rng.expovariate(r), t) for t, r in shared.rates.items()]
@@ -141,12 +143,12 @@ class _Run:
     def rank(self, tenant: str, at: float) -> None:
         """(Re)place a backlogged tenant in the heap, unless it is at its maximum."""
         shared = self.shared
-        maximum = shared.policies[tenant].maximum
+        maximum = shared.maximum[tenant]
         used = self.in_use.get(tenant, 0)
         if maximum is not None and used >= maximum:
             return
         head = self.queues[tenant][0]
-        since = shared.pool.waiters[head].since if head != FUTURE else at
+        since = shared.since[head] if head != FUTURE else at
         below = used - shared.guaranteed.get(tenant, 0)
         if below < 0:
             key: tuple[int, float, float] = (1, below, since)
@@ -170,20 +172,23 @@ class _Run:
 
     def give(self, at: float) -> None:
         """The slot freed at ``at`` goes to the best-ranked tenant's oldest request."""
-        while self.ranked:
-            *_, tenant, seen = heapq.heappop(self.ranked)
-            if seen == self.version.get(tenant) and self.queues.get(tenant):
+        ranked, version, queues = self.ranked, self.version, self.queues
+        while ranked:
+            entry = heapq.heappop(ranked)
+            tenant = entry[3]
+            if entry[4] == version.get(tenant) and queues.get(tenant):
                 break
         else:
             return  # nobody may take this slot: it stays free until the next end
-        head = self.queues[tenant].popleft()
+        queue = queues[tenant]
+        head = queue.popleft()
         if head != FUTURE:
             self.waits[head] = at - self.now
             self.left -= 1
         self.in_use[tenant] = self.in_use.get(tenant, 0) + 1
         sample = self.shared.lengths.sample(tenant)
         length = sample[int(self.rng.random() * len(sample))]
-        self.tags[tenant] += length / self.shared.policies[tenant].weight
+        self.tags[tenant] += length / self.shared.weight[tenant]
         heapq.heappush(self.slots, (at + length, tenant))
-        if self.queues[tenant]:
+        if queue:
             self.rank(tenant, at)
