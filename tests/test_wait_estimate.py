@@ -259,3 +259,56 @@ def test_resends_over_a_busy_queue_stay_few() -> None:
                 last[i] = quote(e, float(now))
                 sent += 1
     assert 1_000 <= sent <= 1_000 * 7  # at most one per 30 s
+
+
+# --- the estimate's rules, one at a time ----------------------------------------------------
+
+LONG = [10_000.0] * 5  # recent lengths longer than any test session: each ends at its expiry
+
+
+def small_pool(live: list[LiveSession], waiters: list[Waiter], **kwargs: object) -> Pool:
+    args: dict[str, object] = {
+        "capacity": len(live),
+        "live": live,
+        "waiters": waiters,
+        "policies": {},
+        "durations": {"x": LONG, "y": LONG, "a": LONG, "b": LONG},
+        "now": 0.0,
+        "max_duration": TTL,
+        **kwargs,
+    }
+    return Pool(**args)  # type: ignore[arg-type]
+
+
+def test_a_waiter_held_by_its_maximum_lets_the_next_one_pass() -> None:
+    pool = small_pool(
+        [LiveSession("x", -10, 100), LiveSession("y", -10, 10)],
+        [Waiter("x1", "x", -5), Waiter("y1", "y", -1)],
+        policies={"x": TenantPolicy("x", maximum=1)},
+        usage={"y": 10_000.0},  # x's charge is the lower: only its maximum holds it back
+    )
+    by_id = {e.request_id: e for e in estimate_waits(pool, aging=AGING, horizon=HORIZON)}
+    assert by_id["x1"].position == 1  # older, first in the order...
+    assert by_id["x1"].p50 == pytest.approx(100)  # ...but it waits for x's own session
+    assert by_id["y1"].p50 == pytest.approx(10)
+
+
+def test_a_tenant_below_its_guarantee_arriving_later_overtakes() -> None:
+    live = [LiveSession("a", -10, 10), LiveSession("a", -10, 50)]
+    waiters = [Waiter("b1", "b", -1)]
+    alone = estimate_waits(small_pool(live, waiters), aging=AGING, horizon=HORIZON)
+    assert alone[0].p50 == pytest.approx(10)
+    pool = small_pool(
+        live,
+        waiters,
+        policies={"gold": TenantPolicy("gold", guaranteed=1)},
+        arrival_rates={"gold": 1.0},  # one a second: one arrives before the first end
+    )
+    overtaken = estimate_waits(pool, aging=AGING, horizon=HORIZON)
+    assert overtaken[0].p50 == pytest.approx(50)
+
+
+def test_with_no_capacity_the_wait_is_unbounded() -> None:
+    pool = small_pool([], [Waiter("b1", "b", -1)], capacity=0)
+    (only,) = estimate_waits(pool, aging=AGING, horizon=HORIZON)
+    assert math.isinf(only.p50) and math.isinf(only.p90)
