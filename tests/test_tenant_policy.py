@@ -25,6 +25,7 @@ from hypothesis.stateful import (
 )
 
 from orchestrator.tenants import (
+    Guarantee,
     PolicyError,
     TenantPolicy,
     TenantState,
@@ -91,12 +92,17 @@ class Pool:
         return self.capacity - sum(self.in_use.values())
 
 
+def guarantees(pool: Pool) -> dict[str, Guarantee]:
+    """The guarantees as the capacity honours them (shrunk when below their sum)."""
+    return effective_guarantees(pool.capacity, pool.policies)
+
+
 def holes(pool: Pool) -> dict[str, int]:
-    """Unfilled non-lendable guarantees (the test keeps Σ guaranteed ≤ capacity: no shrink)."""
+    """Unfilled non-lendable guarantees."""
     return {
-        t: p.reserved - pool.in_use.get(t, 0)
-        for t, p in pool.policies.items()
-        if p.reserved > pool.in_use.get(t, 0)
+        t: g.reserved - pool.in_use.get(t, 0)
+        for t, g in guarantees(pool).items()
+        if g.reserved > pool.in_use.get(t, 0)
     }
 
 
@@ -165,9 +171,9 @@ class TenantAdmission(RuleBasedStateMachine):
             assert tenant in waiting_holes, "a non-lendable guarantee was lent"
             return
         below = {
-            t: p.guaranteed - pool.in_use.get(t, 0)
-            for t, p in pool.policies.items()
-            if t in self.backlogged() and pool.in_use.get(t, 0) < p.guaranteed
+            t: g.guaranteed - pool.in_use.get(t, 0)
+            for t, g in guarantees(pool).items()
+            if t in self.backlogged() and pool.in_use.get(t, 0) < g.guaranteed
         }
         if below:
             assert tenant in below and below[tenant] == max(below.values()), (
@@ -213,8 +219,6 @@ class TenantAdmission(RuleBasedStateMachine):
         self, tenant: str, guaranteed: int, extra: int | None, weight: float, reserved_share: int
     ) -> None:
         pool = self.pool
-        others = sum(p.guaranteed for t, p in pool.policies.items() if t != tenant)
-        guaranteed = min(guaranteed, pool.capacity - others)
         maximum = None if extra is None else max(guaranteed + extra, 1)
         pool.policies[tenant] = TenantPolicy(
             tenant,
@@ -226,13 +230,20 @@ class TenantAdmission(RuleBasedStateMachine):
         self.below_since.clear()  # the guarantee's clock restarts with the new policies
         self.admit()
 
+    @rule(capacity=st.integers(0, 8))
+    def set_capacity(self, capacity: int) -> None:
+        """A vendor limit lowered or raised, an account unhealthy: nothing live is stopped."""
+        self.pool.capacity = capacity
+        self.below_since.clear()
+        self.admit()
+
     # --- the guarantee's time bound ---------------------------------------------------------
 
     def track_guarantees(self, at: float) -> None:
         """A tenant backlogged below its guarantee reaches it within one maximum session."""
         pool = self.pool
-        for t, p in pool.policies.items():
-            below = bool(pool.queues.get(t)) and pool.in_use.get(t, 0) < p.guaranteed
+        for t, g in guarantees(pool).items():
+            below = bool(pool.queues.get(t)) and pool.in_use.get(t, 0) < g.guaranteed
             if not below:
                 self.below_since.pop(t, None)
                 continue
@@ -245,13 +256,13 @@ class TenantAdmission(RuleBasedStateMachine):
     def settled(self) -> None:
         if hasattr(self, "pool"):
             self.check_no_choice_is_right(True)
-            for t, p in self.pool.policies.items():
-                if self.pool.queues.get(t) and self.pool.in_use.get(t, 0) < p.reserved:
+            for t, g in guarantees(self.pool).items():
+                if self.pool.queues.get(t) and self.pool.in_use.get(t, 0) < g.reserved:
                     assert self.pool.free() <= 0, f"{t}'s non-lendable slot is not given to it"
 
 
 TenantAdmission.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=100,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -390,3 +401,15 @@ def test_an_idle_tenants_non_lendable_slots_are_kept() -> None:
     assert choose(5, states, policies, 1.0, aging=AGING, horizon=HORIZON) is None
     choice = choose(6, states, policies, 1.0, aging=AGING, horizon=HORIZON)
     assert choice is not None and choice.tenant == "x"
+
+
+def test_a_full_pool_gives_no_slot_even_to_an_unfilled_reservation() -> None:
+    """A reservation set while others hold every slot waits for the next end (no preemption)."""
+    policies = {"gold": TenantPolicy("gold", guaranteed=2, reserved=2)}
+    states = {
+        "x": TenantState(in_use=4),
+        "gold": TenantState(in_use=0, waiting=1, oldest_since=0.0),
+    }
+    assert choose(4, states, policies, 1.0, aging=AGING, horizon=HORIZON) is None
+    choice = choose(5, states, policies, 1.0, aging=AGING, horizon=HORIZON)
+    assert choice is not None and choice.tenant == "gold" and choice.reason == "reserved"
