@@ -31,6 +31,7 @@ from orchestrator.tenants import (
     TenantState,
     choose,
     effective_guarantees,
+    may_wait,
 )
 
 D_MAX = 100.0  # the longest a session lives (its expires_at)
@@ -413,3 +414,9 @@ def test_a_full_pool_gives_no_slot_even_to_an_unfilled_reservation() -> None:
     assert choose(4, states, policies, 1.0, aging=AGING, horizon=HORIZON) is None
     choice = choose(5, states, policies, 1.0, aging=AGING, horizon=HORIZON)
     assert choice is not None and choice.tenant == "gold" and choice.reason == "reserved"
+
+
+def test_the_waiting_cap_bounds_a_tenants_queue() -> None:
+    capped = TenantPolicy("acme", waiting_cap=2)
+    assert may_wait(capped, 1) and not may_wait(capped, 2)
+    assert may_wait(TenantPolicy("free"), 10**6)

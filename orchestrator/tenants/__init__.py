@@ -25,6 +25,7 @@ from orchestrator.tenants.policy import (
     TenantPolicy,
     default_policy,
     effective_guarantees,
+    may_wait,
     policy_for,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "default_policy",
     "effective_guarantees",
     "estimate_waits",
+    "may_wait",
     "policy_for",
     "quote",
     "should_resend",

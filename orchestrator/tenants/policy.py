@@ -83,6 +83,11 @@ def policy_for(policies: Mapping[str, TenantPolicy], tenant: str) -> TenantPolic
     return found if found is not None else default_policy(tenant)
 
 
+def may_wait(policy: TenantPolicy, waiting: int) -> bool:
+    """Whether one more request of the tenant may wait (its waiting cap, if it has one)."""
+    return policy.waiting_cap is None or waiting < policy.waiting_cap
+
+
 @dataclass(frozen=True, slots=True)
 class Guarantee:
     """A tenant's guarantee as the current capacity can honour it."""
