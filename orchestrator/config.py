@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # classic (effective_queue_type).
     queue_type: Literal["quorum", "classic"] = "quorum"
     delivery_limit: int = Field(default=10, ge=1, le=10_000)
+    # Every publish (confirm wait, reconnects, re-publishes) gives up after this: PublishError.
+    publish_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # auto: JSON lines unless stderr is a terminal (so JSON in containers, text in a shell).
     log_format: Literal["auto", "text", "json"] = "auto"

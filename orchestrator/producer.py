@@ -12,6 +12,7 @@ Module-level functions use one :class:`Producer` built from the environment on f
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -30,21 +31,27 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.lifecycle.requests import is_valid_stop_reason, parse_start_request
 from orchestrator.messaging import START_TASK, STOP_TASK, TopologyMismatch, events_exchange
-from orchestrator.publishing import publishing_app, topology
+from orchestrator.publishing import (
+    PublishError,
+    publishing_app,
+    retryable_publish_errors,
+    topology,
+)
 
+__all__ = [  # PublishError is the producer's documented error (defined with the publisher)
+    "Producer",
+    "PublishError",
+    "SessionEvents",
+    "SessionInfo",
+    "SessionNotFound",
+    "default_producer",
+    "enqueue_start_session",
+    "request_stop",
+    "wait_for_session",
+]
 FINAL_FOR_WAIT = frozenset({"active", "ended", "failed"})
 TERMINAL = frozenset({"ended", "failed"})
 logger = logging.getLogger(__name__)
-PUBLISH_RETRY_POLICY = {
-    "max_retries": 3,
-    "interval_start": 0.2,
-    "interval_step": 0.5,
-    "interval_max": 2,
-}
-
-
-class PublishError(RuntimeError):
-    """The broker did not accept the message (after bounded retries): nothing was enqueued."""
 
 
 class SessionNotFound(LookupError):
@@ -126,6 +133,10 @@ class Producer:
         self._db: Database | None = None
         self._declared = False
         self._lock = threading.Lock()
+        self._publish_errors: tuple[type[BaseException], ...] = (
+            *retryable_publish_errors(),
+            TopologyMismatch,
+        )
 
     @property
     def db(self) -> Database:
@@ -138,7 +149,13 @@ class Producer:
         if self._declared:
             return
         with self.app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=3)
+            connection.ensure_connection(  # within the publish bound, like the publish itself
+                max_retries=3,
+                interval_start=0,
+                interval_step=1,
+                interval_max=2,
+                timeout=math.ceil(self.settings.publish_timeout_seconds),
+            )
             topology(self.settings).declare(connection)
         self._declared = True
 
@@ -155,10 +172,11 @@ class Producer:
                 task_id=task_id,
                 headers=headers,
                 kwargsrepr="{…}",  # keep payloads (and the secrets they may hold) out of monitors
-                retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
-            )
-        except (KombuOperationalError, OSError, TopologyMismatch) as error:
+                # Declared once above; declaring again on each new connection would recreate
+                # a queue `queues migrate` just deleted, or fail on the exchange it retyped.
+                declare=[],
+            )  # bounded by ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS: PublishError after that
+        except self._publish_errors as error:
             raise PublishError(f"could not publish {name}: {error}") from None
 
     def enqueue_start_session(self, **kwargs: Any) -> str:
@@ -240,25 +258,32 @@ class SessionEvents:
         info = events.wait(request_id, timeout=60)   # active (credentials), ended or failed
 
     The queue outlives a dropped connection by ``QUEUE_EXPIRES_MS`` (the consumer reconnects
-    with backoff), so no event is missed across a short broker blip. Needs RabbitMQ (the
-    embedded SQLite broker routes nothing between processes). The broker user needs to
-    declare and read its own ``orchestrator.events.*`` queue and bind it to the exchange;
-    it then sees every session's ``session.active`` event, token included, while it runs.
+    with backoff), so no event is missed across a short broker blip; on quorum settings it is
+    a quorum queue, replicated like the work queues, so it also outlives the loss of the node
+    it was declared on (events published meanwhile wait in it), and each event is
+    acknowledged only once remembered (one in flight when a node dies is delivered again).
+    Needs RabbitMQ (the embedded SQLite broker routes nothing between processes). The broker
+    user needs to declare and read its own ``orchestrator.events.*`` queue and bind it to the
+    exchange; it then sees every session's ``session.active`` event, token included, while it runs.
     """
 
     QUEUE_EXPIRES_MS = 60_000
+    PREFETCH = 100
     RECONNECT_MAX_SECONDS = 10.0
 
     def __init__(self, settings: Settings, *, keep: int = 10_000) -> None:
         self._app = publishing_app(settings)
         self._keep = keep
+        arguments: dict[str, Any] = {"x-expires": self.QUEUE_EXPIRES_MS}
+        if settings.effective_queue_type == "quorum":
+            arguments["x-queue-type"] = "quorum"
         self._queue = Queue(
             f"orchestrator.events.{socket.gethostname()}.{uuid.uuid4().hex[:12]}",
             exchange=events_exchange,
             routing_key="session.#",
-            durable=False,
+            durable=True,
             auto_delete=False,
-            queue_arguments={"x-expires": self.QUEUE_EXPIRES_MS},
+            queue_arguments=arguments,
         )
         self._latest: OrderedDict[str, SessionInfo] = OrderedDict()
         self._changed = threading.Condition()
@@ -309,7 +334,11 @@ class SessionEvents:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _remember(self, body: Any, _message: Any) -> None:
+    def _remember_and_ack(self, body: Any, message: Any) -> None:
+        self._remember(body)
+        message.ack()
+
+    def _remember(self, body: Any) -> None:
         if not isinstance(body, dict) or body.get("status") not in FINAL_FOR_WAIT:
             return
         try:
@@ -334,7 +363,10 @@ class SessionEvents:
                 with self._app.connection_for_read() as connection:
                     connection.ensure_connection(max_retries=1)
                     with connection.Consumer(
-                        self._queue, callbacks=[self._remember], accept=["json"], no_ack=True
+                        self._queue,
+                        callbacks=[self._remember_and_ack],
+                        accept=["json"],
+                        prefetch_count=self.PREFETCH,
                     ):
                         self._bound.set()
                         delay = 0.5

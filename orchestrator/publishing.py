@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Celery
 
@@ -15,37 +16,134 @@ from orchestrator.config import Settings
 from orchestrator.messaging import CONTROL_QUEUE, TASK_QUEUES, Topology
 
 EMBEDDED_TRANSPORT = "orchestrator.embedded_broker:EmbeddedTransport"
-# A quorum queue whose leader's node died refuses (nacks) publishes until the other nodes
-# have elected a new leader, a few seconds; longer than this is an outage (PublishError).
-NACK_RETRY_SECONDS = 15.0
+DEFAULT_PUBLISH_TIMEOUT_SECONDS = 15.0
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def _nacked(error: BaseException) -> bool:
-    from amqp.exceptions import MessageNacked
+class PublishError(RuntimeError):
+    """The broker did not confirm the message within ``ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS``
+    (unreachable, an alarm, a quorum queue without its majority, no queue bound to route it
+    to): nothing was enqueued, for all the caller can tell. Publishing it again is safe."""
 
-    return isinstance(error, MessageNacked) or isinstance(error.__cause__, MessageNacked)
+
+class Unroutable(Exception):
+    """The broker returned a ``mandatory`` message: no queue is bound to take it."""
+
+
+def retryable_publish_errors() -> tuple[type[BaseException], ...]:
+    """What a publish may meet from the broker and survive by being published again: lost or
+    blocked connections, confirm timeouts, nacks, channel errors (an exchange being
+    redeclared), returned messages. Anything else (a body that does not serialize) is a bug."""
+    from amqp.exceptions import AMQPError, MessageNacked
+    from kombu.exceptions import LimitExceeded, OperationalError
+
+    return (OSError, AMQPError, MessageNacked, OperationalError, LimitExceeded, Unroutable)
+
+
+def _returns(channel: Any) -> list[str]:
+    """The messages the broker returned on ``channel`` (one list per channel, the handler
+    installed once). RabbitMQ sends a mandatory message's return before its confirm, so it is
+    in the list when the confirm wait ends; unhandled, py-amqp would raise in the middle of
+    that wait and leave the confirm unread for the channel's next publish to take as its own."""
+    found: list[str] | None = getattr(channel, "_orchestrator_returns", None)
+    if found is None:
+        returned: list[str] = []
+
+        def on_return(error: Any, exchange: str, routing_key: str, _message: Any) -> None:
+            returned.append(f"{exchange or '(default)'}/{routing_key}: {error}")
+
+        channel.events["basic_return"].add(on_return)
+        channel._orchestrator_returns = returned
+        found = returned
+    return found
+
+
+def discard_connection(producer: Any) -> None:
+    """Drop the producer's connection without the closing handshake (a blocked connection
+    never answers it): a confirm that comes late must not be taken for another message's."""
+    connection = getattr(producer, "connection", None)
+    if connection is None:
+        return
+    try:
+        connection.collect()
+        connection.maybe_switch_next()
+        producer.revive(connection)  # a producer kept by its owner (beat's) connects afresh
+    except Exception:  # already gone: the next publish connects afresh
+        logger.debug("could not discard a broker connection", exc_info=True)
 
 
 class PublishingCelery(Celery):
     """Celery whose every publish (the producer's, a task's retry, admission's dispatch,
-    beat's ticks: all go through :meth:`send_task`) is published again while the broker
-    refuses it with a nack, for up to ``NACK_RETRY_SECONDS``. Without it, a retry refused
-    during a leader election would be rejected into the dead-letter queue by Celery."""
+    beat's ticks: all go through :meth:`send_task`) is bounded and never falsely confirmed:
 
-    def send_task(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + NACK_RETRY_SECONDS
-        attempt = 0
-        while True:
-            try:
-                return super().send_task(*args, **kwargs)
-            except Exception as error:
-                if not _nacked(error) or time.monotonic() >= deadline:
+    - ``mandatory``: a message no queue takes is returned, not confirmed into nowhere (during
+      ``orchestrator queues migrate`` an exchange is briefly without its binding);
+    - each attempt waits for the broker's confirm for what is left of
+      ``publish_timeout`` (``ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS``); a refused, returned or
+      unanswered attempt drops its connection and is published again with backoff (a leader
+      election nacks for a few seconds) until the bound, then :class:`PublishError`.
+
+    A message may thus reach the queue twice (a confirm lost with its connection): consumers
+    are idempotent per task id. The embedded broker has no confirms: published as Celery does.
+    """
+
+    publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT_SECONDS
+
+    def send_task(self, *args: Any, **options: Any) -> Any:
+        transport = self.conf.broker_transport_options or {}
+        if not transport.get("confirm_publish"):
+            return super().send_task(*args, **options)
+        for setting in ("retry", "retry_policy", "mandatory", "confirm_timeout", "timeout"):
+            options.pop(setting, None)
+        given = options.pop("producer", None)
+        name = str(args[0] if args else options.get("name"))
+
+        def attempt(remaining: float) -> Any:
+            with self.producer_or_acquire(given) as producer:
+                try:
+                    returned = _returns(producer.channel)
+                    returned.clear()
+                    attempt_options = {
+                        **options,
+                        "producer": producer,
+                        "retry": False,
+                        "mandatory": True,
+                        "confirm_timeout": remaining,
+                        "timeout": remaining,
+                    }
+                    result = super(PublishingCelery, self).send_task(*args, **attempt_options)
+                    if returned:
+                        raise Unroutable(returned[0])
+                    return result
+                except retryable_publish_errors():
+                    discard_connection(producer)
                     raise
-                attempt += 1
-                delay = exponential_backoff(attempt, base=0.25, cap=2.0)
-                logger.warning("the broker refused a publish (nack); again in %.1f s", delay)
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+
+        return publish_within(self.publish_timeout, attempt, name)
+
+
+def publish_within(bound: float, attempt: Callable[[float], T], what: str) -> T:
+    """``attempt(seconds left)`` until it returns, again with backoff after each error the
+    broker may recover from, for ``bound`` seconds in all; then :class:`PublishError`. The
+    attempt discards its connection when it fails (see :func:`discard_connection`)."""
+    deadline = time.monotonic() + bound
+    attempts = 0
+    while True:
+        try:
+            return attempt(max(deadline - time.monotonic(), 0.1))
+        except retryable_publish_errors() as error:
+            attempts += 1
+            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if time.monotonic() >= deadline:
+                raise PublishError(
+                    f"could not publish {what} within {bound:g} s ({attempts} attempts;"
+                    f" last: {why})"
+                ) from None
+            delay = exponential_backoff(attempts, base=0.25, cap=2.0)
+            delay = min(delay, max(0.0, deadline - time.monotonic()))
+            logger.warning("publish of %s refused (%s); again in %.1f s", what, why, delay)
+            time.sleep(delay)
 
 
 def broker_url(settings: Settings) -> str:
@@ -78,11 +176,28 @@ def publishing_config(settings: Settings) -> dict[str, Any]:
         # only), replicated like the work queues; Celery picks this up from the quorum
         # arguments of task_queues, and turns global QoS off for them.
         "broker_native_delayed_delivery_queue_type": "quorum",
-        "task_routes": {name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        "task_routes": task_routes(settings),
         "task_create_missing_queues": False,
         "task_publish_retry": True,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport_options,
+        # Waiting for a free producer of the pool counts against the publish's bound too.
+        "broker_pool_acquire_timeout": settings.publish_timeout_seconds,
+    }
+
+
+def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """Each task to its queue, through the queue's exchange. For a direct exchange (classic)
+    Celery would publish through the default exchange straight to the queue, which unbinding
+    cannot stop: ``queues migrate`` could then delete a queue with a message just confirmed
+    into it. On RabbitMQ the exchange is named explicitly (the embedded broker keeps
+    Celery's default)."""
+    through_exchange = settings.effective_broker_url.startswith(("amqp", "pyamqp"))
+    return {
+        name: {"queue": queue, "exchange": queue, "routing_key": queue}
+        if through_exchange
+        else {"queue": queue}
+        for name, queue in TASK_QUEUES.items()
     }
 
 
@@ -91,5 +206,6 @@ def publishing_app(settings: Settings) -> Celery:
     app = PublishingCelery(
         "orchestrator-producer", broker=broker_url(settings), set_as_current=False
     )
+    app.publish_timeout = settings.publish_timeout_seconds
     app.conf.update(publishing_config(settings))
     return app

@@ -4,18 +4,23 @@
 RabbitMQ cannot change a queue's arguments or an exchange's type in place. For each queue
 whose declaration the broker refuses (PRECONDITION_FAILED), with no consumer on it:
 
-1. declare a holding queue ``<name>.migrating`` and bind it where the queue is bound, then
+1. declare a holding queue ``<name>.migrating`` and bind it where the queue is bound (and to
+   Celery's ``celery_delayed_delivery`` exchange, where countdown retries come back), then
    unbind the queue: new messages land in the holding queue from now on;
 2. move every message of the queue to the holding queue (publisher confirms; each message is
    acknowledged only once the broker confirmed its copy, so a crash duplicates, never loses);
-3. delete the queue (only if empty) and, when its exchange's type must change, the exchange
-   (a publish in that instant fails with NOT_FOUND at the producer: never silently lost);
-4. declare the exchange and the queue as asked, bound as before;
+3. delete the queue (only if empty) and, when its exchange's type must change, the exchange,
+   declared again at once with the holding queue bound to it again;
+4. declare the queue as asked, bound as before (countdown retries included), and only then
+   unbind the holding queue;
 5. move the holding queue's messages back, then delete it.
 
-Every step can run again: a command that stopped half way is finished by running it again
-(messages waiting in a holding queue are moved back). Messages keep their headers
-(``x-death`` included) and properties.
+No message is confirmed into nowhere: between an exchange's delete and the holding queue's
+binding again a publish fails (NOT_FOUND, or returned as unroutable: the publishers of this
+service publish ``mandatory``), and the publisher publishes it again within its bound or
+raises ``PublishError``. Every step can run again: a command that stopped (or was killed)
+half way is finished by running it again (messages waiting in a holding queue are moved
+back). Messages keep their headers (``x-death`` included) and properties.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from orchestrator.messaging import (
 
 logger = logging.getLogger(__name__)
 HOLDING_SUFFIX = ".migrating"
+# Celery's native delayed delivery (kombu.transport.native_delayed_delivery): countdown retries
+# leave their last delay queue through this exchange, bound to each work queue's exchange.
+DELAYED_DELIVERY_EXCHANGE = "celery_delayed_delivery"
 
 
 class MigrationRefused(Exception):
@@ -161,8 +169,13 @@ def _move(connection: Connection, source: str, target: str) -> int:
 
 
 def _drain_and_delete(connection: Connection, source: str, target: str) -> int:
-    """Move ``source``'s messages to ``target`` until it is empty, then delete it. (Quorum
-    queues refuse ``if-empty`` deletes: emptiness is checked just before.)"""
+    """Move ``source``'s messages to ``target`` until it is empty, then delete it.
+
+    Unbinding stops what comes through the queue's exchange, not a publish through the default
+    exchange straight to the queue (what Celery does for a classic queue's direct exchange):
+    a classic queue is deleted only if empty, atomically in the broker, else drained again.
+    Quorum queues refuse ``if-empty`` deletes; this service publishes to them through their
+    topic exchanges only, so emptiness is checked just before."""
     moved = 0
     while True:
         moved += _move(connection, source, target)
@@ -170,12 +183,58 @@ def _drain_and_delete(connection: Connection, source: str, target: str) -> int:
         if found is None:
             return moved
         if found[0] == 0:
-            channel: Any = connection.channel()
-            try:
-                channel.queue_delete(source)
-            finally:
-                channel.close()
-            return moved
+            deleted = _delete_if_empty(connection, source)
+            if deleted is None:
+                channel: Any = connection.channel()
+                try:
+                    channel.queue_delete(source)
+                finally:
+                    channel.close()
+            if deleted is not False:
+                return moved
+
+
+def _delete_if_empty(connection: Connection, queue: str) -> bool | None:
+    """True if ``queue`` was deleted (empty), False if it was not (a message came in), None if
+    it cannot be deleted that way (a quorum queue: NOT_IMPLEMENTED, which closes the whole
+    connection, hence a connection of its own)."""
+    from amqp.exceptions import AMQPNotImplementedError
+
+    with connection.clone() as scratch:
+        channel: Any = scratch.channel()
+        try:
+            channel.queue_delete(queue, if_empty=True)
+        except PreconditionFailed:
+            return False
+        except AMQPNotImplementedError:
+            return None
+        return True
+
+
+def _delayed_delivery_exists(connection: Connection) -> bool:
+    """Whether Celery's native delayed delivery (a quorum worker declares it) is on the
+    broker: its messages come back through this exchange, bound with ``#.<routing key>``."""
+    with _scratch_channel(connection) as channel:
+        try:
+            channel.exchange_declare(DELAYED_DELIVERY_EXCHANGE, "topic", passive=True)
+        except NotFound:
+            return False
+    return True
+
+
+def _bind(channel: Any, queue: str, plan: QueuePlan, delayed: bool) -> None:
+    channel.queue_bind(queue, plan.exchange, plan.routing_key)
+    if delayed and plan.routing_key:
+        channel.queue_bind(queue, DELAYED_DELIVERY_EXCHANGE, f"#.{plan.routing_key}")
+
+
+def _unbind(channel: Any, queue: str, plan: QueuePlan, delayed: bool) -> None:
+    """Every binding :func:`_bind` makes, and the one Celery's worker adds on a quorum queue's
+    own exchange (``#.<routing key>``); unbinding what is not bound is no error."""
+    channel.queue_unbind(queue, plan.exchange, plan.routing_key)
+    if delayed and plan.routing_key:
+        channel.queue_unbind(queue, plan.exchange, f"#.{plan.routing_key}")
+        channel.queue_unbind(queue, DELAYED_DELIVERY_EXCHANGE, f"#.{plan.routing_key}")
 
 
 def _migrate_queue(
@@ -189,6 +248,7 @@ def _migrate_queue(
 
     queue_refused = _refused(connection, declare_queue)
     exchange_refused = _refused(connection, declare_exchange)
+    delayed = _delayed_delivery_exists(connection)
     moved = 0
     channel: Any = connection.channel()
     try:
@@ -199,26 +259,28 @@ def _migrate_queue(
                     f"{plan.name} has {found[1]} consumer(s): stop every worker first"
                     " (scale the worker Deployments to 0), then run the migration again"
                 )
-            progress(f"{plan.name}: moving its messages to {plan.holding}")
             channel.queue_declare(
                 plan.holding, durable=True, auto_delete=False, arguments=plan.holding_arguments
             )
-            channel.queue_bind(plan.holding, plan.exchange, plan.routing_key)
+            _bind(channel, plan.holding, plan, delayed)
+            progress(f"{plan.name}: new messages go to {plan.holding}")
             if found is not None:
-                channel.queue_unbind(plan.name, plan.exchange, plan.routing_key)
+                _unbind(channel, plan.name, plan, delayed)
                 moved += _drain_and_delete(connection, plan.name, plan.holding)
+                progress(f"{plan.name}: {moved} messages moved to {plan.holding}, queue deleted")
             if exchange_refused:
-                progress(f"{plan.name}: exchange {plan.exchange} becomes {plan.exchange_type}")
                 channel.exchange_delete(plan.exchange)
-                channel.exchange_declare(
-                    plan.exchange, plan.exchange_type, durable=True, auto_delete=False
-                )
-        channel.exchange_declare(plan.exchange, plan.exchange_type, durable=True, auto_delete=False)
+                declare_exchange(channel)
+                progress(f"{plan.name}: exchange {plan.exchange} is now {plan.exchange_type}")
+                channel.queue_bind(plan.holding, plan.exchange, plan.routing_key)
+                progress(f"{plan.name}: {plan.holding} bound to it again")
+        declare_exchange(channel)
         declare_queue(channel)
-        channel.queue_bind(plan.name, plan.exchange, plan.routing_key)
+        _bind(channel, plan.name, plan, delayed)
         held = _exists(connection, plan.holding)
         if held is not None:
-            channel.queue_unbind(plan.holding, plan.exchange, plan.routing_key)
+            progress(f"{plan.name}: declared as asked and bound")
+            _unbind(channel, plan.holding, plan, delayed)
             back = _drain_and_delete(connection, plan.holding, plan.name)
             if not (queue_refused or exchange_refused):
                 moved += back

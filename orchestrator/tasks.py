@@ -27,7 +27,7 @@ from orchestrator.messaging import (
     STOP_TASK,
     Topology,
 )
-from orchestrator.publishing import topology
+from orchestrator.publishing import PublishError, topology
 from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,30 @@ def _carried(task: AnyTask) -> dict[str, str]:
     }
 
 
+@contextmanager
+def requeue_when_unpublished(name: str) -> Iterator[None]:
+    """A publish this task needed (its own retry, admission's dispatch) was refused within the
+    publish bound (an alarm, a lost majority): the message goes back to its queue, to be
+    delivered again, instead of failing. With ``task_acks_on_failure_or_timeout`` off a failure
+    would dead-letter it (Celery rejects a retry it could not publish the same way). Every
+    step is idempotent per task id, so running the message again carries on where it stopped.
+    On quorum queues each requeue counts towards the delivery limit."""
+    try:
+        yield
+    except PublishError as error:
+        _requeue(name, error)
+    except Reject as rejected:
+        reason = getattr(rejected, "reason", None)
+        if isinstance(reason, PublishError):
+            _requeue(name, reason)
+        raise
+
+
+def _requeue(name: str, error: PublishError) -> NoReturn:
+    logger.warning("%s: %s; message requeued", name, error)
+    raise Reject(f"requeued: {error}", requeue=True) from None
+
+
 def _backoff(task: AnyTask) -> float:
     return exponential_backoff(int(task.request.retries) + 1, base=0.5, cap=DB_RETRY_CAP_SECONDS)
 
@@ -136,7 +160,7 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=START_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
     def start_session(self: AnyTask, *args: Any, **kwargs: Any) -> dict[str, str]:
-        with retry_when_database_is_away(self):
+        with requeue_when_unpublished(START_TASK), retry_when_database_is_away(self):
             outcome = lifecycle.handle_start_message(
                 app.lifecycle(),
                 args,
@@ -156,7 +180,7 @@ def register(app: OrchestratorCelery) -> None:
         reject_on_worker_lost=True,
     )
     def start_admitted(self: AnyTask, session_id: str, claim_id: str) -> dict[str, str]:
-        with retry_when_database_is_away(self):
+        with requeue_when_unpublished(START_ADMITTED_TASK), retry_when_database_is_away(self):
             outcome = lifecycle.run_start(
                 app.lifecycle(),
                 uuid.UUID(session_id),
@@ -178,7 +202,7 @@ def register(app: OrchestratorCelery) -> None:
             raise Reject(
                 "give exactly one of request_id or session_id, and a reason", requeue=False
             )
-        with retry_when_database_is_away(self):
+        with requeue_when_unpublished(STOP_TASK), retry_when_database_is_away(self):
             result = lifecycle.request_stop(
                 app.lifecycle(), request_id=request_id, session_id=session_id, reason=reason
             )
@@ -186,15 +210,19 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=REAP_TASK, shared=False, acks_late=True)
     def reap_sessions() -> dict[str, int]:
-        report = lifecycle.reap(app.lifecycle(), plan_ahead=app.settings.reaper_interval_seconds)
+        with requeue_when_unpublished(REAP_TASK):
+            report = lifecycle.reap(
+                app.lifecycle(), plan_ahead=app.settings.reaper_interval_seconds
+            )
         return {"claimed": report.claimed, "stopped": report.stopped}
 
     @app.task(name=RECONCILE_TASK, shared=False, acks_late=True)
     def reconcile_sessions() -> dict[str, int]:
         settings = app.settings
-        return lifecycle.reconcile(
-            app.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
-        ).as_dict()
+        with requeue_when_unpublished(RECONCILE_TASK):
+            return lifecycle.reconcile(
+                app.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
+            ).as_dict()
 
     @app.task(name=PUBLISH_EVENTS_TASK, shared=False, acks_late=True)
     def publish_events() -> None:
@@ -202,5 +230,6 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=ADMIT_TASK, shared=False, acks_late=True)
     def admit_waiting() -> dict[str, int]:
-        report = lifecycle.admit_waiting(app.lifecycle())
+        with requeue_when_unpublished(ADMIT_TASK):
+            report = lifecycle.admit_waiting(app.lifecycle())
         return {"admitted": report.admitted, "expired": report.expired}

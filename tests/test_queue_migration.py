@@ -12,13 +12,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from kombu import Connection
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    calculate_routing_key,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from orchestrator.cli import main
 from orchestrator.config import Settings
@@ -30,7 +38,8 @@ from orchestrator.messaging import (
     Topology,
     dead_letter_exchange,
 )
-from orchestrator.producer import Producer
+from orchestrator.producer import Producer, PublishError
+from orchestrator.queue_migration import migrate
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import AMQP_HOST, WorkerProcess, settings_env
 from tests.faults.conftest import wait_settled
@@ -184,3 +193,154 @@ def test_queues_migrate_on_the_embedded_broker_is_one_line(
     assert (
         code == 1 and out.strip() == "Error: only a RabbitMQ broker (amqp://) has queues to migrate"
     )
+
+
+def start_ids(url: str, queue: str) -> list[str]:
+    """The request ids of the start messages in ``queue`` (taken off it)."""
+    found = []
+    with Connection(url) as conn:
+        channel: Any = conn.channel()
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            _, kwargs, _ = json.loads(message.body)
+            found.append(str(kwargs["request_id"]))
+    return found
+
+
+class Enqueuer(threading.Thread):
+    """A producer publishing starts with confirms as fast as it can: ``accepted`` is what the
+    broker confirmed (the producer returned), ``refused`` what raised PublishError."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(daemon=True)
+        self.producer = Producer(settings)
+        self.accepted: list[str] = []
+        self.refused = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        number = 0
+        while not self.stopping.is_set():
+            rid = f"during-{number:05d}"
+            number += 1
+            try:
+                self.accepted.append(
+                    self.producer.enqueue_start_session(request_id=rid, avatar_id="a")
+                )
+            except PublishError:
+                self.refused += 1
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(60)
+        self.producer.close()
+
+
+# The steps of one queue's migration, in order, as its progress lines say them.
+STEPS = (
+    "new messages go to",
+    "messages moved to",
+    "is now topic",
+    "bound to it again",
+    "declared as asked and bound",
+    "messages moved back",
+)
+
+
+class Killed(BaseException):
+    """The migration dies right after a step (raised from its progress callback)."""
+
+
+def migrate_killed_after_step(url: str, first: int) -> int | None:
+    """Run the migration (to quorum) and let it die right after the first step of
+    ``orchestrator.start`` numbered ``first`` or later: its connection is dropped without a
+    goodbye (unacknowledged messages go back to their queue), as when the process is
+    SIGKILLed. Returns the step it died after, or None if it finished."""
+    died: list[int] = []
+
+    def progress(line: str) -> None:
+        if not line.startswith(f"{START_QUEUE}:"):
+            return
+        for number, step in enumerate(STEPS):
+            if number >= first and step in line:
+                died.append(number)
+                raise Killed(line)
+
+    connection = Connection(url)
+    try:
+        migrate(connection, Topology("quorum"), progress)
+    except Killed:
+        connection.collect()
+        return died[0]
+    connection.close()
+    return None
+
+
+def test_a_migration_killed_after_each_step_loses_no_confirmed_start(
+    settings_for: Callable[..., Settings], old_vhost: str, tmp_path: Path
+) -> None:
+    """A producer publishes starts with confirms all through ``queues migrate`` (classic to
+    quorum), the migration dying after each of its steps in turn, a second apart, and run
+    again: every start the broker confirmed is in the start queue at the end, and no holding
+    queue is left. (Between a step and the next run the broker has a half-migrated shape:
+    an exchange without bindings, a queue gone, messages in the holding queue.)"""
+    old = settings_for(broker_url=old_vhost, queue_type="classic", publish_timeout_seconds=3.0)
+    new = settings_for(broker_url=old_vhost, state_dir=tmp_path / "new")
+    with Connection(old_vhost) as conn:
+        Topology("classic").declare(conn)
+    enqueuer = Enqueuer(old)
+    enqueuer.start()
+    died: list[int] = []
+    try:
+        while len(enqueuer.accepted) < 20:
+            time.sleep(0.05)
+        while (
+            step := migrate_killed_after_step(old_vhost, died[-1] + 1 if died else 0)
+        ) is not None:
+            died.append(step)
+            time.sleep(1.0)  # publishes meet the half-migrated broker
+        code, out = run_cli(new, "queues", "migrate")
+        assert code == 0 and out.count("already as asked (quorum)") == 3, out
+    finally:
+        enqueuer.stop()
+    assert died[:3] == [0, 1, 2], died  # among them: the exchange without a binding
+    types = queue_types(old_vhost)
+    assert types.get(START_QUEUE) == "quorum", types
+    assert not [name for name in types if name.endswith(".migrating")], types
+    found = set(start_ids(old_vhost, START_QUEUE))
+    lost = [rid for rid in enqueuer.accepted if rid not in found]
+    assert not lost, f"{len(lost)} of {len(enqueuer.accepted)} confirmed starts lost: {lost[:5]}"
+    print(
+        f"\nmigration died after steps {died}: {len(enqueuer.accepted)} starts confirmed, all in"
+        f" {START_QUEUE}; {enqueuer.refused} refused (PublishError)"
+    )
+
+
+def test_countdown_retries_waiting_in_the_broker_survive_a_move_to_classic(
+    settings_for: Callable[..., Settings], old_vhost: str
+) -> None:
+    """A quorum worker's countdown retry waits in Celery's delay queues and comes back
+    through ``celery_delayed_delivery``; moving the queues to classic must keep that way in."""
+    quorum = Topology("quorum")
+    with Connection(old_vhost) as conn:
+        quorum.declare(conn)
+        declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
+        bind_queue_to_native_delayed_delivery_exchange(conn, quorum.work_queue(START_QUEUE))
+        conn.Producer().publish(
+            b'[[], {"request_id": "delayed"}, {}]',
+            exchange="celery_delayed_27",
+            routing_key=calculate_routing_key(4, START_QUEUE),
+            content_type="application/json",
+            delivery_mode=2,
+        )
+    code, out = run_cli(
+        settings_for(broker_url=old_vhost, queue_type="classic"), "queues", "migrate"
+    )
+    assert code == 0, out
+    assert queue_types(old_vhost)[START_QUEUE] == "classic"
+    deadline = time.monotonic() + 20
+    found: list[str] = []
+    while not found and time.monotonic() < deadline:
+        found = start_ids(old_vhost, START_QUEUE)
+        time.sleep(0.5)
+    assert found == ["delayed"], "the countdown retry never came back to its queue"

@@ -1,40 +1,70 @@
 """Publishing relayed events to ``orchestrator.events``: persistent, with publisher confirms
-(each publish returns once the broker confirmed it), traced in the session's trace."""
+(each publish returns once the broker confirmed it), traced in the session's trace. Every
+message is bounded by the publish timeout (ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS, the batch
+as a whole): past it :class:`~orchestrator.publishing.PublishError`, and the relay leaves the
+rows for a later pass. Not ``mandatory``: an event nobody listens to is routed nowhere, and
+that is no failure."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.events.relay import PendingEvent
 from orchestrator.lifecycle import tracing
 from orchestrator.messaging import events_exchange
+from orchestrator.publishing import (
+    DEFAULT_PUBLISH_TIMEOUT_SECONDS,
+    PublishError,
+    discard_connection,
+    publish_within,
+    retryable_publish_errors,
+)
 
-PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+
+def publish_batch(
+    producer_pool: Any,
+    batch: Sequence[PendingEvent],
+    timeout: float = DEFAULT_PUBLISH_TIMEOUT_SECONDS,
+) -> None:
+    """Publish ``batch`` through a kombu producer pool; raises (:class:`PublishError`) unless
+    every message was confirmed within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    for event in batch:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PublishError(f"event batch not confirmed within {timeout:g} s")
+        with tracing.session_span(
+            "session.event.publish",
+            event.traceparent,
+            request_id=event.body.get("request_id"),
+            event=event.routing_key,
+            event_id=str(event.event_id),
+        ):
+
+            def attempt(remaining: float, event: PendingEvent = event) -> None:
+                _publish_one(producer_pool, event, remaining)
+
+            publish_within(left, attempt, f"event {event.routing_key}")
 
 
-def publish_batch(producer_pool: Any, batch: Sequence[PendingEvent]) -> None:
-    """Publish ``batch`` through a kombu producer pool; raises unless every message was
-    confirmed (the relay then leaves the rows for its next pass)."""
-    with producer_pool.acquire(block=True, timeout=10) as producer:
-        for event in batch:
-            with tracing.session_span(
-                "session.event.publish",
-                event.traceparent,
-                request_id=event.body.get("request_id"),
-                event=event.routing_key,
-                event_id=str(event.event_id),
-            ):
-                headers = {"traceparent": event.traceparent} if event.traceparent else {}
-                producer.publish(
-                    event.body,
-                    exchange=events_exchange,
-                    routing_key=event.routing_key,
-                    serializer="json",
-                    delivery_mode=2,
-                    message_id=str(event.event_id),
-                    headers=headers,
-                    declare=[events_exchange],
-                    retry=True,
-                    retry_policy=PUBLISH_RETRY_POLICY,
-                )
+def _publish_one(producer_pool: Any, event: PendingEvent, remaining: float) -> None:
+    with producer_pool.acquire(block=True, timeout=remaining) as producer:
+        try:
+            headers = {"traceparent": event.traceparent} if event.traceparent else {}
+            producer.publish(
+                event.body,
+                exchange=events_exchange,
+                routing_key=event.routing_key,
+                serializer="json",
+                delivery_mode=2,
+                message_id=str(event.event_id),
+                headers=headers,
+                declare=[events_exchange],
+                confirm_timeout=remaining,
+                timeout=remaining,
+            )
+        except retryable_publish_errors():
+            discard_connection(producer)
+            raise

@@ -14,8 +14,14 @@ from orchestrator.worker.dispatcher import CeleryDispatcher
 
 class OrchestratorCelery(PublishingCelery):
     def __init__(self, settings: Settings) -> None:
-        super().__init__("orchestrator", broker=broker_url(settings), set_as_current=False)
+        super().__init__(
+            "orchestrator",
+            broker=broker_url(settings),
+            set_as_current=False,
+            events="orchestrator.worker.events:BoundedEvents",  # each event publish bounded
+        )
         self.settings = settings
+        self.publish_timeout = settings.publish_timeout_seconds
         self._lifecycle: Lifecycle | None = None
         self._lifecycle_lock = threading.Lock()
         self.dispatcher = CeleryDispatcher(self, self._database)

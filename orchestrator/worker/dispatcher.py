@@ -12,6 +12,7 @@ from orchestrator.db import Database
 from orchestrator.events.publisher import publish_batch
 from orchestrator.events.relay import PendingEvent, RelayThread
 from orchestrator.messaging import ADMIT_TASK, START_ADMITTED_TASK
+from orchestrator.publishing import DEFAULT_PUBLISH_TIMEOUT_SECONDS
 
 
 class CeleryDispatcher:
@@ -34,4 +35,5 @@ class CeleryDispatcher:
         self.relay.wake()
 
     def _publish(self, batch: Sequence[PendingEvent]) -> None:
-        publish_batch(self.app.producer_pool, batch)
+        timeout = getattr(self.app, "publish_timeout", DEFAULT_PUBLISH_TIMEOUT_SECONDS)
+        publish_batch(self.app.producer_pool, batch, timeout)

@@ -137,6 +137,7 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
   "ORCHESTRATOR_HEARTBEAT_MAX_AGE_SECONDS" ($c.heartbeatMaxAgeSeconds | toString)
   "ORCHESTRATOR_QUEUE_TYPE" $c.queueType
   "ORCHESTRATOR_DELIVERY_LIMIT" (int $c.deliveryLimit | toString)
+  "ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS" ($c.publishTimeoutSeconds | toString)
   "OTEL_SERVICE_NAME" $o.serviceName
   "OTEL_EXPORTER_OTLP_PROTOCOL" $o.protocol
   "OTEL_SDK_DISABLED" ($o.sdkDisabled | toString)
