@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from orchestrator.tenants.estimate import LiveSession, Pool
 
 FUTURE: Final = -1  # a queue entry for a request that has not arrived yet
+MAX_RATE: Final = 100.0  # arrivals per second per tenant; a higher rate is read as this one
 
 
 class Lengths:
@@ -75,7 +76,7 @@ class Runs:
         for s in pool.live:
             self.in_use[s.tenant] = self.in_use.get(s.tenant, 0) + 1
         rates = pool.arrival_rates or {}
-        self.rates = {t: r for t, r in rates.items() if math.isfinite(r) and r > 0}
+        self.rates = {t: min(r, MAX_RATE) for t, r in rates.items() if math.isfinite(r) and r > 0}
         tenants = set(self.queues) | set(self.in_use) | set(self.rates)
         self.policies = {t: policy_for(pool.policies, t) for t in tenants}
         guarantees = effective_guarantees(pool.capacity, pool.policies)
