@@ -388,7 +388,7 @@ def check(vendor: bool) -> None:
 
 def _stop_reason(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     """The worker's rule, checked before anything is sent."""
-    from orchestrator.lifecycle.requests import is_valid_stop_reason
+    from orchestrator.contract import is_valid_stop_reason
 
     if not is_valid_stop_reason(value):
         raise click.BadParameter("upper-case letters, digits and _ (e.g. USER_CLOSED)")
@@ -431,7 +431,7 @@ def enqueue(
     wait_via: str,
 ) -> None:
     """Publish a start job; prints its request_id."""
-    from orchestrator.lifecycle.requests import InvalidStartRequest
+    from orchestrator.contract import InvalidStartRequest
     from orchestrator.producer import Producer, SessionEvents
 
     kwargs: dict[str, Any] = {"avatar_id": avatar_id}

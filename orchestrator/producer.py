@@ -28,8 +28,8 @@ from opentelemetry import propagate, trace
 from sqlalchemy import select
 
 from orchestrator.config import Settings, load_settings
+from orchestrator.contract import is_valid_stop_reason, parse_start_request
 from orchestrator.db import Database, SessionRow
-from orchestrator.lifecycle.requests import is_valid_stop_reason, parse_start_request
 from orchestrator.messaging import START_TASK, STOP_TASK, TopologyMismatch, events_exchange
 from orchestrator.publishing import (
     PublishError,

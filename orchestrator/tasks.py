@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from orchestrator import lifecycle
 from orchestrator.backoff import exponential_backoff
 from orchestrator.config import Settings
-from orchestrator.lifecycle.requests import is_valid_stop_reason
+from orchestrator.contract import is_valid_stop_reason
 from orchestrator.messaging import (
     ADMIT_TASK,
     PUBLISH_EVENTS_TASK,

@@ -16,9 +16,9 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from orchestrator import store
 from orchestrator.backoff import exponential_backoff
 from orchestrator.config import lease_without_margin
-from orchestrator.lifecycle import store
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.stop import compensate, execute_stop

@@ -10,20 +10,13 @@ import random
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
 from sqlalchemy.exc import DataError
 
-from orchestrator import masking
-from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
-from orchestrator.deepbrain.auth import token_expiry
-from orchestrator.lifecycle import metrics, store, tracing
-from orchestrator.lifecycle.context import Lifecycle
-from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
-from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
-from orchestrator.lifecycle.requests import (
+from orchestrator import masking, store, tracing
+from orchestrator.contract import (
     REQUEST_ID_PATTERN,
     InvalidStartRequest,
     StartRequest,
@@ -31,6 +24,12 @@ from orchestrator.lifecycle.requests import (
     payload_digest,
     secret_values,
 )
+from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
+from orchestrator.jwt_claims import expires_at
+from orchestrator.lifecycle import metrics
+from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
+from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
 
 logger = logging.getLogger(__name__)
 MAX_CAPACITY_BOUNCES = 5
@@ -318,14 +317,8 @@ def _vendor_start(
         livekit_url=started.livekit_url,
         livekit_room=started.livekit_room,
         livekit_token=started.livekit_token,
-        livekit_token_expires_at=jwt_expiry(started.livekit_token),
+        livekit_token_expires_at=expires_at(started.livekit_token),
         granted_minutes=granted_minutes,
         max_session_numbers=started.max_session_numbers,
         expires_at=ticket.sent_at + lifetime,
     )
-
-
-def jwt_expiry(token: str) -> datetime | None:
-    """The ``exp`` of a LiveKit token, read without verifying it (we only display it)."""
-    exp = token_expiry(token)
-    return datetime.fromtimestamp(exp, UTC) if exp is not None else None

@@ -6,9 +6,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+from orchestrator import store, tracing
 from orchestrator.config import lease_without_margin
 from orchestrator.deepbrain import DeepBrainError, StopOutcome, VendorNotFound
-from orchestrator.lifecycle import metrics, store, tracing
+from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
 
 logger = logging.getLogger(__name__)

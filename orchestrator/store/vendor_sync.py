@@ -14,8 +14,8 @@ from sqlalchemy.dialects import postgresql
 
 from orchestrator.db import Database, EventKind, SessionEvent, SessionRow, SweepLease
 from orchestrator.deepbrain.values import clean_text, is_storable_id
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import S, db_now, finish, lock_row
+from orchestrator.store import history
+from orchestrator.store.rows import S, db_now, finish, lock_row
 
 # A lease that ran out this recently may be about to be taken over by the same message's
 # redelivery, which waited for it: the reconciler leaves it that long before failing the row.

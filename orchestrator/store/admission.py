@@ -22,15 +22,15 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import (
+from orchestrator.store import history
+from orchestrator.store.rows import (
     S,
     db_now,
     finish,
     insert_ignoring_conflict,
     new_attempt_owner,
 )
-from orchestrator.lifecycle.store.starts import StartTicket
+from orchestrator.store.starts import StartTicket
 
 CLAIM_FUNCTION_MIGRATION = "0006"  # defines the orchestrator_claim and admission state called
 ADMISSION_LOCK_KEY = 0x5E5511  # pg_advisory_xact_lock: one admission decision at a time

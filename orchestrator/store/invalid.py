@@ -7,11 +7,11 @@ from typing import Any
 
 from sqlalchemy import select
 
+from orchestrator.contract import storable
 from orchestrator.db import Database, EventKind, SessionRow
 from orchestrator.events import outbox
-from orchestrator.lifecycle.requests import storable
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import S, db_now, insert_ignoring_conflict
+from orchestrator.store import history
+from orchestrator.store.rows import S, db_now, insert_ignoring_conflict
 
 
 def record_invalid(

@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
+from orchestrator.contract import without_secrets
 from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument, UTCDateTime
 from orchestrator.events import bodies
-from orchestrator.lifecycle.requests import without_secrets
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import (
+from orchestrator.store import history
+from orchestrator.store.rows import (
     USER_CLOSED,
     S,
     StopTicket,

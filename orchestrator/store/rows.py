@@ -12,6 +12,7 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
+from orchestrator.contract import without_secrets
 from orchestrator.db import (
     LIVE_STATUSES,
     AfterCommit,
@@ -21,8 +22,7 @@ from orchestrator.db import (
     after_commit,
 )
 from orchestrator.events import outbox
-from orchestrator.lifecycle.requests import without_secrets
-from orchestrator.lifecycle.store import history
+from orchestrator.store import history
 
 S = SessionStatus
 MAX_DURATION_REACHED = "MAX_DURATION_REACHED"  # the reaper's end_reason (vendor vocabulary)

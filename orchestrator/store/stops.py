@@ -14,9 +14,9 @@ from sqlalchemy.dialects import postgresql
 from orchestrator.backoff import exponential_backoff
 from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow, after_commit
 from orchestrator.events import outbox
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.admission import lock_admission
-from orchestrator.lifecycle.store.rows import (
+from orchestrator.store import history
+from orchestrator.store.admission import lock_admission
+from orchestrator.store.rows import (
     MAX_DURATION_REACHED,
     SESSIONS,
     S,
