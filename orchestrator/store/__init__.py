@@ -25,6 +25,7 @@ from orchestrator.store.admission import (
     expire_waiting,
     has_waiting,
 )
+from orchestrator.store.ending import Ended, end
 from orchestrator.store.invalid import record_invalid
 from orchestrator.store.rows import (
     MAX_DURATION_REACHED,
@@ -47,7 +48,6 @@ from orchestrator.store.starts import (
     start_state,
 )
 from orchestrator.store.stops import (
-    Ended,
     StopRequestResult,
     claim_due_stops,
     finish_stops,
@@ -101,6 +101,7 @@ __all__ = [
     "claim_due_stops",
     "database_time",
     "db_now",
+    "end",
     "end_if_holding",
     "end_if_stopped",
     "expire_waiting",

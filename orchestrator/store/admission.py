@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument
 from orchestrator.store import history
+from orchestrator.store.ending import end, end_row
 from orchestrator.store.rows import (
     S,
     db_now,
-    finish,
     insert_ignoring_conflict,
     new_attempt_owner,
 )
@@ -238,7 +238,7 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
         history.log(
             session, EventKind.CREATED, row=row, claim_id=request.claim_id, status="waiting"
         )
-        finish(session, row, S.ENDED, now, end_reason=early.reason, stopped_before_start=True)
+        end_row(session, row, S.ENDED, end_reason=early.reason, stopped_before_start=True)
         return session_id
 
 
@@ -310,20 +310,21 @@ def admit(db: Database, *, configured_cap: int) -> list[tuple[uuid.UUID, str]]:
 
 def expire_waiting(db: Database) -> list[str]:
     """``waiting`` rows past their ``start_deadline_at`` → ``failed`` ``CAPACITY_TIMEOUT``."""
-    expired: list[str] = []
     with db.transaction() as session:
-        now = db_now(session)
-        rows = session.scalars(
-            select(SessionRow)
-            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= now)
+        ids = session.scalars(
+            select(SessionRow.id)
+            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= func.now())
             .with_for_update(skip_locked=True)
         ).all()
-        for row in rows:
-            row.error_code = "CAPACITY_TIMEOUT"
-            row.error_message = "no free session slot before start_deadline_seconds passed"
-            finish(session, row, S.FAILED, now)
-            expired.append(row.request_id)
-    return expired
+        ended = end(
+            session,
+            ids,
+            S.FAILED,
+            from_statuses=[S.WAITING],
+            error_code="CAPACITY_TIMEOUT",
+            error_message="no free session slot before start_deadline_seconds passed",
+        )
+        return [e.request_id for e in ended]
 
 
 def has_waiting(db: Database) -> bool:

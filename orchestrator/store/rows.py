@@ -1,5 +1,5 @@
-"""What the phases of the store share: the database's clock, row locks, the terminal
-transition and the move to ``stopping``."""
+"""What the phases of the store share: the database's clock, row locks and the move to
+``stopping`` (the terminal transition is :mod:`.ending`)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,7 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from orchestrator.contract import without_secrets
-from orchestrator.db import (
-    LIVE_STATUSES,
-    AfterCommit,
-    EventKind,
-    SessionRow,
-    SessionStatus,
-    after_commit,
-)
-from orchestrator.events import outbox
+from orchestrator.db import LIVE_STATUSES, EventKind, SessionRow, SessionStatus
 from orchestrator.store import history
 
 S = SessionStatus
@@ -67,43 +58,6 @@ def insert_ignoring_conflict(values: dict[str, Any]) -> Any:
         .on_conflict_do_nothing(index_elements=["request_id"])
         .returning(SessionRow.id)
     )
-
-
-# -- admission: the claim --------------------------------------------------------------------
-def finish(
-    session: Session,
-    row: SessionRow,
-    status: SessionStatus,
-    now: datetime,
-    *,
-    end_reason: str | None = None,
-    **detail: Any,
-) -> None:
-    """The one terminal transition: clears the LiveKit token, the lease and the payload's
-    secrets."""
-    if row.status in LIVE_VALUES:
-        after_commit(session, AfterCommit.SLOT_FREED)
-    row.status = status.value
-    row.ended_at = now
-    if end_reason is not None:
-        row.end_reason = end_reason
-    row.livekit_token = None
-    row.stop_retry_at = None
-    row.attempt_lease_until = None
-    row.request_payload = without_secrets(row.request_payload)
-    session.flush()
-    history.log(
-        session,
-        EventKind.ENDED if status == S.ENDED else EventKind.FAILED,
-        row=row,
-        end_reason=row.end_reason,
-        error_code=row.error_code,
-        **detail,
-    )
-    outbox.emit(session, row)
-
-
-# -- stops -----------------------------------------------------------------------------------
 
 
 def to_stopping(

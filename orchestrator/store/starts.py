@@ -17,12 +17,12 @@ from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument, UTCDateTime
 from orchestrator.events import bodies
 from orchestrator.store import history
+from orchestrator.store.ending import end_row
 from orchestrator.store.rows import (
     USER_CLOSED,
     S,
     StopTicket,
     db_now,
-    finish,
     lock_row,
     new_attempt_owner,
 )
@@ -75,7 +75,7 @@ def begin_attempt(
             return row.status
         now = db_now(session)
         if row.stop_requested_at is not None and row.status in (S.WAITING, S.STARTING):
-            finish(session, row, S.ENDED, now, end_reason=row.end_reason or USER_CLOSED)
+            end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
             return row.status
         if row.status != S.STARTING:
             return row.status
@@ -306,7 +306,7 @@ def end_if_stopped(db: Database, ticket: StartTicket) -> NotRecorded | str | Non
         row = _lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
-        finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
+        end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
         return row.status
 
 
@@ -320,9 +320,7 @@ def record_failed(
         row = _lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
-        row.error_code = error_code
-        row.error_message = error_message
-        finish(session, row, S.FAILED, db_now(session))
+        end_row(session, row, S.FAILED, error_code=error_code, error_message=error_message)
         return None
 
 
@@ -334,7 +332,7 @@ def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> 
         if isinstance(row, NotRecorded):
             return row
         if row.stop_requested_at is not None:
-            finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
+            end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
             return None
         row.status = S.WAITING.value
         row.attempt_owner = None
@@ -357,7 +355,7 @@ def end_if_holding(db: Database, session_id: uuid.UUID, vendor_session_id: str) 
         ):
             return False
         reason = row.end_reason if row.status == S.STOPPING and row.end_reason else COMPENSATED
-        finish(session, row, S.ENDED, db_now(session), end_reason=reason, record_reply_lost=True)
+        end_row(session, row, S.ENDED, end_reason=reason, record_reply_lost=True)
         return True
 
 
