@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.errors import OrchestratorError
+
 ENV_PREFIX = "ORCHESTRATOR_"
 DEFAULT_DEEPBRAIN_BASE_URL = "https://ai-streamer.deepbrain.io"
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "xxx", "todo", "placeholder"})
@@ -25,8 +27,10 @@ def default_state_dir() -> Path:
     return Path.cwd() / ".orchestrator"
 
 
-class ConfigError(Exception):
+class ConfigError(OrchestratorError):
     """A setting is missing or malformed; the message names the variable."""
+
+    shown_as = ""
 
 
 PositiveSeconds = Annotated[float, Field(gt=0)]

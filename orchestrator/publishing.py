@@ -13,6 +13,7 @@ from celery import Celery
 
 from orchestrator.backoff import exponential_backoff
 from orchestrator.config import Settings
+from orchestrator.errors import OrchestratorError
 from orchestrator.messaging import CONTROL_QUEUE, TASK_QUEUES, Topology
 
 EMBEDDED_TRANSPORT = "orchestrator.embedded_broker:EmbeddedTransport"
@@ -21,13 +22,15 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class PublishError(RuntimeError):
+class PublishError(OrchestratorError, RuntimeError):
     """The broker did not confirm the message within ``ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS``
     (unreachable, an alarm, a quorum queue without its majority, no queue bound to route it
     to): nothing was enqueued, for all the caller can tell. Publishing it again is safe."""
 
+    shown_as = "broker (ORCHESTRATOR_BROKER_URL)"
 
-class Unroutable(Exception):
+
+class Unroutable(OrchestratorError):
     """The broker returned a ``mandatory`` message: no queue is bound to take it."""
 
 

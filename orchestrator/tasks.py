@@ -17,6 +17,7 @@ from orchestrator import lifecycle
 from orchestrator.backoff import exponential_backoff
 from orchestrator.config import Settings
 from orchestrator.contract import is_valid_stop_reason
+from orchestrator.errors import OrchestratorError
 from orchestrator.messaging import (
     ADMIT_TASK,
     PUBLISH_EVENTS_TASK,
@@ -40,7 +41,7 @@ ABANDONED_ATTEMPT_HEADER = "orchestrator_abandoned_attempt"
 STOPPED_VENDOR_SESSION_HEADER = "orchestrator_stopped_vendor_session"
 
 
-class StorageError(Exception):
+class StorageError(OrchestratorError):
     """A database error that is not an outage, told by its class and SQLSTATE only: the
     server's message may quote the statement's data (a request payload)."""
 

@@ -1,4 +1,5 @@
-"""Thread-safe cache of the vendor's session token (a JWT of undocumented lifetime)."""
+"""The vendor's credentials: a secret that must not be empty, and a thread-safe cache of the
+session token (a JWT of undocumented lifetime)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,23 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+from pydantic import SecretStr
+
 from orchestrator.jwt_claims import token_expiry
 
-__all__ = ["SessionTokenCache"]
+__all__ = ["SessionTokenCache", "required_secret"]
 
 
 class _Cached(NamedTuple):
     token: str
     expires_at: float | None  # epoch seconds; None when the token has no readable exp
+
+
+def required_secret(value: str | SecretStr, name: str) -> SecretStr:
+    secret = value if isinstance(value, SecretStr) else SecretStr(value)
+    if not secret.get_secret_value():
+        raise ValueError(f"DeepBrainClient: {name} must not be empty")
+    return secret
 
 
 class SessionTokenCache:

@@ -93,7 +93,7 @@ def record_vendor_yes(
             compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
             raise
         return _fail_reused_session_id(lc, ticket, vendor_id)
-    if result is None:
+    if result is store.Recorded.YES:
         return StartOutcome(ticket.request_id, "active", vendor_id)
     if isinstance(result, store.StopTicket):
         execute_stop(lc, result)
@@ -119,11 +119,11 @@ def record_vendor_yes(
 
 def _record_within(
     lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart, window: _RecordWindow
-) -> store.StopTicket | store.NotRecorded | _Unknown | None:
+) -> store.Recorded | store.StopTicket | store.NotRecorded | _Unknown:
     """``record_started``, re-read and written again until settled or the window closes."""
     vendor_id = start.vendor_session_id
     tries = 0
-    result: store.StopTicket | store.NotRecorded | _Unknown | None
+    result: store.Recorded | store.StopTicket | store.NotRecorded | _Unknown
     while True:
         tries += 1
         pool_full = False
@@ -158,7 +158,7 @@ _UNKNOWN = _Unknown()
 
 def _reread(
     lc: Lifecycle, ticket: store.StartTicket, vendor_id: str, window: _RecordWindow
-) -> store.StopTicket | store.NotRecorded | _Unknown | None:
+) -> store.Recorded | store.StopTicket | store.NotRecorded | _Unknown:
     try:
         with lc.db.waits_at_most(window.left()):
             return store.start_state(lc.db, ticket, vendor_id)

@@ -225,8 +225,8 @@ def run_start(
         raise RetryLater(
             "a vendor attempt is in progress", began.seconds + random.uniform(0.5, 1.5)
         )
-    if isinstance(began, str):
-        return StartOutcome(request_id, began, "no start needed")
+    if isinstance(began, store.NoStart):
+        return StartOutcome(request_id, began.status, "no start needed")
     return start_claimed(lc, began)
 
 
@@ -238,10 +238,10 @@ def start_claimed(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
     _claim_again_if_gone(stopped)
     if stopped is store.NotRecorded.MOVED_ON:
         return StartOutcome(ticket.request_id, "unchanged", "the row moved on before the call")
-    if isinstance(stopped, str):
+    if isinstance(stopped, store.NoStart):
         logger.info("start request %s: stopped before the vendor call", ticket.request_id)
         metrics.record_start("cancelled")
-        return StartOutcome(ticket.request_id, stopped, "stopped before the vendor call")
+        return StartOutcome(ticket.request_id, stopped.status, "stopped before the vendor call")
     with tracing.session_span(
         "session.start",
         ticket.traceparent,
@@ -280,7 +280,7 @@ def _call_vendor(
         if ticket.attempt < MAX_CAPACITY_BOUNCES:
             waiting = store.back_to_waiting(lc.db, ticket, vendor_error=error.error_code)
             _claim_again_if_gone(waiting)
-            if waiting is None:
+            if waiting is store.Recorded.YES:
                 logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
                 return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure: DeepBrainError = error

@@ -35,7 +35,10 @@ from orchestrator.store.rows import (
 )
 from orchestrator.store.starts import (
     AttemptBusy,
+    NoStart,
     NotRecorded,
+    Proceed,
+    Recorded,
     StartTicket,
     VendorStart,
     back_to_waiting,
@@ -87,7 +90,10 @@ __all__ = [
     "ClaimRequest",
     "Ended",
     "LiveVendorRow",
+    "NoStart",
     "NotRecorded",
+    "Proceed",
+    "Recorded",
     "StartTicket",
     "StopRequestResult",
     "StopTicket",

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument
+from orchestrator.errors import OrchestratorError
 from orchestrator.store import history
 from orchestrator.store.ending import end, end_row
 from orchestrator.store.rows import (
@@ -40,7 +41,7 @@ VENDOR_ACCOUNT = "default"  # the row of vendor_accounts admission reads (one ac
 LOCK_NOT_AVAILABLE = "55P03"
 
 
-class AdmissionBusy(Exception):
+class AdmissionBusy(OrchestratorError):
     """The admission lock was not granted within the claim's bound: try the message again."""
 
 
@@ -149,14 +150,14 @@ def _try_claim(
                 db.fire(AfterCommit.SLOT_FREED)  # others wait while slots are free: admit them FIFO
             return Claim(ClaimOutcome.NEW, found.session_id, found.status)
         ticket = StartTicket(
-            found.session_id,
-            request.request_id,
-            request.payload,
-            1,
-            found.at,
-            found.at,
-            request.traceparent,
-            owner,
+            session_id=found.session_id,
+            request_id=request.request_id,
+            payload=request.payload,
+            attempt=1,
+            sent_at=found.at,
+            created_at=found.at,
+            traceparent=request.traceparent,
+            owner=owner,
         )
         return Claim(ClaimOutcome.NEW, found.session_id, found.status, ticket)
     return _existing_row(db, request)

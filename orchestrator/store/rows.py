@@ -33,7 +33,7 @@ def new_attempt_owner() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StopTicket:
     """A session this caller moved to ``stopping``; it owes the vendor stop."""
 
@@ -70,5 +70,10 @@ def to_stopping(
     row.stop_retry_at = now + timedelta(seconds=retry_in)
     history.log(session, EventKind.STOP_REQUESTED, row=row, reason=reason)
     return StopTicket(
-        row.id, row.request_id, row.vendor_session_id, reason, row.traceparent, row.expires_at
+        session_id=row.id,
+        request_id=row.request_id,
+        vendor_session_id=row.vendor_session_id,
+        reason=reason,
+        traceparent=row.traceparent,
+        expires_at=row.expires_at,
     )

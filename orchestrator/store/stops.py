@@ -172,7 +172,14 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
         )
         reason = MAX_DURATION_REACHED
         tickets = [
-            StopTicket(r.id, r.request_id, r.vendor_session_id, reason, r.traceparent, r.expires_at)
+            StopTicket(
+                session_id=r.id,
+                request_id=r.request_id,
+                vendor_session_id=r.vendor_session_id,
+                reason=reason,
+                traceparent=r.traceparent,
+                expires_at=r.expires_at,
+            )
             for r in expired
         ]
         history.log_now(
@@ -194,12 +201,12 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
             row.stop_retry_at = retry_at
             tickets.append(
                 StopTicket(
-                    row.id,
-                    row.request_id,
-                    row.vendor_session_id,
-                    row.end_reason or "ERROR",
-                    row.traceparent,
-                    row.expires_at,
+                    session_id=row.id,
+                    request_id=row.request_id,
+                    vendor_session_id=row.vendor_session_id,
+                    reason=row.end_reason or "ERROR",
+                    traceparent=row.traceparent,
+                    expires_at=row.expires_at,
                 )
             )
     return tickets

@@ -229,6 +229,3 @@ def release_sweep_lease(db: Database, name: str, owner: str) -> None:
         if lease is not None and lease.owner == owner:
             lease.lease_until = None
             lease.finished_at = db_now(session)
-
-
-# -- admission -------------------------------------------------------------------------------
