@@ -78,7 +78,7 @@ def run_one_delivery(app: Any, queue: str) -> None:
 
 
 def main() -> int:
-    from orchestrator.celery_app import create_app
+    from orchestrator.worker.celery_app import create_app
 
     with (
         fresh_postgres_database("orch_path") as url,

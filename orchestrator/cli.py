@@ -113,8 +113,8 @@ def worker(
 ) -> None:
     """Run a Celery worker consuming the start and control queues. With the threads pool on
     both (the default), stops and sweeps run on threads of their own, never behind starts."""
-    from orchestrator.celery_app import create_app
     from orchestrator.publishing import topology
+    from orchestrator.worker.celery_app import create_app
 
     settings = cli_settings(consistent=True)
     celery_options = _configure_logging(settings)
@@ -163,7 +163,7 @@ def _pool_options(app: Any, pool: str, queues: str, control_threads: int) -> lis
 @main.command()
 def beat() -> None:
     """Run Celery beat: the reaper and reconciler schedules (run exactly one)."""
-    from orchestrator.celery_app import create_app
+    from orchestrator.worker.celery_app import create_app
 
     settings = cli_settings(consistent=True)
     celery_options = _configure_logging(settings)

@@ -1,6 +1,6 @@
 """What every process that publishes tasks shares: the broker, JSON only, the queues and routes
 of the contract, publisher confirms. The producer publishes through :func:`publishing_app`,
-which builds none of the worker; :mod:`orchestrator.celery_app` adds the worker's part."""
+which builds none of the worker; :mod:`orchestrator.worker.celery_app` adds the worker's part."""
 
 from __future__ import annotations
 

@@ -1,10 +1,17 @@
-"""Thin Celery tasks: read the message, call the lifecycle, map failures to retries."""
+"""The tasks of the message contract (docs/messages.md), at the end of this module: thin, they
+read the message and call the lifecycle. What they share is :class:`OrchestratorTask`: an
+outage of the database becomes a retry (:func:`retry_when_database_is_away`), a publish the
+broker refused puts the message back on its queue (:func:`requeue_when_unpublished`),
+arguments are never logged, countdowns are whole seconds, and the
+``orchestrator_abandoned_attempt`` and ``orchestrator_stopped_vendor_session`` headers reach
+the delivery that acts on them. :func:`register` adds the tasks to an app
+(:func:`orchestrator.worker.celery_app.create_app`)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeAlias
 
@@ -156,81 +163,128 @@ def _stopped_vendor_session(task: AnyTask) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 255 else None
 
 
+class OrchestratorTask(Task):  # type: ignore[type-arg]
+    """The base of every task of the contract. Celery's own retry options are not used: our
+    retry (:func:`_retry`) logs no arguments and counts its own limit; acks_late and
+    reject_on_worker_lost come from the global config (``celery_app.celery_config``)."""
+
+    @property
+    def orchestrator(self) -> OrchestratorCelery:
+        app = self.app
+        assert isinstance(app, OrchestratorCelery)
+        return app
+
+    def lifecycle(self) -> lifecycle.Lifecycle:
+        return self.orchestrator.lifecycle()
+
+    @contextmanager
+    def guarded(self, *, outage_retries: bool = True) -> Iterator[None]:
+        """Run a step of this task: a refused publish requeues the message; with
+        ``outage_retries``, an outage of the database (or RetryLater) retries it later."""
+        with requeue_when_unpublished(self.name):
+            if outage_retries:
+                with retry_when_database_is_away(self):
+                    yield
+            else:
+                yield
+
+    def traceparent(self) -> str | None:
+        return _traceparent(self)
+
+    def abandoned_attempt(self) -> str | None:
+        return _abandoned_attempt(self)
+
+    def stopped_vendor_session(self) -> str | None:
+        return _stopped_vendor_session(self)
+
+
+def start_session(task: OrchestratorTask, *args: Any, **kwargs: Any) -> dict[str, str]:
+    """A start message: claim the request, call the vendor, record the answer."""
+    with task.guarded():
+        outcome = lifecycle.handle_start_message(
+            task.lifecycle(),
+            args,
+            kwargs,
+            claim_id=str(task.request.id),
+            traceparent=task.traceparent(),
+            abandoned_attempt=task.abandoned_attempt(),
+            stopped_vendor_session=task.stopped_vendor_session(),
+        )
+    return {"request_id": outcome.request_id, "status": outcome.status}
+
+
+def start_admitted(task: OrchestratorTask, session_id: str, claim_id: str) -> dict[str, str]:
+    """The vendor start of a row admission moved to ``starting``."""
+    with task.guarded():
+        outcome = lifecycle.run_start(
+            task.lifecycle(),
+            uuid.UUID(session_id),
+            claim_id,
+            task.abandoned_attempt(),
+            stopped_vendor_session=task.stopped_vendor_session(),
+        )
+    return {"request_id": outcome.request_id, "status": outcome.status}
+
+
+def stop_session(
+    task: OrchestratorTask,
+    request_id: str | None = None,
+    session_id: str | None = None,
+    reason: str = "USER_CLOSED",
+) -> dict[str, Any]:
+    """A stop message (one of ``request_id`` or ``session_id``, and a reason)."""
+    if (request_id is None) == (session_id is None) or not is_valid_stop_reason(reason):
+        logger.error("invalid stop message dead-lettered (needs one id and a reason)")
+        raise Reject("give exactly one of request_id or session_id, and a reason", requeue=False)
+    with task.guarded():
+        result = lifecycle.request_stop(
+            task.lifecycle(), request_id=request_id, session_id=session_id, reason=reason
+        )
+    return {"found": result.found, "status_before": result.status_before}
+
+
+def reap_sessions(task: OrchestratorTask) -> dict[str, int]:
+    """Beat's sweep: end what expired (a failed sweep waits for the next beat)."""
+    with task.guarded(outage_retries=False):
+        report = lifecycle.reap(
+            task.lifecycle(), plan_ahead=task.orchestrator.settings.reaper_interval_seconds
+        )
+    return {"claimed": report.claimed, "stopped": report.stopped}
+
+
+def reconcile_sessions(task: OrchestratorTask) -> dict[str, int]:
+    """Beat's comparison with the vendor's list."""
+    settings = task.orchestrator.settings
+    with task.guarded(outage_retries=False):
+        return lifecycle.reconcile(
+            task.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
+        ).as_dict()
+
+
+def publish_events(task: OrchestratorTask) -> None:
+    """Relay the outbox now (after a commit, and beat's backstop)."""
+    task.orchestrator.dispatcher.relay.relay_now()
+
+
+def admit_waiting(task: OrchestratorTask) -> dict[str, int]:
+    """An admission pass: waiting requests into free slots."""
+    with task.guarded(outage_retries=False):
+        report = lifecycle.admit_waiting(task.lifecycle())
+    return {"admitted": report.admitted, "expired": report.expired}
+
+
+TASKS: dict[str, Callable[..., Any]] = {
+    START_TASK: start_session,
+    START_ADMITTED_TASK: start_admitted,
+    STOP_TASK: stop_session,
+    REAP_TASK: reap_sessions,
+    RECONCILE_TASK: reconcile_sessions,
+    PUBLISH_EVENTS_TASK: publish_events,
+    ADMIT_TASK: admit_waiting,
+}
+
+
 def register(app: OrchestratorCelery) -> None:
-    """Register every task of the contract (docs/messages.md) on ``app``."""
-
-    @app.task(name=START_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def start_session(self: AnyTask, *args: Any, **kwargs: Any) -> dict[str, str]:
-        with requeue_when_unpublished(START_TASK), retry_when_database_is_away(self):
-            outcome = lifecycle.handle_start_message(
-                app.lifecycle(),
-                args,
-                kwargs,
-                claim_id=str(self.request.id),
-                traceparent=_traceparent(self),
-                abandoned_attempt=_abandoned_attempt(self),
-                stopped_vendor_session=_stopped_vendor_session(self),
-            )
-        return {"request_id": outcome.request_id, "status": outcome.status}
-
-    @app.task(
-        name=START_ADMITTED_TASK,
-        shared=False,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-    )
-    def start_admitted(self: AnyTask, session_id: str, claim_id: str) -> dict[str, str]:
-        with requeue_when_unpublished(START_ADMITTED_TASK), retry_when_database_is_away(self):
-            outcome = lifecycle.run_start(
-                app.lifecycle(),
-                uuid.UUID(session_id),
-                claim_id,
-                _abandoned_attempt(self),
-                stopped_vendor_session=_stopped_vendor_session(self),
-            )
-        return {"request_id": outcome.request_id, "status": outcome.status}
-
-    @app.task(name=STOP_TASK, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def stop_session(
-        self: AnyTask,
-        request_id: str | None = None,
-        session_id: str | None = None,
-        reason: str = "USER_CLOSED",
-    ) -> dict[str, Any]:
-        if (request_id is None) == (session_id is None) or not is_valid_stop_reason(reason):
-            logger.error("invalid stop message dead-lettered (needs one id and a reason)")
-            raise Reject(
-                "give exactly one of request_id or session_id, and a reason", requeue=False
-            )
-        with requeue_when_unpublished(STOP_TASK), retry_when_database_is_away(self):
-            result = lifecycle.request_stop(
-                app.lifecycle(), request_id=request_id, session_id=session_id, reason=reason
-            )
-        return {"found": result.found, "status_before": result.status_before}
-
-    @app.task(name=REAP_TASK, shared=False, acks_late=True)
-    def reap_sessions() -> dict[str, int]:
-        with requeue_when_unpublished(REAP_TASK):
-            report = lifecycle.reap(
-                app.lifecycle(), plan_ahead=app.settings.reaper_interval_seconds
-            )
-        return {"claimed": report.claimed, "stopped": report.stopped}
-
-    @app.task(name=RECONCILE_TASK, shared=False, acks_late=True)
-    def reconcile_sessions() -> dict[str, int]:
-        settings = app.settings
-        with requeue_when_unpublished(RECONCILE_TASK):
-            return lifecycle.reconcile(
-                app.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
-            ).as_dict()
-
-    @app.task(name=PUBLISH_EVENTS_TASK, shared=False, acks_late=True)
-    def publish_events() -> None:
-        app.dispatcher.relay.relay_now()
-
-    @app.task(name=ADMIT_TASK, shared=False, acks_late=True)
-    def admit_waiting() -> dict[str, int]:
-        with requeue_when_unpublished(ADMIT_TASK):
-            report = lifecycle.admit_waiting(app.lifecycle())
-        return {"admitted": report.admitted, "expired": report.expired}
+    """Add every task of the contract to ``app`` (its options are the global config's)."""
+    for name, function in TASKS.items():
+        app.task(name=name, shared=False, bind=True, base=OrchestratorTask)(function)
