@@ -128,7 +128,9 @@ class Settings(BaseSettings):
                 f" least {_var('vendor_timeout_seconds')} ({timeout:g}): a session whose start"
                 " reply is still on its way would be stopped as an orphan"
             )
-        if lease_without_margin(self.start_timeout_seconds) < 2 * timeout:
+        from orchestrator.retries import vendor_attempts_within_lease
+
+        if vendor_attempts_within_lease(self) < 1:
             problems.append(
                 f"{_var('start_timeout_seconds')} ({self.start_timeout_seconds:g}) must fit a"
                 f" token and a start request: twice {_var('vendor_timeout_seconds')}"

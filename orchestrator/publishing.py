@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 
 from celery import Celery
 
-from orchestrator.backoff import exponential_backoff
 from orchestrator.config import Settings
 from orchestrator.errors import OrchestratorError
 from orchestrator.messaging import CONTROL_QUEUE, TASK_QUEUES, Topology
+from orchestrator.retries import PUBLISH_AFTER_NACK
 
 EMBEDDED_TRANSPORT = "orchestrator.embedded_broker:EmbeddedTransport"
 DEFAULT_PUBLISH_TIMEOUT_SECONDS = 15.0
@@ -143,7 +143,7 @@ def publish_within(bound: float, attempt: Callable[[float], T], what: str) -> T:
                     f"could not publish {what} within {bound:g} s ({attempts} attempts;"
                     f" last: {why})"
                 ) from None
-            delay = exponential_backoff(attempts, base=0.25, cap=2.0)
+            delay = PUBLISH_AFTER_NACK.delay(attempts)
             delay = min(delay, max(0.0, deadline - time.monotonic()))
             logger.warning("publish of %s refused (%s); again in %.1f s", what, why, delay)
             time.sleep(delay)

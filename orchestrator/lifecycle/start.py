@@ -30,9 +30,9 @@ from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
+from orchestrator.retries import MAX_CAPACITY_BOUNCES
 
 logger = logging.getLogger(__name__)
-MAX_CAPACITY_BOUNCES = 5
 MAX_CLAIM_ID_LENGTH = 255
 
 

@@ -20,8 +20,7 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from orchestrator import lifecycle
-from orchestrator.backoff import exponential_backoff
+from orchestrator import lifecycle, retries
 from orchestrator.config import Settings
 from orchestrator.contract import is_valid_stop_reason
 from orchestrator.errors import OrchestratorError
@@ -39,8 +38,7 @@ from orchestrator.publishing import PublishError, topology
 from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
-DB_RETRY_MAX = 100
-DB_RETRY_CAP_SECONDS = 30.0
+DB_RETRY_MAX = retries.DATABASE_OUTAGE_RETRIES
 AnyTask: TypeAlias = "Task[Any, Any]"
 
 
@@ -119,7 +117,7 @@ def _requeue(name: str, error: PublishError) -> NoReturn:
 
 
 def _backoff(task: AnyTask) -> float:
-    return exponential_backoff(int(task.request.retries) + 1, base=0.5, cap=DB_RETRY_CAP_SECONDS)
+    return retries.DATABASE_OUTAGE.delay(int(task.request.retries) + 1)
 
 
 def _retry(
