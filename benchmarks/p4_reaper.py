@@ -339,8 +339,8 @@ def _stats(times: list[float]) -> dict[str, float]:
 def _sweep(ctx: BenchContext, big: int) -> dict[str, Any]:
     """Two databases (10,000 and ``big`` ended rows, the same live set), measured in
     alternation round after round, so the machine's noise falls on both alike."""
+    from orchestrator import store
     from orchestrator.db import Database
-    from orchestrator.lifecycle import store
 
     admission = getattr(store, "admission_state", None)
     repeat = 15 if ctx.quick else 30

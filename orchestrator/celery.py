@@ -15,7 +15,7 @@ broker topology first.
 
 from __future__ import annotations
 
-from orchestrator.celery_app import create_app
 from orchestrator.config import load_settings
+from orchestrator.worker.celery_app import create_app
 
 app = create_app(load_settings())

@@ -1,8 +1,8 @@
-"""``orchestrator`` command line: worker, beat, db, simulator, producer commands, demo."""
+"""``orchestrator`` command line: worker, beat, db, queues, simulator, health, check, demo; the
+producer's commands (enqueue, stop, status, sessions) are in :mod:`orchestrator.cli_sessions`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -12,39 +12,17 @@ from typing import Any, TypeVar
 import click
 
 from orchestrator.cli_errors import describe
+from orchestrator.cli_sessions import enqueue, sessions, status, stop
+from orchestrator.cli_support import EXIT_SESSION_FAILED, cli_settings, cli_telemetry
 from orchestrator.config import (
     DEFAULT_CONTROL_THREADS,
     DEFAULT_START_THREADS,
-    ConfigError,
     Settings,
-    load_settings,
 )
 from orchestrator.logging_setup import configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
-# `status` and `enqueue --wait`: the request ended as `failed` (1 is an error, 2 a usage error).
-EXIT_SESSION_FAILED = 3
 logger = logging.getLogger(__name__)
-
-
-def _setup_telemetry(*, serve_metrics: bool = False) -> None:
-    from orchestrator.telemetry import setup_telemetry
-
-    try:
-        setup_telemetry(serve_metrics=serve_metrics)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-
-
-def _settings(*, consistent: bool = False) -> Settings:
-    """The settings; with ``consistent``, also checked against each other (worker, beat)."""
-    try:
-        settings = load_settings()
-        if consistent:
-            settings.check_consistency()
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
-    return settings
 
 
 def _debugging(ctx: click.Context) -> bool:
@@ -135,12 +113,12 @@ def worker(
 ) -> None:
     """Run a Celery worker consuming the start and control queues. With the threads pool on
     both (the default), stops and sweeps run on threads of their own, never behind starts."""
-    from orchestrator.celery_app import create_app
     from orchestrator.publishing import topology
+    from orchestrator.worker.celery_app import create_app
 
-    settings = _settings(consistent=True)
+    settings = cli_settings(consistent=True)
     celery_options = _configure_logging(settings)
-    _setup_telemetry(serve_metrics=True)
+    cli_telemetry(serve_metrics=True)
     settings.vendor_credentials()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # Resolved before the pool and beat start: with no URL set this starts (or joins) the
@@ -185,11 +163,11 @@ def _pool_options(app: Any, pool: str, queues: str, control_threads: int) -> lis
 @main.command()
 def beat() -> None:
     """Run Celery beat: the reaper and reconciler schedules (run exactly one)."""
-    from orchestrator.celery_app import create_app
+    from orchestrator.worker.celery_app import create_app
 
-    settings = _settings(consistent=True)
+    settings = cli_settings(consistent=True)
     celery_options = _configure_logging(settings)
-    _setup_telemetry(serve_metrics=True)
+    cli_telemetry(serve_metrics=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     _check_schema(settings)  # as the worker: one line, not schedules for a schema it does not serve
     app = create_app(settings)
@@ -207,7 +185,7 @@ def db_upgrade(revision: str) -> None:
     """Migrate the database to REVISION (default: head). Safe to run twice at once."""
     from orchestrator.db.migrate import upgrade
 
-    settings = _settings()
+    settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)
     upgrade(settings.effective_database_url, revision)
     click.echo(f"database at {revision}")
@@ -219,7 +197,7 @@ def db_downgrade(revision: str) -> None:
     """Migrate the database down to REVISION (e.g. base)."""
     from orchestrator.db.migrate import downgrade
 
-    settings = _settings()
+    settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)
     downgrade(settings.effective_database_url, revision)
     click.echo(f"database at {revision}")
@@ -230,7 +208,7 @@ def db_stop_embedded() -> None:
     """Stop the embedded PostgreSQL of the state folder, whoever still uses it."""
     from orchestrator.db import embedded
 
-    settings = _settings()
+    settings = cli_settings()
     try:
         stopped = embedded.stop(settings.state_dir)
     except embedded.EmbeddedPostgresError as error:
@@ -258,7 +236,7 @@ def queues_migrate(queue_type: str | None) -> None:
     from orchestrator.publishing import publishing_app
     from orchestrator.queue_migration import MigrationRefused, migrate
 
-    settings = _settings()
+    settings = cli_settings()
     configure_logging(settings.log_level, settings.log_format)
     if not settings.effective_broker_url.startswith(("amqp", "pyamqp")):
         raise click.ClickException("only a RabbitMQ broker (amqp://) has queues to migrate")
@@ -344,7 +322,7 @@ def health(role: str) -> None:
     """Exit 0 if this pod's worker/beat heartbeat is fresh (for liveness probes)."""
     from orchestrator.heartbeat import age_seconds
 
-    settings = _settings()
+    settings = cli_settings()
     age = age_seconds(settings.state_dir, role)
     if age is None:
         raise click.ClickException(f"no {role} heartbeat yet in {settings.state_dir}")
@@ -360,7 +338,7 @@ def check(vendor: bool) -> None:
     one line each; exit 1 if any is not ready (e.g. before a rollout, or as an init step)."""
     from orchestrator import preflight
 
-    settings = _settings(consistent=True)
+    settings = cli_settings(consistent=True)
     checks: list[tuple[str, Callable[[], str]]] = [
         (
             "database",
@@ -386,172 +364,6 @@ def check(vendor: bool) -> None:
         sys.exit(1)
 
 
-def _stop_reason(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    """The worker's rule, checked before anything is sent."""
-    from orchestrator.lifecycle.requests import is_valid_stop_reason
-
-    if not is_valid_stop_reason(value):
-        raise click.BadParameter("upper-case letters, digits and _ (e.g. USER_CLOSED)")
-    return value
-
-
-@main.command()
-@click.option("--avatar-id", required=True)
-@click.option("--request-id")
-@click.option("--max-session-duration", type=int, help="Minutes (sent to the vendor).")
-@click.option("--max-duration-seconds", type=int, help="Orchestrator cap in seconds.")
-@click.option("--start-deadline-seconds", type=int)
-@click.option("--greeting-text")
-@click.option("--persona", help="avatar_persona as JSON.")
-@click.option("--metadata", help="metadata as JSON.")
-@click.option(
-    "--wait",
-    "wait_seconds",
-    type=float,
-    help=f"Wait up to N s and print the result; exit {EXIT_SESSION_FAILED} if it failed.",
-)
-@click.option(
-    "--wait-via",
-    type=click.Choice(["database", "events"]),
-    default="database",
-    show_default=True,
-    help="Where --wait learns the outcome: the sessions table, or the orchestrator.events"
-    " exchange (needs only the broker).",
-)
-def enqueue(
-    avatar_id: str,
-    request_id: str | None,
-    max_session_duration: int | None,
-    max_duration_seconds: int | None,
-    start_deadline_seconds: int | None,
-    greeting_text: str | None,
-    persona: str | None,
-    metadata: str | None,
-    wait_seconds: float | None,
-    wait_via: str,
-) -> None:
-    """Publish a start job; prints its request_id."""
-    from orchestrator.lifecycle.requests import InvalidStartRequest
-    from orchestrator.producer import Producer, SessionEvents
-
-    kwargs: dict[str, Any] = {"avatar_id": avatar_id}
-    optional = {
-        "request_id": request_id,
-        "max_session_duration": max_session_duration,
-        "max_duration_seconds": max_duration_seconds,
-        "start_deadline_seconds": start_deadline_seconds,
-        "greeting_text": greeting_text,
-        "avatar_persona": _json_option("--persona", persona),
-        "metadata": _json_option("--metadata", metadata),
-    }
-    kwargs.update({k: v for k, v in optional.items() if v is not None})
-    _setup_telemetry()
-    settings = _settings()
-    producer = Producer(settings)
-    # Listening before publishing: the outcome cannot come before the queue exists.
-    events = SessionEvents(settings).start() if wait_seconds and wait_via == "events" else None
-    try:
-        rid = producer.enqueue_start_session(**kwargs)
-        click.echo(rid)
-        if events is not None:
-            _print_info(events.wait(rid, wait_seconds or 0))
-        elif wait_seconds:
-            _print_info(producer.wait_for_session(rid, wait_seconds))
-    except (InvalidStartRequest, TimeoutError) as error:
-        raise click.ClickException(str(error)) from None
-    finally:
-        producer.close()
-        if events is not None:
-            events.close()
-
-
-def _json_option(name: str, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as error:
-        raise click.BadParameter(f"not JSON: {error}", param_hint=name) from None
-
-
-@main.command()
-@click.option("--request-id")
-@click.option("--session-id", help="The vendor's session id.")
-@click.option("--reason", default="USER_CLOSED", show_default=True, callback=_stop_reason)
-def stop(request_id: str | None, session_id: str | None, reason: str) -> None:
-    """Ask for a session to be stopped."""
-    from orchestrator.producer import Producer
-
-    if (request_id is None) == (session_id is None):
-        raise click.UsageError("give exactly one of --request-id or --session-id")
-    producer = Producer(_settings())
-    try:
-        producer.request_stop(request_id=request_id, session_id=session_id, reason=reason)
-    finally:
-        producer.close()
-    click.echo("stop requested")
-
-
-def _print_info(info: Any) -> None:
-    """The request as JSON (times in UTC); exit 3 if it failed."""
-    from orchestrator.reporting import utc_iso
-
-    fields = {
-        "request_id": info.request_id,
-        "status": info.status,
-        "session_id": info.session_id,
-        "livekit_url": info.livekit_url,
-        "livekit_room": info.livekit_room,
-        "livekit_token": info.livekit_token,
-        "livekit_token_expires_at": utc_iso(info.livekit_token_expires_at),
-        "expires_at": utc_iso(info.expires_at),
-        "end_reason": info.end_reason,
-        "error_code": info.error_code,
-        "error_message": info.error_message,
-    }
-    click.echo(json.dumps({k: v for k, v in fields.items() if v is not None}, indent=2))
-    if info.status == "failed":
-        sys.exit(EXIT_SESSION_FAILED)
-
-
-@main.command()
-@click.argument("request_id")
-def status(request_id: str) -> None:
-    """Print one request's state (JSON), including its LiveKit credentials while active;
-    exit 3 if the request failed."""
-    from orchestrator.producer import Producer, SessionNotFound
-
-    producer = Producer(_settings())
-    try:
-        info = producer.session_info(request_id)
-    except SessionNotFound:
-        raise click.ClickException(f"no session for request {request_id} (yet)") from None
-    finally:
-        producer.close()
-    _print_info(info)
-
-
-@main.command()
-@click.option("--all", "show_all", is_flag=True, help="Include ended and failed sessions.")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="A JSON array: full ids, times in UTC.")
-def sessions(show_all: bool, limit: int, as_json: bool) -> None:
-    """A table of sessions (live ones unless --all), times in UTC; never shows tokens."""
-    from orchestrator.db import Database
-    from orchestrator.reporting import session_records, session_table
-
-    settings = _settings()
-    database = Database(settings.effective_database_url, pool_size=1)
-    try:
-        if as_json:
-            records = session_records(database, live_only=not show_all, limit=limit)
-            click.echo(json.dumps(records, indent=2))
-        else:
-            click.echo(session_table(database, live_only=not show_all, limit=limit))
-    finally:
-        database.dispose()
-
-
 @main.command()
 @click.option("--sessions", "count", type=click.IntRange(2, 20), default=5, show_default=True)
 def demo(count: int) -> None:
@@ -561,6 +373,11 @@ def demo(count: int) -> None:
 
     sys.exit(run_demo(count))
 
+
+for _command in (enqueue, stop, status, sessions):
+    main.add_command(_command)
+
+__all__ = ["EXIT_SESSION_FAILED", "main"]
 
 if __name__ == "__main__":
     main()

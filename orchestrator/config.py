@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.errors import OrchestratorError
+
 ENV_PREFIX = "ORCHESTRATOR_"
 DEFAULT_DEEPBRAIN_BASE_URL = "https://ai-streamer.deepbrain.io"
 PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "xxx", "todo", "placeholder"})
@@ -25,8 +27,10 @@ def default_state_dir() -> Path:
     return Path.cwd() / ".orchestrator"
 
 
-class ConfigError(Exception):
+class ConfigError(OrchestratorError):
     """A setting is missing or malformed; the message names the variable."""
+
+    shown_as = ""
 
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -124,7 +128,9 @@ class Settings(BaseSettings):
                 f" least {_var('vendor_timeout_seconds')} ({timeout:g}): a session whose start"
                 " reply is still on its way would be stopped as an orphan"
             )
-        if lease_without_margin(self.start_timeout_seconds) < 2 * timeout:
+        from orchestrator.retries import vendor_attempts_within_lease
+
+        if vendor_attempts_within_lease(self) < 1:
             problems.append(
                 f"{_var('start_timeout_seconds')} ({self.start_timeout_seconds:g}) must fit a"
                 f" token and a start request: twice {_var('vendor_timeout_seconds')}"

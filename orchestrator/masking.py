@@ -2,7 +2,7 @@
 database server's message quoting a row — before it is stored, published, logged or exported.
 
 By value, not by pattern: the values come from the request itself (its ``headers``,
-``extra_headers`` and ``auth_plugins``: :func:`orchestrator.lifecycle.requests.secret_values`).
+``extra_headers`` and ``auth_plugins``: :func:`orchestrator.contract.secret_values`).
 Each is masked as sent, as JSON would escape it, and word by word (a vendor may quote only the
 key of ``Bearer <key>``), before and after the text's whitespace is collapsed.
 

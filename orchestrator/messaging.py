@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from kombu import Connection, Exchange, Queue
 
+from orchestrator.errors import OrchestratorError
+
 START_QUEUE = "orchestrator.start"
 CONTROL_QUEUE = "orchestrator.control"
 DEAD_LETTER_EXCHANGE = "orchestrator.dlx"
@@ -58,9 +60,11 @@ TASK_QUEUES = {
 }
 
 
-class TopologyMismatch(Exception):
+class TopologyMismatch(OrchestratorError):
     """A queue or exchange exists on the broker with other arguments or another type than the
     settings ask for; the message (one line) says what to do."""
+
+    shown_as = ""
 
 
 @dataclass(frozen=True)
@@ -156,8 +160,3 @@ class Topology:
             " `orchestrator queues migrate` (docs/operations.md), or set those two variables"
             " to what the broker has (e.g. classic for the queues of earlier releases)"
         )
-
-
-def declare_topology(connection: Connection, topology: Topology) -> None:
-    """Declare every exchange and queue of ``topology`` (see :meth:`Topology.declare`)."""
-    topology.declare(connection)

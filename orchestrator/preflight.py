@@ -14,11 +14,12 @@ from orchestrator.config import Settings
 from orchestrator.db.compatibility import declarations, served
 from orchestrator.db.engine import normalize_database_url
 from orchestrator.db.migrate import alembic_config
+from orchestrator.errors import OrchestratorError
 
 CONNECT_TIMEOUT_SECONDS = 10
 
 
-class NotMigrated(Exception):
+class NotMigrated(OrchestratorError):
     """The database's schema is not the revision this program needs; the message says why."""
 
 

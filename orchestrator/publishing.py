@@ -1,6 +1,6 @@
 """What every process that publishes tasks shares: the broker, JSON only, the queues and routes
 of the contract, publisher confirms. The producer publishes through :func:`publishing_app`,
-which builds none of the worker; :mod:`orchestrator.celery_app` adds the worker's part."""
+which builds none of the worker; :mod:`orchestrator.worker.celery_app` adds the worker's part."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 from celery import Celery
 
-from orchestrator.backoff import exponential_backoff
 from orchestrator.config import Settings
+from orchestrator.errors import OrchestratorError
 from orchestrator.messaging import CONTROL_QUEUE, TASK_QUEUES, Topology
+from orchestrator.retries import PUBLISH_AFTER_NACK
 
 EMBEDDED_TRANSPORT = "orchestrator.embedded_broker:EmbeddedTransport"
 DEFAULT_PUBLISH_TIMEOUT_SECONDS = 15.0
@@ -21,13 +22,15 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class PublishError(RuntimeError):
+class PublishError(OrchestratorError, RuntimeError):
     """The broker did not confirm the message within ``ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS``
     (unreachable, an alarm, a quorum queue without its majority, no queue bound to route it
     to): nothing was enqueued, for all the caller can tell. Publishing it again is safe."""
 
+    shown_as = "broker (ORCHESTRATOR_BROKER_URL)"
 
-class Unroutable(Exception):
+
+class Unroutable(OrchestratorError):
     """The broker returned a ``mandatory`` message: no queue is bound to take it."""
 
 
@@ -140,7 +143,7 @@ def publish_within(bound: float, attempt: Callable[[float], T], what: str) -> T:
                     f"could not publish {what} within {bound:g} s ({attempts} attempts;"
                     f" last: {why})"
                 ) from None
-            delay = exponential_backoff(attempts, base=0.25, cap=2.0)
+            delay = PUBLISH_AFTER_NACK.delay(attempts)
             delay = min(delay, max(0.0, deadline - time.monotonic()))
             logger.warning("publish of %s refused (%s); again in %.1f s", what, why, delay)
             time.sleep(delay)

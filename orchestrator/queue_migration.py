@@ -35,6 +35,7 @@ from amqp import Message
 from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Connection
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.messaging import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
@@ -49,7 +50,7 @@ HOLDING_SUFFIX = ".migrating"
 DELAYED_DELIVERY_EXCHANGE = "celery_delayed_delivery"
 
 
-class MigrationRefused(Exception):
+class MigrationRefused(OrchestratorError):
     """The migration cannot run now (consumers attached); the message says why."""
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, text, update
 
+from orchestrator import store
 from orchestrator.config import Settings
 from orchestrator.db import Database, SessionEvent, SessionRow
 from orchestrator.lifecycle import (
@@ -15,12 +16,11 @@ from orchestrator.lifecycle import (
     admit_waiting,
     handle_start_message,
     request_stop,
-    store,
 )
 from orchestrator.lifecycle.inline import inline_lifecycle
-from orchestrator.lifecycle.store import admission_state
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
+from orchestrator.store import admission_state
 from tests.conftest import WorkerProcess, wait_until
 from tests.helpers import event_kinds, row, rows
 from tests.threads import in_background, race

@@ -14,8 +14,8 @@ from kombu import Connection
 
 from orchestrator.cli import EXIT_SESSION_FAILED, main
 from orchestrator.config import Settings
+from orchestrator.contract import is_valid_stop_reason
 from orchestrator.lifecycle import Lifecycle, handle_start_message
-from orchestrator.lifecycle.requests import is_valid_stop_reason
 from orchestrator.messaging import START_QUEUE, Topology
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import settings_env

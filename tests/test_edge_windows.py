@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from orchestrator import store
 from orchestrator.config import Settings
+from orchestrator.contract import StartRequest
 from orchestrator.db import Database, SessionRow
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.lifecycle import (
@@ -23,10 +25,8 @@ from orchestrator.lifecycle import (
     handle_start_message,
     reconcile,
     request_stop,
-    store,
 )
 from orchestrator.lifecycle.inline import inline_lifecycle
-from orchestrator.lifecycle.requests import StartRequest
 from orchestrator.lifecycle.start import start_claimed
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY, wait_until

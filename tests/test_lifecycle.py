@@ -9,8 +9,9 @@ import jwt
 import pytest
 from sqlalchemy import update
 
+from orchestrator import store
 from orchestrator.db import SessionRow
-from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop, store
+from orchestrator.lifecycle import Lifecycle, handle_start_message, reap, request_stop
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import wait_until
 from tests.helpers import event_kinds, events, row, row_or_none, rows

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from orchestrator.contract import secret_values
 from orchestrator.deepbrain.errors import sanitize_message
-from orchestrator.lifecycle.requests import secret_values
 from orchestrator.masking import mask
 
 

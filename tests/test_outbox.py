@@ -10,12 +10,12 @@ import pytest
 from kombu import Connection, Queue
 from sqlalchemy import func, select
 
-from orchestrator.celery_app import create_app
 from orchestrator.config import Settings
 from orchestrator.db import Database, OutboxEvent
 from orchestrator.lifecycle import Lifecycle, handle_start_message, request_stop
 from orchestrator.messaging import events_exchange
 from orchestrator.simulator import SimulatorServer
+from orchestrator.worker.celery_app import create_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.broker]
 

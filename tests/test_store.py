@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from orchestrator.db import LIVE_STATUSES, Database
-from orchestrator.lifecycle.store import ADMISSION_LOCK_KEY, CLAIM_FUNCTION_MIGRATION
+from orchestrator.store import ADMISSION_LOCK_KEY, CLAIM_FUNCTION_MIGRATION
 
 VERSIONS = Path(__file__).resolve().parents[1] / "migrations" / "versions"
 

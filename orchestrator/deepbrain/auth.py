@@ -1,4 +1,5 @@
-"""Thread-safe cache of the vendor's session token (a JWT of undocumented lifetime)."""
+"""The vendor's credentials: a secret that must not be empty, and a thread-safe cache of the
+session token (a JWT of undocumented lifetime)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-import jwt
+from pydantic import SecretStr
 
-__all__ = ["SessionTokenCache", "token_expiry"]
+from orchestrator.jwt_claims import token_expiry
+
+__all__ = ["SessionTokenCache", "required_secret"]
 
 
 class _Cached(NamedTuple):
@@ -17,27 +20,11 @@ class _Cached(NamedTuple):
     expires_at: float | None  # epoch seconds; None when the token has no readable exp
 
 
-# ``exp`` outside these bounds is no time ``datetime`` can hold (year 1970 to 9999): ignored.
-_LATEST_EXP = 253_402_300_799.0
-
-
-def token_expiry(token: str) -> float | None:
-    """The JWT's ``exp`` claim (epoch seconds), read without verifying it; None if absent or
-    not a time (the token is the vendor's: ``inf``, 400 digits, 1e18 are read as absent)."""
-    try:
-        claims = jwt.decode(
-            token, options={"verify_signature": False, "verify_exp": False}, algorithms=None
-        )
-    except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
-        return None
-    try:
-        seconds = float(exp)
-    except OverflowError:
-        return None
-    return seconds if 0.0 <= seconds <= _LATEST_EXP else None
+def required_secret(value: str | SecretStr, name: str) -> SecretStr:
+    secret = value if isinstance(value, SecretStr) else SecretStr(value)
+    if not secret.get_secret_value():
+        raise ValueError(f"DeepBrainClient: {name} must not be empty")
+    return secret
 
 
 class SessionTokenCache:

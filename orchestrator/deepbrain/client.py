@@ -31,18 +31,15 @@ import httpx
 from pydantic import SecretStr
 
 from orchestrator.deepbrain import deadline as request_deadline
-from orchestrator.deepbrain.auth import SessionTokenCache
+from orchestrator.deepbrain.auth import SessionTokenCache, required_secret
 from orchestrator.deepbrain.connections import PerThreadClients
+from orchestrator.deepbrain.envelope import may_have_started, read_list_page, unwrap
 from orchestrator.deepbrain.errors import (
     DeepBrainError,
     VendorAuthError,
     VendorConflict,
     VendorNotFound,
-    VendorServerError,
-    VendorUnavailable,
-    error_from_reply,
     error_from_transport,
-    sanitize_message,
 )
 from orchestrator.deepbrain.models import (
     StartedSession,
@@ -52,44 +49,17 @@ from orchestrator.deepbrain.models import (
     parse_vendor_session,
 )
 from orchestrator.deepbrain.retry import RetryPolicy, call_with_retry
-from orchestrator.deepbrain.values import loggable_id, skipped_values
+from orchestrator.deepbrain.values import loggable_id
 
 __all__ = ["DeepBrainClient"]
 
 logger = logging.getLogger("orchestrator.deepbrain")
 
-SUCCESS_CODE = 1000
 TOKEN_PATH = "/api/v2/sessions/token"  # noqa: S105 -- a URL path, not a password
 START_PATH = "/api/v2/sessions/start"
 STOP_PATH = "/api/v2/sessions/stop"
 LIST_PATH = "/api/v2/sessions"
 MAX_PAGES = 10_000  # a vendor whose "next" never ends must not loop us forever
-
-
-def _secret(value: str | SecretStr, name: str) -> SecretStr:
-    secret = value if isinstance(value, SecretStr) else SecretStr(value)
-    if not secret.get_secret_value():
-        raise ValueError(f"DeepBrainClient: {name} must not be empty")
-    return secret
-
-
-def _is_uncertain(exc: DeepBrainError) -> bool:
-    """True when a failed start may still have created a vendor session.
-
-    That is a 5xx or garbage reply, a timeout or connection lost after sending, or a success
-    status whose reply we could not use (an unknown code, data not as documented).
-    """
-    if isinstance(exc, VendorUnavailable):
-        return exc.uncertain
-    if isinstance(exc, VendorServerError):
-        return True
-    unclassified = type(exc) is DeepBrainError
-    return unclassified and (exc.http_status is None or 200 <= exc.http_status < 300)
-
-
-def _is_short_ascii_number(text: str) -> bool:
-    # str.isdigit() also accepts "²" (which int() refuses); a code is a few digits.
-    return 0 < len(text) <= 9 and text.isascii() and text.isdigit()
 
 
 @dataclass
@@ -123,8 +93,8 @@ class DeepBrainClient:
         if timeout_seconds <= 0:
             raise ValueError("DeepBrainClient: timeout_seconds must be positive")
         self._base_url = base_url.rstrip("/")
-        self._app_id = _secret(app_id, "app_id")
-        self._user_key = _secret(user_key, "user_key")
+        self._app_id = required_secret(app_id, "app_id")
+        self._user_key = required_secret(user_key, "user_key")
         self._timeout_seconds = timeout_seconds
         self._retry = retry if retry is not None else RetryPolicy()
         self._sleep = sleep
@@ -139,8 +109,6 @@ class DeepBrainClient:
         return f"{type(self).__name__}(base_url={self._base_url!r})"
 
     __str__ = __repr__
-
-    # -- lifecycle -----------------------------------------------------------------------
 
     @property
     def _http(self) -> httpx.Client:
@@ -176,8 +144,6 @@ class DeepBrainClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    # -- public calls --------------------------------------------------------------------
 
     def start_session(
         self,
@@ -269,22 +235,10 @@ class DeepBrainClient:
                 deadline,
                 params={"page": page, "page_size": page_size, "type": kind},
             )
-            results = data.get("results") if isinstance(data, Mapping) else None
-            if not isinstance(results, list):
-                raise DeepBrainError(
-                    endpoint, f"unexpected reply shape: page {page} has no results"
-                )
-            for row in results:
-                try:
-                    session = parse_vendor_session(row, endpoint)
-                except DeepBrainError as error:
-                    if on_malformed is None:
-                        raise
-                    skipped_values.add(1, {"field": "session", "endpoint": endpoint})
-                    on_malformed(error.vendor_message)
-                    continue
+            found, more = read_list_page(data, endpoint, page, on_malformed)
+            for session in found:
                 sessions.setdefault(session.session_id, session)
-            if not data.get("next") or not results:
+            if not more:
                 return list(sessions.values())
         raise DeepBrainError(endpoint, f"more than {MAX_PAGES} pages; refusing to go on")
 
@@ -295,8 +249,6 @@ class DeepBrainClient:
         endpoint = f"GET {path}"
         data = self._call_with_key("GET", path, endpoint, deadline)
         return parse_vendor_session(data, endpoint)
-
-    # -- internals -----------------------------------------------------------------------
 
     @staticmethod
     def _require_id(session_id: str) -> None:
@@ -377,7 +329,7 @@ class DeepBrainClient:
                 exc.unusable_session_id, endpoint, deadline
             ):
                 raise
-            if _is_uncertain(exc):
+            if may_have_started(exc):
                 state.uncertain += 1
                 logger.warning(
                     "deepbrain %s: start attempt %d is uncertain (%s): the vendor may have "
@@ -443,51 +395,4 @@ class DeepBrainClient:
                 secrets=self._secrets(),
                 request_secrets=masked,
             ) from exc
-        return self._unwrap(endpoint, response, masked)
-
-    def _unwrap(self, endpoint: str, response: httpx.Response, masked: frozenset[str]) -> Any:
-        status = response.status_code
-        try:
-            payload = response.json()
-        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
-            payload = None
-        if not isinstance(payload, Mapping) or "code" not in payload:
-            kind = "a non-JSON body" if payload is None else "JSON without the vendor envelope"
-            content_type = response.headers.get("content-type", "none")
-            summary = (
-                f"reply has {kind} (content-type {content_type}, {len(response.content)} bytes)"
-            )
-            raise error_from_reply(
-                endpoint,
-                status,
-                None,
-                sanitize_message(summary, self._secrets()),
-                retry_after=response.headers.get("retry-after"),
-                has_envelope=False,
-            )
-        raw_code = payload.get("code")
-        code = (
-            raw_code
-            if isinstance(raw_code, int)
-            and not isinstance(raw_code, bool)
-            and 0 <= raw_code < 10**9
-            else None
-        )
-        if code is None and isinstance(raw_code, str) and _is_short_ascii_number(raw_code):
-            code = int(raw_code)
-        if 200 <= status < 300 and code == SUCCESS_CODE:
-            return payload.get("data")
-        vendor_message = payload.get("message")
-        raise error_from_reply(
-            endpoint,
-            status,
-            code,
-            sanitize_message(
-                vendor_message if vendor_message is not None else "",
-                self._secrets(),
-                request_secrets=masked,
-            )
-            or "(no message)",
-            retry_after=response.headers.get("retry-after"),
-            has_envelope=True,
-        )
+        return unwrap(endpoint, response, self._secrets(), masked)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import httpx
 
 from orchestrator.deepbrain.values import clean_text
+from orchestrator.errors import OrchestratorError
 from orchestrator.masking import mask
 
 __all__ = [
@@ -62,7 +63,7 @@ def sanitize_message(
     return text
 
 
-class DeepBrainError(Exception):
+class DeepBrainError(OrchestratorError):
     """Base of every DeepBrain failure.
 
     Attributes: ``endpoint`` ("POST /api/v2/sessions/start"), ``http_status`` and ``code``
@@ -73,6 +74,7 @@ class DeepBrainError(Exception):
     only: a session the vendor created whose reply we cannot record; the client stops it).
     """
 
+    shown_as = "DeepBrain API (ORCHESTRATOR_DEEPBRAIN_BASE_URL)"
     default_retryable: ClassVar[bool] = False
 
     def __init__(

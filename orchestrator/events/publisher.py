@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from orchestrator import tracing
 from orchestrator.events.relay import PendingEvent
-from orchestrator.lifecycle import tracing
 from orchestrator.messaging import events_exchange
 from orchestrator.publishing import (
     DEFAULT_PUBLISH_TIMEOUT_SECONDS,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from orchestrator.lifecycle import store
+from orchestrator import store
 from orchestrator.lifecycle.context import Lifecycle
 
 logger = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from orchestrator import store
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
-from orchestrator.lifecycle import store
 from orchestrator.lifecycle.dispatch import Dispatcher
 
 MAX_PARALLEL_STOPS = 32

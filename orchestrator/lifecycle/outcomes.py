@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.errors import OrchestratorError
 
-class RetryLater(Exception):
+
+class RetryLater(OrchestratorError):
     """Do not acknowledge this message yet: run it again in ``delay`` seconds.
 
     ``abandoned_attempt`` names an attempt this delivery gave up on (its lease may be taken at

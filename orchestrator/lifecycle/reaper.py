@@ -6,7 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from orchestrator.lifecycle import store, tracing
+from orchestrator import store, tracing
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.stop import finish_confirmed, stop_at_vendor
 

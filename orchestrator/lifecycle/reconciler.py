@@ -36,6 +36,7 @@ from datetime import datetime, timedelta
 from opentelemetry import trace
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from orchestrator import store, tracing
 from orchestrator.deepbrain import (
     DeepBrainError,
     VendorAuthError,
@@ -44,7 +45,7 @@ from orchestrator.deepbrain import (
     VendorSession,
 )
 from orchestrator.deepbrain.values import loggable_id
-from orchestrator.lifecycle import metrics, store, tracing
+from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.stop import vendor_stop
 

@@ -16,20 +16,19 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from orchestrator.backoff import exponential_backoff
+from orchestrator import store
 from orchestrator.config import lease_without_margin
-from orchestrator.lifecycle import store
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.stop import compensate, execute_stop
+from orchestrator.retries import RECORD_RETRY_SECONDS, RECORDING_A_START
 
-# After a failed write of the vendor's yes, how long to keep trying (re-reading the row, then
-# writing again) before stopping the session: a blip of the database should not cost a good
-# session. A full pool is not the database's fault: it is waited out for longer. Neither wait
-# may outlast what the orphan grace leaves after the vendor's reply (grace - vendor timeout):
-# past it the reconciler would take the unrecorded session for an orphan and stop it.
-RECORD_RETRY_SECONDS = 5.0
-
+# After a failed write of the vendor's yes, keep trying (re-reading the row, then writing
+# again) for RECORD_RETRY_SECONDS (orchestrator/retries.py) before stopping the session: a
+# blip of the database should not cost a good session. A full pool is not the database's
+# fault: it is waited out for longer. Neither wait may outlast what the orphan grace leaves
+# after the vendor's reply (grace - vendor timeout): past it the reconciler would take the
+# unrecorded session for an orphan and stop it.
 # The unique constraint on ``sessions.vendor_session_id`` (migration 0001).
 VENDOR_ID_CONSTRAINT = "uq_sessions_vendor_session_id"
 
@@ -93,7 +92,7 @@ def record_vendor_yes(
             compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
             raise
         return _fail_reused_session_id(lc, ticket, vendor_id)
-    if result is None:
+    if result is store.Recorded.YES:
         return StartOutcome(ticket.request_id, "active", vendor_id)
     if isinstance(result, store.StopTicket):
         execute_stop(lc, result)
@@ -119,11 +118,11 @@ def record_vendor_yes(
 
 def _record_within(
     lc: Lifecycle, ticket: store.StartTicket, start: store.VendorStart, window: _RecordWindow
-) -> store.StopTicket | store.NotRecorded | _Unknown | None:
+) -> store.Recorded | store.StopTicket | store.NotRecorded | _Unknown:
     """``record_started``, re-read and written again until settled or the window closes."""
     vendor_id = start.vendor_session_id
     tries = 0
-    result: store.StopTicket | store.NotRecorded | _Unknown | None
+    result: store.Recorded | store.StopTicket | store.NotRecorded | _Unknown
     while True:
         tries += 1
         pool_full = False
@@ -143,7 +142,7 @@ def _record_within(
         if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
             return result
         until = window.pool_until if pool_full else window.write_until
-        pause = min(exponential_backoff(tries, base=0.2, cap=1.0), until - time.monotonic())
+        pause = min(RECORDING_A_START.delay(tries), until - time.monotonic())
         if pause <= 0:
             return result
         time.sleep(pause)
@@ -158,7 +157,7 @@ _UNKNOWN = _Unknown()
 
 def _reread(
     lc: Lifecycle, ticket: store.StartTicket, vendor_id: str, window: _RecordWindow
-) -> store.StopTicket | store.NotRecorded | _Unknown | None:
+) -> store.Recorded | store.StopTicket | store.NotRecorded | _Unknown:
     try:
         with lc.db.waits_at_most(window.left()):
             return store.start_state(lc.db, ticket, vendor_id)

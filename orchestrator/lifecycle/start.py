@@ -10,20 +10,13 @@ import random
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
 from sqlalchemy.exc import DataError
 
-from orchestrator import masking
-from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
-from orchestrator.deepbrain.auth import token_expiry
-from orchestrator.lifecycle import metrics, store, tracing
-from orchestrator.lifecycle.context import Lifecycle
-from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
-from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
-from orchestrator.lifecycle.requests import (
+from orchestrator import masking, store, tracing
+from orchestrator.contract import (
     REQUEST_ID_PATTERN,
     InvalidStartRequest,
     StartRequest,
@@ -31,9 +24,15 @@ from orchestrator.lifecycle.requests import (
     payload_digest,
     secret_values,
 )
+from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
+from orchestrator.jwt_claims import expires_at
+from orchestrator.lifecycle import metrics
+from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
+from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
+from orchestrator.retries import MAX_CAPACITY_BOUNCES
 
 logger = logging.getLogger(__name__)
-MAX_CAPACITY_BOUNCES = 5
 MAX_CLAIM_ID_LENGTH = 255
 
 
@@ -226,8 +225,8 @@ def run_start(
         raise RetryLater(
             "a vendor attempt is in progress", began.seconds + random.uniform(0.5, 1.5)
         )
-    if isinstance(began, str):
-        return StartOutcome(request_id, began, "no start needed")
+    if isinstance(began, store.NoStart):
+        return StartOutcome(request_id, began.status, "no start needed")
     return start_claimed(lc, began)
 
 
@@ -239,10 +238,10 @@ def start_claimed(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
     _claim_again_if_gone(stopped)
     if stopped is store.NotRecorded.MOVED_ON:
         return StartOutcome(ticket.request_id, "unchanged", "the row moved on before the call")
-    if isinstance(stopped, str):
+    if isinstance(stopped, store.NoStart):
         logger.info("start request %s: stopped before the vendor call", ticket.request_id)
         metrics.record_start("cancelled")
-        return StartOutcome(ticket.request_id, stopped, "stopped before the vendor call")
+        return StartOutcome(ticket.request_id, stopped.status, "stopped before the vendor call")
     with tracing.session_span(
         "session.start",
         ticket.traceparent,
@@ -281,7 +280,7 @@ def _call_vendor(
         if ticket.attempt < MAX_CAPACITY_BOUNCES:
             waiting = store.back_to_waiting(lc.db, ticket, vendor_error=error.error_code)
             _claim_again_if_gone(waiting)
-            if waiting is None:
+            if waiting is store.Recorded.YES:
                 logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
                 return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure: DeepBrainError = error
@@ -318,14 +317,8 @@ def _vendor_start(
         livekit_url=started.livekit_url,
         livekit_room=started.livekit_room,
         livekit_token=started.livekit_token,
-        livekit_token_expires_at=jwt_expiry(started.livekit_token),
+        livekit_token_expires_at=expires_at(started.livekit_token),
         granted_minutes=granted_minutes,
         max_session_numbers=started.max_session_numbers,
         expires_at=ticket.sent_at + lifetime,
     )
-
-
-def jwt_expiry(token: str) -> datetime | None:
-    """The ``exp`` of a LiveKit token, read without verifying it (we only display it)."""
-    exp = token_expiry(token)
-    return datetime.fromtimestamp(exp, UTC) if exp is not None else None

@@ -6,13 +6,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+from orchestrator import retries, store, tracing
 from orchestrator.config import lease_without_margin
 from orchestrator.deepbrain import DeepBrainError, StopOutcome, VendorNotFound
-from orchestrator.lifecycle import metrics, store, tracing
+from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
 
 logger = logging.getLogger(__name__)
-MAX_STOP_BACKOFF_SECONDS = 300.0
 # The audit entry of a compensation waits this long at most for a pooled connection: the pool
 # may be full (a reason to compensate), and the message's retry must not wait behind it.
 COMPENSATION_LOG_WAIT_SECONDS = 2.0
@@ -109,8 +109,8 @@ def stop_at_vendor(lc: Lifecycle, ticket: store.StopTicket) -> StopOutcome | Non
                 lc.db,
                 ticket.session_id,
                 error=str(error),
-                base_delay=min(lc.settings.stop_retry_seconds, lc.settings.reaper_interval_seconds),
-                max_delay=MAX_STOP_BACKOFF_SECONDS,
+                base_delay=retries.stop_backoff(lc.settings).base,
+                max_delay=retries.stop_backoff(lc.settings).cap,
             )
             return None
         tracing.set_attributes(span, vendor_outcome=outcome.value)

@@ -34,13 +34,13 @@ import pytest
 from kombu import Connection
 from sqlalchemy import text
 
-from orchestrator.celery_app import create_app
 from orchestrator.config import Settings
 from orchestrator.db import Database, OutboxEvent
 from orchestrator.messaging import CONTROL_QUEUE, DEAD_LETTER_QUEUE, START_QUEUE, events_exchange
 from orchestrator.producer import Producer, PublishError, SessionEvents
 from orchestrator.publishing import topology
 from orchestrator.simulator import SimulatorServer
+from orchestrator.worker.celery_app import create_app
 from tests.amqp import publish_raw
 from tests.conftest import WorkerProcess
 from tests.faults.conftest import (

@@ -20,6 +20,8 @@ from pydantic import (
     field_validator,
 )
 
+from orchestrator.errors import OrchestratorError
+
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 # A stop's reason: the vendor's vocabulary (USER_CLOSED, MAX_DURATION_REACHED …) or any other
 # upper-case word; checked by the producer before publishing and by the worker on receipt.
@@ -135,7 +137,7 @@ class StartRequest(BaseModel):
         return body
 
 
-class InvalidStartRequest(ValueError):
+class InvalidStartRequest(OrchestratorError, ValueError):
     """The message decoded but breaks the contract; ``str()`` names the fields."""
 
 

@@ -1,6 +1,7 @@
 """The Celery application of the worker and of beat, put together: JSON only, late acks,
 dead-lettering instead of silent drops, beat's schedule. The parts live in
-:mod:`orchestrator.worker`; what publishing alone needs, in :mod:`orchestrator.publishing`."""
+:mod:`orchestrator.worker`; what publishing alone needs, in :mod:`orchestrator.publishing`;
+``celery -A orchestrator`` loads :mod:`orchestrator.celery`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 
 from celery import signals
 
-from orchestrator import tasks
 from orchestrator.config import Settings
 from orchestrator.messaging import (
     ADMIT_TASK,
@@ -21,6 +21,7 @@ from orchestrator.publishing import publishing_config
 from orchestrator.worker.app import OrchestratorCelery
 from orchestrator.worker.consumer import DeadLetteringConsumer
 from orchestrator.worker.steps import HeartbeatScheduler, WorkerHeartbeat
+from orchestrator.worker.tasks import register
 
 __all__ = ["OrchestratorCelery", "celery_config", "create_app"]
 
@@ -78,7 +79,7 @@ def create_app(settings: Settings) -> OrchestratorCelery:
     app = OrchestratorCelery(settings)
     app.conf.update(celery_config(settings))
     app.steps["consumer"].add(WorkerHeartbeat)
-    tasks.register(app)
+    register(app)
 
     @signals.worker_process_init.connect(weak=False)
     def _after_fork(**_: Any) -> None:

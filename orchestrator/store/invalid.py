@@ -1,4 +1,5 @@
-"""A message that decoded but cannot be started: a ``failed`` row that says why."""
+"""A message that decoded but cannot be started: a ``failed`` row that says why, born ended
+(its history row and event written by :func:`.ending.announce`, as every end's)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from typing import Any
 
 from sqlalchemy import select
 
+from orchestrator.contract import storable
 from orchestrator.db import Database, EventKind, SessionRow
-from orchestrator.events import outbox
-from orchestrator.lifecycle.requests import storable
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import S, db_now, insert_ignoring_conflict
+from orchestrator.store import history
+from orchestrator.store.ending import Ended, announce
+from orchestrator.store.rows import S, db_now, insert_ignoring_conflict
 
 
 def record_invalid(
@@ -59,7 +60,18 @@ def record_invalid(
                     session, EventKind.DUPLICATE_CONFLICT, row=row, claim_id=claim_id, error=message
                 )
             return None
-        row = session.get_one(SessionRow, new_id)
-        history.log(session, EventKind.FAILED, row=row, error_code=error_code, error=message)
-        outbox.emit(session, row)
-        return row.id
+        ended = Ended(
+            session_id=uuid.UUID(str(new_id)),
+            request_id=request_id,
+            vendor_session_id=None,
+            status=S.FAILED.value,
+            status_before=S.FAILED.value,  # born ended: no slot was held
+            end_reason=None,
+            error_code=error_code,
+            error_message=message,
+            expires_at=None,
+            ended_at=now,
+            traceparent=traceparent,
+        )
+        announce(session, [ended], now, detail={"error": message})
+        return ended.session_id

@@ -1,5 +1,5 @@
-"""What the phases of the store share: the database's clock, row locks, the terminal
-transition and the move to ``stopping``."""
+"""What the phases of the store share: the database's clock, row locks and the move to
+``stopping`` (the terminal transition is :mod:`.ending`)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,8 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from orchestrator.db import (
-    LIVE_STATUSES,
-    AfterCommit,
-    EventKind,
-    SessionRow,
-    SessionStatus,
-    after_commit,
-)
-from orchestrator.events import outbox
-from orchestrator.lifecycle.requests import without_secrets
-from orchestrator.lifecycle.store import history
+from orchestrator.db import LIVE_STATUSES, EventKind, SessionRow, SessionStatus
+from orchestrator.store import history
 
 S = SessionStatus
 MAX_DURATION_REACHED = "MAX_DURATION_REACHED"  # the reaper's end_reason (vendor vocabulary)
@@ -42,7 +33,7 @@ def new_attempt_owner() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StopTicket:
     """A session this caller moved to ``stopping``; it owes the vendor stop."""
 
@@ -69,43 +60,6 @@ def insert_ignoring_conflict(values: dict[str, Any]) -> Any:
     )
 
 
-# -- admission: the claim --------------------------------------------------------------------
-def finish(
-    session: Session,
-    row: SessionRow,
-    status: SessionStatus,
-    now: datetime,
-    *,
-    end_reason: str | None = None,
-    **detail: Any,
-) -> None:
-    """The one terminal transition: clears the LiveKit token, the lease and the payload's
-    secrets."""
-    if row.status in LIVE_VALUES:
-        after_commit(session, AfterCommit.SLOT_FREED)
-    row.status = status.value
-    row.ended_at = now
-    if end_reason is not None:
-        row.end_reason = end_reason
-    row.livekit_token = None
-    row.stop_retry_at = None
-    row.attempt_lease_until = None
-    row.request_payload = without_secrets(row.request_payload)
-    session.flush()
-    history.log(
-        session,
-        EventKind.ENDED if status == S.ENDED else EventKind.FAILED,
-        row=row,
-        end_reason=row.end_reason,
-        error_code=row.error_code,
-        **detail,
-    )
-    outbox.emit(session, row)
-
-
-# -- stops -----------------------------------------------------------------------------------
-
-
 def to_stopping(
     session: Session, row: SessionRow, reason: str, now: datetime, retry_in: float
 ) -> StopTicket:
@@ -116,5 +70,10 @@ def to_stopping(
     row.stop_retry_at = now + timedelta(seconds=retry_in)
     history.log(session, EventKind.STOP_REQUESTED, row=row, reason=reason)
     return StopTicket(
-        row.id, row.request_id, row.vendor_session_id, reason, row.traceparent, row.expires_at
+        session_id=row.id,
+        request_id=row.request_id,
+        vendor_session_id=row.vendor_session_id,
+        reason=reason,
+        traceparent=row.traceparent,
+        expires_at=row.expires_at,
     )

@@ -16,21 +16,22 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import (
+from orchestrator.errors import OrchestratorError
+from orchestrator.store import history
+from orchestrator.store.ending import end, end_row
+from orchestrator.store.rows import (
     S,
     db_now,
-    finish,
     insert_ignoring_conflict,
     new_attempt_owner,
 )
-from orchestrator.lifecycle.store.starts import StartTicket
+from orchestrator.store.starts import StartTicket
 
 CLAIM_FUNCTION_MIGRATION = "0006"  # defines the orchestrator_claim and admission state called
 ADMISSION_LOCK_KEY = 0x5E5511  # pg_advisory_xact_lock: one admission decision at a time
@@ -40,7 +41,7 @@ VENDOR_ACCOUNT = "default"  # the row of vendor_accounts admission reads (one ac
 LOCK_NOT_AVAILABLE = "55P03"
 
 
-class AdmissionBusy(Exception):
+class AdmissionBusy(OrchestratorError):
     """The admission lock was not granted within the claim's bound: try the message again."""
 
 
@@ -149,14 +150,14 @@ def _try_claim(
                 db.fire(AfterCommit.SLOT_FREED)  # others wait while slots are free: admit them FIFO
             return Claim(ClaimOutcome.NEW, found.session_id, found.status)
         ticket = StartTicket(
-            found.session_id,
-            request.request_id,
-            request.payload,
-            1,
-            found.at,
-            found.at,
-            request.traceparent,
-            owner,
+            session_id=found.session_id,
+            request_id=request.request_id,
+            payload=request.payload,
+            attempt=1,
+            sent_at=found.at,
+            created_at=found.at,
+            traceparent=request.traceparent,
+            owner=owner,
         )
         return Claim(ClaimOutcome.NEW, found.session_id, found.status, ticket)
     return _existing_row(db, request)
@@ -238,7 +239,7 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
         history.log(
             session, EventKind.CREATED, row=row, claim_id=request.claim_id, status="waiting"
         )
-        finish(session, row, S.ENDED, now, end_reason=early.reason, stopped_before_start=True)
+        end_row(session, row, S.ENDED, end_reason=early.reason, stopped_before_start=True)
         return session_id
 
 
@@ -310,20 +311,21 @@ def admit(db: Database, *, configured_cap: int) -> list[tuple[uuid.UUID, str]]:
 
 def expire_waiting(db: Database) -> list[str]:
     """``waiting`` rows past their ``start_deadline_at`` → ``failed`` ``CAPACITY_TIMEOUT``."""
-    expired: list[str] = []
     with db.transaction() as session:
-        now = db_now(session)
-        rows = session.scalars(
-            select(SessionRow)
-            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= now)
+        ids = session.scalars(
+            select(SessionRow.id)
+            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= func.now())
             .with_for_update(skip_locked=True)
         ).all()
-        for row in rows:
-            row.error_code = "CAPACITY_TIMEOUT"
-            row.error_message = "no free session slot before start_deadline_seconds passed"
-            finish(session, row, S.FAILED, now)
-            expired.append(row.request_id)
-    return expired
+        ended = end(
+            session,
+            ids,
+            S.FAILED,
+            from_statuses=[S.WAITING],
+            error_code="CAPACITY_TIMEOUT",
+            error_message="no free session slot before start_deadline_seconds passed",
+        )
+        return [e.request_id for e in ended]
 
 
 def has_waiting(db: Database) -> bool:

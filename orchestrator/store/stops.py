@@ -12,17 +12,16 @@ from sqlalchemy import Interval, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql
 
 from orchestrator.backoff import exponential_backoff
-from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, SessionRow, after_commit
-from orchestrator.events import outbox
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.admission import lock_admission
-from orchestrator.lifecycle.store.rows import (
+from orchestrator.db import Database, EarlyStop, EventKind, SessionRow
+from orchestrator.store import history
+from orchestrator.store.admission import lock_admission
+from orchestrator.store.ending import Ended, end, end_row
+from orchestrator.store.rows import (
     MAX_DURATION_REACHED,
     SESSIONS,
     S,
     StopTicket,
     db_now,
-    finish,
     lock_row,
     to_stopping,
 )
@@ -75,7 +74,7 @@ def request_stop(
         before = row.status
         now = db_now(session)
         if row.status == S.WAITING:
-            finish(session, row, S.ENDED, now, end_reason=reason)
+            end_row(session, row, S.ENDED, end_reason=reason)
         elif row.status == S.STARTING and row.stop_requested_at is None:
             row.stop_requested_at = now
             row.end_reason = reason
@@ -98,75 +97,21 @@ def prune_early_stops(db: Database, *, older_than_seconds: float) -> int:
         return len(pruned)
 
 
-_FINISH_STOPPED = (
-    SESSIONS.update()
-    .where(
-        SESSIONS.c.id.in_(bindparam("ids", expanding=True)),
-        SESSIONS.c.status == S.STOPPING.value,
-    )
-    .values(status=S.ENDED.value, ended_at=func.now(), livekit_token=None, stop_retry_at=None)
-    .returning(
-        SESSIONS.c.id,
-        SESSIONS.c.request_id,
-        SESSIONS.c.vendor_session_id,
-        SESSIONS.c.end_reason,
-        SESSIONS.c.expires_at,
-        SESSIONS.c.ended_at,
-        SESSIONS.c.traceparent,
-    )
-)
-
-
-@dataclass(frozen=True)
-class Ended:
-    session_id: uuid.UUID
-    end_reason: str | None
-    lag_seconds: float | None  # ended_at - expires_at, by the database's clock
-
-
 def finish_stops(db: Database, outcomes: dict[uuid.UUID, str]) -> list[Ended]:
     """``stopping`` → ``ended`` for the rows whose vendor stop was confirmed (or that the vendor
-    said were already gone): ``outcomes`` maps row id → vendor outcome. One transaction for a
-    whole sweep batch; returns the rows that were still ``stopping`` (now ``ended``).
-
-    ``_finish`` for the common case as Core statements: a ``stopping`` row came from
-    ``active``, whose start already cleared the payload's secrets.
-    """
+    said were already gone): ``outcomes`` maps row id → vendor outcome. One transaction (and
+    :func:`.ending.end`'s three statements) for a whole sweep batch; returns the rows that were
+    still ``stopping`` (now ``ended``)."""
     if not outcomes:
         return []
     with db.transaction() as session:
-        ended = session.connection().execute(_FINISH_STOPPED, {"ids": list(outcomes)}).all()
-        entries = [
-            history.Entry(
-                r.id,
-                r.vendor_session_id,
-                {"end_reason": r.end_reason, "error_code": None, "vendor_outcome": outcomes[r.id]},
-            )
-            for r in ended
-        ]
-        history.log_now(session, EventKind.ENDED, entries)
-        updates = [
-            outbox.Update(
-                S.ENDED.value,
-                r.request_id,
-                r.vendor_session_id,
-                r.expires_at,
-                r.traceparent,
-                {"end_reason": r.end_reason},
-            )
-            for r in ended
-        ]
-        outbox.emit_now(session, updates)
-        if ended:
-            after_commit(session, AfterCommit.SLOT_FREED)
-    return [
-        Ended(
-            r.id,
-            r.end_reason,
-            (r.ended_at - r.expires_at).total_seconds() if r.expires_at else None,
+        return end(
+            session,
+            outcomes,
+            S.ENDED,
+            from_statuses=[S.STOPPING],
+            detail_of={row_id: {"vendor_outcome": o} for row_id, o in outcomes.items()},
         )
-        for r in ended
-    ]
 
 
 def stop_failed(
@@ -184,8 +129,6 @@ def stop_failed(
             session, EventKind.STOP_ATTEMPT_FAILED, row=row, attempt=row.stop_attempts, error=error
         )
 
-
-# -- the reaper ------------------------------------------------------------------------------
 
 _CLAIM_EXPIRED = (
     SESSIONS.update()
@@ -229,7 +172,14 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
         )
         reason = MAX_DURATION_REACHED
         tickets = [
-            StopTicket(r.id, r.request_id, r.vendor_session_id, reason, r.traceparent, r.expires_at)
+            StopTicket(
+                session_id=r.id,
+                request_id=r.request_id,
+                vendor_session_id=r.vendor_session_id,
+                reason=reason,
+                traceparent=r.traceparent,
+                expires_at=r.expires_at,
+            )
             for r in expired
         ]
         history.log_now(
@@ -251,12 +201,12 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
             row.stop_retry_at = retry_at
             tickets.append(
                 StopTicket(
-                    row.id,
-                    row.request_id,
-                    row.vendor_session_id,
-                    row.end_reason or "ERROR",
-                    row.traceparent,
-                    row.expires_at,
+                    session_id=row.id,
+                    request_id=row.request_id,
+                    vendor_session_id=row.vendor_session_id,
+                    reason=row.end_reason or "ERROR",
+                    traceparent=row.traceparent,
+                    expires_at=row.expires_at,
                 )
             )
     return tickets
@@ -277,6 +227,3 @@ def seconds_to_expiries(db: Database, horizon: float, *, limit: int = 10_000) ->
             .limit(limit)
         ).all()
     return [float(s) for s in found]
-
-
-# -- the reconciler --------------------------------------------------------------------------

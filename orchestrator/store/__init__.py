@@ -11,7 +11,7 @@ a host's clock.
 - :mod:`.rows` and :mod:`.history`: what they share, and the ``session_events`` log.
 """
 
-from orchestrator.lifecycle.store.admission import (
+from orchestrator.store.admission import (
     ADMISSION_LOCK_KEY,
     CLAIM_FUNCTION_MIGRATION,
     AdmissionBusy,
@@ -25,16 +25,20 @@ from orchestrator.lifecycle.store.admission import (
     expire_waiting,
     has_waiting,
 )
-from orchestrator.lifecycle.store.invalid import record_invalid
-from orchestrator.lifecycle.store.rows import (
+from orchestrator.store.ending import Ended, end
+from orchestrator.store.invalid import record_invalid
+from orchestrator.store.rows import (
     MAX_DURATION_REACHED,
     USER_CLOSED,
     StopTicket,
     db_now,
 )
-from orchestrator.lifecycle.store.starts import (
+from orchestrator.store.starts import (
     AttemptBusy,
+    NoStart,
     NotRecorded,
+    Proceed,
+    Recorded,
     StartTicket,
     VendorStart,
     back_to_waiting,
@@ -46,8 +50,7 @@ from orchestrator.lifecycle.store.starts import (
     record_started,
     start_state,
 )
-from orchestrator.lifecycle.store.stops import (
-    Ended,
+from orchestrator.store.stops import (
     StopRequestResult,
     claim_due_stops,
     finish_stops,
@@ -56,7 +59,7 @@ from orchestrator.lifecycle.store.stops import (
     seconds_to_expiries,
     stop_failed,
 )
-from orchestrator.lifecycle.store.vendor_sync import (
+from orchestrator.store.vendor_sync import (
     END_REASON_LENGTH,
     LEASE_GRACE_SECONDS,
     LiveVendorRow,
@@ -87,7 +90,10 @@ __all__ = [
     "ClaimRequest",
     "Ended",
     "LiveVendorRow",
+    "NoStart",
     "NotRecorded",
+    "Proceed",
+    "Recorded",
     "StartTicket",
     "StopRequestResult",
     "StopTicket",
@@ -101,6 +107,7 @@ __all__ = [
     "claim_due_stops",
     "database_time",
     "db_now",
+    "end",
     "end_if_holding",
     "end_if_stopped",
     "expire_waiting",

@@ -14,8 +14,9 @@ from sqlalchemy.dialects import postgresql
 
 from orchestrator.db import Database, EventKind, SessionEvent, SessionRow, SweepLease
 from orchestrator.deepbrain.values import clean_text, is_storable_id
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import S, db_now, finish, lock_row
+from orchestrator.store import history
+from orchestrator.store.ending import end, end_row
+from orchestrator.store.rows import S, db_now, lock_row
 
 # A lease that ran out this recently may be about to be taken over by the same message's
 # redelivery, which waited for it: the reconciler leaves it that long before failing the row.
@@ -128,14 +129,7 @@ def record_vendor_ended(
         when = now if ended_at is None or ended_at > now else ended_at  # not in the future
         if row.started_at is not None:
             when = max(when, row.started_at)  # nor before it started (a skewed vendor clock)
-        finish(
-            session,
-            row,
-            S.ENDED,
-            when,
-            end_reason=reason,
-            source="reconciler",
-        )
+        end_row(session, row, S.ENDED, end_reason=reason, ended_at=when, source="reconciler")
         return True
 
 
@@ -149,7 +143,7 @@ def resolve_stuck_starts(db: Database, *, start_timeout: float) -> StuckStarts:
     """``starting`` rows nobody is starting: an attempt whose lease ran out (its worker died,
     or the vendor never answered) fails ``START_TIMEOUT``; a row admitted longer than the start
     timeout ago with no attempt since (its dispatch was lost) is dispatched again."""
-    failed: list[str] = []
+    timed_out: list[uuid.UUID] = []
     redispatch: list[tuple[uuid.UUID, str]] = []
     with db.transaction() as session:
         now = db_now(session)
@@ -168,18 +162,21 @@ def resolve_stuck_starts(db: Database, *, start_timeout: float) -> StuckStarts:
             if row.attempt_owner is not None:
                 if row.attempt_lease_until is not None and row.attempt_lease_until > grace:
                     continue
-                row.error_code = "START_TIMEOUT"
-                row.error_message = (
-                    "no vendor answer recorded within ORCHESTRATOR_START_TIMEOUT_SECONDS"
-                )
-                finish(session, row, S.FAILED, now)
-                failed.append(row.request_id)
+                timed_out.append(row.id)
             elif (row.admitted_at or row.start_sent_at or row.created_at) < cutoff:
                 assert row.claim_id is not None
                 row.admitted_at = now
                 history.log(session, EventKind.REDISPATCHED, row=row)
                 redispatch.append((row.id, row.claim_id))
-    return StuckStarts(failed, redispatch)
+        ended = end(
+            session,
+            timed_out,
+            S.FAILED,
+            from_statuses=[S.STARTING],
+            error_code="START_TIMEOUT",
+            error_message="no vendor answer recorded within ORCHESTRATOR_START_TIMEOUT_SECONDS",
+        )
+    return StuckStarts([e.request_id for e in ended], redispatch)
 
 
 def log_orphan_stop(
@@ -232,6 +229,3 @@ def release_sweep_lease(db: Database, name: str, owner: str) -> None:
         if lease is not None and lease.owner == owner:
             lease.lease_until = None
             lease.finished_at = db_now(session)
-
-
-# -- admission -------------------------------------------------------------------------------

@@ -12,23 +12,23 @@ from typing import Any
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
+from orchestrator.contract import without_secrets
 from orchestrator.db import AfterCommit, Database, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument, UTCDateTime
 from orchestrator.events import bodies
-from orchestrator.lifecycle.requests import without_secrets
-from orchestrator.lifecycle.store import history
-from orchestrator.lifecycle.store.rows import (
+from orchestrator.store import history
+from orchestrator.store.ending import end_row
+from orchestrator.store.rows import (
     USER_CLOSED,
     S,
     StopTicket,
     db_now,
-    finish,
     lock_row,
     new_attempt_owner,
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StartTicket:
     """What a worker needs to call the vendor, read in the transaction that began the attempt
     (and took its lease: ``owner`` is the attempt's id)."""
@@ -44,13 +44,17 @@ class StartTicket:
 
 
 @dataclass(frozen=True)
+class NoStart:
+    """This claim has no vendor start to make: ``status`` is the row's (``gone``: no row)."""
+
+    status: str
+
+
+@dataclass(frozen=True)
 class AttemptBusy:
     """Another delivery of this start holds the attempt's lease for ``seconds`` more."""
 
     seconds: float
-
-
-# -- starts ----------------------------------------------------------------------------------
 
 
 def begin_attempt(
@@ -60,25 +64,25 @@ def begin_attempt(
     *,
     lease_seconds: float,
     abandoned_attempt: str | None = None,
-) -> StartTicket | AttemptBusy | str:
+) -> StartTicket | AttemptBusy | NoStart:
     """Count a vendor start attempt and take its lease. AttemptBusy if another delivery holds
     a live lease (``abandoned_attempt``, an attempt this message itself gave up on, does not
-    count); else the row's status if this claim has no start to make.
+    count); NoStart (with the row's status) if this claim has no start to make.
 
     A stop that arrived before any vendor call ends the row here, with no call at all.
     """
     with db.transaction() as session:
         row = lock_row(session, session_id)
         if row is None:
-            return "gone"
+            return NoStart("gone")
         if row.vendor_session_id is not None or row.claim_id != claim_id:
-            return row.status
+            return NoStart(row.status)
         now = db_now(session)
         if row.stop_requested_at is not None and row.status in (S.WAITING, S.STARTING):
-            finish(session, row, S.ENDED, now, end_reason=row.end_reason or USER_CLOSED)
-            return row.status
+            end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
+            return NoStart(row.status)
         if row.status != S.STARTING:
-            return row.status
+            return NoStart(row.status)
         lease = row.attempt_lease_until
         if lease is not None and lease > now and row.attempt_owner != abandoned_attempt:
             return AttemptBusy((lease - now).total_seconds())
@@ -89,14 +93,14 @@ def begin_attempt(
         row.attempt_lease_until = now + timedelta(seconds=lease_seconds)
         history.log(session, EventKind.START_ATTEMPT, row=row, attempt=row.attempts)
         return StartTicket(
-            row.id,
-            row.request_id,
-            dict(row.request_payload),
-            row.attempts,
-            now,
-            row.created_at,
-            row.traceparent,
-            owner,
+            session_id=row.id,
+            request_id=row.request_id,
+            payload=dict(row.request_payload),
+            attempt=row.attempts,
+            sent_at=now,
+            created_at=row.created_at,
+            traceparent=row.traceparent,
+            owner=owner,
         )
 
 
@@ -116,6 +120,18 @@ class VendorStart:
 COMPENSATED = "ERROR"  # the reason a compensating stop gives the vendor
 
 
+class Recorded(Enum):
+    """The write landed (``record_started``: the row is ``active``)."""
+
+    YES = "recorded"
+
+
+class Proceed(Enum):
+    """``end_if_stopped``: no stop came, make the vendor call."""
+
+    CALL_VENDOR = "call the vendor"
+
+
 class NotRecorded(Enum):
     """Why ``record_started`` wrote nothing."""
 
@@ -126,11 +142,11 @@ class NotRecorded(Enum):
 
 def record_started(
     db: Database, ticket: StartTicket, start: VendorStart, *, stop_retry_in: float
-) -> StopTicket | NotRecorded | None:
-    """Store the vendor's answer. Returns None (the row is ``active``), a StopTicket if a stop
-    was requested meanwhile (the caller owes the vendor stop, within ``stop_retry_in``: the
-    stop's lease, ``STOP_RETRY_SECONDS``, before the reaper may try it again), or why nothing
-    was written.
+) -> Recorded | StopTicket | NotRecorded:
+    """Store the vendor's answer. Returns Recorded.YES (the row is ``active``), a StopTicket if
+    a stop was requested meanwhile (the caller owes the vendor stop, within ``stop_retry_in``:
+    the stop's lease, ``STOP_RETRY_SECONDS``, before the reaper may try it again), or why
+    nothing was written.
 
     The hot path of every start: one autocommitted statement (the conditional UPDATE that
     guards the transition — still ``starting``, no vendor session yet, this attempt's lease —,
@@ -181,14 +197,14 @@ def record_started(
         return state
     db.fire(AfterCommit.EVENTS_PENDING)
     if marked.status != S.STOPPING:
-        return None
+        return Recorded.YES
     return StopTicket(
-        ticket.session_id,
-        ticket.request_id,
-        start.vendor_session_id,
-        marked.end_reason,
-        ticket.traceparent,
-        start.expires_at,
+        session_id=ticket.session_id,
+        request_id=ticket.request_id,
+        vendor_session_id=start.vendor_session_id,
+        reason=marked.end_reason,
+        traceparent=ticket.traceparent,
+        expires_at=start.expires_at,
     )
 
 
@@ -245,9 +261,9 @@ SELECT status, end_reason FROM marked
 
 def start_state(
     db: Database, ticket: StartTicket, vendor_session_id: str
-) -> StopTicket | NotRecorded | None:
+) -> Recorded | StopTicket | NotRecorded:
     """Where the row of an attempt stands, read afresh (after a write whose outcome is unknown,
-    e.g. a lost commit reply): None if it holds ``vendor_session_id`` (recorded), a StopTicket
+    e.g. a lost commit reply): Recorded.YES if it holds ``vendor_session_id``, a StopTicket
     if it holds it and a stop is owed, else why it does not."""
     with db.transaction() as session:
         row = session.get(SessionRow, ticket.session_id)
@@ -255,14 +271,14 @@ def start_state(
             return NotRecorded.GONE
         if row.vendor_session_id == vendor_session_id:
             if row.status != S.STOPPING:
-                return None
+                return Recorded.YES
             return StopTicket(
-                row.id,
-                row.request_id,
-                vendor_session_id,
-                row.end_reason or USER_CLOSED,
-                row.traceparent,
-                row.expires_at,
+                session_id=row.id,
+                request_id=row.request_id,
+                vendor_session_id=vendor_session_id,
+                reason=row.end_reason or USER_CLOSED,
+                traceparent=row.traceparent,
+                expires_at=row.expires_at,
             )
         if (
             row.status == S.STARTING
@@ -290,10 +306,11 @@ def _lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | Not
 _STOP_REQUESTED = text("SELECT stop_requested_at IS NOT NULL FROM sessions WHERE id = :id")
 
 
-def end_if_stopped(db: Database, ticket: StartTicket) -> NotRecorded | str | None:
+def end_if_stopped(db: Database, ticket: StartTicket) -> Proceed | NoStart | NotRecorded:
     """Just before the vendor call: a stop that came after the claim ends the row here, with
-    no call at all. The row's status if it was ended (or had moved on), GONE if the claim was
-    lost in a crash of the database, None if the call should go ahead.
+    no call at all. NoStart with the row's status if it was ended, MOVED_ON if it had moved on,
+    GONE if the claim was lost in a crash of the database, Proceed if the call should go
+    ahead.
 
     One primary-key read on the hot path; the row is locked only when a stop is there."""
     with db.autocommit() as connection:
@@ -301,47 +318,47 @@ def end_if_stopped(db: Database, ticket: StartTicket) -> NotRecorded | str | Non
     if stopped is None:
         return NotRecorded.GONE
     if not stopped:
-        return None
+        return Proceed.CALL_VENDOR
     with db.transaction() as session:
         row = _lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
-        finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
-        return row.status
+        end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
+        return NoStart(row.status)
 
 
 def record_failed(
     db: Database, ticket: StartTicket, *, error_code: str, error_message: str
-) -> NotRecorded | None:
-    """``starting`` → ``failed`` for this attempt; None once written, else why not: MOVED_ON
+) -> Recorded | NotRecorded:
+    """``starting`` → ``failed`` for this attempt; Recorded.YES once written, else why not: MOVED_ON
     (another attempt holds the row, or it ended), GONE (the claim was lost in a crash of the
     database: the caller must not acknowledge the message)."""
     with db.transaction() as session:
         row = _lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
-        row.error_code = error_code
-        row.error_message = error_message
-        finish(session, row, S.FAILED, db_now(session))
-        return None
+        end_row(session, row, S.FAILED, error_code=error_code, error_message=error_message)
+        return Recorded.YES
 
 
-def back_to_waiting(db: Database, ticket: StartTicket, *, vendor_error: str) -> NotRecorded | None:
+def back_to_waiting(
+    db: Database, ticket: StartTicket, *, vendor_error: str
+) -> Recorded | NotRecorded:
     """The vendor said the account is at its limit: wait again (first in line, by age). None
-    once written, else why not (as :func:`record_failed`)."""
+    Recorded.YES once written, else why not (as :func:`record_failed`)."""
     with db.transaction() as session:
         row = _lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
         if row.stop_requested_at is not None:
-            finish(session, row, S.ENDED, db_now(session), end_reason=row.end_reason or USER_CLOSED)
-            return None
+            end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
+            return Recorded.YES
         row.status = S.WAITING.value
         row.attempt_owner = None
         row.attempt_lease_until = None
         row.admitted_at = None
         history.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
-        return None
+        return Recorded.YES
 
 
 def end_if_holding(db: Database, session_id: uuid.UUID, vendor_session_id: str) -> bool:
@@ -357,7 +374,7 @@ def end_if_holding(db: Database, session_id: uuid.UUID, vendor_session_id: str) 
         ):
             return False
         reason = row.end_reason if row.status == S.STOPPING and row.end_reason else COMPENSATED
-        finish(session, row, S.ENDED, db_now(session), end_reason=reason, record_reply_lost=True)
+        end_row(session, row, S.ENDED, end_reason=reason, record_reply_lost=True)
         return True
 
 
