@@ -31,7 +31,7 @@ LIVE = ("starting", "active", "stopping")
 TERMINAL = ("ended", "failed")
 RECONCILE_LEASE = "reconcile"
 # resolve_stuck_starts fails a `starting` row this long after its lease ran out
-# (orchestrator/lifecycle/store/vendor_sync.py LEASE_GRACE_SECONDS); read, not imported, so
+# (orchestrator/store/vendor_sync.py LEASE_GRACE_SECONDS); read, not imported, so
 # a change there is a change here too, reviewed.
 LEASE_GRACE_SECONDS = 5.0
 
