@@ -40,7 +40,8 @@ from tests.faults.conftest import (
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.postgres, pytest.mark.worker]
 
 ENQUEUE_GAP_SECONDS = 0.1
-BROKER_DOWN_SECONDS = 4.0  # past the producer's publish retries (~2 s): some publish fails
+PRODUCER_PUBLISH_BOUND_SECONDS = 2.0  # ORCHESTRATOR_PUBLISH_TIMEOUT_SECONDS of the producer
+BROKER_DOWN_SECONDS = 4.0  # past the producer's publish bound: some publish fails
 STREAM_AFTER_RESTART_SECONDS = 1.5
 
 
@@ -107,7 +108,9 @@ def test_broker_restart_loses_no_accepted_start(
         start_worker(worker_settings, "--beat", "--hostname", "one@%h"),
         start_worker(fault_settings("two"), "--hostname", "two@%h"),
     ]
-    producer = Producer(fault_settings("producer"))
+    producer = Producer(
+        fault_settings("producer", publish_timeout_seconds=PRODUCER_PUBLISH_BOUND_SECONDS)
+    )
     enqueuer = Enqueuer(producer)
     logs: list[str] = []
     try:
