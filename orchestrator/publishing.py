@@ -76,6 +76,20 @@ def discard_connection(producer: Any) -> None:
         logger.debug("could not discard a broker connection", exc_info=True)
 
 
+def connect_within(producer: Any, seconds: float) -> None:
+    """Connect a pooled producer's connection, trying each broker URL once, for at most
+    ``seconds``. Left to kombu, the first use of the channel retries the connection for
+    ``broker_connection_timeout`` or longer, past the publish's bound while the broker is
+    down; :func:`publish_within` does the retrying, with backoff, within the bound. (The
+    socket's own connect timeout still applies to an address that does not answer.)"""
+    connection = getattr(producer, "__connection__", None)
+    if connection is None or connection.connected:
+        return
+    connection.ensure_connection(
+        max_retries=max(len(connection.alt), 1) - 1, interval_start=0, timeout=seconds
+    )
+
+
 class PublishingCelery(Celery):
     """Celery whose every publish (the producer's, a task's retry, admission's dispatch,
     beat's ticks: all go through :meth:`send_task`) is bounded and never falsely confirmed:
@@ -105,6 +119,7 @@ class PublishingCelery(Celery):
         def attempt(remaining: float) -> Any:
             with self.producer_or_acquire(given) as producer:
                 try:
+                    connect_within(producer, remaining)
                     returned = _returns(producer.channel)
                     returned.clear()
                     attempt_options = {
