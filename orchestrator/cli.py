@@ -169,7 +169,10 @@ def beat() -> None:
     celery_options = _configure_logging(settings)
     cli_telemetry(serve_metrics=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    _check_schema(settings)  # as the worker: one line, not schedules for a schema it does not serve
+    if settings.database_url:
+        # As the worker: one line, not schedules for a schema it does not serve. Beat needs
+        # no database of its own (the chart gives it none): without a URL it checks nothing.
+        _check_schema(settings)
     app = create_app(settings)
     app.start([*celery_options, "beat", f"--loglevel={settings.log_level}"])
 
