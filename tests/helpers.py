@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -58,3 +59,22 @@ def outbox_bodies(db: Database, request_id: str) -> list[dict[str, Any]]:
     with db.transaction() as session:
         found = session.scalars(select(OutboxEvent.body).order_by(OutboxEvent.id)).all()
         return [body for body in found if body.get("request_id") == request_id]
+
+
+def insert_live_row(db: Database, request_id: str, vendor_id: str, age: float = 600) -> None:
+    """An `active` row started ``age`` seconds ago that holds ``vendor_id``."""
+    started = datetime.now(UTC) - timedelta(seconds=age)
+    with db.transaction() as session:
+        session.add(
+            SessionRow(
+                request_id=request_id,
+                status="active",
+                avatar_id="a",
+                request_payload={"avatar_id": "a"},
+                payload_sha256="0" * 64,
+                vendor_session_id=vendor_id,
+                created_at=started,
+                started_at=started,
+                expires_at=started + timedelta(hours=1),
+            )
+        )

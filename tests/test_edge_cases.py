@@ -36,7 +36,7 @@ from orchestrator.lifecycle import (
 from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY, wait_until
-from tests.helpers import event_kinds, outbox_bodies, row, row_or_none, rows
+from tests.helpers import event_kinds, insert_live_row, outbox_bodies, row, row_or_none, rows
 from tests.threads import in_background, race
 
 pytestmark = pytest.mark.postgres
@@ -376,24 +376,6 @@ def respx_lifecycle(settings_for: Callable[..., Settings], db: Database) -> Iter
     lc = inline_lifecycle(settings_for(deepbrain_base_url="http://vendor.test"))
     yield lc
     lc.close()
-
-
-def insert_live_row(db: Database, request_id: str, vendor_id: str, age: float = 600) -> None:
-    started = datetime.now(UTC) - timedelta(seconds=age)
-    with db.transaction() as session:
-        session.add(
-            SessionRow(
-                request_id=request_id,
-                status="active",
-                avatar_id="a",
-                request_payload={"avatar_id": "a"},
-                payload_sha256="0" * 64,
-                vendor_session_id=vendor_id,
-                created_at=started,
-                started_at=started,
-                expires_at=started + timedelta(hours=1),
-            )
-        )
 
 
 def envelope(data: Any) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.lifecycle.start import start_claimed
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import APP_ID, USER_KEY, wait_until
-from tests.helpers import outbox_bodies, row, row_or_none
-from tests.test_edge_cases import RecordingDispatcher, insert_live_row
+from tests.helpers import insert_live_row, outbox_bodies, row, row_or_none
+from tests.test_edge_cases import RecordingDispatcher
 from tests.threads import in_background
 
 pytestmark = pytest.mark.postgres

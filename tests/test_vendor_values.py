@@ -21,12 +21,12 @@ import respx
 from sqlalchemy import text
 
 from orchestrator.config import Settings
-from orchestrator.db import Database, SessionRow
+from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainError
 from orchestrator.deepbrain.models import parse_started_session, parse_vendor_session
 from orchestrator.lifecycle import Lifecycle, handle_start_message, reconcile
 from orchestrator.lifecycle.inline import inline_lifecycle
-from tests.helpers import events, row
+from tests.helpers import events, insert_live_row, row
 
 pytestmark = pytest.mark.postgres
 
@@ -54,24 +54,6 @@ def lc(settings_for: Callable[..., Settings], db: Database) -> Iterator[Lifecycl
     )
     yield lifecycle
     lifecycle.close()
-
-
-def insert_live_row(db: Database, request_id: str, vendor_id: str, age: float = 600) -> None:
-    started = datetime.now(UTC) - timedelta(seconds=age)
-    with db.transaction() as session:
-        session.add(
-            SessionRow(
-                request_id=request_id,
-                status="active",
-                avatar_id="a",
-                request_payload={"avatar_id": "a"},
-                payload_sha256="0" * 64,
-                vendor_session_id=vendor_id,
-                created_at=started,
-                started_at=started,
-                expires_at=started + timedelta(hours=1),
-            )
-        )
 
 
 def list_reply(*rows: dict[str, Any]) -> httpx.Response:
