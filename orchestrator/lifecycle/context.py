@@ -8,7 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import store
+from orchestrator import retries, store
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
@@ -86,6 +86,7 @@ class Lifecycle:
                 app_id,
                 user_key,
                 timeout_seconds=settings.vendor_timeout_seconds,
+                retry=retries.vendor_call(settings),
             ),
             dispatcher=dispatcher,
         )
