@@ -235,8 +235,8 @@ def queues() -> None:
 def queues_migrate(queue_type: str | None) -> None:
     """Redeclare the queues as the settings ask (quorum or classic, the delivery limit),
     moving their messages aside and back: stop every worker first (docs/operations.md)."""
+    from orchestrator.celery_publishing import publishing_app
     from orchestrator.messaging import Topology
-    from orchestrator.publishing import publishing_app
     from orchestrator.queue_migration import MigrationRefused, migrate
 
     settings = cli_settings()

@@ -74,6 +74,22 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # auto: JSON lines unless stderr is a terminal (so JSON in containers, text in a shell).
     log_format: Literal["auto", "text", "json"] = "auto"
+    # The numbers of the retry policies (orchestrator/retries.py names them and says where
+    # each loop is). A backoff waits, after failure n, between half and all of
+    # min(MAX, BACKOFF * 2 ** (n - 1)) seconds.
+    vendor_retry_attempts: int = Field(default=4, ge=1, le=20)
+    vendor_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
+    vendor_backoff_max_seconds: float = Field(default=8.0, gt=0, le=600)
+    db_outage_retries: int = Field(default=100, ge=0, le=10_000)
+    db_outage_backoff_seconds: float = Field(default=0.5, gt=0, le=60)
+    db_outage_backoff_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+    record_retry_seconds: float = Field(default=5.0, ge=0, le=300)
+    record_backoff_seconds: float = Field(default=0.2, gt=0, le=60)
+    record_backoff_max_seconds: float = Field(default=1.0, gt=0, le=60)
+    publish_backoff_seconds: float = Field(default=0.25, gt=0, le=60)
+    publish_backoff_max_seconds: float = Field(default=2.0, gt=0, le=300)
+    stop_backoff_max_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    capacity_attempts: int = Field(default=5, ge=1, le=100)
 
     @field_validator("log_level", "log_format", "queue_type", mode="before")
     @classmethod
@@ -141,8 +157,32 @@ class Settings(BaseSettings):
                 f"{_var('stop_retry_seconds')} ({self.stop_retry_seconds:g}) must fit a stop"
                 f" request: {_var('vendor_timeout_seconds')} ({timeout:g}) plus a margin"
             )
+        problems += self._retry_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _retry_problems(self) -> list[str]:
+        """The retry policies' relations: a backoff starts at most at its maximum, and a
+        record retry window other than the default must fit before the orphan grace runs out
+        (past it the reconciler takes an unrecorded session for an orphan). The default (5 s)
+        is cut to what the grace leaves, as it always was."""
+        problems = []
+        for policy in ("vendor", "db_outage", "record", "publish"):
+            base, most = f"{policy}_backoff_seconds", f"{policy}_backoff_max_seconds"
+            if getattr(self, base) > getattr(self, most):
+                problems.append(
+                    f"{_var(base)} ({getattr(self, base):g}) must not exceed {_var(most)}"
+                    f" ({getattr(self, most):g})"
+                )
+        room = max(0.0, self.orphan_grace_seconds - self.vendor_timeout_seconds)
+        default = type(self).model_fields["record_retry_seconds"].default
+        if self.record_retry_seconds > room and self.record_retry_seconds != default:
+            problems.append(
+                f"{_var('record_retry_seconds')} ({self.record_retry_seconds:g}) must fit what"
+                f" {_var('orphan_grace_seconds')} leaves after {_var('vendor_timeout_seconds')}"
+                f" ({room:g} s): a session recorded later would be stopped as an orphan"
+            )
+        return problems
 
     @cached_property
     def effective_database_url(self) -> str:

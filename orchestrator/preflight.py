@@ -65,7 +65,7 @@ def schema_revision(database_url: str) -> str:
 
 def broker_reachable(settings: Settings) -> str:
     """Connect to the broker once (kombu's errors propagate); the transport's name."""
-    from orchestrator.publishing import publishing_app
+    from orchestrator.celery_publishing import publishing_app
 
     app = publishing_app(settings)
     try:

@@ -25,17 +25,13 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from opentelemetry import propagate, trace
 from sqlalchemy import select
 
+from orchestrator.celery_publishing import publishing_app
 from orchestrator.config import Settings, load_settings
 from orchestrator.contract import is_valid_stop_reason, parse_start_request
 from orchestrator.db import Database, SessionRow
 from orchestrator.errors import OrchestratorError
 from orchestrator.messaging import START_TASK, STOP_TASK, TopologyMismatch, events_exchange
-from orchestrator.publishing import (
-    PublishError,
-    publishing_app,
-    retryable_publish_errors,
-    topology,
-)
+from orchestrator.publishing import PublishError, retryable_publish_errors, topology
 from orchestrator.session_info import SessionInfo
 
 __all__ = [  # PublishError is the producer's documented error (defined with the publisher)

@@ -25,6 +25,7 @@ from orchestrator.config import Settings
 from orchestrator.db import Database, SessionRow
 from orchestrator.deepbrain import DeepBrainClient, DeepBrainError, RetryPolicy
 from orchestrator.lifecycle import (
+    DispatchAfterCommit,
     Lifecycle,
     RetryLater,
     admit_waiting,
@@ -475,11 +476,18 @@ def test_a_pool_timeout_while_recording_a_start_does_not_stop_the_session(
     simulator: SimulatorServer,
 ) -> None:
     simulator.configure(endpoint_latency="start=0.5")
+    dispatcher = RecordingDispatcher()
     lc = Lifecycle(
         settings=settings_for(orphan_grace_seconds=60.0),  # the wait must fit the grace
-        db=Database(database_url, pool_size=1, max_overflow=0, pool_timeout=0.3),
+        db=Database(
+            database_url,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=0.3,
+            hooks=DispatchAfterCommit(dispatcher),
+        ),
         vendor=DeepBrainClient(simulator.base_url, APP_ID, USER_KEY, timeout_seconds=5),
-        dispatcher=RecordingDispatcher(),
+        dispatcher=dispatcher,
     )
     try:
         started = first_delivery_in_flight(lc, db, "busy")

@@ -20,6 +20,7 @@ from orchestrator.contract import StartRequest
 from orchestrator.db import Database, SessionRow
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.lifecycle import (
+    DispatchAfterCommit,
     Lifecycle,
     RetryLater,
     handle_start_message,
@@ -95,11 +96,18 @@ def test_a_full_pool_while_recording_a_start_is_waited_out_no_longer_than_the_re
     settings = settings_for(orphan_grace_seconds=8.0, vendor_timeout_seconds=5.0)
     window = settings.orphan_grace_seconds - settings.vendor_timeout_seconds
     simulator.configure(endpoint_latency="start=0.5")
+    dispatcher = RecordingDispatcher()
     lc = Lifecycle(
         settings=settings,
-        db=Database(database_url, pool_size=1, max_overflow=0, pool_timeout=30.0),
+        db=Database(
+            database_url,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=30.0,
+            hooks=DispatchAfterCommit(dispatcher),
+        ),
         vendor=DeepBrainClient(simulator.base_url, APP_ID, USER_KEY, timeout_seconds=5),
-        dispatcher=RecordingDispatcher(),
+        dispatcher=dispatcher,
     )
     try:
         started = in_background(

@@ -26,18 +26,22 @@ class AfterCommit(enum.Enum):
 
 
 class CommitHooks(Protocol):
-    """The layer above's answer to :class:`AfterCommit` (the lifecycle sets it)."""
+    """The layer above's answer to :class:`AfterCommit`, given to :class:`Database` when it
+    is made (the lifecycle's: ``lifecycle.context.DispatchAfterCommit``); each hook is told
+    the database whose commit asked for it."""
 
-    def slot_freed(self) -> None: ...
+    def slot_freed(self, db: Database) -> None: ...
 
-    def events_pending(self) -> None: ...
+    def events_pending(self, db: Database) -> None: ...
 
 
 class _NoHooks:
-    def slot_freed(self) -> None:
+    """Nothing to do after a commit: a database no lifecycle runs on (the producer, tools)."""
+
+    def slot_freed(self, db: Database) -> None:
         pass
 
-    def events_pending(self) -> None:
+    def events_pending(self, db: Database) -> None:
         pass
 
 
@@ -83,7 +87,9 @@ def normalize_database_url(url: str) -> str:
 
 
 class Database:
-    """Owns the engine; ``transaction()`` is the one way code opens a unit of work."""
+    """Owns the engine; ``transaction()`` is the one way code opens a unit of work. ``hooks``
+    answer what a committed transaction asks for (:func:`after_commit`); they are given here,
+    once, and never replaced."""
 
     def __init__(
         self,
@@ -93,7 +99,9 @@ class Database:
         max_overflow: int | None = None,
         pool_timeout: float = 30.0,
         echo: bool = False,
+        hooks: CommitHooks | None = None,
     ) -> None:
+        self._hooks: CommitHooks = _NoHooks() if hooks is None else hooks
         self.url = normalize_database_url(url)
         # No pool pre-ping: it cost a round trip on every transaction (~7% of a busy worker's
         # CPU). After a database restart the first statement on a stale connection fails as a
@@ -113,7 +121,6 @@ class Database:
             connect_args={"connect_timeout": 10, "application_name": "session-orchestrator"},
         )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.hooks: CommitHooks = _NoHooks()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -163,9 +170,9 @@ class Database:
         """Fire ``hook`` now (after a commit made outside ``transaction()``)."""
         try:
             if hook is AfterCommit.SLOT_FREED:
-                self.hooks.slot_freed()
+                self._hooks.slot_freed(self)
             else:
-                self.hooks.events_pending()
+                self._hooks.events_pending(self)
         except Exception:  # the commit stands; a hook must not undo the caller's work
             logger.exception("after-commit hook failed: %s", hook.value)
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrator import tracing
+from orchestrator import retries, tracing
 from orchestrator.events.relay import PendingEvent
 from orchestrator.messaging import events_exchange
 from orchestrator.publishing import (
@@ -27,9 +27,11 @@ def publish_batch(
     producer_pool: Any,
     batch: Sequence[PendingEvent],
     timeout: float = DEFAULT_PUBLISH_TIMEOUT_SECONDS,
+    backoff: retries.Backoff | None = None,
 ) -> None:
     """Publish ``batch`` through a kombu producer pool; raises (:class:`PublishError`) unless
-    every message was confirmed within ``timeout`` seconds."""
+    every message was confirmed within ``timeout`` seconds (a refused one published again
+    after ``backoff``: ``ORCHESTRATOR_PUBLISH_BACKOFF_*``)."""
     deadline = time.monotonic() + timeout
     for event in batch:
         left = deadline - time.monotonic()
@@ -46,7 +48,7 @@ def publish_batch(
             def attempt(remaining: float, event: PendingEvent = event) -> None:
                 _publish_one(producer_pool, event, remaining)
 
-            publish_within(left, attempt, f"event {event.routing_key}")
+            publish_within(left, attempt, f"event {event.routing_key}", backoff)
 
 
 def _publish_one(producer_pool: Any, event: PendingEvent, remaining: float) -> None:

@@ -1,7 +1,7 @@
 """The session lifecycle as plain functions: no Celery here, so tests call them directly."""
 
 from orchestrator.lifecycle.admission import AdmitReport, admit_waiting
-from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.lifecycle.context import DispatchAfterCommit, Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.reaper import ReapReport, reap
 from orchestrator.lifecycle.reconciler import ReconcileReport, reconcile
@@ -10,6 +10,7 @@ from orchestrator.lifecycle.stop import StopResult, request_stop
 
 __all__ = [
     "AdmitReport",
+    "DispatchAfterCommit",
     "Lifecycle",
     "ReapReport",
     "ReconcileReport",

@@ -1,4 +1,5 @@
-"""What the lifecycle functions need, built once per process from :class:`Settings`."""
+"""What the lifecycle functions need, built once per process from :class:`Settings`; and what
+a commit asks of the lifecycle (:class:`DispatchAfterCommit`, the database's commit hooks)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import store
+from orchestrator import retries, store
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
@@ -16,10 +17,29 @@ from orchestrator.lifecycle.dispatch import Dispatcher
 MAX_PARALLEL_STOPS = 32
 
 
+@dataclass(frozen=True)
+class DispatchAfterCommit:
+    """The lifecycle's answer to a commit (``db.CommitHooks``), made before the database that
+    takes it: ``Database(url, hooks=DispatchAfterCommit(dispatcher))``."""
+
+    dispatcher: Dispatcher
+
+    def slot_freed(self, db: Database) -> None:
+        """A live session ended: admit the next waiting request, if any."""
+        if store.has_waiting(db):
+            self.dispatcher.admit_waiting()
+
+    def events_pending(self, db: Database) -> None:
+        self.dispatcher.publish_events()
+
+
 @dataclass
 class Lifecycle:
     """The settings, the database, the vendor client, and the dispatcher that hands work on
-    (through Celery in a worker, inline in tests and tools): given, never looked up."""
+    (through Celery in a worker, inline in tests and tools): given, never looked up. The
+    database is made with the dispatcher's commit hooks (:class:`DispatchAfterCommit`), as
+    :meth:`from_settings` does: a committed transaction that freed a slot admits the next
+    waiting request, one that queued events wakes the relay."""
 
     settings: Settings
     db: Database
@@ -51,28 +71,22 @@ class Lifecycle:
             self._timers.add(timer)
         timer.start()
 
-    def __post_init__(self) -> None:
-        self.db.hooks = self  # CommitHooks: what a committed transaction asks for
-
-    def slot_freed(self) -> None:
-        """A live session ended: admit the next waiting request, if any."""
-        if store.has_waiting(self.db):
-            self.dispatcher.admit_waiting()
-
-    def events_pending(self) -> None:
-        self.dispatcher.publish_events()
-
     @classmethod
     def from_settings(cls, settings: Settings, dispatcher: Dispatcher) -> Lifecycle:
         app_id, user_key = settings.vendor_credentials()
         return cls(
             settings=settings,
-            db=Database(settings.effective_database_url, pool_size=settings.db_pool_size),
+            db=Database(
+                settings.effective_database_url,
+                pool_size=settings.db_pool_size,
+                hooks=DispatchAfterCommit(dispatcher),
+            ),
             vendor=DeepBrainClient(
                 settings.deepbrain_base_url,
                 app_id,
                 user_key,
                 timeout_seconds=settings.vendor_timeout_seconds,
+                retry=retries.vendor_call(settings),
             ),
             dispatcher=dispatcher,
         )

@@ -16,19 +16,18 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from orchestrator import store
+from orchestrator import retries, store
 from orchestrator.config import lease_without_margin
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.stop import compensate, execute_stop
-from orchestrator.retries import RECORD_RETRY_SECONDS, RECORDING_A_START
 
 # After a failed write of the vendor's yes, keep trying (re-reading the row, then writing
-# again) for RECORD_RETRY_SECONDS (orchestrator/retries.py) before stopping the session: a
-# blip of the database should not cost a good session. A full pool is not the database's
-# fault: it is waited out for longer. Neither wait may outlast what the orphan grace leaves
-# after the vendor's reply (grace - vendor timeout): past it the reconciler would take the
-# unrecorded session for an orphan and stop it.
+# again) for ORCHESTRATOR_RECORD_RETRY_SECONDS before stopping the session: a blip of the
+# database should not cost a good session. A full pool is not the database's fault: it is
+# waited out for longer. Neither wait may outlast what the orphan grace leaves after the
+# vendor's reply (grace - vendor timeout): past it the reconciler would take the unrecorded
+# session for an orphan and stop it. The numbers: retries.recording_a_start, record_windows.
 # The unique constraint on ``sessions.vendor_session_id`` (migration 0001).
 VENDOR_ID_CONSTRAINT = "uq_sessions_vendor_session_id"
 
@@ -65,13 +64,9 @@ class _RecordWindow:
 
     @classmethod
     def from_now(cls, lc: Lifecycle) -> _RecordWindow:
-        settings = lc.settings
-        before_orphan = max(0.0, settings.orphan_grace_seconds - settings.vendor_timeout_seconds)
+        write_seconds, wait_seconds = retries.record_windows(lc.settings)
         now = time.monotonic()
-        return cls(
-            now + min(RECORD_RETRY_SECONDS, before_orphan),
-            min(start_deadline(lc), now + before_orphan),
-        )
+        return cls(now + write_seconds, now + wait_seconds)
 
     def left(self) -> float:
         return self.pool_until - time.monotonic()
@@ -121,6 +116,7 @@ def _record_within(
 ) -> store.Recorded | store.StopTicket | store.NotRecorded | _Unknown:
     """``record_started``, re-read and written again until settled or the window closes."""
     vendor_id = start.vendor_session_id
+    backoff = retries.recording_a_start(lc.settings)
     tries = 0
     result: store.Recorded | store.StopTicket | store.NotRecorded | _Unknown
     while True:
@@ -142,7 +138,7 @@ def _record_within(
         if result is not store.NotRecorded.PENDING and result is not _UNKNOWN:
             return result
         until = window.pool_until if pool_full else window.write_until
-        pause = min(RECORDING_A_START.delay(tries), until - time.monotonic())
+        pause = min(backoff.delay(tries), until - time.monotonic())
         if pause <= 0:
             return result
         time.sleep(pause)

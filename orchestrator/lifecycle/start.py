@@ -30,7 +30,7 @@ from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
-from orchestrator.retries import MAX_CAPACITY_BOUNCES
+from orchestrator.retries import waits_for_a_slot_again
 
 logger = logging.getLogger(__name__)
 MAX_CLAIM_ID_LENGTH = 255
@@ -277,7 +277,7 @@ def _call_vendor(
     except (VendorForbidden, VendorConflict) as error:
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
-        if ticket.attempt < MAX_CAPACITY_BOUNCES:
+        if waits_for_a_slot_again(lc.settings, ticket.attempt):
             waiting = store.back_to_waiting(lc.db, ticket, vendor_error=error.error_code)
             _claim_again_if_gone(waiting)
             if waiting is store.Recorded.YES:

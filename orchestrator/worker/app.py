@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 
+from orchestrator import retries
+from orchestrator.celery_publishing import PublishingCelery
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.lifecycle import Lifecycle, metrics
-from orchestrator.publishing import PublishingCelery, broker_url
+from orchestrator.publishing import broker_url
 from orchestrator.worker.dispatcher import CeleryDispatcher
 
 
@@ -22,6 +24,7 @@ class OrchestratorCelery(PublishingCelery):
         )
         self.settings = settings
         self.publish_timeout = settings.publish_timeout_seconds
+        self.publish_backoff = retries.publish_after_nack(settings)
         self._lifecycle: Lifecycle | None = None
         self._lifecycle_lock = threading.Lock()
         self.dispatcher = CeleryDispatcher(self, self._database)

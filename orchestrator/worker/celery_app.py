@@ -1,6 +1,7 @@
 """The Celery application of the worker and of beat, put together: JSON only, late acks,
 dead-lettering instead of silent drops, beat's schedule. The parts live in
-:mod:`orchestrator.worker`; what publishing alone needs, in :mod:`orchestrator.publishing`;
+:mod:`orchestrator.worker`; what publishing alone needs, in
+:mod:`orchestrator.celery_publishing`;
 ``celery -A orchestrator`` loads :mod:`orchestrator.celery`."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 from celery import signals
 
+from orchestrator.celery_publishing import publishing_config
 from orchestrator.config import Settings
 from orchestrator.messaging import (
     ADMIT_TASK,
@@ -17,7 +19,6 @@ from orchestrator.messaging import (
     REAP_TASK,
     RECONCILE_TASK,
 )
-from orchestrator.publishing import publishing_config
 from orchestrator.worker.app import OrchestratorCelery
 from orchestrator.worker.consumer import DeadLetteringConsumer
 from orchestrator.worker.steps import HeartbeatScheduler, WorkerHeartbeat

@@ -6,20 +6,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 
-from celery import Celery
-
+from orchestrator.celery_publishing import PublishingCelery
 from orchestrator.db import Database
 from orchestrator.events.publisher import publish_batch
 from orchestrator.events.relay import PendingEvent, RelayThread
 from orchestrator.messaging import ADMIT_TASK, START_ADMITTED_TASK
-from orchestrator.publishing import DEFAULT_PUBLISH_TIMEOUT_SECONDS
 
 
 class CeleryDispatcher:
     """Admission work to the control queue, admitted starts to the start queue, events to the
     relay thread (batched, off the task's thread)."""
 
-    def __init__(self, app: Celery, database: Callable[[], Database]) -> None:
+    def __init__(self, app: PublishingCelery, database: Callable[[], Database]) -> None:
         self.app = app
         self.relay = RelayThread(database, self._publish)
 
@@ -35,5 +33,5 @@ class CeleryDispatcher:
         self.relay.wake()
 
     def _publish(self, batch: Sequence[PendingEvent]) -> None:
-        timeout = getattr(self.app, "publish_timeout", DEFAULT_PUBLISH_TIMEOUT_SECONDS)
-        publish_batch(self.app.producer_pool, batch, timeout)
+        app = self.app
+        publish_batch(app.producer_pool, batch, app.publish_timeout, app.publish_backoff)

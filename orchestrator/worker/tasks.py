@@ -38,7 +38,6 @@ from orchestrator.publishing import PublishError, topology
 from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
-DB_RETRY_MAX = retries.DATABASE_OUTAGE_RETRIES
 AnyTask: TypeAlias = "Task[Any, Any]"
 
 
@@ -56,8 +55,9 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
     """The database is unreachable (or this process's pool is full): publish this same message
     (same task id) again later. The lifecycle steps are idempotent per task id, so the retry
     carries on where it stopped. A step that asks to run again later (RetryLater) is published
-    again the same way. After ``DB_RETRY_MAX`` retries the message is dead-lettered, and
-    nothing of its arguments is logged (they may hold the customer's keys)."""
+    again the same way. After ``ORCHESTRATOR_DB_OUTAGE_RETRIES`` retries the message is
+    dead-lettered, and nothing of its arguments is logged (they may hold the customer's keys).
+    The policy's numbers: :func:`orchestrator.retries.database_outage`."""
     try:
         yield
     except lifecycle.RetryLater as later:
@@ -117,13 +117,15 @@ def _requeue(name: str, error: PublishError) -> NoReturn:
 
 
 def _backoff(task: AnyTask) -> float:
-    return retries.DATABASE_OUTAGE.delay(int(task.request.retries) + 1)
+    backoff, _ = retries.database_outage(_settings(task))
+    return backoff.delay(int(task.request.retries) + 1)
 
 
 def _retry(
     task: AnyTask, delay: float, why: str, headers: dict[str, str] | None = None
 ) -> NoReturn:
-    if task.request.retries >= DB_RETRY_MAX:
+    _, limit = retries.database_outage(_settings(task))
+    if task.request.retries >= limit:
         logger.error(
             "%s[%s]: gave up after %d retries (%s); dead-lettered",
             task.name,
@@ -136,14 +138,17 @@ def _retry(
     logger.warning("%s: %s, retry in %.1f s", task.name, why, countdown)
     # Our own limit above acts first; Celery's would log the arguments. On quorum queues the
     # retry waits in the broker (native delayed delivery), not in a worker's memory.
-    raise task.retry(
-        countdown=countdown, max_retries=DB_RETRY_MAX + 1, headers=headers or {}
-    ) from None
+    raise task.retry(countdown=countdown, max_retries=limit + 1, headers=headers or {}) from None
+
+
+def _settings(task: AnyTask) -> Settings | None:
+    settings = getattr(task.app, "settings", None)
+    return settings if isinstance(settings, Settings) else None
 
 
 def _topology(task: AnyTask) -> Topology:
-    settings = getattr(task.app, "settings", None)
-    return topology(settings) if isinstance(settings, Settings) else Topology("classic")
+    settings = _settings(task)
+    return topology(settings) if settings is not None else Topology("classic")
 
 
 def _traceparent(task: AnyTask) -> str | None:
