@@ -315,3 +315,21 @@ def test_vendor_session_is_stopped_again_if_the_row_moved_on_during_the_start(
     (vendor,) = simulator.sessions()
     assert (vendor["status"], vendor["end_reason"]) == ("ended", "ERROR")
     assert events(lifecycle.db, "compensated")[0]["vendor_session_id"] == vendor["session_id"]
+
+
+def test_a_lifecycle_refuses_a_database_whose_commits_tell_nobody(lifecycle: Lifecycle) -> None:
+    """Without commit hooks a freed slot would wait for beat's backstop instead of the next
+    request: the constructor says so rather than running slower in silence."""
+    from orchestrator.db import Database
+
+    bare = Database(lifecycle.db.url)
+    try:
+        with pytest.raises(ValueError, match="hooks=DispatchAfterCommit"):
+            Lifecycle(
+                settings=lifecycle.settings,
+                db=bare,
+                vendor=lifecycle.vendor,
+                dispatcher=lifecycle.dispatcher,
+            )
+    finally:
+        bare.engine.dispose()

@@ -122,6 +122,11 @@ class Database:
         )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def has_commit_hooks(self) -> bool:
+        """Whether a commit here tells anyone (the lifecycle's database must)."""
+        return not isinstance(self._hooks, _NoHooks)
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A short transaction: commits on success, rolls back on error, always closes.

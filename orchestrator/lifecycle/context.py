@@ -49,6 +49,10 @@ class Lifecycle:
     _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _timers: set[threading.Timer] = field(default_factory=set, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if not self.db.has_commit_hooks:  # commits would free slots that nobody hands out
+            raise ValueError("the lifecycle's Database needs hooks=DispatchAfterCommit(dispatcher)")
+
     def stop_pool(self) -> ThreadPoolExecutor:
         """Threads for the reaper's parallel vendor stops; long-lived, so their HTTP clients
         and connections are reused from one sweep to the next."""

@@ -28,7 +28,7 @@ from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.deepbrain import deadline as request_deadline
-from orchestrator.lifecycle import Lifecycle, RetryLater, handle_start_message
+from orchestrator.lifecycle import DispatchAfterCommit, Lifecycle, RetryLater, handle_start_message
 from orchestrator.lifecycle.inline import InlineDispatcher
 from orchestrator.lifecycle.reaper import reap
 from orchestrator.lifecycle.reconciler import reconcile
@@ -130,7 +130,9 @@ def _lifecycle(settings: Settings, transport: HostileTransport, waits: list[floa
     dispatcher = InlineDispatcher()
     lc = Lifecycle(
         settings=settings,
-        db=Database(settings.effective_database_url, pool_size=4),
+        db=Database(
+            settings.effective_database_url, pool_size=4, hooks=DispatchAfterCommit(dispatcher)
+        ),
         vendor=DeepBrainClient(
             settings.deepbrain_base_url,
             app_id,
