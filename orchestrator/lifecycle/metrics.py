@@ -35,6 +35,11 @@ failed_passes = meter.create_counter(
     unit="{pass}",
     description="Reconcile passes that could not compare with the vendor, by reason",
 )
+skipped_passes = meter.create_counter(
+    "orchestrator.beat.skipped_passes",
+    unit="{pass}",
+    description="Periodic passes skipped because the database was away, by task",
+)
 reaper_lag = meter.create_histogram(
     "orchestrator.reaper.lag", unit="s", description="expires_at to the vendor's confirmed stop"
 )
@@ -65,6 +70,12 @@ def record_start(outcome: str, created_at: datetime | None = None) -> None:
 def record_failed_pass(reason: str) -> None:
     """A reconcile pass that reconciled nothing (vendor_error, auth_error) or broke (error)."""
     failed_passes.add(1, {"reason": reason})
+
+
+def record_skipped_pass(task: str) -> None:
+    """A sweep, reconcile or admission pass skipped for a database outage (the next beat
+    runs it again)."""
+    skipped_passes.add(1, {"task": task})
 
 
 def record_reaper_lag(seconds: float) -> None:

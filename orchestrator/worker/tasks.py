@@ -24,6 +24,7 @@ from orchestrator import lifecycle, retries
 from orchestrator.config import Settings
 from orchestrator.contract import is_valid_stop_reason
 from orchestrator.errors import OrchestratorError
+from orchestrator.lifecycle import metrics
 from orchestrator.messaging import (
     ADMIT_TASK,
     PUBLISH_EVENTS_TASK,
@@ -66,19 +67,38 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
             STOPPED_VENDOR_SESSION_HEADER: later.stopped_vendor_session or "",
         }
         _retry(task, later.delay, str(later), headers)
-    except PoolTimeout:
-        _retry(task, _backoff(task), "no free database connection in this worker", _carried(task))
-    except DBAPIError as error:
-        if not error.connection_invalidated and not isinstance(
-            error, OperationalError | InterfaceError
-        ):
-            sqlstate = getattr(error.orig, "sqlstate", None) or "unknown"
-            logger.error(
-                "%s: database error %s (SQLSTATE %s)", task.name, type(error).__name__, sqlstate
-            )
-            raise StorageError(f"{type(error).__name__} (SQLSTATE {sqlstate})") from None
-        why = f"database unavailable ({type(error.orig).__name__})"
-        _retry(task, _backoff(task), why, _carried(task))
+    except (PoolTimeout, DBAPIError) as error:
+        _retry(task, _backoff(task), _outage(task, error), _carried(task))
+
+
+@contextmanager
+def skipped_when_database_is_away(task: AnyTask) -> Iterator[None]:
+    """For beat's periodic passes (sweep, reconcile, admission backstop): an outage of the
+    database skips this pass and acks its message; the next beat runs it again. Retrying or
+    dead-lettering it would only pile up passes the next tick makes redundant, and flood
+    ``orchestrator.dead``, whose every message should mean a request needing a look."""
+    try:
+        yield
+    except (PoolTimeout, DBAPIError) as error:
+        why = _outage(task, error)
+        logger.warning("%s: %s; pass skipped, the next beat runs it again", task.name, why)
+        metrics.record_skipped_pass(task.name)
+
+
+def _outage(task: AnyTask, error: PoolTimeout | DBAPIError) -> str:
+    """Why the database is away, or raise StorageError when it is there and refused the
+    statement (a bug or a constraint: dead-lettered, not retried)."""
+    if isinstance(error, PoolTimeout):
+        return "no free database connection in this worker"
+    if not error.connection_invalidated and not isinstance(
+        error, OperationalError | InterfaceError
+    ):
+        sqlstate = getattr(error.orig, "sqlstate", None) or "unknown"
+        logger.error(
+            "%s: database error %s (SQLSTATE %s)", task.name, type(error).__name__, sqlstate
+        )
+        raise StorageError(f"{type(error).__name__} (SQLSTATE {sqlstate})") from None
+    return f"database unavailable ({type(error.orig).__name__})"
 
 
 def _carried(task: AnyTask) -> dict[str, str]:
@@ -182,14 +202,15 @@ class OrchestratorTask(Task):  # type: ignore[type-arg]
 
     @contextmanager
     def guarded(self, *, outage_retries: bool = True) -> Iterator[None]:
-        """Run a step of this task: a refused publish requeues the message; with
-        ``outage_retries``, an outage of the database (or RetryLater) retries it later."""
+        """Run a step of this task: a refused publish requeues the message; an outage of the
+        database (or RetryLater) retries it later with ``outage_retries``, else skips it."""
         with requeue_when_unpublished(self.name):
             if outage_retries:
                 with retry_when_database_is_away(self):
                     yield
             else:
-                yield
+                with skipped_when_database_is_away(self):
+                    yield
 
     def traceparent(self) -> str | None:
         return _traceparent(self)
@@ -246,13 +267,17 @@ def stop_session(
     return {"found": result.found, "status_before": result.status_before}
 
 
+SKIPPED: dict[str, int] = {"skipped": 1}  # a periodic pass the database's outage skipped
+
+
 def reap_sessions(task: OrchestratorTask) -> dict[str, int]:
     """Beat's sweep: end what expired (a failed sweep waits for the next beat)."""
     with task.guarded(outage_retries=False):
         report = lifecycle.reap(
             task.lifecycle(), plan_ahead=task.orchestrator.settings.reaper_interval_seconds
         )
-    return {"claimed": report.claimed, "stopped": report.stopped}
+        return {"claimed": report.claimed, "stopped": report.stopped}
+    return SKIPPED
 
 
 def reconcile_sessions(task: OrchestratorTask) -> dict[str, int]:
@@ -262,6 +287,7 @@ def reconcile_sessions(task: OrchestratorTask) -> dict[str, int]:
         return lifecycle.reconcile(
             task.lifecycle(), min_spacing=settings.reconcile_interval_seconds / 2
         ).as_dict()
+    return SKIPPED
 
 
 def publish_events(task: OrchestratorTask) -> None:
@@ -273,7 +299,8 @@ def admit_waiting(task: OrchestratorTask) -> dict[str, int]:
     """An admission pass: waiting requests into free slots."""
     with task.guarded(outage_retries=False):
         report = lifecycle.admit_waiting(task.lifecycle())
-    return {"admitted": report.admitted, "expired": report.expired}
+        return {"admitted": report.admitted, "expired": report.expired}
+    return SKIPPED
 
 
 TASKS: dict[str, Callable[..., Any]] = {
