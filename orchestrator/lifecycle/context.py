@@ -8,23 +8,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from orchestrator import store
+from orchestrator.accounts import DEFAULT_ACCOUNT, catalog_for
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.lifecycle.dispatch import Dispatcher
+from orchestrator.lifecycle.vendors import Vendors
 
 MAX_PARALLEL_STOPS = 32
 
 
 @dataclass
 class Lifecycle:
-    """The settings, the database, the vendor client, and the dispatcher that hands work on
-    (through Celery in a worker, inline in tests and tools): given, never looked up."""
+    """The settings, the database, the vendor clients (one per account, :class:`Vendors`),
+    and the dispatcher that hands work on (through Celery in a worker, inline in tests and
+    tools): given, never looked up. ``vendor``, when given, is the client of the ``default``
+    account (tests give one with their own transport); else each account's is made from the
+    catalog."""
 
     settings: Settings
     db: Database
-    vendor: DeepBrainClient
+    vendor: DeepBrainClient | None
     dispatcher: Dispatcher
+    vendors: Vendors = field(init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _timers: set[threading.Timer] = field(default_factory=set, init=False, repr=False)
@@ -52,6 +58,9 @@ class Lifecycle:
         timer.start()
 
     def __post_init__(self) -> None:
+        given = {DEFAULT_ACCOUNT: self.vendor} if self.vendor is not None else {}
+        self.vendors = Vendors(self.settings, self.db, catalog_for(self.settings), given=given)
+        self.vendors.refresh(force=True)  # a bad catalog fails here; its rows are synced
         self.db.hooks = self  # CommitHooks: what a committed transaction asks for
 
     def slot_freed(self) -> None:
@@ -64,16 +73,10 @@ class Lifecycle:
 
     @classmethod
     def from_settings(cls, settings: Settings, dispatcher: Dispatcher) -> Lifecycle:
-        app_id, user_key = settings.vendor_credentials()
         return cls(
             settings=settings,
             db=Database(settings.effective_database_url, pool_size=settings.db_pool_size),
-            vendor=DeepBrainClient(
-                settings.deepbrain_base_url,
-                app_id,
-                user_key,
-                timeout_seconds=settings.vendor_timeout_seconds,
-            ),
+            vendor=None,
             dispatcher=dispatcher,
         )
 
@@ -85,5 +88,7 @@ class Lifecycle:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-        self.vendor.close()
+        self.vendors.close()
+        if self.vendor is not None:
+            self.vendor.close()
         self.db.dispose()
