@@ -179,11 +179,11 @@ def test_a_session_live_at_the_vendor_with_no_row_is_stopped_with_its_own_accoun
 def test_a_drained_account_takes_no_start_and_its_sessions_still_end(
     pool: Lifecycle, sim: SimulatorServer
 ) -> None:
-    assert [start(pool, f"on-a-{i}", account="a") for i in range(2)] == ["active"] * 2
+    assert start(pool, "on-a-0", account="a") == "active"  # a keeps a free slot
     assert store.switch(pool.db, "a", store.Switch.DRAIN)
     assert [start(pool, f"later-{i}") for i in range(8)] == ["active"] * 8
     assert {row(pool.db, f"later-{i}").account for i in range(8)} == {"b", "c"}
-    assert start(pool, "waits") == "waiting"
+    assert start(pool, "waits") == "waiting"  # a has a free slot, but drains
     assert start(pool, "named-a", account="a") == "waiting"
     request_stop(pool, request_id="on-a-0")  # ends with a's key; a admits nobody
     assert row(pool.db, "on-a-0").status == "ended"
@@ -194,7 +194,7 @@ def test_a_drained_account_takes_no_start_and_its_sessions_still_end(
         "waiting",
     )
     states = {s.name: s for s in store.account_states(pool.db)}
-    assert (states["a"].health, states["a"].in_use) == ("draining", 1)
+    assert (states["a"].health, states["a"].in_use) == ("draining", 0)
     assert store.switch(pool.db, "a", store.Switch.ENABLE)
     from orchestrator.lifecycle import admit_waiting
 
