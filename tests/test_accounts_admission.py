@@ -362,3 +362,41 @@ def test_a_slow_account_leaves_the_others_their_share_of_the_reconcile_pass(
     assert report.vendor_error  # a's list ran out of its share
     assert report.orphans_stopped == 1
     assert [s["status"] for s in sim.sessions(account="c")] == ["ended"]
+
+
+def test_a_vendor_limit_below_ours_lowers_the_cap_at_the_first_refusal_and_the_start_moves_on(
+    pool: Lifecycle, sim: SimulatorServer
+) -> None:
+    """Two sessions held on a by someone else (a's vendor limit is 2): our first start there
+    is refused (403/4030); a's cap drops to what it has live at once, and the request goes
+    back to waiting and then starts elsewhere. A quiet reconcile pass raises the cap again."""
+    from orchestrator.lifecycle import admit_waiting
+
+    app_id, user_key = keys("a")
+    with httpx.Client(base_url=sim.base_url, timeout=5) as client:
+        token = client.post(
+            "/api/v2/sessions/token", json={"appId": app_id, "userKey": user_key}
+        ).json()["data"]["session_token"]
+        for _ in range(2):
+            client.post(
+                "/api/v2/sessions/start",
+                json={"avatar_id": "elsewhere"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+    assert start(pool, "first") == "waiting"  # a won the tie and refused it
+    states = {s.name: s for s in store.account_states(pool.db)}
+    assert states["a"].effective_cap == 1  # the refused attempt still counted
+    for _ in range(3):  # each pass admits (and may bounce once more) until it is live
+        admit_waiting(pool)
+        if row(pool.db, "first").status == "active":
+            break
+    first = row(pool.db, "first")
+    assert (first.status, first.account) == ("active", "b")
+    assert vendor_statuses(sim, "a").get("403", 0) <= 2
+    assert {s.name: s for s in store.account_states(pool.db)}["a"].effective_cap == 0
+    with pool.db.transaction() as session:  # no limit reply for longer than an interval
+        session.execute(
+            text("UPDATE vendor_accounts SET last_error_at = now() - interval '1 hour'")
+        )
+    reconcile(pool)  # (it also stops the two sessions it sees no row for: orphans to us)
+    assert {s.name: s for s in store.account_states(pool.db)}["a"].effective_cap == 1
