@@ -40,6 +40,9 @@ from orchestrator.lifecycle import metrics
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 REFRESH_EVERY_SECONDS = 1.0
+# The rows are synced again this often even when nothing changed here: during a rollout that
+# changes the accounts, a pod with the old definitions may have synced last.
+RESYNC_EVERY_SECONDS = 60.0
 FAILURES_TO_OPEN = 3
 COOLDOWN_SECONDS = 30.0
 MAX_COOLDOWN_SECONDS = 300.0
@@ -81,6 +84,7 @@ class Vendors:
     _checked: float = float("-inf")
     _failing: set[str] = field(default_factory=set)
     _synced: bool = False
+    _synced_at: float = float("-inf")
 
     def refresh(self, *, force: bool = False) -> None:
         """Reload the catalog if it changed (at most once a second unless ``force``), and
@@ -102,7 +106,7 @@ class Vendors:
             if changed or not self._clients:
                 self._replace_clients(self.catalog.accounts())
                 self._synced = False
-            if self._synced:
+            if self._synced and now - self._synced_at < RESYNC_EVERY_SECONDS:
                 return
             entries = [
                 store.CatalogEntry(a.name, a.cap, a.weight, dict(a.labels))
@@ -110,7 +114,7 @@ class Vendors:
             ]
         if _best_effort(store.sync_catalog, self.db, entries):
             with self._lock:
-                self._synced = True
+                self._synced, self._synced_at = True, now
 
     def _replace_clients(self, accounts: Mapping[str, Account]) -> None:
         for name in list(self._clients):
