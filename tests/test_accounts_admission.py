@@ -5,6 +5,7 @@ account, each later vendor call with the row's own key, drains, exact counters."
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -400,3 +401,19 @@ def test_a_vendor_limit_below_ours_lowers_the_cap_at_the_first_refusal_and_the_s
         )
     reconcile(pool)  # (it also stops the two sessions it sees no row for: orphans to us)
     assert {s.name: s for s in store.account_states(pool.db)}["a"].effective_cap == 1
+
+
+def test_a_rotated_key_is_used_without_a_restart(
+    pool: Lifecycle, sim: SimulatorServer, tmp_path: Path
+) -> None:
+    """The vendor and the mounted definition of b move to a new key together: the next call
+    on b uses it (a new client, its own token), the lifecycle is not rebuilt."""
+    assert start(pool, "before", account="b") == "active"
+    sim.configure_account("b", app_id="app-b-2", user_key="key-b-2")
+    definition = {"app_id": "app-b-2", "user_key": "key-b-2", "cap": 3, "labels": LABELS["b"]}
+    (tmp_path / "accounts" / "b.json").write_text(json.dumps(definition))
+    time.sleep(1.1)  # the catalog is checked at most once a second
+    assert start(pool, "after", account="b") == "active"
+    request_stop(pool, request_id="before")  # a session of the old key, stopped with the new
+    assert row(pool.db, "before").status == "ended"
+    assert {s.name: s.health for s in store.account_states(pool.db)}["b"] == "ok"
