@@ -35,9 +35,9 @@ docs/admission.md is the design; this is its schema.
 **Mixed fleet.** While a release before accounts still runs (heads 0004 to 0006: this
 revision serves them, as 0006 did; docs/releases.md's previous release is at 0004), its
 workers claim with their own function: one global advisory lock (6182161) and a count of
-every live row against their cap. So a new claim that may admit to ``default`` (``default`` is among its eligible
-accounts) also takes that global lock first, after the request lock, and a new stop that
-finds no row takes it too: both releases then serialise on ``default`` and its cap holds
+every live row against their cap. So a new claim that may admit to ``default`` (it is
+among its eligible accounts) also takes that global lock, after the request lock, and a new
+stop that finds no row takes it too: both releases then serialise on ``default`` and its cap holds
 (the old count includes every account's rows, so it can only be stricter). A later contract
 migration drops 0006's function and this global lock. Expand only: 0003/0004/0006's
 functions and the 0006 trigger keep working (the trigger now records the limit on the row's
