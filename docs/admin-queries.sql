@@ -151,3 +151,12 @@ SELECT count(*)::integer AS unpublished,
        now() - min(created_at) AS oldest_age
 FROM event_outbox
 WHERE published_at IS NULL;
+
+-- name: accounts
+-- Per vendor account: its caps, sessions in use and waiting, whether it takes new starts, its last error.
+SELECT name, effective_cap, configured_cap, reported_limit, limited_cap, in_use, waiting,
+       in_catalog AND enabled AND NOT draining
+           AND (circuit_open_until IS NULL OR circuit_open_until <= now()) AS takes_starts,
+       enabled, draining, circuit_open_until, consecutive_failures, last_error, last_error_at
+FROM vendor_accounts
+ORDER BY name;

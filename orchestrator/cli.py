@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import click
 
+from orchestrator.accounts import check_accounts
+from orchestrator.cli_accounts import accounts
 from orchestrator.cli_errors import describe
 from orchestrator.cli_sessions import enqueue, sessions, status, stop
 from orchestrator.cli_support import EXIT_SESSION_FAILED, cli_settings, cli_telemetry
@@ -119,7 +121,7 @@ def worker(
     settings = cli_settings(consistent=True)
     celery_options = _configure_logging(settings)
     cli_telemetry(serve_metrics=True)
-    settings.vendor_credentials()
+    check_accounts(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # Resolved before the pool and beat start: with no URL set this starts (or joins) the
     # embedded database now, and a failure is one line here rather than in every task.
@@ -377,7 +379,7 @@ def demo(count: int) -> None:
     sys.exit(run_demo(count))
 
 
-for _command in (enqueue, stop, status, sessions):
+for _command in (enqueue, stop, status, sessions, accounts):
     main.add_command(_command)
 
 __all__ = ["EXIT_SESSION_FAILED", "main"]

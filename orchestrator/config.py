@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     deepbrain_app_id: SecretStr | None = None
     deepbrain_user_key: SecretStr | None = None
     max_concurrent_sessions: int = Field(default=10, ge=1, le=100_000)
+    # A folder of vendor account definitions (a mounted Secret; docs/operations.md "Accounts").
+    accounts_dir: Path | None = None
     reaper_interval_seconds: PositiveSeconds = 5.0
     reconcile_interval_seconds: PositiveSeconds = 30.0
     orphan_grace_seconds: float = Field(default=60.0, ge=0)

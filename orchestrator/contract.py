@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
 )
 
+from orchestrator.accounts.model import ACCOUNT_NAME, parse_labels
 from orchestrator.errors import OrchestratorError
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
@@ -85,6 +86,19 @@ class StartRequest(BaseModel):
         default=None, ge=1, le=MAX_START_DEADLINE_SECONDS
     )
     metadata: dict[str, Any] | None = None
+    # Which vendor account may start it (docs/admission.md): one by name, or every account
+    # carrying all these labels; neither: any enabled account.
+    account: StrictStr | None = Field(default=None, pattern=f"^{ACCOUNT_NAME.pattern}$")
+    account_labels: dict[str, str] | None = None
+
+    @field_validator("account_labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value:
+            raise ValueError("must be a non-empty object of key: value labels")
+        return parse_labels(value)
 
     @field_validator("avatar_id")
     @classmethod

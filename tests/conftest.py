@@ -132,6 +132,15 @@ def db(database_url: str) -> Iterator[Database]:
         )
         # The vendor's last reported limit outlives the rows that reported it.
         conn.execute(text("UPDATE vendor_accounts SET reported_limit = NULL, reported_at = NULL"))
+        # So does an account's health and the operator's switches (the counters were zeroed
+        # by the TRUNCATE's trigger).
+        conn.execute(
+            text(
+                "UPDATE vendor_accounts SET limited_cap = NULL, enabled = true, draining = false,"
+                " disabled_reason = NULL, consecutive_failures = 0, circuit_open_until = NULL,"
+                " circuit_cooldown_seconds = NULL, last_error = NULL, last_error_at = NULL"
+            )
+        )
     yield database
     database.dispose()
 

@@ -605,6 +605,19 @@ def check_outbox_backlog(sc: Scenario, r: Result) -> None:
     assert r.rows == [(2, sc.at(-20), s(20))]
 
 
+def check_accounts(sc: Scenario, r: Result) -> None:
+    """The counters, kept by the triggers of migration 0007, equal the scenario's rows."""
+    counted = sc.conn.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE status IN ('starting', 'active', 'stopping')),"
+            " count(*) FILTER (WHERE status = 'waiting') FROM sessions"
+        )
+    ).one()
+    by_name = {row["name"]: row for row in r.dicts()}  # other tests' accounts may be there
+    assert (by_name["default"]["in_use"], by_name["default"]["waiting"]) == tuple(counted)
+    assert all(row["in_use"] == row["waiting"] == 0 for n, row in by_name.items() if n != "default")
+
+
 QUERY_CHECKS = {
     "live-sessions": check_live_sessions,
     "live-counts": check_live_counts,
@@ -625,6 +638,7 @@ QUERY_CHECKS = {
     "duplicate-conflicts": check_duplicate_conflicts,
     "stop-failures-last-24h": check_stop_failures,
     "outbox-backlog": check_outbox_backlog,
+    "accounts": check_accounts,
 }
 
 
@@ -683,6 +697,7 @@ def test_views_on_an_empty_database(empty: Connection) -> None:
             "duration-distribution",
             "concurrency-peak-by-hour",
             "outbox-backlog",
+            "accounts",  # the account default is always there
         }, name
 
 

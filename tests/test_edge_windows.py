@@ -54,7 +54,6 @@ def claim(lc: Lifecycle, request_id: str) -> store.Claim:
             start_deadline_seconds=None,
             traceparent=None,
         ),
-        max_concurrent_sessions=lc.settings.max_concurrent_sessions,
         lease_seconds=lc.settings.start_timeout_seconds,
     )
 
@@ -166,7 +165,7 @@ def test_a_stop_that_came_during_the_start_holds_the_whole_stop_lease(
 def start_vendor_sessions(lc: Lifecycle, count: int) -> list[str]:
     """Sessions the vendor runs for our key that no row knows."""
     body = StartRequest.model_validate({"avatar_id": "a"}).vendor_body()
-    return [lc.vendor.start_session(body).session_id for _ in range(count)]
+    return [lc.vendors.client("default").start_session(body).session_id for _ in range(count)]
 
 
 def test_a_404_on_stop_is_settled_by_one_detail_call_not_a_walk_of_the_list(

@@ -953,6 +953,33 @@ def test_extra_volumes_reach_every_pod_and_container() -> None:
             assert mounts["corporate-ca"] == "/etc/ssl/corporate", where
 
 
+def test_accounts_come_from_an_existing_secret_mounted_into_the_workers() -> None:
+    values = merge(required_values(), {"accounts": {"existingSecret": "orchestrator-accounts"}})
+    manifests = render(values)
+    data = of_kind(manifests, "ConfigMap")[0]["data"]
+    assert data["ORCHESTRATOR_ACCOUNTS_DIR"] == "/etc/orchestrator/accounts"
+    workers = [
+        d
+        for d in of_kind(manifests, "Deployment")
+        if d["metadata"]["name"].endswith("-start")
+        or "worker"
+        in d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component", "")
+    ]
+    assert workers
+    for deployment in workers:
+        spec = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["accounts"]["secret"] == {"secretName": "orchestrator-accounts"}
+        (container,) = spec["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["accounts"]["mountPath"] == "/etc/orchestrator/accounts"
+        assert mounts["accounts"]["readOnly"] is True
+    assert (
+        "ORCHESTRATOR_ACCOUNTS_DIR"
+        not in of_kind(render(required_values()), "ConfigMap")[0]["data"]
+    )
+
+
 def test_otel_extra_env_overrides_the_chart_defaults() -> None:
     values = merge(required_values(), {"otel": {"extraEnv": {"OTEL_METRICS_EXPORTER": "otlp"}}})
     data = of_kind(render(values), "ConfigMap")[0]["data"]

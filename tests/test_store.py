@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from orchestrator.db import LIVE_STATUSES, Database
 from orchestrator.store import ADMISSION_LOCK_KEY, CLAIM_FUNCTION_MIGRATION
+from orchestrator.store.admission import request_lock_sql
 
 VERSIONS = Path(__file__).resolve().parents[1] / "migrations" / "versions"
 
@@ -33,7 +34,8 @@ def defining(function: str) -> list[str]:
 def test_the_claim_is_defined_by_the_migration_the_store_names() -> None:
     assert defining("orchestrator_claim")[-1] == CLAIM_FUNCTION_MIGRATION
     claim_sql = migration(CLAIM_FUNCTION_MIGRATION).CLAIM  # type: ignore[attr-defined]
-    assert f"pg_advisory_xact_lock({ADMISSION_LOCK_KEY})" in claim_sql
+    assert f"pg_advisory_xact_lock({ADMISSION_LOCK_KEY})" in claim_sql  # a mixed fleet's
+    assert request_lock_sql("p_request_id") in claim_sql  # the one a stop takes too
 
 
 def test_the_admission_count_uses_the_live_statuses_of_the_models() -> None:

@@ -28,7 +28,12 @@ from orchestrator.accounts.sources import (
     read_environment,
     read_folder,
 )
-from orchestrator.config import DEFAULT_DEEPBRAIN_BASE_URL, ENV_PREFIX, PLACEHOLDER_SECRETS
+from orchestrator.config import (
+    DEFAULT_DEEPBRAIN_BASE_URL,
+    ENV_PREFIX,
+    PLACEHOLDER_SECRETS,
+    Settings,
+)
 
 APP_ID_VARIABLE: Final = f"{ENV_PREFIX}DEEPBRAIN_APP_ID"
 USER_KEY_VARIABLE: Final = f"{ENV_PREFIX}DEEPBRAIN_USER_KEY"
@@ -192,3 +197,23 @@ class AccountCatalog:
         if name not in accounts:
             raise AccountsError(f"no account named {name!r} (known: {', '.join(accounts)})")
         return accounts[name]
+
+
+def catalog_for(settings: Settings, environ: Mapping[str, str] | None = None) -> AccountCatalog:
+    """The catalog a worker uses: ``ORCHESTRATOR_ACCOUNTS_DIR``, the account variables, and
+    today's settings as ``default``."""
+    single = SingleAccount(
+        settings.deepbrain_app_id, settings.deepbrain_user_key, settings.max_concurrent_sessions
+    )
+    return AccountCatalog(
+        single, folder=settings.accounts_dir, environ=environ, base_url=settings.deepbrain_base_url
+    )
+
+
+def check_accounts(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse to start without a usable account (one line naming what is wrong). With only
+    today's settings, their own message names the missing variable, as before accounts."""
+    env = environ if environ is not None else os.environ
+    if settings.accounts_dir is None and not any(n.startswith(ENV_ACCOUNT_PREFIX) for n in env):
+        settings.vendor_credentials()
+    catalog_for(settings, env).refresh()

@@ -10,7 +10,10 @@ from typing import Annotated, Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
+    Computed,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -60,6 +63,9 @@ class EventKind(enum.StrEnum):
     # The first time the reconciler saw, in the vendor's list, a session no row knows and the
     # vendor gave no usable creation time for: the orphan grace runs from here.
     VENDOR_SESSION_SEEN = "vendor_session_seen"
+    # An account the vendor refused the key of, disabled until an operator enables it (no
+    # session: ``detail`` names the account).
+    ACCOUNT_DISABLED = "account.disabled"
 
 
 RARE_EVENT_KINDS = (
@@ -151,6 +157,14 @@ class SessionRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     traceparent: Mapped[str | None] = mapped_column(String(128))
     session_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+    # The vendor account the row is admitted to (every later vendor call uses its key); a
+    # request waiting for any eligible account has none yet (docs/admission.md).
+    account: Mapped[str | None] = mapped_column(String(64), server_default="default")
+    requested_account: Mapped[str | None] = mapped_column(String(64))
+    requested_labels: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    # The last start attempt that failed uncertainly (5xx, timeout): the request is not moved
+    # to another account before its own account's list was read after this.
+    uncertain_at: Mapped[datetime | None]
 
 
 class SessionEvent(Base):
@@ -224,13 +238,35 @@ class SweepLease(Base):
 
 
 class VendorAccount(Base):
-    """The vendor's last reported concurrent-session limit (``max_session_numbers``), one row
-    per vendor account (``default`` today): admission reads one row, not the history of starts.
-    A trigger on ``sessions`` (migration 0006) writes it when a start reports another value;
-    ``reported_at`` is when it last changed."""
+    """One row per vendor account: what admission reads (docs/admission.md), never a secret.
+
+    ``reported_limit`` is the vendor's last ``max_session_numbers`` (a trigger on ``sessions``
+    writes it when a start reports another value). ``in_use`` and ``waiting`` are kept exact
+    by triggers on ``sessions`` (migration 0007); ``effective_cap`` is computed by Postgres.
+    ``configured_cap``, ``weight``, ``labels`` and ``in_catalog`` are synced from the account
+    catalog; ``enabled``/``draining`` are the operator's; the rest is the account's health."""
 
     __tablename__ = "vendor_accounts"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="default")
     reported_limit: Mapped[int | None] = mapped_column(Integer)
     reported_at: Mapped[datetime | None]
+    configured_cap: Mapped[int | None] = mapped_column(Integer)
+    limited_cap: Mapped[int | None] = mapped_column(Integer)
+    effective_cap: Mapped[int | None] = mapped_column(
+        Integer, Computed("least(configured_cap, nullif(reported_limit, 0), limited_cap)")
+    )
+    in_use: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    waiting: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    weight: Mapped[float] = mapped_column(Float, server_default=text("1"))
+    labels: Mapped[dict[str, Any]] = mapped_column(JSONDocument, server_default=text("'{}'"))
+    in_catalog: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    draining: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    disabled_reason: Mapped[str | None] = mapped_column(String(200))
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    circuit_open_until: Mapped[datetime | None]
+    circuit_cooldown_seconds: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    last_error_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]

@@ -1,5 +1,6 @@
-"""Admission: never more ``starting`` + ``active`` + ``stopping`` sessions than the effective
-cap (ours, or the vendor's lower ``max_session_numbers``); the rest wait, first in first out."""
+"""Admission: never more ``starting`` + ``active`` + ``stopping`` sessions on an account than
+its effective cap (ours, or the vendor's lower ``max_session_numbers``); the rest wait, first
+in first out among the requests each account may serve (docs/admission.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def admit_waiting(lc: Lifecycle) -> AdmitReport:
     expired = store.expire_waiting(lc.db)
     if expired:
         logger.warning("%d waiting request(s) failed with CAPACITY_TIMEOUT", len(expired))
-    admitted = store.admit(lc.db, configured_cap=lc.settings.max_concurrent_sessions)
-    for session_id, claim_id in admitted:
-        lc.dispatcher.start_admitted(session_id, claim_id)
-    return AdmitReport(len(admitted), len(expired))
+    admitted = 0
+    for account in store.open_accounts(lc.db):
+        for session_id, claim_id in store.admit(lc.db, account=account):
+            lc.dispatcher.start_admitted(session_id, claim_id)
+            admitted += 1
+    return AdmitReport(admitted, len(expired))

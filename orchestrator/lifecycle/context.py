@@ -8,11 +8,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import retries, store
+from orchestrator import store
+from orchestrator.accounts import DEFAULT_ACCOUNT, catalog_for
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.deepbrain import DeepBrainClient
 from orchestrator.lifecycle.dispatch import Dispatcher
+from orchestrator.lifecycle.vendors import Vendors
 
 MAX_PARALLEL_STOPS = 32
 
@@ -35,23 +37,23 @@ class DispatchAfterCommit:
 
 @dataclass
 class Lifecycle:
-    """The settings, the database, the vendor client, and the dispatcher that hands work on
-    (through Celery in a worker, inline in tests and tools): given, never looked up. The
-    database is made with the dispatcher's commit hooks (:class:`DispatchAfterCommit`), as
-    :meth:`from_settings` does: a committed transaction that freed a slot admits the next
-    waiting request, one that queued events wakes the relay."""
+    """The settings, the database, the vendor clients (one per account, :class:`Vendors`),
+    and the dispatcher that hands work on (through Celery in a worker, inline in tests and
+    tools): given, never looked up. ``vendor``, when given, is the client of the ``default``
+    account (tests give one with their own transport); else each account's is made from the
+    catalog. The database is made with the dispatcher's commit hooks
+    (:class:`DispatchAfterCommit`), as :meth:`from_settings` does: a committed transaction
+    that freed a slot admits the next waiting request, one that queued events wakes the
+    relay."""
 
     settings: Settings
     db: Database
-    vendor: DeepBrainClient
+    vendor: DeepBrainClient | None
     dispatcher: Dispatcher
+    vendors: Vendors = field(init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _timers: set[threading.Timer] = field(default_factory=set, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.db.has_commit_hooks:  # commits would free slots that nobody hands out
-            raise ValueError("the lifecycle's Database needs hooks=DispatchAfterCommit(dispatcher)")
 
     def stop_pool(self) -> ThreadPoolExecutor:
         """Threads for the reaper's parallel vendor stops; long-lived, so their HTTP clients
@@ -75,9 +77,15 @@ class Lifecycle:
             self._timers.add(timer)
         timer.start()
 
+    def __post_init__(self) -> None:
+        if not self.db.has_commit_hooks:  # commits would free slots that nobody hands out
+            raise ValueError("the lifecycle's Database needs hooks=DispatchAfterCommit(dispatcher)")
+        given = {DEFAULT_ACCOUNT: self.vendor} if self.vendor is not None else {}
+        self.vendors = Vendors(self.settings, self.db, catalog_for(self.settings), given=given)
+        self.vendors.refresh(force=True)  # a bad catalog fails here; its rows are synced
+
     @classmethod
     def from_settings(cls, settings: Settings, dispatcher: Dispatcher) -> Lifecycle:
-        app_id, user_key = settings.vendor_credentials()
         return cls(
             settings=settings,
             db=Database(
@@ -85,13 +93,7 @@ class Lifecycle:
                 pool_size=settings.db_pool_size,
                 hooks=DispatchAfterCommit(dispatcher),
             ),
-            vendor=DeepBrainClient(
-                settings.deepbrain_base_url,
-                app_id,
-                user_key,
-                timeout_seconds=settings.vendor_timeout_seconds,
-                retry=retries.vendor_call(settings),
-            ),
+            vendor=None,
             dispatcher=dispatcher,
         )
 
@@ -103,5 +105,7 @@ class Lifecycle:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-        self.vendor.close()
+        self.vendors.close()
+        if self.vendor is not None:
+            self.vendor.close()
         self.db.dispose()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from orchestrator.db import Database, SessionRow
 from orchestrator.db.types import utcnow
@@ -45,20 +45,32 @@ reaper_lag = meter.create_histogram(
 )
 
 
+account_events = meter.create_counter(
+    "orchestrator.account.events",
+    unit="{event}",
+    description="Account health changes (circuit_opened, disabled, limit_lowered) by account",
+)
+
+
 @contextmanager
-def vendor_call(endpoint: str) -> Iterator[None]:
+def vendor_call(endpoint: str, account: str | None = None) -> Iterator[None]:
     began = time.perf_counter()
     outcome = "ok"
+    labels = (
+        {"endpoint": endpoint} if account is None else {"endpoint": endpoint, "account": account}
+    )
     try:
         yield
     except DeepBrainError as error:
         outcome = error.error_code
-        vendor_errors.add(1, {"endpoint": endpoint, "error_code": outcome})
+        vendor_errors.add(1, {**labels, "error_code": outcome})
         raise
     finally:
-        vendor_duration.record(
-            time.perf_counter() - began, {"endpoint": endpoint, "outcome": outcome}
-        )
+        vendor_duration.record(time.perf_counter() - began, {**labels, "outcome": outcome})
+
+
+def record_account_event(account: str, event: str) -> None:
+    account_events.add(1, {"account": account, "event": event})
 
 
 def record_start(outcome: str, created_at: datetime | None = None) -> None:
@@ -102,3 +114,31 @@ def register_gauges(db: Database) -> None:
     meter.create_observable_gauge(
         "orchestrator.sessions.waiting", callbacks=[waiting], description="waiting for a slot"
     )
+
+    def per_account(column: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            with db.transaction() as session:
+                rows = session.execute(
+                    text(
+                        "SELECT name, in_use, waiting, coalesce(effective_cap, -1) AS cap,"
+                        " (in_catalog AND enabled AND NOT draining AND (circuit_open_until"
+                        " IS NULL OR circuit_open_until <= now()))::integer AS open"
+                        " FROM vendor_accounts"
+                    )
+                ).all()
+            for row in rows:
+                yield Observation(getattr(row, column), {"account": row.name})
+
+        return observe
+
+    for column, description in (
+        ("in_use", "starting + active + stopping, per account"),
+        ("waiting", "requests waiting bound to the account"),
+        ("cap", "effective cap per account (-1: none known)"),
+        ("open", "1 when the account takes new starts"),
+    ):
+        meter.create_observable_gauge(
+            f"orchestrator.account.{column}",
+            callbacks=[per_account(column)],
+            description=description,
+        )

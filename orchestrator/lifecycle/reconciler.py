@@ -11,7 +11,11 @@ A 401/403 from the vendor means our key is wrong: log it loudly and change nothi
 
 One pass runs at a time across the deployment (a lease in ``sweep_leases``, timed by the
 database's clock), and a pass stops calling the vendor at its deadline
-(``Settings.reconcile_pass_seconds``) however slow the vendor is. The vendor's values are
+(``Settings.reconcile_pass_seconds``) however slow the vendor is. The vendor part runs once per
+account, with that account's key, under the account's own lease (``reconcile:<name>``) and
+within its own share of the pass (an equal part of what is left when it starts), so one slow
+or failing account cannot starve the others' orphan stops. A list that succeeds closes the
+account's circuit (docs/admission.md "Health"). The vendor's values are
 untrusted: a malformed row of its list is skipped and logged, an unusable value in a row reads
 as missing (logged with the row's id, counted in ``orchestrator.vendor.skipped_values``), and a
 row whose handling fails (the database refuses what the vendor sent) is skipped and logged: the
@@ -25,6 +29,7 @@ key loses its sessions this way. A pass finding ``MANY_ORPHANS`` or more at once
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -60,6 +65,7 @@ MANY_ORPHANS = 10
 
 
 SWEEP_NAME = "reconcile"
+MAX_LEASE_NAME = 64  # sweep_leases.name
 # The detail calls (rows the vendor may have ended) get this part of what is left of the pass
 # once the list is read; the orphan sweep gets the rest, however slow the detail endpoint.
 DETAIL_SHARE = 0.5
@@ -124,6 +130,34 @@ def _reconcile(lc: Lifecycle, deadline: float) -> ReconcileReport:
     report.early_stops_pruned = store.prune_early_stops(
         lc.db, older_than_seconds=lc.settings.early_stop_retention_seconds
     )
+    names = sorted(lc.vendors.accounts())
+    for index, name in enumerate(names):
+        left = max(0.0, deadline - time.monotonic())
+        share = time.monotonic() + left / (len(names) - index)
+        owner = uuid.uuid4().hex
+        lease = account_lease(name)
+        seconds = left / (len(names) - index) + PASS_LEASE_MARGIN
+        if not store.take_sweep_lease(lc.db, lease, owner, seconds=seconds, spacing=0.0):
+            continue  # another pass is still on this account
+        try:
+            _reconcile_account(lc, name, share, report)
+        finally:
+            store.release_sweep_lease(lc.db, lease, owner)
+    if any(report.as_dict().values()):
+        logger.info("reconciler: %s", report.as_dict())
+    return report
+
+
+def account_lease(name: str) -> str:
+    """The name of an account's reconcile lease (its ``finished_at`` is when its last list
+    pass ended: docs/admission.md, "An uncertain start is not moved")."""
+    if len(name) <= MAX_LEASE_NAME - len("reconcile:"):
+        return f"reconcile:{name}"
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return f"reconcile:{digest[: MAX_LEASE_NAME - len('reconcile:')]}"
+
+
+def _reconcile_account(lc: Lifecycle, name: str, deadline: float, report: ReconcileReport) -> None:
     listed_at = store.database_time(lc.db)
 
     def skip(why: str) -> None:
@@ -131,27 +165,34 @@ def _reconcile(lc: Lifecycle, deadline: float) -> ReconcileReport:
         logger.warning("reconciler: skipped a malformed row of the vendor's list: %s", why)
 
     try:
-        with metrics.vendor_call("list"):
-            active = lc.vendor.list_sessions("active", deadline=deadline, on_malformed=skip)
+        with lc.vendors.call(name, "list") as vendor:
+            active = vendor.list_sessions("active", deadline=deadline, on_malformed=skip)
     except (VendorAuthError, VendorForbidden) as error:
-        logger.critical("reconciler: the vendor refused our key, nothing changed: %s", error)
+        logger.critical(
+            "reconciler: the vendor refused the key of account %s, nothing changed: %s",
+            name,
+            error,
+        )
         report.auth_error = True
-        return report
+        return
     except DeepBrainError as error:
-        logger.error("reconciler: vendor list failed, nothing changed: %s", error)
+        logger.error(
+            "reconciler: vendor list of account %s failed, nothing changed: %s", name, error
+        )
         report.vendor_error = True
-        return report
+        return
+    lc.vendors.note_success(name)
+    store.probe_cap_up(lc.db, name, quiet_seconds=lc.settings.reconcile_interval_seconds)
     report.skipped_values += sum(len(s.skipped) for s in active)
-    listed = _Listed({s.session_id: s for s in active}, listed_at, deadline)
+    listed = _Listed({s.session_id: s for s in active}, listed_at, deadline, name)
     try:
         _in_time(_close_rows_the_vendor_ended, lc, _detail_share(listed), report)
         _in_time(_stop_orphans, lc, listed, report)
     except _AuthRefused as error:
-        logger.critical("reconciler: the vendor refused our key, stopping here: %s", error)
+        logger.critical(
+            "reconciler: the vendor refused the key of account %s, stopping here: %s", name, error
+        )
         report.auth_error = True
-    if any(report.as_dict().values()):
-        logger.info("reconciler: %s", report.as_dict())
-    return report
 
 
 def _resolve_stuck_starts(lc: Lifecycle, report: ReconcileReport) -> None:
@@ -189,12 +230,12 @@ def _check_time(deadline: float) -> None:
 
 
 def _vendor_end(
-    lc: Lifecycle, vendor_id: str, deadline: float, report: ReconcileReport
+    lc: Lifecycle, vendor_id: str, listed: _Listed, report: ReconcileReport
 ) -> tuple[str, datetime | None] | None:
     """(end reason, end time) if the vendor has ended the session, None if it still runs."""
     try:
-        with metrics.vendor_call("detail"):
-            detail = lc.vendor.get_session(vendor_id, deadline=deadline)
+        with lc.vendors.call(listed.account, "detail") as vendor:
+            detail = vendor.get_session(vendor_id, deadline=listed.deadline)
     except VendorNotFound:
         return UNKNOWN_END_REASON, None
     except (VendorAuthError, VendorForbidden) as error:
@@ -236,11 +277,12 @@ class _Listed:
     sessions: dict[str, VendorSession]
     at: datetime
     deadline: float
+    account: str
 
 
 def _close_rows_the_vendor_ended(lc: Lifecycle, listed: _Listed, report: ReconcileReport) -> None:
     sweep = trace.get_current_span()
-    for row in store.live_vendor_rows(lc.db):
+    for row in store.live_vendor_rows(lc.db, account=listed.account):
         if row.vendor_session_id in listed.sessions:
             continue
         if row.started_at is not None and row.started_at > listed.at - LIST_RACE_MARGIN:
@@ -253,7 +295,7 @@ def _close_rows_the_vendor_ended(lc: Lifecycle, listed: _Listed, report: Reconci
                 "session.reconcile.check", row.traceparent, session_id=row.vendor_session_id
             ) as span,
         ):
-            ended = _vendor_end(lc, row.vendor_session_id, listed.deadline, report)
+            ended = _vendor_end(lc, row.vendor_session_id, listed, report)
             if ended is not None and store.record_vendor_ended(
                 lc.db, row.session_id, end_reason=ended[0], ended_at=ended[1]
             ):
@@ -284,23 +326,32 @@ def _stop_orphans(lc: Lifecycle, listed: _Listed, report: ReconcileReport) -> No
     due = _orphans(lc, listed)
     if len(due) >= MANY_ORPHANS:
         logger.warning(
-            "reconciler: %d vendor sessions on our key have no row here; stopping them as "
-            "orphans. If another deployment uses this vendor key, these are its sessions: give "
-            "each deployment its own key (docs/deploy.md)",
+            "reconciler: %d vendor sessions on the key of account %s have no row here; stopping"
+            " them as orphans. If another deployment uses this vendor key, these are its"
+            " sessions: give each deployment its own key (docs/deploy.md)",
             len(due),
+            listed.account,
         )
     for vendor_id, born in due:
         _check_time(listed.deadline)
         with _one_row(report, "orphan vendor session", vendor_id):
             try:
                 outcome = vendor_stop(
-                    lc, vendor_id, "ZOMBIE_SESSION_REAP", deadline=listed.deadline
+                    lc,
+                    vendor_id,
+                    "ZOMBIE_SESSION_REAP",
+                    account=listed.account,
+                    deadline=listed.deadline,
                 )
             except DeepBrainError as error:
                 logger.error("reconciler: could not stop an orphan vendor session: %s", error)
                 continue
             store.log_orphan_stop(
-                lc.db, vendor_id, outcome=outcome.value, created_at=born.isoformat()
+                lc.db,
+                vendor_id,
+                outcome=outcome.value,
+                created_at=born.isoformat(),
+                account=listed.account,
             )
             report.orphans_stopped += 1
             logger.warning("reconciler: stopped an orphan vendor session with no row")

@@ -84,7 +84,13 @@ def record_vendor_yes(
         result = _record_within(lc, ticket, start, _RecordWindow.from_now(lc))
     except IntegrityError as error:
         if not _names_another_rows_session(error):
-            compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+            compensate(
+                lc,
+                vendor_id,
+                request_id=ticket.request_id,
+                why="database write failed",
+                account=ticket.account,
+            )
             raise
         return _fail_reused_session_id(lc, ticket, vendor_id)
     if result is store.Recorded.YES:
@@ -93,14 +99,28 @@ def record_vendor_yes(
         execute_stop(lc, result)
         return StartOutcome(ticket.request_id, "stopping", "stop requested during start")
     if result is store.NotRecorded.MOVED_ON:
-        compensate(lc, vendor_id, request_id=ticket.request_id, why="request no longer starting")
+        compensate(
+            lc,
+            vendor_id,
+            request_id=ticket.request_id,
+            why="request no longer starting",
+            account=ticket.account,
+        )
         return StartOutcome(ticket.request_id, "unchanged", "compensated")
     if result is store.NotRecorded.GONE:
         # The claim was lost (a crash of the database before it reached the disk): this
         # message must not be acknowledged, so that its redelivery claims the request again.
-        compensate(lc, vendor_id, request_id=ticket.request_id, why="row lost")
+        compensate(
+            lc, vendor_id, request_id=ticket.request_id, why="row lost", account=ticket.account
+        )
         raise RetryLater("the request's row was lost; claiming it again", 0.0)
-    compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+    compensate(
+        lc,
+        vendor_id,
+        request_id=ticket.request_id,
+        why="database write failed",
+        account=ticket.account,
+    )
     # The write may have landed with its reply lost: the retry ends the row if it holds the
     # session just stopped.
     raise RetryLater(
@@ -131,7 +151,13 @@ def _record_within(
             raise  # the caller tells a reused vendor id (no stop) from any other
         except SQLAlchemyError as error:
             if not _is_outage(error):
-                compensate(lc, vendor_id, request_id=ticket.request_id, why="database write failed")
+                compensate(
+                    lc,
+                    vendor_id,
+                    request_id=ticket.request_id,
+                    why="database write failed",
+                    account=ticket.account,
+                )
                 raise
             pool_full = isinstance(error, PoolTimeout)
             result = _reread(lc, ticket, vendor_id, window)

@@ -16,6 +16,7 @@ from opentelemetry import trace
 from sqlalchemy.exc import DataError
 
 from orchestrator import masking, store, tracing
+from orchestrator.accounts import DEFAULT_ACCOUNT
 from orchestrator.contract import (
     REQUEST_ID_PATTERN,
     InvalidStartRequest,
@@ -24,7 +25,14 @@ from orchestrator.contract import (
     payload_digest,
     secret_values,
 )
-from orchestrator.deepbrain import DeepBrainError, StartedSession, VendorConflict, VendorForbidden
+from orchestrator.deepbrain import (
+    DeepBrainError,
+    StartedSession,
+    VendorConflict,
+    VendorForbidden,
+    VendorServerError,
+    VendorUnavailable,
+)
 from orchestrator.jwt_claims import expires_at
 from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
@@ -34,6 +42,7 @@ from orchestrator.retries import waits_for_a_slot_again
 
 logger = logging.getLogger(__name__)
 MAX_CLAIM_ID_LENGTH = 255
+VENDOR_LIMIT_CODE = 4030  # the vendor's "concurrent limit reached" (a 403)
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,9 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
 
     request_id = request.request_id or message.claim_id
     tracing.set_attributes(trace.get_current_span(), avatar_id=request.avatar_id)
+    unknown = _no_such_account(lc, request)
+    if unknown is not None:
+        return _failed(lc, message, request_id, unknown)
     try:
         claim = store.claim(
             lc.db,
@@ -126,8 +138,9 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
                 max_duration_seconds=request.max_duration_seconds,
                 start_deadline_seconds=request.start_deadline_seconds,
                 traceparent=message.traceparent,
+                account=request.account,
+                labels=request.account_labels,
             ),
-            max_concurrent_sessions=lc.settings.max_concurrent_sessions,
             lease_seconds=lc.settings.start_timeout_seconds,
         )
     except store.AdmissionBusy as error:
@@ -140,6 +153,24 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
         reason = f"the database cannot store this request (SQLSTATE {sqlstate})"
         return _failed(lc, message, request_id, reason)
     return _after_claim(lc, message, request_id, claim)
+
+
+def _no_such_account(lc: Lifecycle, request: StartRequest) -> str | None:
+    """Why no account this deployment holds can ever start the request, if so."""
+    accounts = lc.vendors.accounts()
+    if request.account is not None and request.account not in accounts:
+        return f"'account': no account named {request.account!r} here"
+    if request.account_labels:
+        wanted = request.account_labels
+        eligible = [
+            a
+            for a in accounts.values()
+            if a.matches(wanted) and (request.account is None or a.name == request.account)
+        ]
+        if not eligible:
+            shown = ",".join(f"{k}={v}" for k, v in sorted(wanted.items()))
+            return f"'account_labels': no account here carries {shown}"
+    return None
 
 
 def _after_claim(
@@ -268,8 +299,8 @@ def _call_vendor(
     """The vendor start, with no transaction open; a refusal is recorded and returned. A row
     lost meanwhile (a crash of the database took its claim) is claimed again: RetryLater."""
     try:
-        with metrics.vendor_call("start"):
-            return lc.vendor.start_session(
+        with lc.vendors.call(ticket.account, "start") as vendor:
+            return vendor.start_session(
                 request.vendor_body(),
                 deadline=start_deadline(lc),
                 secrets=secret_values(ticket.payload),
@@ -277,6 +308,8 @@ def _call_vendor(
     except (VendorForbidden, VendorConflict) as error:
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
+        if error.code == VENDOR_LIMIT_CODE:
+            _note_limit(lc, ticket, error)
         if waits_for_a_slot_again(lc.settings, ticket.attempt):
             waiting = store.back_to_waiting(lc.db, ticket, vendor_error=error.error_code)
             _claim_again_if_gone(waiting)
@@ -289,12 +322,33 @@ def _call_vendor(
     logger.warning("start of request %s failed: %s", ticket.request_id, failure)
     code = failure.error_code
     failed = store.record_failed(
-        lc.db, ticket, error_code=code, error_message=failure.vendor_message
+        lc.db,
+        ticket,
+        error_code=code,
+        error_message=failure.vendor_message,
+        uncertain=_uncertain(failure),
     )
     _claim_again_if_gone(failed)
     if failed is store.NotRecorded.MOVED_ON:
         return StartOutcome(ticket.request_id, "unchanged", f"{code}: the row moved on")
     return StartOutcome(ticket.request_id, "failed", code)
+
+
+def _uncertain(failure: DeepBrainError) -> bool:
+    """Whether the start may have made a vendor session (its account's reconciler stops it
+    as an orphan, with that account's key; the request is never moved to another account)."""
+    if isinstance(failure, VendorUnavailable):
+        return failure.uncertain
+    return isinstance(failure, VendorServerError)
+
+
+def _note_limit(lc: Lifecycle, ticket: store.StartTicket, error: DeepBrainError) -> None:
+    """A "limit reached" reply while we counted a free slot: sessions we do not know hold
+    the rest, so the account's cap drops (docs/admission.md "Health")."""
+    account = ticket.account or DEFAULT_ACCOUNT
+    cap = store.lower_cap_to_in_use(lc.db, account, str(error))
+    metrics.record_account_event(account, "limit_lowered")
+    logger.warning("account %s: the vendor's limit reply lowers its cap to %s", account, cap)
 
 
 def _claim_again_if_gone(written: object) -> None:

@@ -54,27 +54,34 @@ def request_stop(
 
 
 def vendor_stop(
-    lc: Lifecycle, vendor_session_id: str, reason: str, *, deadline: float | None = None
+    lc: Lifecycle,
+    vendor_session_id: str,
+    reason: str,
+    *,
+    account: str | None,
+    deadline: float | None = None,
 ) -> StopOutcome:
     """Stop at the vendor, within the stop's lease (``STOP_RETRY_SECONDS``) unless a deadline
     is given: past the lease another sweep may stop the same session. A 404 counts as gone only
     once the session's detail agrees (:func:`_confirm_gone`)."""
     if deadline is None:
         deadline = time.monotonic() + lease_without_margin(lc.settings.stop_retry_seconds)
-    with metrics.vendor_call("stop"):
-        outcome = lc.vendor.stop_session(vendor_session_id, reason, deadline=deadline)
+    with lc.vendors.call(account, "stop") as vendor:
+        outcome = vendor.stop_session(vendor_session_id, reason, deadline=deadline)
     if outcome is StopOutcome.NOT_FOUND:
-        _confirm_gone(lc, vendor_session_id, deadline)
+        _confirm_gone(lc, vendor_session_id, deadline, account)
     return outcome
 
 
-def _confirm_gone(lc: Lifecycle, vendor_session_id: str, deadline: float) -> None:
+def _confirm_gone(
+    lc: Lifecycle, vendor_session_id: str, deadline: float, account: str | None
+) -> None:
     """One detail call settles a 404 on stop: a 404 there too (or an end) means gone. Our key
     refused raises VendorAuthError/VendorForbidden, and a session the vendor still shows
     running raises DeepBrainError: either way the stop is tried again, not taken as done."""
     try:
-        with metrics.vendor_call("detail"):
-            detail = lc.vendor.get_session(vendor_session_id, deadline=deadline)
+        with lc.vendors.call(account, "detail") as vendor:
+            detail = vendor.get_session(vendor_session_id, deadline=deadline)
     except VendorNotFound:
         return
     if detail.end_at is None and not detail.end_reason:
@@ -101,7 +108,9 @@ def stop_at_vendor(lc: Lifecycle, ticket: store.StopTicket) -> StopOutcome | Non
         end_reason=ticket.reason,
     ) as span:
         try:
-            outcome = vendor_stop(lc, ticket.vendor_session_id, ticket.reason)
+            outcome = vendor_stop(
+                lc, ticket.vendor_session_id, ticket.reason, account=ticket.account
+            )
         except DeepBrainError as error:
             logger.warning("vendor stop failed for request %s: %s", ticket.request_id, error)
             tracing.mark_error(span, error.error_code)
@@ -131,10 +140,13 @@ def finish_confirmed(
     return [ticket for ticket in confirmed if ticket.session_id in ended_ids]
 
 
-def compensate(lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: str) -> bool:
-    """Stop a vendor session that no row will own (the DB write failed or the row moved on)."""
+def compensate(
+    lc: Lifecycle, vendor_session_id: str, *, request_id: str, why: str, account: str | None
+) -> bool:
+    """Stop a vendor session that no row will own (the DB write failed or the row moved on),
+    with the key of the account that started it."""
     try:
-        vendor_stop(lc, vendor_session_id, "ERROR")
+        vendor_stop(lc, vendor_session_id, "ERROR", account=account)
     except DeepBrainError as error:
         logger.error(
             "compensating stop failed for request %s (the reconciler will stop it): %s",

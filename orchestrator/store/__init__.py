@@ -3,7 +3,8 @@ row lock (``SELECT … FOR UPDATE``) or a conditional UPDATE. Every time compare
 processes — expiry, start timeouts, leases, retry times — is the database's ``now()``, never
 a host's clock.
 
-- :mod:`.admission`: the claim of a new request, admission of waiting ones;
+- :mod:`.admission`: the claim of a new request; :mod:`.waiting`: admission of waiting ones;
+- :mod:`.accounts`: the accounts' rows (catalog sync, operator switches, health, recount);
 - :mod:`.starts`: vendor start attempts and their answers; :mod:`.invalid`: requests that
   cannot be started;
 - :mod:`.stops`: stop requests, the reaper's claim, confirmed stops;
@@ -11,6 +12,22 @@ a host's clock.
 - :mod:`.rows` and :mod:`.history`: what they share, and the ``session_events`` log.
 """
 
+from orchestrator.store.accounts import (
+    AccountState,
+    CatalogEntry,
+    Drift,
+    Switch,
+    account_states,
+    disable_refused,
+    drift,
+    log_account_disabled,
+    lower_cap_to_in_use,
+    probe_cap_up,
+    record_failure,
+    record_success,
+    switch,
+    sync_catalog,
+)
 from orchestrator.store.admission import (
     ADMISSION_LOCK_KEY,
     CLAIM_FUNCTION_MIGRATION,
@@ -20,10 +37,7 @@ from orchestrator.store.admission import (
     ClaimOutcome,
     ClaimRequest,
     admission_state,
-    admit,
     claim,
-    expire_waiting,
-    has_waiting,
 )
 from orchestrator.store.ending import Ended, end
 from orchestrator.store.invalid import record_invalid
@@ -74,6 +88,7 @@ from orchestrator.store.vendor_sync import (
     resolve_stuck_starts,
     take_sweep_lease,
 )
+from orchestrator.store.waiting import admit, expire_waiting, has_waiting, open_accounts
 
 __all__ = [
     "ADMISSION_LOCK_KEY",
@@ -82,12 +97,15 @@ __all__ = [
     "LEASE_GRACE_SECONDS",
     "MAX_DURATION_REACHED",
     "USER_CLOSED",
+    "AccountState",
     "AdmissionBusy",
     "AdmissionState",
     "AttemptBusy",
+    "CatalogEntry",
     "Claim",
     "ClaimOutcome",
     "ClaimRequest",
+    "Drift",
     "Ended",
     "LiveVendorRow",
     "NoStart",
@@ -98,7 +116,9 @@ __all__ = [
     "StopRequestResult",
     "StopTicket",
     "StuckStarts",
+    "Switch",
     "VendorStart",
+    "account_states",
     "admission_state",
     "admit",
     "back_to_waiting",
@@ -107,6 +127,8 @@ __all__ = [
     "claim_due_stops",
     "database_time",
     "db_now",
+    "disable_refused",
+    "drift",
     "end",
     "end_if_holding",
     "end_if_stopped",
@@ -115,13 +137,19 @@ __all__ = [
     "first_sightings",
     "has_waiting",
     "live_vendor_rows",
+    "log_account_disabled",
     "log_compensation",
     "log_orphan_stop",
+    "lower_cap_to_in_use",
+    "open_accounts",
     "owned_vendor_ids",
+    "probe_cap_up",
     "prune_early_stops",
     "record_failed",
+    "record_failure",
     "record_invalid",
     "record_started",
+    "record_success",
     "record_vendor_ended",
     "release_sweep_lease",
     "request_stop",
@@ -129,5 +157,7 @@ __all__ = [
     "seconds_to_expiries",
     "start_state",
     "stop_failed",
+    "switch",
+    "sync_catalog",
     "take_sweep_lease",
 ]

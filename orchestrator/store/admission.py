@@ -1,22 +1,24 @@
-"""Admission: the claim of a new request (one statement, ``orchestrator_claim``, under the
-admission lock), the move of waiting rows into free slots, and deadlines of waiting rows.
+"""Admission: the claim of a new request (one statement, ``orchestrator_claim``: the request's
+lock, then the eligible accounts' rows), the move of waiting rows into an account's free slots,
+and deadlines of waiting rows. docs/admission.md is the design.
 
-``orchestrator_claim`` and ``orchestrator_admission_state`` (the versions this code calls) are
-defined by migration :data:`CLAIM_FUNCTION_MIGRATION`; tests/test_store.py pins their lock key
-and live statuses to :data:`ADMISSION_LOCK_KEY` and :data:`orchestrator.db.LIVE_STATUSES`.
-The vendor's last reported limit is one row of ``vendor_accounts`` (:data:`VENDOR_ACCOUNT`).
+``orchestrator_claim`` (the version this code calls) is defined by migration
+:data:`CLAIM_FUNCTION_MIGRATION`; tests/test_store.py pins its lock keys to
+:data:`ADMISSION_LOCK_KEY` and :func:`request_lock_sql`. Per-account counters (``in_use``,
+``waiting``) are kept exact by triggers on ``sessions``; nothing here counts live rows.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import bindparam, null, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -24,7 +26,7 @@ from orchestrator.db import AfterCommit, Database, EarlyStop, EventKind, Session
 from orchestrator.db.types import JSONDocument
 from orchestrator.errors import OrchestratorError
 from orchestrator.store import history
-from orchestrator.store.ending import end, end_row
+from orchestrator.store.ending import end_row
 from orchestrator.store.rows import (
     S,
     db_now,
@@ -33,16 +35,25 @@ from orchestrator.store.rows import (
 )
 from orchestrator.store.starts import StartTicket
 
-CLAIM_FUNCTION_MIGRATION = "0006"  # defines the orchestrator_claim and admission state called
-ADMISSION_LOCK_KEY = 0x5E5511  # pg_advisory_xact_lock: one admission decision at a time
-# A claim waits this long at most for the admission lock; past it, AdmissionBusy (retried).
+CLAIM_FUNCTION_MIGRATION = "0007"  # defines the orchestrator_claim called
+# The previous release's one admission lock. A claim or admission that may use ``default``
+# still takes it while releases before accounts may run beside this one (migration 0007).
+ADMISSION_LOCK_KEY = 0x5E5511
+# A claim waits this long at most for its locks; past it, AdmissionBusy (retried).
 ADMISSION_LOCK_WAIT_SECONDS = 5.0
-VENDOR_ACCOUNT = "default"  # the row of vendor_accounts admission reads (one account today)
+VENDOR_ACCOUNT = "default"  # the account of today's single-account settings
 LOCK_NOT_AVAILABLE = "55P03"
+# A request's labels: None is SQL NULL ("any account"), never the JSON value null.
+LABELS = JSONB(none_as_null=True)
+
+
+def request_lock_sql(request_id_sql: str) -> str:
+    """The advisory lock a claim and a stop of one request meet on (docs/admission.md)."""
+    return f"pg_advisory_xact_lock(hashtextextended('request:' || {request_id_sql}, 0))"
 
 
 class AdmissionBusy(OrchestratorError):
-    """The admission lock was not granted within the claim's bound: try the message again."""
+    """A claim's locks were not granted within its bound: try the message again."""
 
 
 class ClaimOutcome(Enum):
@@ -59,16 +70,19 @@ class Claim:
     session_id: uuid.UUID
     status: str
     ticket: StartTicket | None = None  # a new row admitted at once: its first attempt counted
+    account: str | None = None  # the account it was admitted to (none while it waits)
 
 
 _CLAIM = text(
-    "SELECT session_id, status, cap, live, waiting, cancelled, at FROM orchestrator_claim("
+    "SELECT session_id, status, account, cap, live, free_elsewhere, cancelled, at"
+    " FROM orchestrator_claim("
     ":id, :request_id, :claim_id, :avatar_id, :payload, :digest, :metadata,"
-    " :max_duration_seconds, :start_deadline_seconds, :traceparent, :configured_cap,"
-    " :attempt_owner, :lease_seconds, :lock_timeout_ms)"
+    " :max_duration_seconds, :start_deadline_seconds, :traceparent, CAST(:account AS text),"
+    " :labels, :attempt_owner, :lease_seconds, :lock_timeout_ms)"
 ).bindparams(
     bindparam("payload", type_=JSONDocument),
     bindparam("metadata", type_=JSONDocument),
+    bindparam("labels", type_=LABELS),
 )
 
 
@@ -85,23 +99,25 @@ class ClaimRequest:
     max_duration_seconds: int | None
     start_deadline_seconds: int | None
     traceparent: str | None
+    account: str | None = None  # the account the request names (none: any eligible)
+    labels: Mapping[str, str] | None = None  # labels every eligible account must carry
 
 
 def claim(
     db: Database,
     request: ClaimRequest,
     *,
-    max_concurrent_sessions: int,
     lease_seconds: float,
     lock_wait_seconds: float = ADMISSION_LOCK_WAIT_SECONDS,
 ) -> Claim:
-    """Create the row for the request — ``starting`` (its first attempt counted, its lease
-    taken from when the admission lock was granted) if a slot is free and nobody waits, else
-    ``waiting`` — or say why this message finds one already. A stop that came first ends the
-    request here, with no vendor call. AdmissionBusy if the lock is not granted within
+    """Create the row for the request — ``starting`` on the eligible open account with the
+    most weighted free share (its first attempt counted, its lease taken from when the locks
+    were granted) if one has a slot no older waiting request could take, else ``waiting`` —
+    or say why this message finds one already. A stop that came first ends the request here,
+    with no vendor call. AdmissionBusy if the locks are not granted within
     ``lock_wait_seconds``."""
     for _ in range(3):
-        claimed = _try_claim(db, request, max_concurrent_sessions, lease_seconds, lock_wait_seconds)
+        claimed = _try_claim(db, request, lease_seconds, lock_wait_seconds)
         if claimed is not None:
             return claimed
     # An early stop and its pruning raced this claim three times: let the message retry.
@@ -111,7 +127,6 @@ def claim(
 def _try_claim(
     db: Database,
     request: ClaimRequest,
-    max_concurrent_sessions: int,
     lease_seconds: float,
     lock_wait_seconds: float,
 ) -> Claim | None:
@@ -130,7 +145,8 @@ def _try_claim(
                 "max_duration_seconds": request.max_duration_seconds,
                 "start_deadline_seconds": request.start_deadline_seconds,
                 "traceparent": request.traceparent,
-                "configured_cap": max_concurrent_sessions,
+                "account": request.account,
+                "labels": dict(request.labels) if request.labels else None,
                 "attempt_owner": owner,
                 "lease_seconds": lease_seconds,
                 "lock_timeout_ms": max(1, round(lock_wait_seconds * 1000)),
@@ -141,14 +157,13 @@ def _try_claim(
         if cancelled is not None:
             return Claim(ClaimOutcome.CANCELLED, cancelled, S.ENDED.value)
     elif found.session_id is not None:
-        admission = AdmissionState(found.cap, found.live, found.waiting)
         if found.status == S.WAITING:
             # The message is acknowledged on the strength of this claim, which committed
             # without waiting for the disk: make it durable first.
             db.durability_barrier()
-            if admission.free > 0:
-                db.fire(AfterCommit.SLOT_FREED)  # others wait while slots are free: admit them FIFO
-            return Claim(ClaimOutcome.NEW, found.session_id, found.status)
+            if found.free_elsewhere:
+                db.fire(AfterCommit.SLOT_FREED)  # older requests wait while slots are free
+            return Claim(ClaimOutcome.NEW, found.session_id, found.status, None, found.account)
         ticket = StartTicket(
             session_id=found.session_id,
             request_id=request.request_id,
@@ -158,8 +173,9 @@ def _try_claim(
             created_at=found.at,
             traceparent=request.traceparent,
             owner=owner,
+            account=found.account,
         )
-        return Claim(ClaimOutcome.NEW, found.session_id, found.status, ticket)
+        return Claim(ClaimOutcome.NEW, found.session_id, found.status, ticket, found.account)
     return _existing_row(db, request)
 
 
@@ -169,7 +185,7 @@ def _busy_on_lock_timeout() -> Iterator[None]:
         yield
     except DBAPIError as error:
         if getattr(error.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
-            raise AdmissionBusy("the admission lock was not granted in time") from None
+            raise AdmissionBusy("the admission locks were not granted in time") from None
         raise
 
 
@@ -194,7 +210,7 @@ def _existing_row(db: Database, request: ClaimRequest) -> Claim | None:
                 note="same request_id with a different payload; the repeat was ignored",
             )
             outcome = ClaimOutcome.CONFLICT
-        claim = Claim(outcome, row.id, row.status)
+        claim = Claim(outcome, row.id, row.status, None, row.account)
     if outcome is ClaimOutcome.RESUME:
         # The first delivery's claim may not have reached the disk yet; what follows may
         # write nothing before this delivery is acknowledged.
@@ -228,6 +244,9 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
                     "traceparent": request.traceparent,
                     "created_at": now,
                     "stop_requested_at": early.requested_at,
+                    "account": request.account,
+                    "requested_account": request.account,
+                    "requested_labels": dict(request.labels) if request.labels else null(),
                 }
             )
         ).scalar_one_or_none()
@@ -245,8 +264,9 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
 
 @dataclass(frozen=True)
 class AdmissionState:
-    """What one admission decision needs; the counts stop early because they run under the
-    global lock: ``live`` is counted up to ``cap``, ``waiting`` up to 1 (does anyone wait?)."""
+    """One account's admission state, read from its row (O(1), no count of live rows):
+    ``cap`` the lower of the given cap and the account's effective cap, ``live`` its exact
+    ``in_use``, ``waiting`` the requests waiting bound to it."""
 
     cap: int
     live: int
@@ -257,82 +277,35 @@ class AdmissionState:
         return max(0, self.cap - self.live)
 
 
-_ADMISSION_STATE = text(
-    "SELECT cap, live, waiting FROM orchestrator_admission_state(:cap, :account)"
+_ACCOUNT_STATE = text(
+    "SELECT effective_cap, in_use, waiting FROM vendor_accounts WHERE name = :account"
 )
 
 
 def lock_admission(session: Session) -> None:
-    """Take the admission lock until this transaction ends: no claim decides meanwhile."""
+    """Take the previous release's global admission lock until this transaction ends."""
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
 
 
-def _admission_state(session: Session, configured_cap: int) -> AdmissionState:
-    """Counted under one lock, so no two workers hand out the same free slot. The effective
-    cap is the lower of ours and the vendor's last reported limit (``vendor_accounts``)."""
-    lock_admission(session)
-    found = session.execute(
-        _ADMISSION_STATE, {"cap": configured_cap, "account": VENDOR_ACCOUNT}
-    ).one()
-    return AdmissionState(found.cap, found.live, found.waiting)
+def lock_request(session: Session, request_id: str) -> None:
+    """Take the lock a claim of ``request_id`` takes first, until this transaction ends."""
+    session.execute(text(f"SELECT {request_lock_sql(':r')}"), {"r": request_id})
 
 
-def admission_state(db: Database, configured_cap: int) -> AdmissionState:
+def _admission_state(
+    session: Session, configured_cap: int, account: str = VENDOR_ACCOUNT
+) -> AdmissionState:
+    found = session.execute(_ACCOUNT_STATE, {"account": account}).one_or_none()
+    if found is None:
+        return AdmissionState(configured_cap, 0, 0)
+    cap = (
+        configured_cap if found.effective_cap is None else min(configured_cap, found.effective_cap)
+    )
+    return AdmissionState(cap, found.in_use, found.waiting)
+
+
+def admission_state(
+    db: Database, configured_cap: int, account: str = VENDOR_ACCOUNT
+) -> AdmissionState:
     with db.transaction() as session:
-        return _admission_state(session, configured_cap)
-
-
-def admit(db: Database, *, configured_cap: int) -> list[tuple[uuid.UUID, str]]:
-    """Move the oldest ``waiting`` rows into the free slots; (row id, new claim id) each."""
-    admitted: list[tuple[uuid.UUID, str]] = []
-    with db.transaction() as session:
-        state = _admission_state(session, configured_cap)
-        if state.free == 0 or state.waiting == 0:
-            return admitted
-        now = db_now(session)
-        rows = session.scalars(
-            select(SessionRow)
-            .where(SessionRow.status == S.WAITING.value)
-            .order_by(SessionRow.created_at, SessionRow.id)
-            .limit(state.free)
-            .with_for_update()
-        ).all()
-        for row in rows:
-            row.status = S.STARTING.value
-            row.claim_id = f"admit-{uuid.uuid4()}"
-            row.admitted_at = now
-            row.attempt_owner = None
-            row.attempt_lease_until = None
-            waited = (now - row.created_at).total_seconds()
-            history.log(session, EventKind.ADMITTED, row=row, waited_seconds=round(waited, 3))
-            admitted.append((row.id, row.claim_id))
-    return admitted
-
-
-def expire_waiting(db: Database) -> list[str]:
-    """``waiting`` rows past their ``start_deadline_at`` → ``failed`` ``CAPACITY_TIMEOUT``."""
-    with db.transaction() as session:
-        ids = session.scalars(
-            select(SessionRow.id)
-            .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= func.now())
-            .with_for_update(skip_locked=True)
-        ).all()
-        ended = end(
-            session,
-            ids,
-            S.FAILED,
-            from_statuses=[S.WAITING],
-            error_code="CAPACITY_TIMEOUT",
-            error_message="no free session slot before start_deadline_seconds passed",
-        )
-        return [e.request_id for e in ended]
-
-
-def has_waiting(db: Database) -> bool:
-    with db.transaction() as session:
-        return (
-            session.scalar(
-                select(SessionRow.id).where(SessionRow.status == S.WAITING.value).limit(1)
-            )
-            is not None
-        )
+        return _admission_state(session, configured_cap, account)

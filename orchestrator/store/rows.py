@@ -18,6 +18,7 @@ from orchestrator.store import history
 S = SessionStatus
 MAX_DURATION_REACHED = "MAX_DURATION_REACHED"  # the reaper's end_reason (vendor vocabulary)
 USER_CLOSED = "USER_CLOSED"
+DEFAULT_ACCOUNT = "default"  # rows from before accounts, and today's single-account settings
 LIVE_VALUES = [s.value for s in LIVE_STATUSES]
 SESSIONS: Table = SessionRow.__table__  # type: ignore[assignment]  # for Core statements
 
@@ -43,6 +44,7 @@ class StopTicket:
     reason: str
     traceparent: str | None = None
     expires_at: datetime | None = None
+    account: str | None = DEFAULT_ACCOUNT  # whose key stops it
 
 
 def lock_row(session: Session, session_id: uuid.UUID) -> SessionRow | None:
@@ -76,4 +78,5 @@ def to_stopping(
         reason=reason,
         traceparent=row.traceparent,
         expires_at=row.expires_at,
+        account=row.account,
     )

@@ -19,6 +19,7 @@ from orchestrator.events import bodies
 from orchestrator.store import history
 from orchestrator.store.ending import end_row
 from orchestrator.store.rows import (
+    DEFAULT_ACCOUNT,
     USER_CLOSED,
     S,
     StopTicket,
@@ -41,6 +42,7 @@ class StartTicket:
     created_at: datetime
     traceparent: str | None
     owner: str
+    account: str | None = DEFAULT_ACCOUNT  # whose key starts it (docs/admission.md)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def begin_attempt(
             created_at=row.created_at,
             traceparent=row.traceparent,
             owner=owner,
+            account=row.account,
         )
 
 
@@ -205,6 +208,7 @@ def record_started(
         reason=marked.end_reason,
         traceparent=ticket.traceparent,
         expires_at=start.expires_at,
+        account=ticket.account,
     )
 
 
@@ -279,6 +283,7 @@ def start_state(
                 reason=row.end_reason or USER_CLOSED,
                 traceparent=row.traceparent,
                 expires_at=row.expires_at,
+                account=row.account,
             )
         if (
             row.status == S.STARTING
@@ -328,7 +333,12 @@ def end_if_stopped(db: Database, ticket: StartTicket) -> Proceed | NoStart | Not
 
 
 def record_failed(
-    db: Database, ticket: StartTicket, *, error_code: str, error_message: str
+    db: Database,
+    ticket: StartTicket,
+    *,
+    error_code: str,
+    error_message: str,
+    uncertain: bool = False,
 ) -> Recorded | NotRecorded:
     """``starting`` → ``failed`` for this attempt; Recorded.YES once written, else why not: MOVED_ON
     (another attempt holds the row, or it ended), GONE (the claim was lost in a crash of the
@@ -337,6 +347,8 @@ def record_failed(
         row = _lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
+        if uncertain:  # the attempt may have made a session on the row's account
+            row.uncertain_at = db_now(session)
         end_row(session, row, S.FAILED, error_code=error_code, error_message=error_message)
         return Recorded.YES
 
@@ -354,6 +366,8 @@ def back_to_waiting(
             end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
             return Recorded.YES
         row.status = S.WAITING.value
+        # A limit reply is certain (no session was made): any eligible account may take it.
+        row.account = row.requested_account
         row.attempt_owner = None
         row.attempt_lease_until = None
         row.admitted_at = None

@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql
 from orchestrator.backoff import exponential_backoff
 from orchestrator.db import Database, EarlyStop, EventKind, SessionRow
 from orchestrator.store import history
-from orchestrator.store.admission import lock_admission
+from orchestrator.store.admission import lock_admission, lock_request
 from orchestrator.store.ending import Ended, end, end_row
 from orchestrator.store.rows import (
     MAX_DURATION_REACHED,
@@ -46,8 +46,9 @@ def request_stop(
     """Apply a stop request to the row; a ticket means this caller owes the vendor stop.
 
     A stop by ``request_id`` that finds no row came before its start (the queues are separate):
-    it is remembered, under the admission lock so that no claim can slip in between the look
-    for a row and the memo, and the claim of that start finds it.
+    it is remembered under the request's lock, which the claim of that start takes first, so
+    no claim can slip in between the look for a row and the memo (and under the previous
+    release's global lock too, which its claims take: migration 0007, "Mixed fleet").
     """
     with db.transaction() as session:
         query = select(SessionRow).with_for_update()
@@ -57,6 +58,7 @@ def request_stop(
             query = query.where(SessionRow.vendor_session_id == vendor_session_id)
         row = session.scalars(query).one_or_none()
         if row is None and request_id is not None:
+            lock_request(session, request_id)
             lock_admission(session)
             row = session.scalars(query).one_or_none()  # a claim may have committed meanwhile
             if row is None:
@@ -153,6 +155,7 @@ _CLAIM_EXPIRED = (
         SESSIONS.c.vendor_session_id,
         SESSIONS.c.traceparent,
         SESSIONS.c.expires_at,
+        SESSIONS.c.account,
     )
 )
 
@@ -179,6 +182,7 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
                 reason=reason,
                 traceparent=r.traceparent,
                 expires_at=r.expires_at,
+                account=r.account,
             )
             for r in expired
         ]
@@ -207,6 +211,7 @@ def claim_due_stops(db: Database, *, limit: int, retry_in: float) -> list[StopTi
                     reason=row.end_reason or "ERROR",
                     traceparent=row.traceparent,
                     expires_at=row.expires_at,
+                    account=row.account,
                 )
             )
     return tickets

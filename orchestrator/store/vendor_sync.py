@@ -36,20 +36,22 @@ def database_time(db: Database) -> datetime:
         return db_now(session)
 
 
-def live_vendor_rows(db: Database) -> list[LiveVendorRow]:
-    """Every row we believe the vendor runs (``active`` or ``stopping``)."""
+def live_vendor_rows(db: Database, *, account: str | None = None) -> list[LiveVendorRow]:
+    """Every row we believe the vendor runs (``active`` or ``stopping``), of one account if
+    ``account`` is given."""
     with db.transaction() as session:
-        rows = session.execute(
-            select(
-                SessionRow.id,
-                SessionRow.vendor_session_id,
-                SessionRow.started_at,
-                SessionRow.traceparent,
-            ).where(
-                SessionRow.status.in_([S.ACTIVE.value, S.STOPPING.value]),
-                SessionRow.vendor_session_id.is_not(None),
-            )
-        ).all()
+        query = select(
+            SessionRow.id,
+            SessionRow.vendor_session_id,
+            SessionRow.started_at,
+            SessionRow.traceparent,
+        ).where(
+            SessionRow.status.in_([S.ACTIVE.value, S.STOPPING.value]),
+            SessionRow.vendor_session_id.is_not(None),
+        )
+        if account is not None:
+            query = query.where(SessionRow.account == account)
+        rows = session.execute(query).all()
     return [LiveVendorRow(r.id, r.vendor_session_id, r.started_at, r.traceparent) for r in rows]
 
 
@@ -180,7 +182,12 @@ def resolve_stuck_starts(db: Database, *, start_timeout: float) -> StuckStarts:
 
 
 def log_orphan_stop(
-    db: Database, vendor_session_id: str, *, outcome: str, created_at: str | None
+    db: Database,
+    vendor_session_id: str,
+    *,
+    outcome: str,
+    created_at: str | None,
+    account: str | None = None,
 ) -> None:
     with db.transaction() as session:
         history.log(
@@ -190,6 +197,7 @@ def log_orphan_stop(
             reason="ZOMBIE_SESSION_REAP",
             vendor_outcome=outcome,
             vendor_created_at=created_at,
+            account=account,
         )
 
 

@@ -142,6 +142,9 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
   "OTEL_EXPORTER_OTLP_PROTOCOL" $o.protocol
   "OTEL_SDK_DISABLED" ($o.sdkDisabled | toString)
 }}
+{{- with .Values.accounts.existingSecret }}
+{{- $_ := set $d "ORCHESTRATOR_ACCOUNTS_DIR" $.Values.accounts.mountPath }}
+{{- end }}
 {{- $baseUrl := $c.deepbrainBaseUrl }}
 {{- if and (not $baseUrl) .Values.simulator.enabled }}
 {{- $baseUrl = include "session-orchestrator.simulatorUrl" . }}
