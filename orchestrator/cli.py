@@ -14,6 +14,7 @@ import click
 from orchestrator.cli_errors import describe
 from orchestrator.cli_sessions import enqueue, sessions, status, stop
 from orchestrator.cli_support import EXIT_SESSION_FAILED, cli_settings, cli_telemetry
+from orchestrator.cli_webhooks import webhooks
 from orchestrator.config import (
     DEFAULT_CONTROL_THREADS,
     DEFAULT_START_THREADS,
@@ -320,9 +321,9 @@ def simulator(
 
 
 @main.command()
-@click.argument("role", type=click.Choice(["worker", "beat"]))
+@click.argument("role", type=click.Choice(["worker", "beat", "webhooks"]))
 def health(role: str) -> None:
-    """Exit 0 if this pod's worker/beat heartbeat is fresh (for liveness probes)."""
+    """Exit 0 if this pod's worker/beat/webhook sender heartbeat is fresh (liveness probes)."""
     from orchestrator.heartbeat import age_seconds
 
     settings = cli_settings()
@@ -377,7 +378,7 @@ def demo(count: int) -> None:
     sys.exit(run_demo(count))
 
 
-for _command in (enqueue, stop, status, sessions):
+for _command in (enqueue, stop, status, sessions, webhooks):
     main.add_command(_command)
 
 __all__ = ["EXIT_SESSION_FAILED", "main"]
