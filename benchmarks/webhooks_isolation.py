@@ -6,9 +6,10 @@ request received), p50/p99/max.
 
 Real parts: a fresh database on the local PostgreSQL (TEST_POSTGRES_URL or 127.0.0.1:5432,
 migrated to head), events written through the outbox one transaction each (as transitions
-write them), the sender of ``orchestrator webhooks send`` in this process with its default
-concurrency (64, 4 per endpoint), receivers on loopback (allow-listed). The dead endpoint
-accepts TCP connections and never answers. Not part of ``make bench``'s report yet.
+write them), the sender (`orchestrator webhooks send`, 64 attempts at once, 16 per endpoint
+or `--per-endpoint`) in a process of its own, the receivers on loopback in this one
+(allow-listed). The dead endpoint accepts TCP connections and never answers. Not part of
+``make bench``'s report yet; figures in docs/webhooks.md.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import argparse
 import json
 import os
 import socket
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 from pydantic import SecretStr
@@ -30,7 +34,7 @@ from orchestrator.db.migrate import upgrade
 from orchestrator.events.outbox import Update, emit
 from orchestrator.webhooks import endpoints
 from orchestrator.webhooks.secrets import SecretBox, new_key
-from orchestrator.webhooks.sender import Sender, policy_for
+from orchestrator.webhooks.sender import policy_for
 from orchestrator.webhooks.settings import load_webhook_settings
 from tests.webhooks.receiver import receiving
 
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--healthy", type=int, default=2)
+    parser.add_argument("--per-endpoint", type=int, default=16)
     args = parser.parse_args()
 
     name = f"bench_webhooks_{uuid.uuid4().hex[:8]}"
@@ -62,17 +67,21 @@ def main() -> None:
     url = f"{SERVER.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
     try:
         upgrade(url)
-        print(json.dumps(run(url, args.rate, args.seconds, args.healthy), indent=2))
+        print(
+            json.dumps(run(url, args.rate, args.seconds, args.healthy, args.per_endpoint), indent=2)
+        )
     finally:
         with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def run(url: str, rate: float, seconds: float, healthy: int) -> dict[str, object]:
+def run(
+    url: str, rate: float, seconds: float, healthy: int, per_endpoint: int
+) -> dict[str, object]:
     key = new_key()
     settings = load_webhook_settings(secret_key=key, allow="127.0.0.0/8", timeout_seconds=30.0)
     box = SecretBox(SecretStr(key))
-    db = Database(url, pool_size=40)
+    db = Database(url, pool_size=4)
     listener, dead_port = dead_listener()
     receivers = [receiving() for _ in range(healthy)]
     live = [r.__enter__() for r in receivers]
@@ -81,10 +90,17 @@ def run(url: str, rate: float, seconds: float, healthy: int) -> dict[str, object
         endpoints.add(db, box, policy, f"http://127.0.0.1:{dead_port}/hook")
         for receiver in live:
             endpoints.add(db, box, policy, receiver.url)
-        stop = threading.Event()
-        sender = Sender(db, settings)
-        thread = threading.Thread(target=sender.run, args=(stop,), daemon=True)
-        thread.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+        env.update(
+            ORCHESTRATOR_DATABASE_URL=url,
+            ORCHESTRATOR_WEBHOOK_SECRET_KEY=key,
+            ORCHESTRATOR_WEBHOOK_ALLOW="127.0.0.0/8",
+            ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS="30",
+            ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY=str(per_endpoint),
+            ORCHESTRATOR_STATE_DIR=tempfile.mkdtemp(prefix="bench-webhooks-"),
+        )
+        command = [str(Path(sys.executable).parent / "orchestrator"), "webhooks", "send"]
+        sender = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
         count = int(rate * seconds)
         began = time.monotonic()
         for n in range(count):
@@ -108,12 +124,14 @@ def run(url: str, rate: float, seconds: float, healthy: int) -> dict[str, object
             for x in live
             for r in x.requests()
         ]
-        stop.set()
+        sender.kill()
+        sender.wait(10)
         return {
             "events": count,
             "rate_asked": rate,
             "rate_written": round(count / produced, 1),
             "healthy_endpoints": healthy,
+            "per_endpoint_concurrency": per_endpoint,
             "delivered_to_healthy": sum(len(x.requests()) for x in live),
             "latency_p50_s": round(percentile(latencies, 0.50), 3),
             "latency_p99_s": round(percentile(latencies, 0.99), 3),

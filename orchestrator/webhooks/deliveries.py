@@ -47,34 +47,38 @@ RETURNING (SELECT count(*) FROM made)
 """
 )
 
-# A session's chain of pending deliveries to one endpoint moves only at its head (the lowest
-# outbox id): heads come from one ordered pass over the pending index (DISTINCT ON), so the
-# cost is linear in the pending rows whatever the planner's statistics say.
+# Only endpoints with a free slot are looked at (a dead endpoint's backlog, its slots all held
+# by attempts waiting out the timeout, costs nothing). A session's chain of pending deliveries
+# to one endpoint moves only at its head (the lowest outbox id): heads come from one ordered
+# pass over the pending index (DISTINCT ON), linear whatever the planner's statistics say.
 _CLAIM = text(
     """
 WITH inflight AS MATERIALIZED (
     SELECT endpoint_id, count(*) AS n FROM webhook_deliveries
      WHERE status = 'pending' AND lease_until > now() GROUP BY endpoint_id
+), open AS MATERIALIZED (
+    SELECT e.id AS endpoint_id, :per_endpoint - coalesce(i.n, 0) AS free
+      FROM webhook_endpoints e LEFT JOIN inflight i ON i.endpoint_id = e.id
+     WHERE e.disabled_at IS NULL AND coalesce(i.n, 0) < :per_endpoint
 ), heads AS (
     (SELECT DISTINCT ON (d.endpoint_id, d.order_key)
             d.id, d.endpoint_id, d.outbox_id, d.next_attempt_at, d.lease_until
-       FROM webhook_deliveries d
+       FROM webhook_deliveries d JOIN open o ON o.endpoint_id = d.endpoint_id
       WHERE d.status = 'pending' AND d.order_key IS NOT NULL
       ORDER BY d.endpoint_id, d.order_key, d.outbox_id)
     UNION ALL
     (SELECT d.id, d.endpoint_id, d.outbox_id, d.next_attempt_at, d.lease_until
-       FROM webhook_deliveries d
+       FROM webhook_deliveries d JOIN open o ON o.endpoint_id = d.endpoint_id
       WHERE d.status = 'pending' AND d.order_key IS NULL)
 ), due AS (
     SELECT h.id, h.endpoint_id,
            row_number() OVER (PARTITION BY h.endpoint_id
                               ORDER BY h.next_attempt_at, h.outbox_id) AS rn
       FROM heads h
-      JOIN webhook_endpoints e ON e.id = h.endpoint_id AND e.disabled_at IS NULL
      WHERE h.next_attempt_at <= now() AND (h.lease_until IS NULL OR h.lease_until <= now())
 ), chosen AS (
-    SELECT due.id FROM due LEFT JOIN inflight i USING (endpoint_id)
-     WHERE due.rn <= :per_endpoint - coalesce(i.n, 0)
+    SELECT due.id FROM due JOIN open o USING (endpoint_id)
+     WHERE due.rn <= o.free
      ORDER BY due.rn, due.id LIMIT :limit
 )
 UPDATE webhook_deliveries d

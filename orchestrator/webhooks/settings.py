@@ -28,7 +28,7 @@ class WebhookSettings(BaseSettings):
     allow: str = ""
     timeout_seconds: float = Field(default=15.0, gt=0, le=120)  # one attempt, in total
     concurrency: int = Field(default=64, ge=1, le=1000)  # attempts at once, all endpoints
-    per_endpoint_concurrency: int = Field(default=4, ge=1, le=100)
+    per_endpoint_concurrency: int = Field(default=16, ge=1, le=100)
     disable_after_seconds: float = Field(default=5 * 86_400.0, gt=0)  # failing this long
     rotation_grace_seconds: float = Field(default=86_400.0, ge=0)  # the old secret still signs
     poll_interval_seconds: float = Field(default=0.2, gt=0, le=60)
