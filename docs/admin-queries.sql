@@ -160,3 +160,21 @@ SELECT name, effective_cap, configured_cap, reported_limit, limited_cap, in_use,
        enabled, draining, circuit_open_until, consecutive_failures, last_error, last_error_at
 FROM vendor_accounts
 ORDER BY name;
+
+-- name: webhook-endpoints
+-- Which webhook endpoints exist, are they enabled, failing, or falling behind (no secrets)?
+SELECT id, url, event_types, tenant, enabled, disabled_reason, failing_since, signing_keys,
+       pending, given_up_24h, last_attempt_at
+FROM admin_webhook_endpoints
+ORDER BY enabled, created_at, id;
+
+-- name: webhook-failures-last-24h
+-- Which webhook attempts failed in the last 24 h, to which endpoint, with what answer?
+SELECT a.attempted_at, d.endpoint_id, e.url, d.event_type, d.webhook_id, d.status,
+       d.attempts, a.status_code, a.duration_ms, a.error
+FROM webhook_attempts AS a
+JOIN webhook_deliveries AS d ON d.id = a.delivery_id
+JOIN webhook_endpoints AS e ON e.id = d.endpoint_id
+WHERE (a.status_code IS NULL OR a.status_code NOT BETWEEN 200 AND 299)
+  AND a.attempted_at >= now() - interval '24 hours'
+ORDER BY a.attempted_at, a.id;

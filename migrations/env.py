@@ -12,6 +12,7 @@ from sqlalchemy import text
 from orchestrator.config import load_settings
 from orchestrator.db import Base, Database
 from orchestrator.db.compatibility import TABLE as COMPATIBILITY_TABLE
+from orchestrator.webhooks import models as _webhook_models  # noqa: F401 - `alembic check`
 
 MIGRATION_LOCK_ID = 0x5E5510  # pg_advisory_lock key: two migration jobs never overlap
 

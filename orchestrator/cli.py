@@ -16,6 +16,7 @@ from orchestrator.cli_accounts import accounts
 from orchestrator.cli_errors import describe
 from orchestrator.cli_sessions import enqueue, sessions, status, stop
 from orchestrator.cli_support import EXIT_SESSION_FAILED, cli_settings, cli_telemetry
+from orchestrator.cli_webhooks import webhooks
 from orchestrator.config import (
     DEFAULT_CONTROL_THREADS,
     DEFAULT_START_THREADS,
@@ -322,9 +323,9 @@ def simulator(
 
 
 @main.command()
-@click.argument("role", type=click.Choice(["worker", "beat"]))
+@click.argument("role", type=click.Choice(["worker", "beat", "webhooks"]))
 def health(role: str) -> None:
-    """Exit 0 if this pod's worker/beat heartbeat is fresh (for liveness probes)."""
+    """Exit 0 if this pod's worker/beat/webhook sender heartbeat is fresh (liveness probes)."""
     from orchestrator.heartbeat import age_seconds
 
     settings = cli_settings()
@@ -379,7 +380,7 @@ def demo(count: int) -> None:
     sys.exit(run_demo(count))
 
 
-for _command in (enqueue, stop, status, sessions, accounts):
+for _command in (enqueue, stop, status, sessions, accounts, webhooks):
     main.add_command(_command)
 
 __all__ = ["EXIT_SESSION_FAILED", "main"]

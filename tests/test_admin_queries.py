@@ -24,6 +24,12 @@ from sqlalchemy.exc import ProgrammingError
 from orchestrator.db import Database, OutboxEvent, SessionEvent, SessionRow
 from orchestrator.db.engine import normalize_database_url
 from orchestrator.db.migrate import check, downgrade, upgrade
+from orchestrator.webhooks.models import (
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookSecret,
+)
 from tests.conftest import fresh_postgres_database
 
 pytestmark = pytest.mark.postgres
@@ -31,7 +37,7 @@ pytestmark = pytest.mark.postgres
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 QUERIES_FILE = DOCS / "admin-queries.sql"
 ADMIN_DOC = DOCS / "admin.md"
-VIEWS = {
+VIEWS_0002 = {
     "admin_live_sessions",
     "admin_sessions_by_avatar",
     "admin_duration_distribution",
@@ -41,13 +47,18 @@ VIEWS = {
     "admin_waiting_queue",
     "admin_stuck",
 }
+VIEWS = VIEWS_0002 | {"admin_webhook_endpoints"}  # 0008
 TABLES_0001 = {"sessions", "session_events", "event_outbox"}
 TABLES = TABLES_0001 | {
     "early_stops",
     "sweep_leases",
     "schema_compatibility",
     "vendor_accounts",
-}  # 0004 to 0006
+    "webhook_endpoints",
+    "webhook_secrets",
+    "webhook_deliveries",
+    "webhook_attempts",
+}  # 0004 to 0008
 SECRET = "SECRET"  # in every secret value inserted below; no view or query may show it
 FORBIDDEN_COLUMN = re.compile(r"token|payload|secret|claim|traceparent|password|sha256")
 MINUTE = timedelta(minutes=1)
@@ -330,6 +341,78 @@ def build(sc: Scenario) -> None:
                 "traceparent": f"00-{SECRET}-outbox-01",
             },
         )
+    build_webhooks(sc)
+
+
+def build_webhooks(sc: Scenario) -> None:
+    """Two endpoints: ``ok`` (enabled, a rotation under way, one delivery pending after a
+    500, one delivered) and ``gone`` (disabled after a 410 an hour ago); secrets hold SECRET."""
+    h = 3600
+    ok, gone = uuid.uuid4(), uuid.uuid4()
+    sc.ids["ep-ok"], sc.ids["ep-gone"] = ok, gone
+    for endpoint, url, created, disabled, reason, failing in [
+        (ok, "https://ok.example.com/in", -2 * h, None, None, -60),
+        (gone, "https://gone.example.com/in", -3 * h, -h, "gone", -h),
+    ]:
+        sc.conn.execute(
+            WebhookEndpoint.__table__.insert(),
+            {
+                "id": endpoint,
+                "url": url,
+                "event_types": ["session.active", "session.ended"],
+                "created_at": sc.at(created),
+                "disabled_at": sc.at(disabled) if disabled is not None else None,
+                "disabled_reason": reason,
+                "failing_since": sc.at(failing),
+            },
+        )
+    for endpoint, expires in [(ok, 600), (ok, None), (ok, -60), (gone, None)]:
+        sc.conn.execute(
+            WebhookSecret.__table__.insert(),
+            {
+                "endpoint_id": endpoint,
+                "ciphertext": f"gAAAA-{SECRET}",
+                "expires_at": sc.at(expires) if expires is not None else None,
+            },
+        )
+    outbox = sc.conn.execute(text("SELECT id, event_id::text FROM event_outbox ORDER BY id")).all()
+    deliveries = [
+        (ok, outbox[0], "delivered", 1, -899),
+        (ok, outbox[1], "pending", 1, None),
+        (gone, outbox[0], "given_up", 1, -h),
+        (gone, outbox[1], "given_up", 0, -h),
+    ]
+    for n, (endpoint, (outbox_id, event_id), status, attempts, finished) in enumerate(deliveries):
+        delivery = sc.conn.execute(
+            WebhookDelivery.__table__.insert().returning(WebhookDelivery.id),
+            {
+                "endpoint_id": endpoint,
+                "outbox_id": outbox_id,
+                "webhook_id": event_id,
+                "event_type": "session.active" if n % 2 == 0 else "session.ended",
+                "order_key": "a1",
+                "status": status,
+                "attempts": attempts,
+                "next_attempt_at": sc.at(5),
+                "finished_at": sc.at(finished) if finished is not None else None,
+            },
+        ).scalar_one()
+        if attempts:
+            code, when, error = {
+                0: (204, -899, None),
+                1: (500, -60, "HTTP 500"),
+                2: (410, -h, "HTTP 410"),
+            }[n]
+            sc.conn.execute(
+                WebhookAttempt.__table__.insert(),
+                {
+                    "delivery_id": delivery,
+                    "attempted_at": sc.at(when),
+                    "status_code": code,
+                    "duration_ms": 40 + n,
+                    "error": error,
+                },
+            )
 
 
 @contextmanager
@@ -498,6 +581,21 @@ def check_stuck(sc: Scenario, r: Result) -> None:
     assert r.dicts()[1]["last_stop_error"] is None
 
 
+def check_webhook_endpoints_view(sc: Scenario, r: Result) -> None:
+    assert r.pick(
+        "id",
+        "enabled",
+        "disabled_reason",
+        "signing_keys",
+        "pending",
+        "given_up_24h",
+        "last_attempt_at",
+    ) == [
+        (sc.ids["ep-gone"], False, "gone", 1, 0, 2, sc.at(-3600)),
+        (sc.ids["ep-ok"], True, None, 2, 1, 0, sc.at(-60)),  # rotating: two live keys
+    ]
+
+
 VIEW_CHECKS = {
     "admin_live_sessions": check_live_sessions,
     "admin_sessions_by_avatar": check_by_avatar,
@@ -507,6 +605,7 @@ VIEW_CHECKS = {
     "admin_concurrency": check_concurrency,
     "admin_waiting_queue": check_waiting_queue,
     "admin_stuck": check_stuck,
+    "admin_webhook_endpoints": check_webhook_endpoints_view,
 }
 
 
@@ -618,6 +717,20 @@ def check_accounts(sc: Scenario, r: Result) -> None:
     assert all(row["in_use"] == row["waiting"] == 0 for n, row in by_name.items() if n != "default")
 
 
+def check_webhook_endpoints(sc: Scenario, r: Result) -> None:
+    assert r.pick("url", "enabled", "disabled_reason", "failing_since", "pending") == [
+        ("https://gone.example.com/in", False, "gone", sc.at(-3600), 0),
+        ("https://ok.example.com/in", True, None, sc.at(-60), 1),
+    ]
+
+
+def check_webhook_failures(sc: Scenario, r: Result) -> None:
+    assert r.pick("endpoint_id", "event_type", "status", "status_code", "error") == [
+        (sc.ids["ep-gone"], "session.active", "given_up", 410, "HTTP 410"),
+        (sc.ids["ep-ok"], "session.ended", "pending", 500, "HTTP 500"),
+    ]
+
+
 QUERY_CHECKS = {
     "live-sessions": check_live_sessions,
     "live-counts": check_live_counts,
@@ -639,6 +752,8 @@ QUERY_CHECKS = {
     "stop-failures-last-24h": check_stop_failures,
     "outbox-backlog": check_outbox_backlog,
     "accounts": check_accounts,
+    "webhook-endpoints": check_webhook_endpoints,
+    "webhook-failures-last-24h": check_webhook_failures,
 }
 
 
@@ -730,6 +845,7 @@ def test_the_documented_read_only_role_runs_every_query_and_reads_no_secret(
         "SELECT traceparent FROM sessions",
         "SELECT * FROM sessions",
         "SELECT body FROM event_outbox",
+        "SELECT ciphertext FROM webhook_secrets",
         "UPDATE sessions SET status = 'ended'",
         "DELETE FROM session_events",
     ):
@@ -760,7 +876,7 @@ def test_0002_up_down_up_on_a_fresh_postgres() -> None:
         upgrade(url, "0001")
         assert names(url) == (TABLES_0001, set())
         upgrade(url, "0002")
-        assert names(url) == (TABLES_0001, VIEWS)
+        assert names(url) == (TABLES_0001, VIEWS_0002)
         downgrade(url, "0001")
         assert names(url) == (TABLES_0001, set())
         upgrade(url)

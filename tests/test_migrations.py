@@ -27,6 +27,10 @@ TABLES = {
     "sweep_leases",
     "schema_compatibility",
     "vendor_accounts",
+    "webhook_endpoints",
+    "webhook_secrets",
+    "webhook_deliveries",
+    "webhook_attempts",
 }
 
 

@@ -202,6 +202,12 @@ class OutboxEvent(Base):
             "id",
             postgresql_where=text("published_at IS NULL"),
         ),
+        # The webhook sender's backlog (migration 0008): events not yet made deliveries.
+        Index(
+            "ix_event_outbox_webhooks_pending",
+            "id",
+            postgresql_where=text("webhooks_fanned_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger(), primary_key=True, autoincrement=True)
@@ -211,6 +217,8 @@ class OutboxEvent(Base):
     created_at: Mapped[CreatedAt]
     published_at: Mapped[datetime | None]
     traceparent: Mapped[str | None] = mapped_column(String(128))
+    # When the webhook sender made the event's deliveries (orchestrator/webhooks/fanout.py).
+    webhooks_fanned_at: Mapped[datetime | None]
 
 
 class EarlyStop(Base):

@@ -1,0 +1,114 @@
+"""Recording an attempt, in one transaction: the attempt row; the delivery delivered, given up
+or scheduled again (``next_attempt_at`` from :mod:`.schedule`); the endpoint's failing clock.
+A 410 disables the endpoint, and so does failing for ORCHESTRATOR_WEBHOOK_DISABLE_AFTER_SECONDS
+(``failing_since``, cleared by any success). Disabling gives up the endpoint's pending
+deliveries (``webhooks enable`` then ``webhooks replay`` brings them back within retention)
+and writes an ``endpoint.disabled`` event into the outbox, in the same transaction."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from orchestrator.db import Database
+from orchestrator.webhooks.disabling import disable
+from orchestrator.webhooks.models import ERROR_LENGTH
+from orchestrator.webhooks.schedule import next_delay
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt got: a status code, or an error (no body: it is the receiver's)."""
+
+    status_code: int | None
+    duration_ms: int
+    error: str | None = None
+    retry_after: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+_ATTEMPT = text(
+    "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, duration_ms, error)"
+    " VALUES (:id, now(), :code, :ms, :error)"
+)
+_DELIVERED = text(
+    "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1,"
+    " finished_at = now(), lease_until = NULL, lease_owner = NULL"
+    " WHERE id = :id AND status = 'pending'"
+)
+_HEALTHY = text(
+    "UPDATE webhook_endpoints SET failing_since = NULL"
+    " WHERE id = :endpoint AND failing_since IS NOT NULL"
+)
+_FAILED = text(
+    "UPDATE webhook_deliveries SET attempts = attempts + 1 WHERE id = :id AND status = 'pending'"
+    " RETURNING attempts"
+)
+_RETRY = text(
+    "UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval(secs => :delay),"
+    " lease_until = NULL, lease_owner = NULL WHERE id = :id"
+)
+_GIVE_UP = text(
+    "UPDATE webhook_deliveries SET status = 'given_up', given_up_reason = :reason,"
+    " finished_at = now(), lease_until = NULL, lease_owner = NULL WHERE id = :id"
+)
+_FAILING = text(
+    "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now())"
+    " WHERE id = :endpoint AND disabled_at IS NULL"
+    " RETURNING failing_since <= now() - make_interval(secs => :after) AS overdue"
+)
+
+
+def record(
+    db: Database,
+    delivery_id: int,
+    endpoint_id: uuid.UUID,
+    outcome: Outcome,
+    *,
+    disable_after_seconds: float,
+) -> None:
+    with db.transaction() as session:
+        error = outcome.error[:ERROR_LENGTH] if outcome.error else None
+        session.execute(
+            _ATTEMPT,
+            {
+                "id": delivery_id,
+                "code": outcome.status_code,
+                "ms": outcome.duration_ms,
+                "error": error,
+            },
+        )
+        if outcome.delivered:
+            session.execute(_DELIVERED, {"id": delivery_id})
+            session.execute(_HEALTHY, {"endpoint": endpoint_id})
+            return
+        _failed(session, delivery_id, endpoint_id, outcome, disable_after_seconds)
+
+
+def _failed(
+    session: Session,
+    delivery_id: int,
+    endpoint_id: uuid.UUID,
+    outcome: Outcome,
+    disable_after_seconds: float,
+) -> None:
+    attempts = session.execute(_FAILED, {"id": delivery_id}).scalar()
+    if attempts is not None:  # still pending (not delivered by a sender whose lease overlapped)
+        delay = next_delay(attempts, outcome.retry_after)
+        if delay is None:
+            session.execute(_GIVE_UP, {"id": delivery_id, "reason": "retries_exhausted"})
+        else:
+            session.execute(_RETRY, {"id": delivery_id, "delay": delay})
+    overdue = session.execute(
+        _FAILING, {"endpoint": endpoint_id, "after": disable_after_seconds}
+    ).scalar()
+    if outcome.status_code == 410:
+        disable(session, endpoint_id, "gone")
+    elif overdue:
+        disable(session, endpoint_id, "failing")

@@ -1,0 +1,117 @@
+"""The sender SIGKILLed during a burst (2,000 events: 200 sessions of 10, the issue's 10,000
+scaled down for CI): every event is delivered, duplicates share their ``webhook-id`` and body,
+and each session's events arrive in order. The sender needs no broker, so a broker restart
+is no fault of its own (it is not tested here: this machine's RabbitMQ is shared)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from standardwebhooks.webhooks import Webhook
+
+from orchestrator.config import Settings
+from orchestrator.db import Database
+from orchestrator.webhooks import endpoints
+from orchestrator.webhooks.secrets import SecretBox
+from orchestrator.webhooks.sender import policy_for
+from orchestrator.webhooks.settings import WebhookSettings
+from tests.conftest import settings_env
+from tests.webhooks.receiver import receiving
+from tests.webhooks.support import KEY, emit_events
+
+pytestmark = [pytest.mark.postgres, pytest.mark.faults]
+SESSIONS = 200
+PER_SESSION = 10
+STATUSES = ["active", "ended", "failed"]
+
+
+def start_sender(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    command = [str(Path(sys.executable).parent / "orchestrator"), "webhooks", "send"]
+    with log.open("ab") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_sigkill_during_a_burst_loses_nothing_and_keeps_order(
+    settings_for: Callable[..., Settings],
+    wdb: Database,
+    box: SecretBox,
+    webhook_settings: Callable[..., WebhookSettings],
+    tmp_path: Path,
+) -> None:
+    env = settings_env(settings_for())
+    env.update(
+        ORCHESTRATOR_WEBHOOK_SECRET_KEY=KEY,
+        ORCHESTRATOR_WEBHOOK_ALLOW="127.0.0.0/8",
+        ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS="1",
+        ORCHESTRATOR_WEBHOOK_POLL_INTERVAL_SECONDS="0.05",
+        ORCHESTRATOR_LOG_FORMAT="text",
+    )
+    log = tmp_path / "sender.log"
+    total = SESSIONS * PER_SESSION
+    with receiving(lambda _r: (204, {}, 0.02)) as receiver:
+        added = endpoints.add(wdb, box, policy_for(webhook_settings()), receiver.url)
+
+        def burst() -> None:
+            for step in range(PER_SESSION):
+                for n in range(SESSIONS):
+                    emit_events(wdb, f"kill-{n}", [STATUSES[step % 3]])
+
+        producer = threading.Thread(target=burst)
+        sender = start_sender(env, log)
+        producer.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(receiver.requests()) < total // 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.wait(10)
+            killed_at = len(receiver.requests())
+            assert 0 < killed_at < total, log.read_text()
+            sender = start_sender(env, log)
+            producer.join(60)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if len({r.webhook_id for r in receiver.requests()}) >= total:
+                    break
+                time.sleep(0.1)
+        finally:
+            sender.send_signal(signal.SIGTERM)
+            sender.wait(30)
+        got = receiver.requests()
+
+    with wdb.transaction() as session:
+        outbox = session.execute(
+            text("SELECT event_id::text, body->>'request_id' FROM event_outbox ORDER BY id")
+        ).all()
+    assert len(outbox) == total
+    ids = {r.webhook_id for r in got}
+    assert ids == {event_id for event_id, _ in outbox}, log.read_text()[-3000:]
+    bodies: dict[str, bytes] = {}
+    for r in got:
+        Webhook(added.secret).verify(r.body, r.headers)
+        data = r.document["data"]
+        assert data["event_id"] == r.webhook_id
+        assert bodies.setdefault(r.webhook_id, r.body) == r.body  # a duplicate is the same
+    expected: dict[str, list[str]] = defaultdict(list)
+    for event_id, request_id in outbox:
+        expected[request_id].append(event_id)
+    first_arrivals: dict[str, list[str]] = defaultdict(list)
+    seen: set[str] = set()
+    for r in got:
+        if r.webhook_id not in seen:
+            seen.add(r.webhook_id)
+            first_arrivals[r.document["data"]["request_id"]].append(r.webhook_id)
+    assert first_arrivals == expected  # each session's events in order
+    print(
+        f"sent {total}, received {len(got)} (duplicates {len(got) - total}), killed at {killed_at}"
+    )
