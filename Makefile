@@ -69,7 +69,8 @@ bench: $(STAMP)
 ## Find the next defect by machine (docs/reliability.md, "The generator"): random fault schedules
 ## on real workers for CHAOS_MINUTES, then HOSTILE_EXAMPLES random hostile vendor replies; the
 ## report is .chaos/report.md, each schedule's history .chaos/chaos-<seed>.json.
-## `make chaos SEED=n` replays one schedule. Needs Postgres and RabbitMQ as for `make test`.
+## `make chaos SEED=n` replays one schedule (cN: with a Postgres crash; kN: on a three-node RabbitMQ
+## cluster of its own, nodes killed). Needs Postgres and RabbitMQ as for `make test`.
 CHAOS_MINUTES ?= 30
 HOSTILE_EXAMPLES ?= 300
 chaos: $(STAMP)

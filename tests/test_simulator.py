@@ -587,6 +587,33 @@ def test_delay_fault_hangs_past_client_timeout(sim: SimulatorServer, client: htt
     assert [s["avatar_id"] for s in sim.sessions()] == ["slow"]
 
 
+def test_a_trickle_fault_sends_the_reply_a_few_bytes_at_a_time_and_may_reset_it(
+    sim: SimulatorServer, client: httpx.Client
+) -> None:
+    """Each read is quick (httpx's read timeout never fires), the whole reply slow; a reset
+    cuts the body after the vendor acted (the session exists)."""
+    token = get_token(client)
+    sim.push_fault({"endpoint": "list", "trickle_bytes": 8, "trickle_interval_seconds": 0.05})
+    began = time.monotonic()
+    with client.stream("GET", "/api/v2/sessions", headers=KEY, timeout=0.5) as r:
+        pieces = list(r.iter_raw())
+    took = time.monotonic() - began
+    body = b"".join(pieces)
+    assert r.status_code == 200 and r.headers["content-length"] == str(len(body))
+    assert len(pieces) > 3 and max(len(p) for p in pieces) <= 16  # pieces, not one reply
+    assert took >= (len(body) // 8 - 1) * 0.05 * 0.9
+    assert set(httpx.Response(200, content=body).json()) == ENVELOPE_KEYS
+
+    sim.push_fault({"endpoint": "start", "reset_after_bytes": 20, "trickle_bytes": 4})
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        start(client, token, avatar_id="cut")
+    assert [s["avatar_id"] for s in sim.sessions()] == ["cut"]
+    with pytest.raises(ValueError, match="trickle_bytes"):
+        sim.push_fault({"endpoint": "list", "trickle_bytes": -1})
+    with pytest.raises(ValueError, match="trickle_interval_seconds"):
+        sim.push_fault({"endpoint": "list", "trickle_bytes": 1, "trickle_interval_seconds": -1})
+
+
 def test_random_failures_are_reproducible_with_a_seed(
     client: httpx.Client, sim: SimulatorServer
 ) -> None:

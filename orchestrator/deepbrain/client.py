@@ -33,7 +33,7 @@ from pydantic import SecretStr
 from orchestrator.deepbrain import deadline as request_deadline
 from orchestrator.deepbrain.auth import SessionTokenCache, required_secret
 from orchestrator.deepbrain.connections import PerThreadClients
-from orchestrator.deepbrain.envelope import may_have_started, read_list_page, unwrap
+from orchestrator.deepbrain.envelope import json_bytes, may_have_started, read_list_page, unwrap
 from orchestrator.deepbrain.errors import (
     DeepBrainError,
     VendorAuthError,
@@ -380,12 +380,14 @@ class DeepBrainClient:
         ends_at = time.monotonic() + self._timeout_seconds
         if deadline is not None:
             ends_at = min(ends_at, deadline)
+        content = None if json is None else json_bytes(json)
+        headers = {**(headers or {}), **({"Content-Type": "application/json"} if content else {})}
         try:
             if ends_at <= time.monotonic():
                 raise httpx.ConnectTimeout("the call's deadline has passed; nothing was sent")
             with request_deadline.within(ends_at):
                 response = self._http.request(
-                    method, path, headers=headers, json=json, params=params
+                    method, path, headers=headers, content=content, params=params
                 )
         except httpx.TransportError as exc:
             raise error_from_transport(

@@ -1,10 +1,11 @@
 """The vendor's replies, read as untrusted input: the envelope (``{"code", "message",
 "data"}``: a success gives its ``data``; anything else — no JSON, no envelope, an odd code, an
 error code — becomes the DeepBrainError it means), a page of the session list, and whether a
-failed start may have made a session."""
+failed start may have made a session; and a request's JSON body."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,14 @@ from orchestrator.deepbrain.models import VendorSession, parse_vendor_session
 from orchestrator.deepbrain.values import skipped_values
 
 SUCCESS_CODE = 1000
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as JSON in ASCII. A session id the vendor sent with an unpaired surrogate
+    (JSON's ``\\ud800`` escape) goes back as that same escape, so the session can be stopped;
+    httpx's own encoding is UTF-8, which cannot hold one and raises UnicodeEncodeError."""
+    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text.encode("ascii")
 
 
 def _is_short_ascii_number(text: str) -> bool:

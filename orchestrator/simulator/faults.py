@@ -48,6 +48,9 @@ _FAULT_KEYS: Final = frozenset(
         "disconnect",
         "raw_body",
         "account",
+        "trickle_bytes",
+        "trickle_interval_seconds",
+        "reset_after_bytes",
     }
 )
 
@@ -70,6 +73,11 @@ class Fault:
       envelope, like a proxy's error page.
     - ``account``: only requests of this account (by its appId, token or key) take
       the fault; None: the next request to ``endpoint`` whatever its account.
+    - ``trickle_bytes``/``trickle_interval_seconds``: send the reply's body (the normal one
+      or the fault's) this many bytes at a time, waiting this long between two pieces: each
+      read is quick, the whole reply slow (a total deadline is what cuts it short).
+    - ``reset_after_bytes``: reset the connection (TCP RST) once this many bytes of the
+      reply's body are sent; the request was handled (a start made its session).
     """
 
     endpoint: str
@@ -83,6 +91,9 @@ class Fault:
     disconnect: bool = False
     raw_body: str | None = None
     account: str | None = None
+    trickle_bytes: int = 0
+    trickle_interval_seconds: float = 0.0
+    reset_after_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -114,6 +125,7 @@ class Fault:
             raise ValueError("fault delay_seconds must be a number >= 0")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ValueError("fault count must be an integer >= 1")
+        self._check_body_shape()
         if not isinstance(self.after_create, bool) or not isinstance(self.disconnect, bool):
             raise ValueError("fault after_create and disconnect must be booleans")
         if (
@@ -123,8 +135,31 @@ class Fault:
             and not self.after_create
             and not self.disconnect
             and self.raw_body is None
+            and not self.shapes_body
         ):
             raise ValueError("fault does nothing: give a status, delay_seconds or disconnect")
+
+    def _check_body_shape(self) -> None:
+        def count(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        if not count(self.trickle_bytes):
+            raise ValueError("fault trickle_bytes must be an integer >= 0")
+        interval = self.trickle_interval_seconds
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not math.isfinite(interval)
+            or interval < 0
+        ):
+            raise ValueError("fault trickle_interval_seconds must be a number >= 0")
+        if self.reset_after_bytes is not None and not count(self.reset_after_bytes):
+            raise ValueError("fault reset_after_bytes must be an integer >= 0")
+
+    @property
+    def shapes_body(self) -> bool:
+        """True when the reply's body is trickled or cut by a reset."""
+        return self.trickle_bytes > 0 or self.reset_after_bytes is not None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fault:

@@ -3,7 +3,8 @@
 Count it, find the caller's account (its appId, token or key), take a scripted fault if
 one is queued for it, sleep the account's latency (``asyncio.sleep``, so hundreds of
 requests can wait at once), answer 500 / 5000 if the account is set to fail every call,
-then maybe fail at random; only then the endpoint's handler runs.
+then maybe fail at random; only then the endpoint's handler runs. A fault may then trickle
+the reply's body or reset the connection in the middle of it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 import time
 from typing import Any
 
@@ -98,6 +101,23 @@ async def _run_endpoint(
     delay = state.config.latency_for(endpoint, account) + (fault.delay_seconds if fault else 0.0)
     if delay > 0:
         await asyncio.sleep(delay)
+    response, dropped = await _answer(
+        request, handler, endpoint, state, account=account, fault=fault
+    )
+    if fault is not None and fault.shapes_body and not dropped:
+        return await _send_shaped(request, response, fault)
+    return response, dropped
+
+
+async def _answer(
+    request: web.Request,
+    handler: Handler,
+    endpoint: str,
+    state: SimulatorState,
+    *,
+    account: str | None,
+    fault: Fault | None,
+) -> tuple[web.StreamResponse, bool]:
     if fault is not None and fault.replaces_reply and not fault.after_create:
         if fault.disconnect:
             return _drop_connection(request), True
@@ -113,6 +133,49 @@ async def _run_endpoint(
             return _drop_connection(request), True
         return _fault_response(fault), False
     return response, False
+
+
+async def _send_shaped(
+    request: web.Request, response: web.StreamResponse, fault: Fault
+) -> tuple[web.StreamResponse, bool]:
+    """Send ``response``'s body ``trickle_bytes`` at a time, ``trickle_interval_seconds``
+    apart, its whole length announced (Content-Length) so the client waits for all of it;
+    with ``reset_after_bytes``, reset the connection once that many bytes are out."""
+    whole = response.body if isinstance(response, web.Response) else None
+    body = bytes(whole) if isinstance(whole, bytes | bytearray) else b""
+    stream = web.StreamResponse(status=response.status, headers=response.headers)
+    stream.content_length = len(body)
+    await stream.prepare(request)
+    limit = len(body)
+    if fault.reset_after_bytes is not None:
+        limit = min(limit, fault.reset_after_bytes)
+    step = fault.trickle_bytes or limit or 1
+    sent = 0
+    try:
+        while sent < limit:
+            if sent and fault.trickle_interval_seconds:
+                await asyncio.sleep(fault.trickle_interval_seconds)
+            piece = body[sent : min(sent + step, limit)]
+            await stream.write(piece)
+            sent += len(piece)
+    except ConnectionError:  # the client gave up (its deadline): nothing more to send
+        return stream, True
+    if fault.reset_after_bytes is not None:
+        _reset_connection(request)
+        return stream, True
+    await stream.write_eof()
+    return stream, False
+
+
+def _reset_connection(request: web.Request) -> None:
+    """Close with a TCP RST (SO_LINGER 0), as a crashed peer or a middlebox does."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _endpoint_of(request: web.Request) -> str | None:

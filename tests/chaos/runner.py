@@ -3,9 +3,11 @@
 The service: a start worker (``orchestrator.start``) and a steady worker (``orchestrator.control``
 with beat: reaper, reconciler, admission, event relay), real ``orchestrator worker`` processes.
 Between them and each server sits one fault proxy (tests/faults/tcp_proxy.py): Postgres, the
-broker (the run's own vhost on the shared RabbitMQ, which is never touched) and the vendor
-(the simulator). The test process publishes (directly, with confirms), samples the number of
-live rows, listens to the events exchange, and applies the schedule's faults.
+broker (the run's own vhost on the shared RabbitMQ, which is never touched; in a cluster
+schedule, a vhost on a three-node cluster of the run's own, one proxy per node, every process
+given all three in its failover list) and the vendor (the simulator). The test process
+publishes (directly, with confirms), samples the number of live rows, listens to the events
+exchange, and applies the schedule's faults.
 
 Every run prints its seed and writes its history (schedule, operations, faults, times,
 violations) as JSON to ``CHAOS_DIR`` (``.chaos/`` by default).
@@ -29,7 +31,7 @@ from orchestrator.producer import Producer, PublishError
 from orchestrator.simulator import SimulatorServer
 from tests import invariants as inv
 from tests.chaos.schedule import Fault, Operation, Schedule
-from tests.chaos.service import BASE_LATENCY, EventTap, History, Service
+from tests.chaos.service import BASE_LATENCY, ClusterRun, EventTap, History, Service
 from tests.conftest import APP_ID, USER_KEY
 from tests.faults.conftest import take_dead_letters
 from tests.faults.crashable_postgres import CrashablePostgres
@@ -113,16 +115,18 @@ def run(
     sim: SimulatorServer,
     workdir: Path,
     crashable: CrashablePostgres | None = None,
+    cluster: ClusterRun | None = None,
 ) -> Result:
-    """One schedule: set up, run operations and faults, heal, settle, check."""
+    """One schedule: set up, run operations and faults, heal, settle, check. ``broker_url``:
+    the shared broker's vhost, or a cluster's failover list (``cluster``)."""
     name = schedule.name
     history = History(name, CHAOS_DIR / f"chaos-{name}.json")
     print(f"chaos: seed {name} (replay: make chaos SEED={name})", flush=True)
     began = time.monotonic()
     _reset(db, sim)
     take_dead_letters(broker_url)
-    tap = EventTap(broker_url)
-    service = Service(settings, database_url, broker_url, sim, workdir, history, crashable)
+    tap = EventTap(broker_url, quorum=cluster is not None)
+    service = Service(settings, database_url, broker_url, sim, workdir, history, crashable, cluster)
     producer = Producer(settings("producer", broker_url=broker_url))
     confirmed: list[str] = []
     samples: list[int] = []
@@ -154,6 +158,7 @@ def run(
             dead |= _dead_request_ids(broker_url, confirmed, history)
         bounds = inv.Bounds.from_settings(service.settings("check"))
         time.sleep(bounds.orphan)  # every orphan made before the heal is past its bound
+        service.wait_nodes()  # every node up again before the tap is drained
         stop_sampling.set()
         world = inv.snapshot(db, sim, service.logs())
         expect = inv.Expect(

@@ -27,8 +27,17 @@ FAULTS: dict[str, str] = {
     # Only in crash schedules ("c<seed>"): the service's Postgres (a server of the run's own,
     # tests/faults/crashable_postgres.py) killed with SIGKILL, restarted at heal (recovery).
     "pg-crash": "pg",
+    # Only in cluster schedules ("k<seed>"): the broker is a three-node RabbitMQ cluster of the
+    # run's own (tests/rabbit_cluster.py, quorum queues); one node killed with SIGKILL (never
+    # while another is down), restarted at heal.
+    "broker-node-kill": "broker-node",
 }
-DEFAULT_KINDS = tuple(kind for kind in FAULTS if kind != "pg-crash")
+DEFAULT_KINDS = tuple(kind for kind in FAULTS if kind not in ("pg-crash", "broker-node-kill"))
+# Which node a broker-node-kill takes: the leader of ``orchestrator.start`` (found at the
+# kill), or a node by its place in every process's failover list (node0 is everyone's first).
+NODE_TARGETS = ("leader", "node0", "node1", "node2")
+NODE_KILLS = 2  # per cluster schedule
+NODE_REST = 12.0  # seconds between a node's heal and the next kill: its restart takes a while
 DURATIONS = (3, 6, 12, None)  # max_duration_seconds of a start (None: the default, long)
 
 
@@ -46,6 +55,7 @@ class Fault:
     kind: str
     heal_after: float
     offset_seconds: int = 0  # clock-jump only
+    target: str = ""  # broker-node-kill only: one of NODE_TARGETS
 
 
 @dataclass
@@ -55,12 +65,16 @@ class Schedule:
     cap: int
     operations: list[Operation] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    cluster: bool = False  # the broker is a three-node cluster of the run's own
 
     @property
     def name(self) -> str:
-        """The seed as ``make chaos SEED=…`` takes it (``c`` for a crash schedule)."""
-        crash = any(f.kind == "pg-crash" for f in self.faults)
-        return f"c{self.seed}" if crash else str(self.seed)
+        """The seed as ``make chaos SEED=…`` takes it (``c`` for a crash schedule, ``k`` for a
+        cluster schedule)."""
+        kinds = {f.kind for f in self.faults}
+        prefix = "c" if "pg-crash" in kinds else ""
+        prefix += "k" if self.cluster else ""
+        return f"{prefix}{self.seed}"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,9 +89,10 @@ def generate(
     cap: int = 5,
     kinds: tuple[str, ...] = DEFAULT_KINDS,
     crash: bool = False,
+    cluster: bool = False,
 ) -> Schedule:
     rng = random.Random(seed)
-    schedule = Schedule(seed, length, cap)
+    schedule = Schedule(seed, length, cap, cluster=cluster)
     for i in range(starts):
         at = round(rng.uniform(0, length * 0.8), 2)
         rid = f"chaos-{seed}-{i}"
@@ -110,11 +125,33 @@ def generate(
                 heal_after = round(crash_rng.uniform(1.0, 4.0), 2)
                 schedule.faults.append(Fault(at, "pg-crash", heal_after))
                 break
+    if cluster:  # its own random stream too
+        _add_node_kills(schedule, random.Random(f"kill-{seed}"), length)
     schedule.faults.sort(key=lambda f: f.at)
     return schedule
 
 
-def parse_seed(text: str) -> tuple[int, bool]:
-    """``"42"`` → (42, no crash); ``"c42"`` → (42, with a Postgres crash)."""
-    crash = text.startswith("c")
-    return int(text.removeprefix("c")), crash
+def _add_node_kills(schedule: Schedule, rng: random.Random, length: float) -> None:
+    """Up to NODE_KILLS node kills, one node down at a time, each after the previous node's
+    restart had NODE_REST seconds."""
+    free_from = 1.0
+    for _ in range(NODE_KILLS):
+        if free_from > length * 0.8:
+            return
+        at = round(rng.uniform(free_from, max(free_from, length * 0.8)), 2)
+        heal_after = round(rng.uniform(2.0, 8.0), 2)
+        schedule.faults.append(
+            Fault(at, "broker-node-kill", heal_after, target=rng.choice(NODE_TARGETS))
+        )
+        free_from = at + heal_after + NODE_REST
+
+
+def parse_seed(text: str) -> tuple[int, bool, bool]:
+    """``"42"`` → (42, no crash, shared broker); ``"c42"`` → (42, with a Postgres crash,
+    shared broker); ``"k42"`` → (42, no crash, on a three-node cluster with node kills);
+    ``"ck42"`` → both."""
+    digits = text.lstrip("ck")
+    prefix = text[: len(text) - len(digits)]
+    if not digits.isdigit() or len(set(prefix)) != len(prefix):
+        raise ValueError(f"not a chaos seed: {text!r} (42, c42, k42 or ck42)")
+    return int(digits), "c" in prefix, "k" in prefix

@@ -1,6 +1,6 @@
 """The service under a fault schedule: its two worker processes, the fault proxies in front of
-Postgres, the broker and the vendor, what each fault does and how it heals; the history file;
-a tap on the events exchange."""
+Postgres, the broker (one per node of a failover list) and the vendor, what each fault does and
+how it heals; the history file; a tap on the events exchange."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from kombu import Connection, Exchange, Queue
 from sqlalchemy.engine import make_url
 
 from orchestrator.config import Settings
-from orchestrator.messaging import EVENTS_EXCHANGE
+from orchestrator.messaging import EVENTS_EXCHANGE, START_QUEUE
 from orchestrator.simulator import SimulatorServer
 from tests.chaos.schedule import Fault
 from tests.conftest import WorkerProcess
 from tests.faults.conftest import kill_worker
 from tests.faults.crashable_postgres import CrashablePostgres
 from tests.faults.tcp_proxy import TcpProxy
+from tests.rabbit_cluster import Node, RabbitCluster
 
 BASE_LATENCY = "start=0.3,stop=0.1"
 
@@ -67,6 +68,19 @@ def _amqp_with_port(url: str, port: int) -> str:
     return f"{head}@127.0.0.1:{port}/{vhost}"
 
 
+def _amqp_address(url: str) -> tuple[str, int]:
+    host, _, port = url.partition("@")[2].split("/")[0].partition(":")
+    return host, int(port or 5672)
+
+
+@dataclass
+class ClusterRun:
+    """A cluster schedule's broker: the cluster and the run's vhost on it."""
+
+    cluster: RabbitCluster
+    vhost: str
+
+
 class Service:
     """The two workers, their proxies, and what a fault does to each part."""
 
@@ -79,21 +93,27 @@ class Service:
         workdir: Path,
         history: History,
         crashable: CrashablePostgres | None = None,
+        cluster: ClusterRun | None = None,
     ) -> None:
         self.history = history
         self.crashable = crashable
+        self.cluster = cluster
         self.sim = sim
         self.workdir = workdir
         db_url = make_url(database_url)
-        broker_host = broker_url.partition("@")[2].split("/")[0]
         self.pg = TcpProxy(db_url.host or "127.0.0.1", db_url.port or 5432).start()
-        host, _, port = broker_host.partition(":")
-        self.broker = TcpProxy(host, int(port or 5672)).start()
+        # One proxy per URL of the broker's failover list (one per node of a cluster): a
+        # broker fault acts on all of them, a node's death on its own.
+        broker_urls = [part.strip() for part in broker_url.split(";")]
+        self.brokers = [TcpProxy(*_amqp_address(url)).start() for url in broker_urls]
         self.vendor = TcpProxy("127.0.0.1", sim.port).start()
         self._settings = settings
         self._urls = {
             "database_url": _with_port(database_url, self.pg.port),
-            "broker_url": _amqp_with_port(broker_url, self.broker.port),
+            "broker_url": ";".join(
+                _amqp_with_port(url, proxy.port)
+                for url, proxy in zip(broker_urls, self.brokers, strict=True)
+            ),
             "deepbrain_base_url": f"http://127.0.0.1:{self.vendor.port}",
         }
         self.workers: dict[str, WorkerProcess] = {}
@@ -101,6 +121,8 @@ class Service:
         self._starting: dict[str, threading.Thread] = {}
         self.outages: list[tuple[datetime, datetime]] = []
         self._open: dict[int, datetime] = {}
+        self._killed: dict[int, Node] = {}
+        self._node_restart: threading.Thread | None = None
 
     def settings(self, name: str) -> Settings:
         return self._settings(name, **self._urls)
@@ -159,8 +181,19 @@ class Service:
         self.wait_started()  # no worker may come up after this
         for worker in self.workers.values():
             worker.stop()
-        for proxy in (self.pg, self.broker, self.vendor):
+        for proxy in (self.pg, *self.brokers, self.vendor):
             proxy.close()
+        self.wait_nodes()
+
+    def wait_nodes(self, timeout: float = 180.0) -> None:
+        """Every node of the cluster running again (the next schedule shares it)."""
+        restart = self._node_restart
+        if restart is not None:
+            restart.join(timeout)
+        if self.cluster is not None:
+            for node in self.cluster.cluster.nodes:
+                if node.process is None or node.process.poll() is not None:
+                    self._restart_node(node)
 
     def logs(self) -> dict[str, str]:
         return {f"log {p.name}": p.read_text(errors="replace") for p in self._logs if p.exists()}
@@ -185,9 +218,11 @@ class Service:
                 }
                 self.start_later("starter", env, restart=True)
         elif kind.endswith("-cut"):
-            self._proxy(kind).cut()
+            for proxy in self._proxies(kind):
+                proxy.cut()
         elif kind.endswith("-stall"):
-            self._proxy(kind).stall()
+            for proxy in self._proxies(kind):
+                proxy.stall()
         elif kind == "pg-drop-reply":
             self.pg.drop_reply_to(b"UPDATE")
         elif kind == "vendor-drop-reply":
@@ -199,6 +234,8 @@ class Service:
         elif kind == "pg-crash":
             assert self.crashable is not None, "a crash schedule needs a crashable Postgres"
             self.crashable.crash()
+        elif kind == "broker-node-kill":
+            self._kill_node(fault)
 
     def heal(self, fault: Fault) -> None:
         kind = fault.kind
@@ -206,9 +243,11 @@ class Service:
             name = "steady" if kind == "kill-steady" else "starter"
             self.start_later(name, began=self._open.pop(id(fault), None), restart=True)
         elif kind.endswith("-cut"):
-            self._proxy(kind).restore()
+            for proxy in self._proxies(kind):
+                proxy.restore()
         elif kind.endswith("-stall"):
-            self._proxy(kind).unstall()
+            for proxy in self._proxies(kind):
+                proxy.unstall()
         elif kind == "vendor-latency":
             self.sim.configure(endpoint_latency=BASE_LATENCY)
         elif kind == "vendor-errors":
@@ -216,27 +255,70 @@ class Service:
         elif kind == "pg-crash":
             assert self.crashable is not None
             self.crashable.restart()
+        elif kind == "broker-node-kill":
+            node = self._killed.pop(id(fault), None)
+            if node is not None:
+                thread = threading.Thread(target=self._restart_node, args=(node,), daemon=True)
+                thread.start()
+                self._node_restart = thread
         began = self._open.pop(id(fault), None)
         if began is not None:
             self.outages.append((began, datetime.now(UTC)))
 
-    def _proxy(self, kind: str) -> TcpProxy:
-        return {"pg": self.pg, "broker": self.broker, "vendor": self.vendor}[
-            kind.split("-", maxsplit=1)[0]
-        ]
+    def _proxies(self, kind: str) -> list[TcpProxy]:
+        part = kind.split("-", maxsplit=1)[0]
+        return {"pg": [self.pg], "broker": self.brokers, "vendor": [self.vendor]}[part]
+
+    # -- a node of the cluster -------------------------------------------------------
+
+    def _kill_node(self, fault: Fault) -> None:
+        """SIGKILL one node, only while every node runs (a majority is always left)."""
+        assert self.cluster is not None, "a cluster schedule needs the cluster"
+        cluster = self.cluster.cluster
+        restarting = self._node_restart is not None and self._node_restart.is_alive()
+        if restarting or len(cluster.running()) < len(cluster.nodes):
+            self.history.log("note", f"{fault.kind} skipped: a node is still restarting")
+            return
+        node = self._node_for(fault.target)
+        node.kill()
+        self._killed[id(fault)] = node
+        self.history.log("note", f"killed {node.name} ({fault.target})")
+
+    def _node_for(self, target: str) -> Node:
+        assert self.cluster is not None
+        cluster = self.cluster.cluster
+        if target.startswith("node"):
+            return cluster.nodes[int(target.removeprefix("node"))]
+        try:
+            return cluster.leader(START_QUEUE, self.cluster.vhost, timeout=5)
+        except (LookupError, RuntimeError) as error:  # no queue yet: everyone's first node
+            self.history.log("note", f"no leader of {START_QUEUE} found: {str(error)[:200]}")
+            return cluster.nodes[0]
+
+    def _restart_node(self, node: Node) -> None:
+        began = time.monotonic()
+        try:
+            node.start()
+            node.wait_up()
+        except RuntimeError as error:
+            self.history.log("note", f"{node.name} did not come back: {str(error)[-300:]}")
+            return
+        self.history.log("note", f"{node.name} back after {time.monotonic() - began:.1f} s")
 
 
 class EventTap:
     """A queue of the run's own bound to the events exchange: what was really published."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, *, quorum: bool = False) -> None:
+        """``quorum``: a quorum queue, which outlives the death of one node of a cluster."""
         self.broker_url = broker_url
         self.queue = Queue(
             f"chaos.events.{uuid.uuid4().hex[:8]}",
             Exchange(EVENTS_EXCHANGE, type="topic", durable=True),
             routing_key="#",
-            durable=False,
+            durable=quorum,
             auto_delete=False,
+            queue_arguments={"x-queue-type": "quorum"} if quorum else None,
         )
         with Connection(broker_url) as conn:
             self.queue(conn.default_channel).declare()

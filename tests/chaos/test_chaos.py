@@ -2,7 +2,8 @@
 invariants (tests/invariants.py).
 
 - In CI: the fixed seeds of :data:`CI_SEEDS`, one short schedule each.
-- ``make chaos SEED=n``: replays one schedule (``CHAOS_SEED``).
+- ``make chaos SEED=n``: replays one schedule (``CHAOS_SEED``); ``c<n>`` with a Postgres
+  crash, ``k<n>`` on a three-node RabbitMQ cluster of the run's own with node kills.
 - ``make chaos``: random seeds for ``CHAOS_MINUTES``, then a short report
   (``CHAOS_DIR/report.md``): schedules, faults, checks, violations.
 
@@ -14,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,9 @@ from orchestrator.simulator import SimulatorServer
 from tests import invariants as inv
 from tests.chaos import runner
 from tests.chaos.schedule import generate, parse_seed
+from tests.chaos.service import ClusterRun
 from tests.faults.crashable_postgres import CrashablePostgres
+from tests.rabbit_cluster import RabbitCluster, rabbitmqctl
 
 pytestmark = [
     pytest.mark.chaos,
@@ -45,6 +50,39 @@ REPLAY = os.environ.get("CHAOS_SEED")
 MINUTES = float(os.environ.get("CHAOS_MINUTES", "0") or 0)
 
 
+@pytest.fixture(scope="session")
+def chaos_cluster() -> Iterator[Callable[[], RabbitCluster]]:
+    """The three-node cluster of the cluster schedules, started at the first one (about half
+    a minute) and shared by the rest of the session; never the machine's RabbitMQ."""
+    started: list[RabbitCluster] = []
+
+    def get() -> RabbitCluster:
+        if not started:
+            if shutil.which("rabbitmq-server") is None:
+                pytest.skip("rabbitmq-server is not installed: no cluster to kill nodes of")
+            if os.geteuid() != 0:
+                pytest.fail("a cluster schedule starts RabbitMQ nodes as rabbitmq: run as root")
+            began = time.monotonic()
+            started.append(RabbitCluster().__enter__())
+            print(f"chaos: cluster of three up in {time.monotonic() - began:.1f} s", flush=True)
+        return started[0]
+
+    yield get
+    for cluster in started:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def cluster_vhost(cluster: RabbitCluster) -> Iterator[ClusterRun]:
+    vhost = f"orch_chaos_{uuid.uuid4().hex[:8]}"
+    cluster.add_vhost(vhost)
+    try:
+        yield ClusterRun(cluster, vhost)
+    finally:
+        with contextlib.suppress(RuntimeError):
+            rabbitmqctl(cluster.running()[0].name, "delete_vhost", vhost)
+
+
 @pytest.fixture
 def chaos_run(
     fault_settings: Callable[..., Settings],
@@ -54,17 +92,23 @@ def chaos_run(
     simulator: SimulatorServer,
     tmp_path: Path,
     clean_queues: None,
+    chaos_cluster: Callable[[], RabbitCluster],
 ) -> Callable[[str], runner.Result]:
-    """Run the schedule of a seed ("42", or "c42" for one with a Postgres crash: the service's
-    database is then a server of the run's own)."""
+    """Run the schedule of a seed ("42"; "c42" with a Postgres crash: the service's database is
+    then a server of the run's own; "k42" with node kills: the broker is then a vhost on a
+    three-node cluster of the run's own)."""
 
     def run(seed_text: str) -> runner.Result:
-        seed, crash = parse_seed(seed_text)
-        schedule = generate(seed, crash=crash)
+        seed, crash, on_cluster = parse_seed(seed_text)
+        schedule = generate(seed, crash=crash, cluster=on_cluster)
         workdir = tmp_path / f"seed-{seed_text}"
         workdir.mkdir()
         with contextlib.ExitStack() as stack:
             url, database, crashable = database_url, db, None
+            broker, cluster = broker_url, None
+            if on_cluster:
+                cluster = stack.enter_context(cluster_vhost(chaos_cluster()))
+                broker = cluster.cluster.failover_url(cluster.cluster.nodes[0], cluster.vhost)
             if crash:
                 crashable = stack.enter_context(CrashablePostgres())
                 upgrade(crashable.url)
@@ -85,11 +129,12 @@ def chaos_run(
                 schedule,
                 settings=settings,
                 database_url=url,
-                broker_url=broker_url,
+                broker_url=broker,
                 db=database,
                 sim=simulator,
                 workdir=workdir,
                 crashable=crashable,
+                cluster=cluster,
             )
 
     return run
@@ -118,8 +163,11 @@ def test_random_schedules_for_a_time_budget(chaos_run: Callable[[str], runner.Re
     results: list[runner.Result] = []
     while time.monotonic() < ends:
         seed = random.SystemRandom().randrange(1, 10**9)
-        crash = len(results) % 3 == 2  # every third schedule crashes Postgres too
-        results.append(chaos_run(f"c{seed}" if crash else str(seed)))
+        # Every third schedule crashes Postgres too; of the rest, every fourth runs on the
+        # three-node cluster and kills its nodes.
+        n = len(results)
+        prefix = "c" if n % 3 == 2 else "k" if n % 4 == 3 else ""
+        results.append(chaos_run(f"{prefix}{seed}"))
         report = write_report(results, MINUTES)
     print(f"chaos: report in {report}")
     failed = [r for r in results if r.violations]

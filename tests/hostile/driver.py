@@ -14,6 +14,7 @@ reconcile and reap.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,9 @@ from tests.hostile.vendor import HostileTransport, Mutation
 PLANTED_LLM_KEY = "planted-llm-key-5e1f0c9a"
 ASKED_MINUTES = 1
 REDELIVERIES = 3
+# Over a time bound by more than this is a violation: the deadline cuts a read at the bound
+# (plus a scheduling delay); a reply trickled past it would take many times the bound.
+TIME_SLACK_SECONDS = 1.0
 
 
 def request_d() -> dict[str, Any]:
@@ -65,6 +69,8 @@ class Outcome:
     violations: list[inv.Violation] = field(default_factory=list)
     served: list[tuple[str, Mutation]] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
+    start_seconds: float = 0.0  # how long the start of D took under the plan
+    timings: list[tuple[str, float]] = field(default_factory=list)  # (endpoint, seconds)
 
     def add(self, name: str, detail: str) -> None:
         self.violations.append(inv.Violation(name, detail))
@@ -271,6 +277,26 @@ def expiry_within_ask(world: inv.World, default_minutes: int) -> list[inv.Violat
     return out
 
 
+def time_bounds(
+    settings: Settings, timings: Sequence[tuple[str, float]], start_seconds: float
+) -> list[inv.Violation]:
+    """Every vendor request ends within ``VENDOR_TIMEOUT_SECONDS`` (its body read included),
+    the start of D within its attempt lease (``START_TIMEOUT_SECONDS``)."""
+    out = [
+        inv.Violation(
+            "request-bound",
+            f"a {endpoint} request took {took:.1f} s > {settings.vendor_timeout_seconds} s",
+        )
+        for endpoint, took in timings
+        if took > settings.vendor_timeout_seconds + TIME_SLACK_SECONDS
+    ]
+    if start_seconds > settings.start_timeout_seconds + TIME_SLACK_SECONDS:
+        lease = settings.start_timeout_seconds
+        what = f"the start took {start_seconds:.1f} s > its lease {lease} s"
+        out.append(inv.Violation("start-bound", what))
+    return out
+
+
 def run_scenario(
     settings: Settings,
     db: Database,
@@ -282,17 +308,20 @@ def run_scenario(
     out = Outcome()
     _reset(db, sim)
     inner = request_deadline.install(httpx.HTTPTransport())
-    transport = HostileTransport(inner)
+    transport = HostileTransport(inner, push_fault=sim.push_fault)
     lc = _lifecycle(settings, transport, out.waits)
     try:
         with _captured_logs() as logs:
             _setup(lc, sim)
             transport.script(plan)
             transport.lasting = lasting or {}
+            began = time.monotonic()
             later = _start(lc, request_d(), out, "hostile.start")
+            out.start_seconds = time.monotonic() - began
             _sweep(lc, out, "hostile")
             _heal(lc, transport, later, out)
         out.served = list(transport.served)
+        out.timings = list(transport.timings)
         bounds = inv.Bounds.from_settings(settings, slack=0.0)
         zero = inv.Bounds(0, 0, 0, 0, 0, 0, 0, bounds.cap, 0)
         world = inv.snapshot(db, sim, {"log": "\n".join(logs.lines)})
@@ -317,6 +346,7 @@ def run_scenario(
             for w in out.waits
             if not w <= wait_bound
         ]
+        out.violations += time_bounds(settings, transport.timings, out.start_seconds)
     finally:
         lc.close()
     return out

@@ -4,7 +4,9 @@ Values: out-of-range, negative, millisecond-epoch and non-finite numbers, huge i
 long and NUL-bearing strings (and lone surrogates, which JSON can carry); missing, null,
 extra and wrongly typed fields; empty and duplicated ids; pagination that never ends;
 bodies that are not JSON or not the envelope; 4xx/5xx/429 with and without Retry-After
-(seconds, dates, garbage); connections reset or timed out, before or after the vendor acted.
+(seconds, dates, garbage); connections reset or timed out, before or after the vendor acted;
+replies trickled over the real socket a few bytes at a time (each read well within the read
+timeout, the whole reply up to minutes) and reset in the middle of their body.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tests.hostile.vendor import (
     Reply,
     SetEnvelope,
     SetField,
+    Trickle,
 )
 
 HUGE_INTS = st.one_of(
@@ -143,7 +146,17 @@ WHOLE_REPLIES = st.one_of(
     st.builds(Reply, STATUSES, ERROR_BODIES, RETRY_AFTER, st.just(False), st.booleans()),
     st.builds(Reply, STATUSES, st.just(None), RETRY_AFTER, st.just(True), st.booleans()),
 )
-DROPS = st.builds(Drop, st.sampled_from(["reset", "timeout", "refused"]), st.booleans())
+# Pieces of 1-64 bytes, at most 0.6 s apart: below the 1 s read timeout of the hostile
+# settings, so only the client's total deadline ends a long one; a reset after 0-300 bytes.
+TRICKLES = st.builds(
+    Trickle,
+    st.integers(min_value=1, max_value=64),
+    st.sampled_from([0.0, 0.02, 0.1, 0.3, 0.6]),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=300)),
+)
+DROPS = st.one_of(
+    st.builds(Drop, st.sampled_from(["reset", "timeout", "refused"]), st.booleans()), TRICKLES
+)
 
 LIST_ONLY = st.one_of(
     st.builds(LoopPages, st.one_of(st.just("next"), STRINGS, NUMBERS)),

@@ -26,6 +26,7 @@ from tests.conftest import APP_ID, USER_KEY
 from tests.hostile import strategies
 from tests.hostile.driver import PLANTED_LLM_KEY, Outcome, run_scenario
 from tests.hostile.known import KNOWN, known_path, signature
+from tests.hostile.vendor import Mutation, Reply, Trickle
 
 pytestmark = [pytest.mark.postgres, pytest.mark.chaos]
 
@@ -139,6 +140,51 @@ def test_an_honest_vendor_breaks_no_promise(
     the generator would be the scenario's own)."""
     outcome = run_scenario(hostile_settings(settings_for), db, simulator, {}, SECRETS)
     assert outcome.violations == []
+
+
+TRICKLES = [
+    # 4 bytes every 0.1 s: a start reply of ~600 bytes would take 15 s; the vendor made the
+    # session, the client gave up at its deadline (uncertain) and tried again.
+    pytest.param({"start": [Trickle(4, 0.1)]}, id="start-trickled-past-the-timeout"),
+    pytest.param({"start": [Trickle(8, 0.02, reset_after=40)]}, id="start-reset-mid-body"),
+    # The token is cached: a 401 makes the start fetch a new one, trickled.
+    pytest.param(
+        {"start": [Reply(401, {"code": 4010, "message": "expired", "data": None})]}
+        | {"token": [Trickle(1, 0.3)]},
+        id="token-trickled-after-a-401",
+    ),
+    pytest.param({"list": [Trickle(2, 0.1)]}, id="list-trickled"),
+    pytest.param({"stop": [Trickle(1, 0.6)] * 2}, id="stop-trickled-twice"),
+    pytest.param({"detail": [Trickle(1, 0.3, reset_after=10)]}, id="detail-reset-mid-body"),
+]
+
+
+@pytest.mark.parametrize("plan", TRICKLES)
+def test_a_trickling_vendor_keeps_every_time_bound(
+    plan: dict[str, list[Mutation]],
+    settings_for: Callable[..., Settings],
+    db: Database,
+    simulator: SimulatorServer,
+) -> None:
+    """A reply whose every read is quick but whose whole takes far longer than
+    ``VENDOR_TIMEOUT_SECONDS``, sent by the simulator over the real socket: the client's own
+    total deadline (orchestrator/deepbrain/deadline.py) ends each request in time, the start
+    keeps its lease, and the session a trickled start made does not stay billing."""
+    settings = hostile_settings(settings_for)
+    outcome = run_scenario(settings, db, simulator, plan, SECRETS)
+    assert outcome.violations == [], [str(v) for v in outcome.violations]
+    endpoint, trickles = next(
+        (name, [m for m in ms if isinstance(m, Trickle)])
+        for name, ms in plan.items()
+        if any(isinstance(m, Trickle) for m in ms)
+    )
+    served = [m for name, m in outcome.served if name == endpoint]
+    assert served, f"no {endpoint} request came while the plan was in force"
+    assert simulator.stats()["endpoints"][endpoint]["faults_applied"] == len(served)
+    slowest = max(took for name, took in outcome.timings if name == endpoint)
+    if all(m.reset_after is None for m in trickles):
+        # The trickle outlasted the timeout: the deadline, not the reply's end, ended it.
+        assert slowest >= settings.vendor_timeout_seconds * 0.9, outcome.timings
 
 
 def test_known_classes_name_their_path() -> None:

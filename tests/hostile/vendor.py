@@ -5,13 +5,18 @@ The simulator behind it still does what each request asks (a start creates a ses
 ends one) unless a mutation says the request never arrived (``forward=False``): its own record
 of vendor sessions stays the truth the invariants read. The mutations are plain frozen
 dataclasses so a shrunk failure prints as the reply that broke the promise.
+
+A :class:`Trickle` is served over the real socket: the simulator sends the reply a few bytes
+at a time (its trickle fault), so what ends the request is the client's own deadline, not a
+transport of ours. Every request's duration is recorded (``timings``) for the time bounds.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,10 +196,36 @@ class Drop(Mutation):
         raise httpx.RemoteProtocolError("hostile vendor: connection reset", request=request)
 
 
+@dataclass(frozen=True)
+class Trickle(Mutation):
+    """The vendor's own reply (it acted on the request), its body sent ``chunk`` bytes every
+    ``interval`` seconds (each read quick, the whole reply slow), or cut by a connection
+    reset after ``reset_after`` bytes. The simulator sends it over the real socket (its
+    ``trickle_bytes``/``reset_after_bytes`` fault): no transport of ours bounds the read."""
+
+    chunk: int = 4
+    interval: float = 0.1
+    reset_after: int | None = None
+
+    def simulator_fault(self, endpoint: str) -> dict[str, Any]:
+        return {
+            "endpoint": endpoint,
+            "trickle_bytes": self.chunk,
+            "trickle_interval_seconds": self.interval,
+            "reset_after_bytes": self.reset_after,
+        }
+
+    def change(self, request: httpx.Request, response: httpx.Response | None) -> httpx.Response:
+        assert response is not None  # read in full, within the client's deadline
+        return response
+
+
 @dataclass
 class HostileTransport(httpx.BaseTransport):
     """Serves each endpoint's scripted mutations in order, then the simulator's own replies.
-    ``heal()`` forgets what is left; ``served`` lists what was applied, for the report."""
+    ``heal()`` forgets what is left; ``served`` lists what was applied, for the report;
+    ``timings`` how long each request took (endpoint, seconds), the body read included.
+    ``push_fault`` queues a fault in the simulator (:class:`Trickle` needs it)."""
 
     inner: httpx.BaseTransport
     plan: Mapping[str, Sequence[Mutation]] = field(default_factory=dict)
@@ -202,12 +233,23 @@ class HostileTransport(httpx.BaseTransport):
     # Quirks the vendor keeps for good (healing does not remove them): every reply of the
     # endpoint that no scripted mutation takes.
     lasting: Mapping[str, Mutation] = field(default_factory=dict)
+    push_fault: Callable[[Mapping[str, Any]], object] | None = None
+    timings: list[tuple[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._queues: dict[str, deque[Mutation]] = {k: deque(v) for k, v in self.plan.items()}
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         endpoint = endpoint_of(request)
+        began = time.monotonic()
+        try:
+            response = self._serve(endpoint, request)
+            response.read()  # the whole body: a trickle is timed to its end
+            return response
+        finally:
+            self.timings.append((endpoint, time.monotonic() - began))
+
+    def _serve(self, endpoint: str, request: httpx.Request) -> httpx.Response:
         queue = self._queues.get(endpoint)
         if not queue:
             quirk = self.lasting.get(endpoint)
@@ -215,8 +257,13 @@ class HostileTransport(httpx.BaseTransport):
                 return self.inner.handle_request(request)
             return quirk.serve(request, self.inner)
         mutation = queue[0] if isinstance(queue[0], LoopPages) else queue.popleft()
-        if not self.served or self.served[-1][1] is not mutation:  # a loop is listed once
+        looping = isinstance(mutation, LoopPages) and self.served
+        if not looping or self.served[-1][1] is not mutation:  # a loop is listed once
             self.served.append((endpoint, mutation))
+        if isinstance(mutation, Trickle):
+            if self.push_fault is None:
+                raise RuntimeError("a Trickle needs the simulator (push_fault)")
+            self.push_fault(mutation.simulator_fault(endpoint))
         return mutation.serve(request, self.inner)
 
     def script(self, plan: Mapping[str, Sequence[Mutation]]) -> None:
