@@ -417,3 +417,33 @@ def test_a_rotated_key_is_used_without_a_restart(
     request_stop(pool, request_id="before")  # a session of the old key, stopped with the new
     assert row(pool.db, "before").status == "ended"
     assert {s.name: s.health for s in store.account_states(pool.db)}["b"] == "ok"
+
+
+def test_a_pool_wide_start_its_account_fails_waits_for_that_list_then_goes_anywhere(
+    pool: Lifecycle, sim: SimulatorServer
+) -> None:
+    """Account a answers 5xx to every call. A pool-wide start it fails is not failed: a 5xx
+    is uncertain (a may have made a session), so the request waits bound to a until a's list
+    has been read, then any account may take it; a's circuit opens and the others serve the
+    rest meanwhile. Nothing fails."""
+    from orchestrator.lifecycle import admit_waiting
+
+    sim.configure_account("a", server_errors=True)
+    outcomes = [start(pool, f"p-{i}") for i in range(6)]
+    assert "failed" not in outcomes, outcomes
+    bound = [f"p-{i}" for i, outcome in enumerate(outcomes) if outcome == "waiting"]
+    assert 1 <= len(bound) <= 3, outcomes  # a would win every tie by name until cut off
+    for rid in bound:
+        held = row(pool.db, rid)
+        assert (held.status, held.account) == ("waiting", "a")
+        assert held.uncertain_at is not None
+    # b and c have free slots, but a's list cannot be read: the bound requests stay on a.
+    reconcile(pool)
+    admit_waiting(pool)
+    assert [(row(pool.db, rid).status, row(pool.db, rid).account) for rid in bound] == [
+        ("waiting", "a")
+    ] * len(bound)
+    sim.configure_account("a", server_errors=False)
+    reconcile(pool)  # a's list is read: its circuit closes and the bound requests go free
+    admit_waiting(pool)
+    assert [row(pool.db, f"p-{i}").status for i in range(6)] == ["active"] * 6

@@ -183,6 +183,8 @@ def _reconcile_account(lc: Lifecycle, name: str, deadline: float, report: Reconc
         return
     lc.vendors.note_success(name)
     store.probe_cap_up(lc.db, name, quiet_seconds=lc.settings.reconcile_interval_seconds)
+    if store.release_uncertain_waits(lc.db, name, listed_at):
+        lc.dispatcher.admit_waiting()  # they may go to any eligible account now
     report.skipped_values += sum(len(s.skipped) for s in active)
     listed = _Listed({s.session_id: s for s in active}, listed_at, deadline, name)
     try:

@@ -16,7 +16,6 @@ from opentelemetry import trace
 from sqlalchemy.exc import DataError
 
 from orchestrator import masking, store, tracing
-from orchestrator.accounts import DEFAULT_ACCOUNT
 from orchestrator.contract import (
     REQUEST_ID_PATTERN,
     InvalidStartRequest,
@@ -38,6 +37,12 @@ from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
+from orchestrator.lifecycle.start_refused import (
+    claim_again_if_gone,
+    note_limit,
+    uncertain_failure,
+    wait_for_another_account,
+)
 from orchestrator.retries import waits_for_a_slot_again
 
 logger = logging.getLogger(__name__)
@@ -266,7 +271,7 @@ def start_claimed(lc: Lifecycle, ticket: store.StartTicket) -> StartOutcome:
     gave the ticket), unless a stop came meanwhile."""
     request = StartRequest.model_validate(ticket.payload)
     stopped = store.end_if_stopped(lc.db, ticket)
-    _claim_again_if_gone(stopped)
+    claim_again_if_gone(stopped)
     if stopped is store.NotRecorded.MOVED_ON:
         return StartOutcome(ticket.request_id, "unchanged", "the row moved on before the call")
     if isinstance(stopped, store.NoStart):
@@ -309,14 +314,18 @@ def _call_vendor(
         # The vendor's answer past its concurrent limit is undocumented (4030 or 4090 are
         # likely): wait for a slot again, a bounded number of times.
         if error.code == VENDOR_LIMIT_CODE:
-            _note_limit(lc, ticket, error)
+            note_limit(lc, ticket, error)
         if waits_for_a_slot_again(lc.settings, ticket.attempt):
             waiting = store.back_to_waiting(lc.db, ticket, vendor_error=error.error_code)
-            _claim_again_if_gone(waiting)
+            claim_again_if_gone(waiting)
             if waiting is store.Recorded.YES:
                 logger.warning("vendor refused start of %s, waiting: %s", ticket.request_id, error)
                 return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure: DeepBrainError = error
+    except (VendorUnavailable, VendorServerError) as error:
+        if wait_for_another_account(lc, ticket, error):
+            return StartOutcome(ticket.request_id, "waiting", error.error_code)
+        failure = error
     except DeepBrainError as error:
         failure = error
     logger.warning("start of request %s failed: %s", ticket.request_id, failure)
@@ -326,36 +335,12 @@ def _call_vendor(
         ticket,
         error_code=code,
         error_message=failure.vendor_message,
-        uncertain=_uncertain(failure),
+        uncertain=uncertain_failure(failure),
     )
-    _claim_again_if_gone(failed)
+    claim_again_if_gone(failed)
     if failed is store.NotRecorded.MOVED_ON:
         return StartOutcome(ticket.request_id, "unchanged", f"{code}: the row moved on")
     return StartOutcome(ticket.request_id, "failed", code)
-
-
-def _uncertain(failure: DeepBrainError) -> bool:
-    """Whether the start may have made a vendor session (its account's reconciler stops it
-    as an orphan, with that account's key; the request is never moved to another account)."""
-    if isinstance(failure, VendorUnavailable):
-        return failure.uncertain
-    return isinstance(failure, VendorServerError)
-
-
-def _note_limit(lc: Lifecycle, ticket: store.StartTicket, error: DeepBrainError) -> None:
-    """A "limit reached" reply while we counted a free slot: sessions we do not know hold
-    the rest, so the account's cap drops (docs/admission.md "Health")."""
-    account = ticket.account or DEFAULT_ACCOUNT
-    cap = store.lower_cap_to_in_use(lc.db, account, str(error))
-    metrics.record_account_event(account, "limit_lowered")
-    logger.warning("account %s: the vendor's limit reply lowers its cap to %s", account, cap)
-
-
-def _claim_again_if_gone(written: object) -> None:
-    """The claim was lost in a crash of the database (it committed without waiting for the
-    disk): this message must not be acknowledged, so that its redelivery claims it again."""
-    if written is store.NotRecorded.GONE:
-        raise RetryLater("the request's row was lost; claiming it again", 0.0)
 
 
 def _vendor_start(

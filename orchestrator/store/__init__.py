@@ -41,6 +41,11 @@ from orchestrator.store.admission import (
 )
 from orchestrator.store.ending import Ended, end
 from orchestrator.store.invalid import record_invalid
+from orchestrator.store.rewaiting import (
+    another_account_may_serve,
+    back_to_waiting,
+    release_uncertain_waits,
+)
 from orchestrator.store.rows import (
     MAX_DURATION_REACHED,
     USER_CLOSED,
@@ -55,7 +60,6 @@ from orchestrator.store.starts import (
     Recorded,
     StartTicket,
     VendorStart,
-    back_to_waiting,
     begin_attempt,
     end_if_holding,
     end_if_stopped,
@@ -121,6 +125,7 @@ __all__ = [
     "account_states",
     "admission_state",
     "admit",
+    "another_account_may_serve",
     "back_to_waiting",
     "begin_attempt",
     "claim",
@@ -152,6 +157,7 @@ __all__ = [
     "record_success",
     "record_vendor_ended",
     "release_sweep_lease",
+    "release_uncertain_waits",
     "request_stop",
     "resolve_stuck_starts",
     "seconds_to_expiries",

@@ -294,7 +294,7 @@ def start_state(
         return NotRecorded.MOVED_ON
 
 
-def _lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | NotRecorded:
+def lock_own_attempt(session: Session, ticket: StartTicket) -> SessionRow | NotRecorded:
     """The row, locked, if it still waits for this very attempt's answer; else why not."""
     row = lock_row(session, ticket.session_id)
     if row is None:
@@ -325,7 +325,7 @@ def end_if_stopped(db: Database, ticket: StartTicket) -> Proceed | NoStart | Not
     if not stopped:
         return Proceed.CALL_VENDOR
     with db.transaction() as session:
-        row = _lock_own_attempt(session, ticket)
+        row = lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
         end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
@@ -344,34 +344,12 @@ def record_failed(
     (another attempt holds the row, or it ended), GONE (the claim was lost in a crash of the
     database: the caller must not acknowledge the message)."""
     with db.transaction() as session:
-        row = _lock_own_attempt(session, ticket)
+        row = lock_own_attempt(session, ticket)
         if isinstance(row, NotRecorded):
             return row
         if uncertain:  # the attempt may have made a session on the row's account
             row.uncertain_at = db_now(session)
         end_row(session, row, S.FAILED, error_code=error_code, error_message=error_message)
-        return Recorded.YES
-
-
-def back_to_waiting(
-    db: Database, ticket: StartTicket, *, vendor_error: str
-) -> Recorded | NotRecorded:
-    """The vendor said the account is at its limit: wait again (first in line, by age). None
-    Recorded.YES once written, else why not (as :func:`record_failed`)."""
-    with db.transaction() as session:
-        row = _lock_own_attempt(session, ticket)
-        if isinstance(row, NotRecorded):
-            return row
-        if row.stop_requested_at is not None:
-            end_row(session, row, S.ENDED, end_reason=row.end_reason or USER_CLOSED)
-            return Recorded.YES
-        row.status = S.WAITING.value
-        # A limit reply is certain (no session was made): any eligible account may take it.
-        row.account = row.requested_account
-        row.attempt_owner = None
-        row.attempt_lease_until = None
-        row.admitted_at = None
-        history.log(session, EventKind.BACK_TO_WAITING, row=row, vendor_error=vendor_error)
         return Recorded.YES
 
 
