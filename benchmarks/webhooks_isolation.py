@@ -36,10 +36,12 @@ from benchmarks.harness import (
     loadavg,
     log,
     python_env,
+    wait_for,
 )
 from benchmarks.stats import percentile
 from orchestrator.db import Database
 from orchestrator.events.outbox import Update, emit
+from orchestrator.heartbeat import age_seconds
 from orchestrator.webhooks import endpoints
 from orchestrator.webhooks.secrets import SecretBox, new_key
 from orchestrator.webhooks.sender import policy_for
@@ -110,6 +112,13 @@ def measure(
         )
         stack.callback(sender.stop, 5.0)
         stack.callback(sender.process.kill)  # the dead endpoint's attempts would hold SIGTERM
+        # Steady state: events are written once the sender has made its first pass (its
+        # heartbeat), or the first second's events would measure the process's start-up.
+        wait_for(
+            lambda: age_seconds(work_dir, "webhooks") is not None,
+            60,
+            "the sender's first pass",
+        )
         count = int(rate * seconds)
         busy = cpu_busy_fraction()
         cpu0, runner0 = cpu_seconds(sender.pid), cpu_seconds(os.getpid())
