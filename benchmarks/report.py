@@ -50,7 +50,7 @@ def write_report(document: dict[str, Any], results_dir: Path, name: str) -> Path
         f"{' (quick variants)' if document['quick'] else ''}, {document['total_seconds']} s.",
         "",
         (
-            f"Every benchmark ran {repetitions} times, in rounds (P1…P5, then again). Each"
+            f"Every benchmark ran {repetitions} times, in rounds (P1…P6, then again). Each"
             " figure is the **median** of the repetitions with the min-max in brackets (one"
             " value: every repetition gave it); a ratio to a baseline is taken within each"
             " repetition, where the two ran back to back, and then its median. The verdict is"

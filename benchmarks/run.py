@@ -5,7 +5,7 @@
 
 Each benchmark is a module with ``NAME``, ``TITLE``, ``run(ctx) -> dict`` and optionally
 ``skip_reason() -> str | None``; add one by listing it in ``BENCHMARKS``. The benchmarks run
-``--repeat`` times, in rounds (P1…P5, then again), so a burst of load elsewhere on the machine
+``--repeat`` times, in rounds (P1…P6, then again), so a burst of load elsewhere on the machine
 spoils one repetition of each rather than every repetition of one; the report gives medians
 with the min-max (``benchmarks.aggregate``). Whatever happens (an error, Ctrl-C, SIGTERM), the
 databases, vhosts and processes a benchmark made are removed.
@@ -47,6 +47,7 @@ BENCHMARKS = (
     "benchmarks.p3_latency",
     "benchmarks.p4_reaper",
     "benchmarks.p5_admission",
+    "benchmarks.webhooks_isolation",
 )
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

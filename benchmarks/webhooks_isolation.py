@@ -1,107 +1,127 @@
-"""Webhook isolation: one endpoint that never answers (30 s timeouts) beside healthy ones,
+"""P6 webhook isolation: one endpoint that never answers (30 s timeouts) beside healthy ones,
 events at a fixed rate; the delivery latency to the healthy endpoints (event committed →
-request received), p50/p99/max.
+request received), p50/p99/max, beside the same load with no dead endpoint (same run).
 
+    python -m benchmarks.run --only P6 --repeat 1       # in the harness (make bench runs it)
     python -m benchmarks.webhooks_isolation [--rate 200] [--seconds 30] [--healthy 2]
 
-Real parts: a fresh database on the local PostgreSQL (TEST_POSTGRES_URL or 127.0.0.1:5432,
-migrated to head), events written through the outbox one transaction each (as transitions
-write them), the sender (`orchestrator webhooks send`, 64 attempts at once, 16 per endpoint
-or `--per-endpoint`) in a process of its own, the receivers on loopback in this one
-(allow-listed). The dead endpoint accepts TCP connections and never answers. Not part of
-``make bench``'s report yet; figures in docs/webhooks.md.
+Real parts: a database of its own on the local PostgreSQL (migrated to head), events written
+through the outbox one transaction each (as transitions write them), the sender
+(`orchestrator webhooks send`, 64 attempts at once, 16 per endpoint) in a process of its
+own, the receivers on loopback in this one (allow-listed). The dead endpoint accepts TCP
+connections and never answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-import psycopg
 from pydantic import SecretStr
 
+from benchmarks.harness import (
+    BenchContext,
+    ManagedProcess,
+    cpu_busy_fraction,
+    cpu_seconds,
+    loadavg,
+    log,
+    python_env,
+    wait_for,
+)
+from benchmarks.stats import percentile
 from orchestrator.db import Database
-from orchestrator.db.migrate import upgrade
 from orchestrator.events.outbox import Update, emit
+from orchestrator.heartbeat import age_seconds
 from orchestrator.webhooks import endpoints
 from orchestrator.webhooks.secrets import SecretBox, new_key
 from orchestrator.webhooks.sender import policy_for
 from orchestrator.webhooks.settings import load_webhook_settings
-from tests.webhooks.receiver import receiving
+from tests.webhooks.receiver import Receiver, receiving
 
-SERVER = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+NAME = "P6"
+TITLE = "Webhook isolation: delivery latency to healthy endpoints beside a dead one"
+RATE = 200.0
+HEALTHY = 2
+DEAD_TIMEOUT_SECONDS = 30.0
+TARGET_P99_S = 1.0
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def dead_listener() -> tuple[socket.socket, int]:
+@contextlib.contextmanager
+def dead_endpoint() -> Iterator[int]:
+    """A port that accepts TCP connections (the kernel's backlog) and never answers."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(4096)  # accepted by the kernel, never read, never answered
-    return listener, listener.getsockname()[1]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rate", type=float, default=200.0)
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--healthy", type=int, default=2)
-    parser.add_argument("--per-endpoint", type=int, default=16)
-    args = parser.parse_args()
-
-    name = f"bench_webhooks_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{SERVER.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+    listener.listen(4096)
     try:
-        upgrade(url)
-        print(
-            json.dumps(run(url, args.rate, args.seconds, args.healthy, args.per_endpoint), indent=2)
-        )
+        yield listener.getsockname()[1]
     finally:
-        with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        listener.close()
 
 
-def run(
-    url: str, rate: float, seconds: float, healthy: int, per_endpoint: int
-) -> dict[str, object]:
+def measure(
+    url: str,
+    work_dir: Path,
+    *,
+    rate: float,
+    seconds: float,
+    healthy: int,
+    dead: bool,
+    per_endpoint: int = 16,
+) -> dict[str, Any]:
+    """One measurement on a fresh (migrated, empty) database: endpoints, the sender, events."""
     key = new_key()
     settings = load_webhook_settings(secret_key=key, allow="127.0.0.0/8", timeout_seconds=30.0)
     box = SecretBox(SecretStr(key))
     db = Database(url, pool_size=4)
-    listener, dead_port = dead_listener()
-    receivers = [receiving() for _ in range(healthy)]
-    live = [r.__enter__() for r in receivers]
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(db.dispose)
+        live: list[Receiver] = [stack.enter_context(receiving()) for _ in range(healthy)]
+        for receiver in live:  # keep-alive, as real receivers do (the tests' default is 1.0)
+            receiver.server.RequestHandlerClass.protocol_version = "HTTP/1.1"  # type: ignore[attr-defined]
         policy = policy_for(settings)
-        endpoints.add(db, box, policy, f"http://127.0.0.1:{dead_port}/hook")
+        if dead:
+            port = stack.enter_context(dead_endpoint())
+            endpoints.add(db, box, policy, f"http://127.0.0.1:{port}/hook")
         for receiver in live:
             endpoints.add(db, box, policy, receiver.url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
-        env.update(
-            ORCHESTRATOR_DATABASE_URL=url,
-            ORCHESTRATOR_WEBHOOK_SECRET_KEY=key,
-            ORCHESTRATOR_WEBHOOK_ALLOW="127.0.0.0/8",
-            ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS="30",
-            ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY=str(per_endpoint),
-            ORCHESTRATOR_STATE_DIR=tempfile.mkdtemp(prefix="bench-webhooks-"),
+        sender = ManagedProcess(
+            name=f"webhooks-{'dead' if dead else 'healthy'}",
+            command=[sys.executable, "-m", "orchestrator.cli", "webhooks", "send"],
+            env=python_env(
+                {
+                    "ORCHESTRATOR_DATABASE_URL": url,
+                    "ORCHESTRATOR_WEBHOOK_SECRET_KEY": key,
+                    "ORCHESTRATOR_WEBHOOK_ALLOW": "127.0.0.0/8",
+                    "ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS": str(DEAD_TIMEOUT_SECONDS),
+                    "ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY": str(per_endpoint),
+                    "ORCHESTRATOR_LOG_LEVEL": "WARNING",
+                    "ORCHESTRATOR_STATE_DIR": str(work_dir),
+                }
+            ),
+            log_path=work_dir / f"sender-{'dead' if dead else 'healthy'}.log",
         )
-        command = [str(Path(sys.executable).parent / "orchestrator"), "webhooks", "send"]
-        sender = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        stack.callback(sender.stop, 5.0)
+        stack.callback(sender.process.kill)  # the dead endpoint's attempts would hold SIGTERM
+        # Steady state: events are written once the sender has made its first pass (its
+        # heartbeat), or the first second's events would measure the process's start-up.
+        wait_for(
+            lambda: age_seconds(work_dir, "webhooks") is not None,
+            60,
+            "the sender's first pass",
+        )
         count = int(rate * seconds)
+        busy = cpu_busy_fraction()
+        cpu0, runner0 = cpu_seconds(sender.pid), cpu_seconds(os.getpid())
         began = time.monotonic()
         for n in range(count):
             wait = began + n / rate - time.monotonic()
@@ -114,34 +134,167 @@ def run(
                     datetime.now(UTC),
                 )
         produced = time.monotonic() - began
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(
+        drain_deadline = time.monotonic() + 30
+        while time.monotonic() < drain_deadline and any(
             len({r.webhook_id for r in x.requests()}) < count for x in live
         ):
             time.sleep(0.1)
+        sender_cpu = cpu_seconds(sender.pid) - cpu0
+        runner_cpu = cpu_seconds(os.getpid()) - runner0
+        machine_busy = busy()
         latencies = [
             r.at - datetime.fromisoformat(r.document["timestamp"]).timestamp()
             for x in live
             for r in x.requests()
         ]
-        sender.kill()
-        sender.wait(10)
-        return {
-            "events": count,
-            "rate_asked": rate,
-            "rate_written": round(count / produced, 1),
-            "healthy_endpoints": healthy,
-            "per_endpoint_concurrency": per_endpoint,
-            "delivered_to_healthy": sum(len(x.requests()) for x in live),
-            "latency_p50_s": round(percentile(latencies, 0.50), 3),
-            "latency_p99_s": round(percentile(latencies, 0.99), 3),
-            "latency_max_s": round(max(latencies), 3),
-        }
+        delivered = sum(len({r.webhook_id for r in x.requests()}) for x in live)
+    return {
+        "events": count,
+        "rate_written": round(count / produced, 1),
+        "delivered_to_healthy": delivered,
+        "expected_to_healthy": count * healthy,
+        "p50_s": round(percentile(latencies, 50), 3),
+        "p99_s": round(percentile(latencies, 99), 3),
+        "max_s": round(max(latencies), 3) if latencies else float("nan"),
+        "sender_cpu_ms_per_delivery": round(1000 * sender_cpu / max(delivered, 1), 3),
+        "runner_cpu_ms_per_delivery": round(1000 * runner_cpu / max(delivered, 1), 3),
+        "machine_cpu_busy": round(machine_busy, 2),
+    }
+
+
+def _truncate(url: str) -> None:
+    db = Database(url, pool_size=1)
+    try:
+        with db.transaction() as session:
+            from sqlalchemy import text
+
+            session.execute(
+                text(
+                    "TRUNCATE webhook_attempts, webhook_deliveries, webhook_secrets,"
+                    " webhook_endpoints, event_outbox CASCADE"
+                )
+            )
     finally:
-        for receiver in receivers:
-            receiver.__exit__(None, None, None)
-        listener.close()
         db.dispose()
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    seconds = 10.0 if ctx.quick else 30.0
+    url = ctx.database("p6")
+    order = (False, True) if ctx.repetition % 2 else (True, False)
+    measured: dict[bool, dict[str, Any]] = {}
+    for dead in order:
+        _truncate(url)
+        log(f"P6: {RATE:g} events/s for {seconds:g} s, {HEALTHY} healthy, dead endpoint: {dead}")
+        load = loadavg()
+        measured[dead] = {
+            **measure(
+                url,
+                ctx.scratch(f"dead-{dead}"),
+                rate=RATE,
+                seconds=seconds,
+                healthy=HEALTHY,
+                dead=dead,
+            ),
+            "loadavg_before": load,
+        }
+        log(f"P6: dead={dead}: p99 {measured[dead]['p99_s']} s")
+    with_dead, alone = measured[True], measured[False]
+    rows = [
+        [
+            label,
+            r["events"],
+            r["rate_written"],
+            f"{r['delivered_to_healthy']} of {r['expected_to_healthy']}",
+            r["p50_s"],
+            r["p99_s"],
+            r["max_s"],
+            r["sender_cpu_ms_per_delivery"],
+            r["machine_cpu_busy"],
+        ]
+        for label, r in (("with the dead endpoint", with_dead), ("healthy endpoints only", alone))
+    ]
+    return {
+        "notes": [
+            f"{RATE:g} events/s for {seconds:g} s through the outbox, {HEALTHY} healthy endpoints"
+            " (loopback, answering 204 at once) and one that accepts connections and never"
+            f" answers ({DEAD_TIMEOUT_SECONDS:g} s timeouts); one sender process (64 attempts at"
+            " once, 16 per endpoint, poll 0.2 s). Latency: the event's timestamp (just before"
+            " its commit) to the request's arrival; every delivery to the healthy endpoints"
+            " counts. The baseline runs the same load without the dead endpoint, back to back,"
+            " order alternating between repetitions."
+        ],
+        "tables": [
+            {
+                "title": "Delivery latency to the healthy endpoints",
+                "columns": [
+                    "",
+                    "events",
+                    "written /s",
+                    "delivered to healthy",
+                    "p50 s",
+                    "p99 s",
+                    "max s",
+                    "sender CPU ms per delivery",
+                    "machine CPU busy",
+                ],
+                "rows": rows,
+            }
+        ],
+        "with_dead": with_dead,
+        "healthy_only": alone,
+        "targets": [
+            {
+                "name": "delivery p99 to healthy endpoints beside a dead one",
+                "value": with_dead["p99_s"],
+                "unit": "s",
+                "op": "<=",
+                "target": TARGET_P99_S,
+                "detail": (
+                    f"p50 {with_dead['p50_s']} s, max {with_dead['max_s']} s;"
+                    f" {with_dead['delivered_to_healthy']} of"
+                    f" {with_dead['expected_to_healthy']} delivered"
+                ),
+            }
+        ],
+        "figures": [
+            {
+                "name": "delivery p99 beside a dead endpoint vs without it",
+                "value": with_dead["p99_s"],
+                "unit": "s",
+                "baseline": alone["p99_s"],
+                "baseline_name": "the same load, healthy endpoints only",
+                "detail": f"p50 {with_dead['p50_s']} vs {alone['p50_s']} s",
+            }
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=float, default=RATE)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--healthy", type=int, default=HEALTHY)
+    parser.add_argument("--per-endpoint", type=int, default=16)
+    args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        ctx = BenchContext(
+            stack=stack,
+            work_dir=Path("/tmp") / f"p6-{time.time_ns()}",
+            results_dir=Path(),
+            quick=False,
+        )
+        url = ctx.database("p6")
+        result = measure(
+            url,
+            ctx.work_dir,
+            rate=args.rate,
+            seconds=args.seconds,
+            healthy=args.healthy,
+            dead=True,
+            per_endpoint=args.per_endpoint,
+        )
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -683,7 +683,7 @@ def test_every_pod_and_container_is_hardened(scenario: str) -> None:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_no_secret_outside_secrets(scenario: str) -> None:
     manifests = manifests_for(scenario)
-    secret_keys = re.compile(r"DATABASE_URL|BROKER_URL|APP_ID|USER_KEY|PASSWORD|TOKEN")
+    secret_keys = re.compile(r"DATABASE_URL|BROKER_URL|APP_ID|USER_KEY|SECRET_KEY|PASSWORD|TOKEN")
     for cm in of_kind(manifests, "ConfigMap"):
         for key in cm["data"]:
             assert not secret_keys.search(key), f"{key} belongs in a Secret"
@@ -773,17 +773,17 @@ def test_config_map_carries_settings_and_otel() -> None:
 
 
 def test_every_orchestrator_variable_is_a_setting_of_the_application() -> None:
+    """ORCHESTRATOR_WEBHOOK_* are the sender's settings (their own class); every other
+    ORCHESTRATOR_* is a field of config.Settings."""
     config = pytest.importorskip("orchestrator.config", reason="orchestrator.config missing")
-    fields = set(config.Settings.model_fields)
+    webhook = pytest.importorskip("orchestrator.webhooks.settings")
+    known = {config.ENV_PREFIX + name.upper() for name in config.Settings.model_fields}
+    known |= {webhook.PREFIX + name.upper() for name in webhook.WebhookSettings.model_fields}
     names = set(one(manifests_for("full"), "ConfigMap", "orch")["data"])
     for _, c in containers(manifests_for("full")):
         names |= {e["name"] for e in c.get("env", [])}
-    unknown = {
-        name
-        for name in names
-        if name.startswith(config.ENV_PREFIX)
-        and name.removeprefix(config.ENV_PREFIX).lower() not in fields
-    }
+    assert any(name.startswith(webhook.PREFIX) for name in names), "the sender is in full"
+    unknown = {name for name in names if name.startswith(config.ENV_PREFIX) and name not in known}
     assert not unknown, f"the chart sets variables the application ignores: {sorted(unknown)}"
 
 
@@ -920,9 +920,52 @@ def test_keda_scales_the_start_pool_on_its_queue() -> None:
     assert 'no worker pool named "nope"' in error_of(merge(required_values(), unknown))
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) applied to a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in (values or []),
+            "NotIn": not present or labels[key] not in (values or []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def pod_labels(manifests: list[Manifest]) -> dict[str, dict[str, str]]:
+    return {
+        f"{m['kind']}/{m['metadata']['name']}": m["spec"]["template"]["metadata"]["labels"]
+        for m in manifests
+        if m["kind"] in {"Deployment", "Job"}
+    }
+
+
+@pytest.mark.parametrize("scenario", ["full", "required-with-webhooks"])
+def test_every_pod_is_selected_by_exactly_one_network_policy(scenario: str) -> None:
+    """Policies add up: a pod under two would get the union of their egress (the sender,
+    under the release-wide one too, could reach the broker and any address on 443)."""
+    manifests = (
+        manifests_for("full")
+        if scenario == "full"
+        else render(merge(required_values(), WEBHOOKS_WITH_POLICY))
+    )
+    policies = of_kind(manifests, "NetworkPolicy")
+    assert len(policies) == 2
+    for where, labels in pod_labels(manifests).items():
+        hits = [
+            p["metadata"]["name"] for p in policies if selects(p["spec"]["podSelector"], labels)
+        ]
+        assert len(hits) == 1, (where, hits)
+
+
 def test_network_policy_lets_out_only_what_the_pods_talk_to() -> None:
     manifests = manifests_for("full")
-    [policy] = of_kind(manifests, "NetworkPolicy")
+    [policy] = [p for p in of_kind(manifests, "NetworkPolicy") if p["metadata"]["name"] == "orch"]
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress", "Egress"]
     ports = {
@@ -932,12 +975,10 @@ def test_network_policy_lets_out_only_what_the_pods_talk_to() -> None:
     assert (8080, "TCP") in ports  # the simulator (on in the full values)
     ingress_ports = {p["port"] for rule in spec["ingress"] for p in rule["ports"]}
     assert ingress_ports == {"metrics", "http"}
-    # Every pod of the release is selected, the migration Job's too.
-    selector = spec["podSelector"]["matchLabels"]
-    for where, _ in pod_specs(manifests):
-        owner = next(m for m in manifests if f"{m['kind']}/{m['metadata']['name']}" == where)
-        labels = owner["spec"]["template"]["metadata"]["labels"]
-        assert all(labels.get(k) == v for k, v in selector.items()), where
+    # Every pod of the release but the webhook sender is selected, the migration Job's too.
+    for where, labels in pod_labels(manifests).items():
+        is_sender = where == "Deployment/orch-webhooks"
+        assert selects(spec["podSelector"], labels) != is_sender, where
     default_policy = render(merge(required_values(), {"networkPolicy": {"enabled": True}}))
     [plain] = of_kind(default_policy, "NetworkPolicy")
     assert plain["spec"]["ingress"] == []  # nothing may connect in
@@ -1054,3 +1095,94 @@ def test_container_args_and_probe_commands_parse_with_the_cli(scenario: str) -> 
             if command:
                 assert command[0] == "orchestrator", where
                 _check_cli_args(command[1:], f"{where} {probe}")
+
+
+# --- the webhook sender ------------------------------------------------------------------
+
+WEBHOOKS = {"webhooks": {"enabled": True, "secretKey": {"existingSecret": "orchestrator-webhooks"}}}
+WEBHOOKS_WITH_POLICY = merge(WEBHOOKS, {"networkPolicy": {"enabled": True}})
+PRIVATE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8")
+
+
+def test_webhook_sender_is_off_by_default_and_needs_its_key() -> None:
+    for scenario in ("default", "existing-secret"):
+        names = {d["metadata"]["name"] for d in of_kind(manifests_for(scenario), "Deployment")}
+        assert not {n for n in names if n.endswith("-webhooks")}, scenario
+    message = error_of(merge(required_values(), {"webhooks": {"enabled": True}}))
+    assert "webhooks.secretKey.existingSecret is required" in message
+
+
+@pytest.mark.parametrize("base", ["required", "existing-secret"])
+def test_webhook_sender_gets_the_database_url_and_its_key_only(base: str) -> None:
+    values = required_values() if base == "required" else merge(EXISTING, {})
+    manifests = render(merge(values, WEBHOOKS))
+    sender = one(manifests, "Deployment", "so-session-orchestrator-webhooks")
+    pod = sender["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == ["webhooks", "send"]
+    assert container["livenessProbe"]["exec"]["command"] == ["orchestrator", "health", "webhooks"]
+    refs = {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    release_secret = (
+        "orchestrator-creds" if base == "existing-secret" else "so-session-orchestrator"
+    )
+    assert refs == {
+        "ORCHESTRATOR_DATABASE_URL": (release_secret, "database-url"),
+        "ORCHESTRATOR_WEBHOOK_SECRET_KEY": ("orchestrator-webhooks", "webhook-secret-key"),
+    }
+    # No vendor account files either, even when the workers mount them.
+    with_accounts = render(
+        merge(merge(values, WEBHOOKS), {"accounts": {"existingSecret": "orchestrator-accounts"}})
+    )
+    spec = one(with_accounts, "Deployment", "so-session-orchestrator-webhooks")["spec"]
+    assert "accounts" not in {v["name"] for v in spec["template"]["spec"]["volumes"]}
+    assert not [e for e in container["env"] if "BROKER" in e["name"] or "DEEPBRAIN" in e["name"]]
+
+
+def test_webhook_settings_reach_the_sender_and_default_to_the_applications() -> None:
+    webhook = pytest.importorskip("orchestrator.webhooks.settings")
+    container = one(manifests_for("full"), "Deployment", "orch-webhooks")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY"] == "8"
+    assert env["ORCHESTRATOR_WEBHOOK_ALLOW"] == "hooks.corp.internal,10.20.0.0/16"
+    with helm.Chart.load(CHART) as chart:
+        defaults = chart.values["webhooks"]
+    fields = webhook.WebhookSettings.model_fields
+
+    def snake(name: str) -> str:
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+    keys = ("allow", "timeoutSeconds", "concurrency", "perEndpointConcurrency")
+    keys += ("pollIntervalSeconds", "disableAfterSeconds", "rotationGraceSeconds")
+    differ = {k: (defaults[k], fields[snake(k)].default) for k in keys}
+    assert {k: v for k, v in differ.items() if v[0] != v[1]} == {}
+
+
+def test_webhook_sender_policy_lets_out_dns_postgres_and_public_https_only() -> None:
+    manifests = render(merge(required_values(), WEBHOOKS_WITH_POLICY))
+    policy = one(manifests, "NetworkPolicy", "so-session-orchestrator-webhooks")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["ingress"] == []
+    ports = {(p["port"], p.get("protocol", "TCP")) for r in spec["egress"] for p in r["ports"]}
+    assert ports == {(53, "UDP"), (53, "TCP"), (5432, "TCP"), (443, "TCP")}  # no broker
+    [https] = [r for r in spec["egress"] if {p["port"] for p in r["ports"]} == {443}]
+    assert https["to"], "443 to anywhere would include the cluster and the metadata address"
+    v4 = [peer["ipBlock"] for peer in https["to"] if peer["ipBlock"]["cidr"] == "0.0.0.0/0"]
+    assert v4 and set(PRIVATE) <= set(v4[0]["except"])
+    sender = one(manifests, "Deployment", "so-session-orchestrator-webhooks")
+    assert selects(spec["podSelector"], sender["spec"]["template"]["metadata"]["labels"])
+    # The release-wide policy (with its broker and vendor rules) leaves the sender out.
+    release = one(manifests, "NetworkPolicy", "so-session-orchestrator")
+    assert not selects(
+        release["spec"]["podSelector"], sender["spec"]["template"]["metadata"]["labels"]
+    )
+    # The full values' own receiver rule and extra egress (an on-premise receiver).
+    full = one(manifests_for("full"), "NetworkPolicy", "orch-webhooks")
+    assert {"ipBlock": {"cidr": "10.20.0.0/16"}} in [
+        peer for rule in full["spec"]["egress"] for peer in rule.get("to", [])
+    ]

@@ -37,13 +37,17 @@ _ATTEMPT = text(
     "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, duration_ms, error)"
     " VALUES (:id, now(), :code, :ms, :error)"
 )
+# A success in one statement (one round trip, not three, while the endpoint's slot is held):
+# the attempt row, the delivery delivered, the endpoint's failing clock cleared.
 _DELIVERED = text(
-    "UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1,"
+    "WITH attempt AS ("
+    " INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, duration_ms, error)"
+    " VALUES (:id, now(), :code, :ms, :error)"
+    "), delivered AS ("
+    " UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1,"
     " finished_at = now(), lease_until = NULL, lease_owner = NULL"
     " WHERE id = :id AND status = 'pending'"
-)
-_HEALTHY = text(
-    "UPDATE webhook_endpoints SET failing_since = NULL"
+    ") UPDATE webhook_endpoints SET failing_since = NULL"
     " WHERE id = :endpoint AND failing_since IS NOT NULL"
 )
 _FAILED = text(
@@ -73,21 +77,13 @@ def record(
     *,
     disable_after_seconds: float,
 ) -> None:
+    error = outcome.error[:ERROR_LENGTH] if outcome.error else None
+    row = {"id": delivery_id, "code": outcome.status_code, "ms": outcome.duration_ms}
     with db.transaction() as session:
-        error = outcome.error[:ERROR_LENGTH] if outcome.error else None
-        session.execute(
-            _ATTEMPT,
-            {
-                "id": delivery_id,
-                "code": outcome.status_code,
-                "ms": outcome.duration_ms,
-                "error": error,
-            },
-        )
         if outcome.delivered:
-            session.execute(_DELIVERED, {"id": delivery_id})
-            session.execute(_HEALTHY, {"endpoint": endpoint_id})
+            session.execute(_DELIVERED, {**row, "error": error, "endpoint": endpoint_id})
             return
+        session.execute(_ATTEMPT, {**row, "error": error})
         _failed(session, delivery_id, endpoint_id, outcome, disable_after_seconds)
 
 

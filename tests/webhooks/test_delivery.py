@@ -207,6 +207,35 @@ def test_an_endpoint_failing_for_the_set_time_is_disabled(
         assert kinds == ["session.ended", "endpoint.disabled"]
 
 
+def test_a_success_records_its_attempt_and_clears_the_failing_clock(
+    wdb: Database,
+    box: SecretBox,
+    webhook_settings: Callable[..., WebhookSettings],
+    make_sender: Callable[..., Sender],
+) -> None:
+    """A success after a failure: both attempts recorded, the delivery delivered, and the
+    endpoint no longer failing (else it would be disabled later for an old failure)."""
+    answers = iter([(500, {}, 0.0), (204, {}, 0.0)])
+    settings = webhook_settings()
+    with receiving(lambda _r: next(answers)) as receiver:
+        add(wdb, box, settings, receiver.url)
+        emit_events(wdb, "req-s", ["ended"])
+        sender = make_sender(settings)
+        drain(sender, settled(wdb))
+        make_due(wdb)
+        drain(sender, lambda: deliveries(wdb)[0]["status"] == "delivered")
+    with wdb.transaction() as session:
+        codes = (
+            session.execute(text("SELECT status_code FROM webhook_attempts ORDER BY id"))
+            .scalars()
+            .all()
+        )
+        failing = session.execute(text("SELECT failing_since FROM webhook_endpoints")).scalar()
+    assert list(codes) == [500, 204]
+    assert deliveries(wdb)[0]["attempts"] == 2
+    assert failing is None
+
+
 def test_a_session_s_events_arrive_in_order_and_a_given_up_one_lets_the_next_go(
     wdb: Database,
     box: SecretBox,
