@@ -47,6 +47,7 @@ BENCHMARKS = (
     "benchmarks.p3_latency",
     "benchmarks.p4_reaper",
     "benchmarks.p5_admission",
+    "benchmarks.pa_accounts",
 )
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
