@@ -43,8 +43,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## Then a representative part of the fault suite again with two vendor accounts
+## (tests/faults/conftest.py, FAULTS_ACCOUNTS=2; about 1.5 minutes).
+TWO_ACCOUNT_FAULTS = tests/faults/test_two_accounts.py tests/faults/test_worker_kill.py \
+	tests/faults/test_vendor_faults.py tests/faults/test_postgres_outage.py
 pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
+	FAULTS_ACCOUNTS=2 $(BIN)/pytest -q -p no:cacheprovider $(TWO_ACCOUNT_FAULTS)
 
 ## The two-release upgrade test alone (`make test` runs it too): the previous release of
 ## docs/releases.md built from its commit beside this checkout (docs/operations.md, "Upgrades").

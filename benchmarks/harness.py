@@ -384,7 +384,9 @@ class Simulator:
     fake vendor never competes for the benchmark's or the worker's GIL."""
 
     def __init__(self, work_dir: Path, **config: Any) -> None:
-        knobs = {"app_id": APP_ID, "user_key": USER_KEY, **config}
+        # With ``accounts`` every account has its own keys (top-level ones are refused).
+        keys = {} if "accounts" in config else {"app_id": APP_ID, "user_key": USER_KEY}
+        knobs = {**keys, **config}
         ready = work_dir / f"simulator-{uuid.uuid4().hex[:6]}.url"
         self.proc = ManagedProcess(
             "simulator",

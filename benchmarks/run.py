@@ -48,6 +48,7 @@ BENCHMARKS = (
     "benchmarks.p4_reaper",
     "benchmarks.p5_admission",
     "benchmarks.webhooks_isolation",
+    "benchmarks.pa_accounts",
 )
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -340,8 +340,9 @@ def health(role: str) -> None:
 @main.command()
 @click.option("--vendor/--no-vendor", default=True, show_default=True, help="Also ask the vendor.")
 def check(vendor: bool) -> None:
-    """Check the settings, the database (reachable, migrated), the broker and the vendor:
-    one line each; exit 1 if any is not ready (e.g. before a rollout, or as an init step)."""
+    """Check the settings, the database (reachable, migrated), the broker and the vendor
+    with every account's key: one line each; exit 1 if any is not ready (e.g. before a
+    rollout, or as an init step)."""
     from orchestrator import preflight
 
     settings = cli_settings(consistent=True)
@@ -353,7 +354,7 @@ def check(vendor: bool) -> None:
         ("broker", lambda: f"connected ({preflight.broker_reachable(settings)})"),
     ]
     if vendor:
-        checks.append(("vendor", lambda: f"{preflight.vendor_answers(settings)} live sessions"))
+        checks.extend(preflight.vendor_checks(settings))
     failed = False
     for name, run_check in checks:
         try:

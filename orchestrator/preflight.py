@@ -4,11 +4,15 @@ command line turns into one)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
+from orchestrator.accounts.model import Account
+from orchestrator.accounts.sources import AccountsError
 from orchestrator.cli_errors import UPGRADE_HINT
 from orchestrator.config import Settings
 from orchestrator.db.compatibility import declarations, served
@@ -76,12 +80,16 @@ def broker_reachable(settings: Settings) -> str:
         app.close()
 
 
-def vendor_answers(settings: Settings) -> int:
+def vendor_answers(settings: Settings, account: Account | None = None) -> int:
     """List the account's live sessions at the vendor (DeepBrain errors propagate): proves
-    the URL, the network path and the user key. Returns how many there are."""
+    the URL, the network path and the user key. Returns how many there are. Without
+    ``account``: today's single-account settings."""
     from orchestrator.deepbrain import DeepBrainClient, RetryPolicy
 
-    app_id, user_key = settings.vendor_credentials()
+    if account is None:
+        app_id, user_key = settings.vendor_credentials()
+    else:
+        app_id, user_key = account.app_id, account.user_key
     with DeepBrainClient(
         settings.deepbrain_base_url,
         app_id,
@@ -90,3 +98,25 @@ def vendor_answers(settings: Settings) -> int:
         retry=RetryPolicy(max_attempts=1),
     ) as client:
         return len(client.list_sessions("active"))
+
+
+def vendor_checks(settings: Settings) -> list[tuple[str, Callable[[], str]]]:
+    """One check per account (``vendor NAME``), each listing that account's live sessions
+    with that account's own key: a refused or mistyped key shows on its own line. If the
+    accounts cannot be read, one ``vendor`` check that fails with why."""
+    from orchestrator.accounts.catalog import catalog_for
+
+    try:
+        accounts = catalog_for(settings).accounts()
+    except AccountsError as error:
+        failure = error
+
+        def unreadable() -> str:
+            raise failure
+
+        return [("vendor", unreadable)]
+
+    def answers(account: Account) -> Callable[[], str]:
+        return lambda: f"{vendor_answers(settings, account)} live sessions"
+
+    return [(f"vendor {name}", answers(account)) for name, account in accounts.items()]

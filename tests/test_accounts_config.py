@@ -107,6 +107,36 @@ def test_environment_scheme(tmp_path: Path) -> None:
     assert list(load(tmp_path, env)) == ["eu-west", "us"]
 
 
+def test_metadata_variables_complete_an_account_whose_keys_are_in_the_folder(
+    tmp_path: Path,
+) -> None:
+    # The chart's way: keys in the mounted Secret, cap/weight/labels in its ConfigMap.
+    write(tmp_path / "eu.json", {"app_id": "s3cret-app-eu", "user_key": "s3cret-key-eu"})
+    env = {
+        "ORCHESTRATOR_ACCOUNT_EU_CAP": "30",
+        "ORCHESTRATOR_ACCOUNT_EU_WEIGHT": "2",
+        "ORCHESTRATOR_ACCOUNT_EU_LABELS": "region=eu",
+    }
+    eu = load(tmp_path, env)["eu"]
+    assert (eu.cap, eu.weight, eu.labels) == (30, 2.0, {"region": "eu"})
+    assert eu.user_key.get_secret_value() == "s3cret-key-eu"
+    # today's default account takes a weight and labels too (its cap is its own setting)
+    default = load(env={"ORCHESTRATOR_ACCOUNT_DEFAULT_LABELS": "tier=gold"}, single=single())
+    assert (default["default"].cap, default["default"].labels) == (7, {"tier": "gold"})
+
+    for extra, expected in (
+        ({"ORCHESTRATOR_ACCOUNT_US_CAP": "3"}, "ORCHESTRATOR_ACCOUNT_US_*: account us has no keys"),
+        ({"ORCHESTRATOR_ACCOUNT_EU_CAP": "0"}, "ORCHESTRATOR_ACCOUNT_EU_CAP: "),
+        ({"ORCHESTRATOR_ACCOUNT_DEFAULT_CAP": "3"}, "cap of account default is also set by"),
+    ):
+        message = failure(tmp_path, {**env, **extra}, single=single())
+        assert expected in message, message
+        assert "s3cret" not in message
+    write(tmp_path / "eu.json", {"app_id": "s3cret-app-eu", "user_key": "k", "cap": 5})
+    message = failure(tmp_path, env)
+    assert "cap of account eu is also set by" in message and str(tmp_path) in message
+
+
 def test_single_account_settings_are_the_default_account() -> None:
     accounts = load(single=single())
     assert list(accounts) == ["default"]

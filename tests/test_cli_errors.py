@@ -3,6 +3,7 @@ code, the line, no traceback; `--debug` or ORCHESTRATOR_LOG_LEVEL=DEBUG shows th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import psycopg
 import pytest
 
 from orchestrator.config import Settings
-from orchestrator.simulator import SimulatorServer
-from tests.conftest import fresh_postgres_database, settings_env
+from orchestrator.simulator import SimulatorAccount, SimulatorConfig, SimulatorServer
+from tests.conftest import APP_ID, USER_KEY, fresh_postgres_database, settings_env
 
 pytestmark = pytest.mark.postgres
 UNREACHABLE_DATABASE = "postgresql+psycopg://orch:db-secret-pw@127.0.0.1:1/orch"
@@ -146,12 +147,45 @@ def test_check_names_an_unreachable_vendor(
     lines = done.stdout.splitlines()
     assert lines[0].startswith("database: ok, at revision ")
     assert lines[1].startswith("broker: ok")
-    assert lines[2].startswith("vendor: FAILED, DeepBrain API (ORCHESTRATOR_DEEPBRAIN_BASE_URL): ")
+    assert lines[2].startswith(
+        "vendor default: FAILED, DeepBrain API (ORCHESTRATOR_DEEPBRAIN_BASE_URL): "
+    )
     assert "VENDOR_UNREACHABLE" in lines[2]
 
     healthy = orchestrator("check", env=env_for(broker_url=broker_url))
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-    assert healthy.stdout.splitlines()[2] == "vendor: ok, 0 live sessions"
+    assert healthy.stdout.splitlines()[2] == "vendor default: ok, 0 live sessions"
+
+
+@pytest.mark.broker
+def test_check_asks_the_vendor_with_every_accounts_key(
+    env_for: Callable[..., dict[str, str]], broker_url: str, tmp_path: Path
+) -> None:
+    accounts = [
+        SimulatorAccount("default", APP_ID, USER_KEY),
+        SimulatorAccount("second", "app-second", "key-second-real"),
+    ]
+    folder = tmp_path / "accounts"
+    folder.mkdir()
+    second = folder / "second.json"
+    with SimulatorServer(SimulatorConfig(accounts=accounts)) as sim:
+        # A mistyped key on one account fails that account's line alone, never showing it.
+        second.write_text(json.dumps({"app_id": "app-second", "user_key": "key-second-typo"}))
+        env = env_for(broker_url=broker_url, deepbrain_base_url=sim.base_url, accounts_dir=folder)
+        done = orchestrator("check", env=env)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[2] == "vendor default: ok, 0 live sessions", lines
+        assert lines[3].startswith("vendor second: FAILED, "), lines
+        assert "key-second-typo" not in done.stdout + done.stderr
+
+        second.write_text(json.dumps({"app_id": "app-second", "user_key": "key-second-real"}))
+        healthy = orchestrator("check", env=env)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert healthy.stdout.splitlines()[2:] == [
+            "vendor default: ok, 0 live sessions",
+            "vendor second: ok, 0 live sessions",
+        ]
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -16,6 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import SecretStr
+
+from orchestrator.accounts.catalog import SingleAccount, load_accounts
+from orchestrator.accounts.sources import ENV_ACCOUNT_PREFIX
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (dev extra) is not installed")
 kv = pytest.importorskip("kubernetes_validate.utils", reason="kubernetes-validate is not installed")
@@ -783,8 +787,55 @@ def test_every_orchestrator_variable_is_a_setting_of_the_application() -> None:
     for _, c in containers(manifests_for("full")):
         names |= {e["name"] for e in c.get("env", [])}
     assert any(name.startswith(webhook.PREFIX) for name in names), "the sender is in full"
-    unknown = {name for name in names if name.startswith(config.ENV_PREFIX) and name not in known}
+    unknown = {
+        name
+        for name in names
+        if name.startswith(config.ENV_PREFIX)
+        and not name.startswith(ENV_ACCOUNT_PREFIX)  # accounts' variables: below
+        and name not in known
+    }
     assert not unknown, f"the chart sets variables the application ignores: {sorted(unknown)}"
+
+
+def test_accounts_metadata_becomes_the_variables_the_application_reads(tmp_path: Path) -> None:
+    data = one(manifests_for("full"), "ConfigMap", "orch")["data"]
+    accounts_vars = {k: v for k, v in data.items() if k.startswith(ENV_ACCOUNT_PREFIX)}
+    assert accounts_vars == {
+        "ORCHESTRATOR_ACCOUNT_EU_1_CAP": "20",
+        "ORCHESTRATOR_ACCOUNT_EU_1_WEIGHT": "2",
+        "ORCHESTRATOR_ACCOUNT_EU_1_LABELS": "region=eu",
+        "ORCHESTRATOR_ACCOUNT_DEFAULT_LABELS": "region=us",
+    }
+    # The application completes the Secret's eu-1 (its keys) and default with them.
+    (tmp_path / "eu-1.json").write_text(json.dumps({"app_id": "full-app-id", "user_key": "k"}))
+    single = SingleAccount(SecretStr("a"), SecretStr("k2"), max_concurrent_sessions=5)
+    loaded = load_accounts(tmp_path, data, single, "http://simulator:8080")
+    assert (loaded["eu-1"].cap, loaded["eu-1"].weight, loaded["eu-1"].labels) == (
+        20,
+        2.0,
+        {"region": "eu"},
+    )
+    assert (loaded["default"].cap, loaded["default"].labels) == (5, {"region": "us"})
+    # Several labels, sorted; nothing rendered without metadata.
+    labelled = {"accounts": {"metadata": {"us": {"labels": {"tier": "gold", "region": "us"}}}}}
+    data = of_kind(render(merge(required_values(), labelled)), "ConfigMap")[0]["data"]
+    assert data["ORCHESTRATOR_ACCOUNT_US_LABELS"] == "region=us,tier=gold"
+    plain = of_kind(render(required_values()), "ConfigMap")[0]["data"]
+    assert not [k for k in plain if k.startswith(ENV_ACCOUNT_PREFIX)]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"EU": {"cap": 3}}, "EU"),
+        ({"eu": {"cap": 0}}, "cap"),
+        ({"eu": {"weight": 0}}, "weight"),
+        ({"eu": {"region": "eu"}}, "region"),
+        ({"eu": {"labels": {"region": 1}}}, "region"),
+    ],
+)
+def test_schema_checks_accounts_metadata(metadata: dict[str, Any], expected: str) -> None:
+    assert expected in error_of(merge(required_values(), {"accounts": {"metadata": metadata}}))
 
 
 def test_a_cluster_s_broker_urls_become_one_failover_list_in_the_secret() -> None:

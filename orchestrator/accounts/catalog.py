@@ -6,7 +6,8 @@ Today's settings (``ORCHESTRATOR_DEEPBRAIN_APP_ID``/``USER_KEY``,
 ``ORCHESTRATOR_MAX_CONCURRENT_SESSIONS`` as its cap) are the account ``default`` whenever
 they are set; with no account defined anywhere else they are the only one, as before
 accounts existed. Defining ``default`` elsewhere as well is an error (which one wins would
-be a guess).
+be a guess). Metadata-only variables (cap, weight, labels; no keys) complete an account
+defined elsewhere, e.g. keys in a mounted Secret and the rest from the chart's ConfigMap.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from orchestrator.accounts.sources import (
     ENV_ACCOUNT_PREFIX,
     AccountsError,
     Defined,
+    Overlay,
     read_environment,
     read_folder,
+    read_overlays,
 )
 from orchestrator.config import (
     DEFAULT_DEEPBRAIN_BASE_URL,
@@ -100,6 +103,8 @@ def load_accounts(
                 f"{defined.source}: account {name} is also defined by {by_name[name].source}"
             )
         by_name[name] = defined
+    for overlay in read_overlays(environ):
+        _apply(overlay, by_name)
     if not by_name:
         where = f"{folder} or " if folder is not None else ""
         raise AccountsError(
@@ -110,6 +115,27 @@ def load_accounts(
         for defined in by_name.values():
             _check_placeholders(defined)
     return {name: by_name[name].account for name in sorted(by_name)}
+
+
+def _apply(overlay: Overlay, by_name: dict[str, Defined]) -> None:
+    """Add an overlay's cap, weight and labels to the account defined elsewhere; a field
+    set in both places is an error (which one wins would be a guess)."""
+    base = by_name.get(overlay.name)
+    if base is None:
+        raise AccountsError(
+            f"{overlay.source}: account {overlay.name} has no keys: define it in"
+            f" {ENV_ACCOUNT_PREFIX}..._APP_ID/_USER_KEY or the accounts folder as well"
+        )
+    account = base.account
+    twice = sorted(set(overlay.values) & account.model_fields_set)
+    if twice:
+        raise AccountsError(
+            f"{overlay.source}: {', '.join(twice)} of account {overlay.name} is also set by"
+            f" {base.source}"
+        )
+    fields = {f: getattr(account, f) for f in account.model_fields_set}
+    merged = Account.model_validate({**fields, **overlay.values})
+    by_name[overlay.name] = Defined(merged, f"{base.source} + {overlay.source}")
 
 
 def _folder_signature(folder: Path) -> tuple[object, ...]:

@@ -11,7 +11,9 @@ a list of accounts, each with its ``"name"``. Names starting with ``.`` (the mou
 
 **Environment**: ``ORCHESTRATOR_ACCOUNT_<NAME>_<FIELD>``, ``<NAME>`` the account name
 upper-cased with ``-`` as ``_``, ``<FIELD>`` one of ``APP_ID``, ``USER_KEY``, ``CAP``,
-``WEIGHT``, ``LABELS`` (``region=eu,tier=gold``).
+``WEIGHT``, ``LABELS`` (``region=eu,tier=gold``). Variables of a name with neither
+``APP_ID`` nor ``USER_KEY`` are **metadata** for an account defined elsewhere (the keys in a
+mounted Secret, the cap, weight and labels from the chart's ConfigMap): an :class:`Overlay`.
 """
 
 from __future__ import annotations
@@ -133,7 +135,17 @@ def env_prefix(name: str) -> str:
     return f"{ENV_ACCOUNT_PREFIX}{name.upper().replace('-', '_')}_"
 
 
-def read_environment(environ: Mapping[str, str]) -> Iterator[Defined]:
+@dataclass(frozen=True)
+class Overlay:
+    """Non-secret fields (cap, weight, labels) for an account whose keys are defined
+    elsewhere; the fields are checked (an :class:`Account` with placeholder keys)."""
+
+    name: str
+    values: Mapping[str, Any]
+    source: str
+
+
+def _grouped(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     grouped: dict[str, dict[str, str]] = {}
     suffixes = [(f"_{field.upper()}", field) for field in FIELDS]
     for variable in sorted(environ):
@@ -151,15 +163,35 @@ def read_environment(environ: Mapping[str, str]) -> Iterator[Defined]:
         if not ACCOUNT_NAME.fullmatch(name):
             raise AccountsError(f"{variable}: account name must match [a-z0-9-]{{1,63}}")
         grouped.setdefault(name, {})[field] = environ[variable]
-    for name, values in grouped.items():
+    return grouped
+
+
+def _validated(name: str, values: Mapping[str, str]) -> Account:
+    prefix = env_prefix(name)
+    try:
+        return Account.model_validate({**values, "name": name})
+    except ValidationError as error:
+        field = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else "?"
+        line = describe(error, f"{prefix}{field.upper()}")
+        raise AccountsError(line.replace(f": {field}: ", ": ", 1)) from None
+
+
+def read_environment(environ: Mapping[str, str]) -> Iterator[Defined]:
+    """Accounts defined whole by variables (metadata-only names: :func:`read_overlays`)."""
+    for name, values in _grouped(environ).items():
+        if not SECRET_FIELDS & set(values):
+            continue
         prefix = env_prefix(name)
         for required in ("app_id", "user_key"):
             if required not in values:
                 raise AccountsError(f"{prefix}{required.upper()}: required (account {name})")
-        try:
-            account = Account.model_validate({**values, "name": name})
-        except ValidationError as error:
-            field = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else "?"
-            line = describe(error, f"{prefix}{field.upper()}")
-            raise AccountsError(line.replace(f": {field}: ", ": ", 1)) from None
-        yield Defined(account, f"{prefix}*")
+        yield Defined(_validated(name, values), f"{prefix}*")
+
+
+def read_overlays(environ: Mapping[str, str]) -> Iterator[Overlay]:
+    """Metadata-only variables (no ``APP_ID``/``USER_KEY``), each name's fields checked."""
+    for name, values in _grouped(environ).items():
+        if SECRET_FIELDS & set(values):
+            continue
+        _validated(name, {**values, "app_id": "overlay", "user_key": "overlay"})
+        yield Overlay(name, dict(values), f"{env_prefix(name)}*")

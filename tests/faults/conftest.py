@@ -4,6 +4,11 @@ test ends with (one row per request, nothing stuck, no vendor session without a 
 
 The fixtures of tests/conftest.py (``db``, ``simulator``, ``settings_for``, ``start_worker``,
 ``broker_url`` …) are visible here as well.
+
+``FAULTS_ACCOUNTS=2`` runs the suite with two vendor accounts: the simulator serves
+``default`` and ``second`` (each its own keys, cap and sessions) and every worker and
+lifecycle of these tests holds both (``second`` from an accounts folder, with the same cap as
+``default``), so starts spread over both and every later call must use the row's own key.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from sqlalchemy import select, text
 from orchestrator.config import Settings
 from orchestrator.db import Database, SessionEvent, SessionRow
 from orchestrator.messaging import Topology
-from orchestrator.simulator import SimulatorServer
+from orchestrator.simulator import SimulatorAccount, SimulatorConfig, SimulatorServer
 from tests.amqp import purge_work_queues
-from tests.conftest import WorkerProcess
+from tests.conftest import APP_ID, USER_KEY, WorkerProcess
 from tests.faults.tcp_proxy import TcpProxy
 
 # Small intervals so a whole fault-and-recovery cycle fits in seconds (see docs/reliability.md).
@@ -42,6 +47,74 @@ START_TIMEOUT_SECONDS = 10.0
 ORPHAN_BOUND_SECONDS = ORPHAN_GRACE_SECONDS + RECONCILE_INTERVAL_SECONDS + 4.0
 TERMINAL = ("ended", "failed")
 SETTLED = ("active", "ended", "failed")
+
+#: How many vendor accounts the fault suite runs with (1 or 2; ``FAULTS_ACCOUNTS``).
+FAULT_ACCOUNTS = int(os.environ.get("FAULTS_ACCOUNTS", "1"))
+if FAULT_ACCOUNTS not in (1, 2):
+    raise RuntimeError(f"FAULTS_ACCOUNTS must be 1 or 2, got {FAULT_ACCOUNTS}")
+SECOND_ACCOUNT = "second"
+SECOND_APP_ID = "test-app-id-second-2c81"
+SECOND_USER_KEY = "test-user-key-second-5e07"
+
+
+def two_accounts_simulator() -> SimulatorServer:
+    """The simulator serving ``default`` (the suite's usual keys) and ``second``."""
+    cap = SimulatorConfig().max_concurrent_sessions
+    accounts = [
+        SimulatorAccount("default", APP_ID, USER_KEY, max_concurrent_sessions=cap),
+        SimulatorAccount(
+            SECOND_ACCOUNT, SECOND_APP_ID, SECOND_USER_KEY, max_concurrent_sessions=cap
+        ),
+    ]
+    return SimulatorServer(SimulatorConfig(accounts=accounts))
+
+
+@pytest.fixture(scope="session")
+def simulator_server(simulator_server: SimulatorServer) -> Iterator[SimulatorServer]:
+    """The suite's simulator, or with ``FAULTS_ACCOUNTS=2`` one serving two accounts."""
+    if FAULT_ACCOUNTS == 1:
+        yield simulator_server
+        return
+    with two_accounts_simulator() as sim:
+        yield sim
+
+
+def second_account_folder(folder: Path, cap: int) -> Path:
+    """An accounts folder defining ``second`` (``default`` comes from the usual settings)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    definition = {"app_id": SECOND_APP_ID, "user_key": SECOND_USER_KEY, "cap": cap}
+    (folder / f"{SECOND_ACCOUNT}.json").write_text(json.dumps(definition))
+    return folder
+
+
+@pytest.fixture
+def settings_for(settings_for: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
+    """The suite's settings; with ``FAULTS_ACCOUNTS=2`` they also hold ``second``."""
+    if FAULT_ACCOUNTS == 1:
+        return settings_for
+
+    def make(**overrides: Any) -> Settings:
+        settings = settings_for(**overrides)
+        if "accounts_dir" in overrides or settings.deepbrain_app_id is None:
+            return settings
+        folder = second_account_folder(
+            tmp_path / "accounts-second", settings.max_concurrent_sessions
+        )
+        return settings_for(**{**overrides, "accounts_dir": folder})
+
+    return make
+
+
+def vendor_capacity(sim: SimulatorServer, cap: int, **knobs: Any) -> SimulatorServer:
+    """Give every account the simulator serves room for ``cap`` sessions (and set ``knobs``)."""
+    if len(sim.accounts()) == 1 and not sim.config.accounts:
+        sim.configure(max_concurrent_sessions=cap, **knobs)
+        return sim
+    if knobs:
+        sim.configure(**knobs)
+    for account in sim.accounts():
+        sim.configure_account(account.name, max_concurrent_sessions=cap)
+    return sim
 
 
 @pytest.fixture
@@ -72,8 +145,7 @@ def fault_settings(
 @pytest.fixture
 def big_vendor(simulator: SimulatorServer) -> SimulatorServer:
     """The simulator with room for many sessions and no idle timeout (tests stop them)."""
-    simulator.configure(max_concurrent_sessions=1000, idle_timeout_seconds=None)
-    return simulator
+    return vendor_capacity(simulator, 1000, idle_timeout_seconds=None)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,10 +27,13 @@ from orchestrator.simulator import SimulatorServer
 from tests.amqp import publish_raw, purge_work_queues, raw_body
 from tests.conftest import APP_ID, USER_KEY, WorkerProcess
 from tests.faults.conftest import (
+    FAULT_ACCOUNTS,
     dead_letter_ids,
     queue_depths,
     rows_by_request,
+    second_account_folder,
     take_dead_letters,
+    vendor_capacity,
 )
 from tests.helpers import events
 
@@ -315,7 +319,11 @@ def wait_rows(db: Database, request_ids: list[str], status: str, timeout: float)
 
 
 def corpus_settings(state_dir: Any, database_url: str, broker_url: str, base_url: str) -> Settings:
+    second = None
+    if FAULT_ACCOUNTS == 2:
+        second = second_account_folder(Path(state_dir) / "accounts", 1000)
     return load_settings(
+        accounts_dir=second,
         state_dir=state_dir,
         database_url=database_url,
         broker_url=broker_url,
@@ -337,7 +345,7 @@ def corpus_run(
     simulator_server: SimulatorServer,
 ) -> Iterator[CorpusRun]:
     simulator_server.reset(restore_config=True)
-    simulator_server.configure(max_concurrent_sessions=1000, idle_timeout_seconds=None)
+    vendor_capacity(simulator_server, 1000, idle_timeout_seconds=None)
     db = fresh_database(database_url)
     purge_work_queues(broker_url)
     state = tmp_path_factory.mktemp("corpus")

@@ -17,7 +17,7 @@ from orchestrator.lifecycle.inline import inline_lifecycle
 from orchestrator.producer import Producer
 from orchestrator.simulator import SimulatorServer
 from tests.conftest import WorkerProcess, wait_until
-from tests.faults.conftest import via_proxy
+from tests.faults.conftest import FAULT_ACCOUNTS, via_proxy
 from tests.faults.crashable_postgres import CrashablePostgres
 from tests.faults.tcp_proxy import TcpProxy
 from tests.helpers import event_kinds, row, row_or_none
@@ -52,7 +52,8 @@ def test_a_waiting_request_survives_a_crash_right_after_its_ack(
     crashable: CrashablePostgres, crash_lifecycle: Lifecycle
 ) -> None:
     lc = crash_lifecycle
-    assert start(lc, "t-1", "first").status == "active"
+    for i in range(FAULT_ACCOUNTS):  # every account's one slot taken
+        assert start(lc, f"t-1-{i}", f"first-{i}").status == "active"
     assert start(lc, "t-2", "second").status == "waiting"
     # The task acks here. Postgres dies before its WAL writer would have flushed the claim.
     crashable.crash()

@@ -145,6 +145,22 @@ the migration hook Job, which runs before the ConfigMap exists, inlines it.
 {{- with .Values.accounts.existingSecret }}
 {{- $_ := set $d "ORCHESTRATOR_ACCOUNTS_DIR" $.Values.accounts.mountPath }}
 {{- end }}
+{{- range $name, $m := .Values.accounts.metadata }}
+{{- $prefix := printf "ORCHESTRATOR_ACCOUNT_%s_" ($name | replace "-" "_" | upper) }}
+{{- if hasKey $m "cap" }}
+{{- $_ := set $d (print $prefix "CAP") (int $m.cap | toString) }}
+{{- end }}
+{{- if hasKey $m "weight" }}
+{{- $_ := set $d (print $prefix "WEIGHT") ($m.weight | toString) }}
+{{- end }}
+{{- if $m.labels }}
+{{- $pairs := list }}
+{{- range $key := keys $m.labels | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (index $m.labels $key)) }}
+{{- end }}
+{{- $_ := set $d (print $prefix "LABELS") (join "," $pairs) }}
+{{- end }}
+{{- end }}
 {{- $baseUrl := $c.deepbrainBaseUrl }}
 {{- if and (not $baseUrl) .Values.simulator.enabled }}
 {{- $baseUrl = include "session-orchestrator.simulatorUrl" . }}
