@@ -30,7 +30,9 @@ from tests.webhooks.receiver import receiving
 from tests.webhooks.support import KEY, emit_events
 
 pytestmark = [pytest.mark.postgres, pytest.mark.faults]
-SESSIONS = 200
+# 2,000 events in CI; WEBHOOK_BURST_SESSIONS=1000 gives the 10,000 of the issue (run by hand).
+SESSIONS = int(os.environ.get("WEBHOOK_BURST_SESSIONS", "200"))
+SCALE = max(1.0, SESSIONS / 200)  # the waits below grow with the burst
 PER_SESSION = 10
 STATUSES = ["active", "ended", "failed"]
 
@@ -70,7 +72,7 @@ def test_sigkill_during_a_burst_loses_nothing_and_keeps_order(
         sender = start_sender(env, log)
         producer.start()
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 60 * SCALE
             while len(receiver.requests()) < total // 3 and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.kill(sender.pid, signal.SIGKILL)
@@ -78,8 +80,8 @@ def test_sigkill_during_a_burst_loses_nothing_and_keeps_order(
             killed_at = len(receiver.requests())
             assert 0 < killed_at < total, log.read_text()
             sender = start_sender(env, log)
-            producer.join(60)
-            deadline = time.monotonic() + 120
+            producer.join(60 * SCALE)
+            deadline = time.monotonic() + 120 * SCALE
             while time.monotonic() < deadline:
                 if len({r.webhook_id for r in receiver.requests()}) >= total:
                     break
