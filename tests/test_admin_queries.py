@@ -47,7 +47,9 @@ TABLES = TABLES_0001 | {
     "sweep_leases",
     "schema_compatibility",
     "vendor_accounts",
-}  # 0004 to 0006
+    "tenants",
+    "tenant_usage",
+}  # 0004 to 0009
 SECRET = "SECRET"  # in every secret value inserted below; no view or query may show it
 FORBIDDEN_COLUMN = re.compile(r"token|payload|secret|claim|traceparent|password|sha256")
 MINUTE = timedelta(minutes=1)

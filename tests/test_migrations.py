@@ -27,6 +27,8 @@ TABLES = {
     "sweep_leases",
     "schema_compatibility",
     "vendor_accounts",
+    "tenants",
+    "tenant_usage",
 }
 
 

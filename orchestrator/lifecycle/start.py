@@ -140,6 +140,7 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
                 traceparent=message.traceparent,
                 account=request.account,
                 labels=request.account_labels,
+                tenant=request.tenant or store.DEFAULT_TENANT,
             ),
             lease_seconds=lc.settings.start_timeout_seconds,
         )
@@ -183,6 +184,10 @@ def _after_claim(
         logger.info("start request %s: stopped before it started, no vendor call", request_id)
         metrics.record_start("cancelled")
         return StartOutcome(request_id, claim.status, "stopped before it started")
+    if claim.outcome is store.ClaimOutcome.REFUSED:
+        logger.warning("start request %s refused: its tenant's waiting cap", request_id)
+        metrics.record_start("failed")
+        return StartOutcome(request_id, claim.status, f"{store.TENANT_WAITING_CAP}")
     if claim.ticket is not None:
         return start_claimed(lc, claim.ticket)
     if claim.outcome is store.ClaimOutcome.NEW:  # waiting for a slot
