@@ -38,6 +38,7 @@ from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
 from orchestrator.lifecycle.outcomes import RetryLater, StartOutcome
 from orchestrator.lifecycle.record import record_vendor_yes, start_deadline
+from orchestrator.lifecycle.tenancy import tenant_of
 from orchestrator.retries import waits_for_a_slot_again
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class _Message:
     traceparent: str | None
     abandoned_attempt: str | None
     stopped_vendor_session: str | None = None
+    vouched_tenant: str | None = None  # the broker user who published it (user_id)
 
     @property
     def received(self) -> dict[str, Any]:
@@ -79,6 +81,7 @@ def handle_start_message(
     traceparent: str | None = None,
     abandoned_attempt: str | None = None,
     stopped_vendor_session: str | None = None,
+    vouched_tenant: str | None = None,
 ) -> StartOutcome:
     """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id;
     the last two are a RetryLater's, carried by the retry.
@@ -96,6 +99,7 @@ def handle_start_message(
             tracing.current_traceparent() or traceparent,
             abandoned_attempt,
             stopped_vendor_session,
+            vouched_tenant,
         )
         with masking.masking(secret_values(message.received)):  # in span statuses too
             outcome = _admit(lc, message)
@@ -125,6 +129,10 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
     unknown = _no_such_account(lc, request)
     if unknown is not None:
         return _failed(lc, message, request_id, unknown)
+    bound = lc.settings.tenant_from_user_id
+    tenant, refused = tenant_of(request.tenant, bound=bound, vouched=message.vouched_tenant)
+    if refused is not None:
+        return _failed(lc, message, request_id, refused)
     try:
         claim = store.claim(
             lc.db,
@@ -140,7 +148,7 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
                 traceparent=message.traceparent,
                 account=request.account,
                 labels=request.account_labels,
-                tenant=request.tenant or store.DEFAULT_TENANT,
+                tenant=tenant,
             ),
             lease_seconds=lc.settings.start_timeout_seconds,
         )
