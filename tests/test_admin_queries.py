@@ -182,6 +182,7 @@ class Scenario:
 
 def build(sc: Scenario) -> None:
     h = 3600
+    sc.conn.execute(text("INSERT INTO tenants (name, maximum) VALUES ('quiet', 3)"))
     # waiting
     sc.add("w1", "waiting", "anna", -300, start_deadline_at=60)
     sc.add("w2", "waiting", "anna", -120, start_deadline_at=-5)
@@ -620,6 +621,23 @@ def check_accounts(sc: Scenario, r: Result) -> None:
     assert all(row["in_use"] == row["waiting"] == 0 for n, row in by_name.items() if n != "default")
 
 
+def check_tenants(sc: Scenario, r: Result) -> None:
+    """The tenants' counters (migration 0009's triggers) equal the scenario's rows, all of
+    them ``default``'s; a configured tenant with no sessions shows its policy."""
+    counted = sc.conn.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE status IN ('starting', 'active', 'stopping')),"
+            " count(*) FILTER (WHERE status = 'waiting'), min(created_at)"
+            " FILTER (WHERE status = 'waiting') FROM sessions"
+        )
+    ).one()
+    by_name = {row["tenant"]: row for row in r.dicts()}
+    default = by_name["default"]
+    assert (default["in_use"], default["waiting"], default["oldest_waiting_at"]) == tuple(counted)
+    assert (default["guaranteed"], default["maximum"], default["weight"]) == (0, None, 1)
+    assert (by_name["quiet"]["maximum"], by_name["quiet"]["in_use"]) == (3, 0)
+
+
 QUERY_CHECKS = {
     "live-sessions": check_live_sessions,
     "live-counts": check_live_counts,
@@ -641,6 +659,7 @@ QUERY_CHECKS = {
     "stop-failures-last-24h": check_stop_failures,
     "outbox-backlog": check_outbox_backlog,
     "accounts": check_accounts,
+    "tenants": check_tenants,
 }
 
 
