@@ -9,9 +9,12 @@ from datetime import datetime
 
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
 
 from orchestrator.db import Database, Tenant
 from orchestrator.tenants import TenantPolicy
+
+USAGE_WINDOW_SECONDS = 3600.0  # the decay of tenant_usage.used_seconds (migration 0009)
 
 
 def set_policy(db: Database, policy: TenantPolicy) -> None:
@@ -37,18 +40,23 @@ def set_policy(db: Database, policy: TenantPolicy) -> None:
 def policies(db: Database) -> dict[str, TenantPolicy]:
     """Every configured tenant's policy, by name."""
     with db.transaction() as session:
-        rows = session.scalars(select(Tenant).order_by(Tenant.name)).all()
-        return {
-            r.name: TenantPolicy(
-                name=r.name,
-                guaranteed=r.guaranteed,
-                maximum=r.maximum,
-                weight=r.weight,
-                waiting_cap=r.max_waiting,
-                reserved=r.reserved,
-            )
-            for r in rows
-        }
+        return policies_in(session)
+
+
+def policies_in(session: Session) -> dict[str, TenantPolicy]:
+    """:func:`policies`, in the caller's transaction (read as of this statement)."""
+    rows = session.scalars(select(Tenant).order_by(Tenant.name)).all()
+    return {
+        r.name: TenantPolicy(
+            name=r.name,
+            guaranteed=r.guaranteed,
+            maximum=r.maximum,
+            weight=r.weight,
+            waiting_cap=r.max_waiting,
+            reserved=r.reserved,
+        )
+        for r in rows
+    }
 
 
 @dataclass(frozen=True)

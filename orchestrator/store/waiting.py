@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db import Database, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument
-from orchestrator.store import history
+from orchestrator.store import history, tenant_order
 from orchestrator.store.admission import VENDOR_ACCOUNT, lock_admission
 from orchestrator.store.ending import end
 from orchestrator.store.rows import S, db_now
@@ -67,8 +67,15 @@ def admit(db: Database, *, account: str = VENDOR_ACCOUNT) -> list[tuple[uuid.UUI
         if not free or free <= 0:
             return admitted
         now = db_now(session)
-        # Each pass after the first follows a tenant reaching its maximum within the batch;
-        # the next look no longer sees that tenant's requests. Bounded all the same.
+        waiting = tenant_order.backlog(session, account, found.labels)
+        if len(waiting) > 1:  # several tenants wait for this account: their order decides
+            ids = tenant_order.admit_in_order(
+                session, account=account, labels=found.labels, free=free, now=now, waiting=waiting
+            )
+            _to_starting(session, ids, account, now, admitted)
+            return admitted
+        # One tenant (or none): its oldest first, up to its maximum. Each pass after the
+        # first follows the tenant reaching its maximum within the batch; bounded all the same.
         for _ in range(MAX_PASSES):
             if free <= 0:
                 break
