@@ -34,10 +34,14 @@ _ELIGIBLE_WAITING = text(
     "SELECT s.id, s.tenant FROM sessions s"
     " WHERE s.status = 'waiting' AND (s.account = :account OR (s.account IS NULL"
     "   AND (s.requested_labels IS NULL OR CAST(:labels AS jsonb) @> s.requested_labels)))"
-    "   AND NOT EXISTS (SELECT FROM tenants p JOIN tenant_usage u ON u.name = p.name"
-    "     WHERE p.name = s.tenant AND p.maximum IS NOT NULL AND u.in_use >= p.maximum)"
+    "   AND NOT (s.tenant = ANY(CAST(:full AS text[])))"
     " ORDER BY s.created_at, s.id LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
 ).bindparams(bindparam("labels", type_=JSONDocument))
+# The tenants at their maximum (one pass over the configured tenants, not per waiting row).
+_FULL_TENANTS = text(
+    "SELECT coalesce(array_agg(p.name), '{}') FROM tenants p JOIN tenant_usage u"
+    " ON u.name = p.name WHERE p.maximum IS NOT NULL AND u.in_use >= p.maximum"
+)
 # The slots the tenants of those requests may still take (none: no maximum), their usage
 # rows locked after the account's, by name (docs/admission.md, "The lock scheme").
 _LOCK_TENANTS = text(
@@ -79,8 +83,10 @@ def admit(db: Database, *, account: str = VENDOR_ACCOUNT) -> list[tuple[uuid.UUI
         for _ in range(MAX_PASSES):
             if free <= 0:
                 break
+            full = list(session.scalar(_FULL_TENANTS) or [])
             candidates = session.execute(
-                _ELIGIBLE_WAITING, {"account": account, "labels": found.labels, "limit": free}
+                _ELIGIBLE_WAITING,
+                {"account": account, "labels": found.labels, "limit": free, "full": full},
             ).all()
             ids = _within_maximums(session, candidates)
             _to_starting(session, ids, account, now, admitted)
