@@ -178,3 +178,16 @@ JOIN webhook_endpoints AS e ON e.id = d.endpoint_id
 WHERE (a.status_code IS NULL OR a.status_code NOT BETWEEN 200 AND 299)
   AND a.attempted_at >= now() - interval '24 hours'
 ORDER BY a.attempted_at, a.id;
+
+-- name: tenants
+-- Per tenant: its policy (defaults for a tenant nobody configured), sessions in use across every account, requests waiting, since when.
+SELECT u.name AS tenant, coalesce(p.guaranteed, 0) AS guaranteed, coalesce(p.reserved, 0) AS reserved,
+       p.maximum, coalesce(p.weight, 1) AS weight, p.max_waiting, u.in_use, u.waiting,
+       (SELECT min(s.created_at) FROM sessions s
+         WHERE s.status = 'waiting' AND s.tenant = u.name) AS oldest_waiting_at,
+       round(u.used_seconds::numeric, 1) AS used_seconds_decayed, p.updated_at AS policy_updated_at
+FROM tenant_usage u LEFT JOIN tenants p ON p.name = u.name
+UNION ALL
+SELECT p.name, p.guaranteed, p.reserved, p.maximum, p.weight, p.max_waiting, 0, 0, NULL, 0, p.updated_at
+FROM tenants p WHERE NOT EXISTS (SELECT FROM tenant_usage u WHERE u.name = p.name)
+ORDER BY tenant;

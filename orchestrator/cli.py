@@ -16,6 +16,7 @@ from orchestrator.cli_accounts import accounts
 from orchestrator.cli_errors import describe
 from orchestrator.cli_sessions import enqueue, sessions, status, stop
 from orchestrator.cli_support import EXIT_SESSION_FAILED, cli_settings, cli_telemetry
+from orchestrator.cli_tenants import tenants
 from orchestrator.cli_webhooks import webhooks
 from orchestrator.config import (
     DEFAULT_CONTROL_THREADS,
@@ -381,7 +382,7 @@ def demo(count: int) -> None:
     sys.exit(run_demo(count))
 
 
-for _command in (enqueue, stop, status, sessions, accounts, webhooks):
+for _command in (enqueue, stop, status, sessions, accounts, tenants, webhooks):
     main.add_command(_command)
 
 __all__ = ["EXIT_SESSION_FAILED", "main"]

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     max_concurrent_sessions: int = Field(default=10, ge=1, le=100_000)
     # A folder of vendor account definitions (a mounted Secret; docs/operations.md "Accounts").
     accounts_dir: Path | None = None
+    # Bind a start's tenant to the AMQP user_id property, which RabbitMQ checks against the
+    # publishing connection's user (docs/admission.md "Tenants"); off: the message's field.
+    tenant_from_user_id: bool = False
     reaper_interval_seconds: PositiveSeconds = 5.0
     reconcile_interval_seconds: PositiveSeconds = 30.0
     orphan_grace_seconds: float = Field(default=60.0, ge=0)

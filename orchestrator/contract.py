@@ -23,6 +23,8 @@ from pydantic import (
 from orchestrator.accounts.model import ACCOUNT_NAME, parse_labels
 from orchestrator.errors import OrchestratorError
 
+# A tenant's name, as orchestrator.tenants.TENANT_NAME (which this layer may not import).
+TENANT_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
 # A stop's reason: the vendor's vocabulary (USER_CLOSED, MAX_DURATION_REACHED …) or any other
 # upper-case word; checked by the producer before publishing and by the worker on receipt.
@@ -90,6 +92,9 @@ class StartRequest(BaseModel):
     # carrying all these labels; neither: any enabled account.
     account: StrictStr | None = Field(default=None, pattern=f"^{ACCOUNT_NAME.pattern}$")
     account_labels: dict[str, str] | None = None
+    # The tenant whose guarantees, maximum and waiting cap apply (docs/admission.md); none:
+    # ``default``.
+    tenant: StrictStr | None = Field(default=None, pattern=TENANT_PATTERN)
 
     @field_validator("account_labels", mode="before")
     @classmethod

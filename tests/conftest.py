@@ -126,8 +126,8 @@ def db(database_url: str) -> Iterator[Database]:
     with database.engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE sessions, session_events, event_outbox, early_stops, sweep_leases"
-                " RESTART IDENTITY CASCADE"
+                "TRUNCATE sessions, session_events, event_outbox, early_stops, sweep_leases,"
+                " tenants, tenant_usage RESTART IDENTITY CASCADE"
             )
         )
         # The vendor's last reported limit outlives the rows that reported it.

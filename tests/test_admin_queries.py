@@ -58,7 +58,9 @@ TABLES = TABLES_0001 | {
     "webhook_secrets",
     "webhook_deliveries",
     "webhook_attempts",
-}  # 0004 to 0008
+    "tenants",
+    "tenant_usage",
+}  # 0004 to 0009
 SECRET = "SECRET"  # in every secret value inserted below; no view or query may show it
 FORBIDDEN_COLUMN = re.compile(r"token|payload|secret|claim|traceparent|password|sha256")
 MINUTE = timedelta(minutes=1)
@@ -191,6 +193,7 @@ class Scenario:
 
 def build(sc: Scenario) -> None:
     h = 3600
+    sc.conn.execute(text("INSERT INTO tenants (name, maximum) VALUES ('quiet', 3)"))
     # waiting
     sc.add("w1", "waiting", "anna", -300, start_deadline_at=60)
     sc.add("w2", "waiting", "anna", -120, start_deadline_at=-5)
@@ -731,6 +734,23 @@ def check_webhook_failures(sc: Scenario, r: Result) -> None:
     ]
 
 
+def check_tenants(sc: Scenario, r: Result) -> None:
+    """The tenants' counters (migration 0009's triggers) equal the scenario's rows, all of
+    them ``default``'s; a configured tenant with no sessions shows its policy."""
+    counted = sc.conn.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE status IN ('starting', 'active', 'stopping')),"
+            " count(*) FILTER (WHERE status = 'waiting'), min(created_at)"
+            " FILTER (WHERE status = 'waiting') FROM sessions"
+        )
+    ).one()
+    by_name = {row["tenant"]: row for row in r.dicts()}
+    default = by_name["default"]
+    assert (default["in_use"], default["waiting"], default["oldest_waiting_at"]) == tuple(counted)
+    assert (default["guaranteed"], default["maximum"], default["weight"]) == (0, None, 1)
+    assert (by_name["quiet"]["maximum"], by_name["quiet"]["in_use"]) == (3, 0)
+
+
 QUERY_CHECKS = {
     "live-sessions": check_live_sessions,
     "live-counts": check_live_counts,
@@ -754,6 +774,7 @@ QUERY_CHECKS = {
     "accounts": check_accounts,
     "webhook-endpoints": check_webhook_endpoints,
     "webhook-failures-last-24h": check_webhook_failures,
+    "tenants": check_tenants,
 }
 
 

@@ -31,6 +31,8 @@ TABLES = {
     "webhook_secrets",
     "webhook_deliveries",
     "webhook_attempts",
+    "tenants",
+    "tenant_usage",
 }
 
 

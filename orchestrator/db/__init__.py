@@ -18,6 +18,8 @@ from orchestrator.db.models import (
     SessionRow,
     SessionStatus,
     SweepLease,
+    Tenant,
+    TenantUsage,
     VendorAccount,
 )
 
@@ -35,6 +37,8 @@ __all__ = [
     "SessionRow",
     "SessionStatus",
     "SweepLease",
+    "Tenant",
+    "TenantUsage",
     "VendorAccount",
     "after_commit",
     "normalize_database_url",

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -114,6 +115,14 @@ class SessionRow(Base):
             "created_at",
             postgresql_where=text("status = 'waiting'"),
         ),
+        # A tenant's oldest waiting requests (admission by tenant, migration 0009).
+        Index(
+            "ix_sessions_waiting_tenant_created_at",
+            "tenant",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'waiting'"),
+        ),
         Index("ix_sessions_status_created_at", "status", "created_at"),
         Index("ix_sessions_started_at", "started_at"),
         Index("ix_sessions_avatar_id", "avatar_id"),
@@ -165,6 +174,8 @@ class SessionRow(Base):
     # The last start attempt that failed uncertainly (5xx, timeout): the request is not moved
     # to another account before its own account's list was read after this.
     uncertain_at: Mapped[datetime | None]
+    # The tenant whose guarantees, maximum and waiting cap apply (docs/admission.md).
+    tenant: Mapped[str] = mapped_column(String(64), server_default="default")
 
 
 class SessionEvent(Base):
@@ -278,3 +289,32 @@ class VendorAccount(Base):
     last_error: Mapped[str | None] = mapped_column(String(500))
     last_error_at: Mapped[datetime | None]
     updated_at: Mapped[datetime | None]
+
+
+class Tenant(Base):
+    """A tenant's admission policy (docs/admission.md, "Tenants"), set with
+    ``orchestrator tenants set``; a tenant without a row has the default policy."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    guaranteed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    maximum: Mapped[int | None] = mapped_column(Integer)
+    weight: Mapped[float] = mapped_column(Float, server_default=text("1"))
+    reserved: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_waiting: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime | None] = mapped_column(server_default=func.now())
+
+
+class TenantUsage(Base):
+    """Per tenant, across every account: ``in_use`` and ``waiting`` kept exact by triggers on
+    ``sessions`` (migration 0009), ``used_seconds`` the session-seconds of its ended sessions,
+    decayed with a time constant of an hour as of ``used_at``."""
+
+    __tablename__ = "tenant_usage"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    in_use: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    waiting: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    used_seconds: Mapped[float] = mapped_column(Float, server_default=text("0"))
+    used_at: Mapped[datetime | None] = mapped_column(server_default=func.now())

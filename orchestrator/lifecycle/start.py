@@ -43,6 +43,7 @@ from orchestrator.lifecycle.start_refused import (
     uncertain_failure,
     wait_for_another_account,
 )
+from orchestrator.lifecycle.tenancy import tenant_of
 from orchestrator.retries import waits_for_a_slot_again
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class _Message:
     traceparent: str | None
     abandoned_attempt: str | None
     stopped_vendor_session: str | None = None
+    vouched_tenant: str | None = None  # the broker user who published it (user_id)
 
     @property
     def received(self) -> dict[str, Any]:
@@ -84,6 +86,7 @@ def handle_start_message(
     traceparent: str | None = None,
     abandoned_attempt: str | None = None,
     stopped_vendor_session: str | None = None,
+    vouched_tenant: str | None = None,
 ) -> StartOutcome:
     """The whole of ``orchestrator.start_session``; ``claim_id`` is the message's task id;
     the last two are a RetryLater's, carried by the retry.
@@ -101,6 +104,7 @@ def handle_start_message(
             tracing.current_traceparent() or traceparent,
             abandoned_attempt,
             stopped_vendor_session,
+            vouched_tenant,
         )
         with masking.masking(secret_values(message.received)):  # in span statuses too
             outcome = _admit(lc, message)
@@ -130,6 +134,10 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
     unknown = _no_such_account(lc, request)
     if unknown is not None:
         return _failed(lc, message, request_id, unknown)
+    bound = lc.settings.tenant_from_user_id
+    tenant, refused = tenant_of(request.tenant, bound=bound, vouched=message.vouched_tenant)
+    if refused is not None:
+        return _failed(lc, message, request_id, refused)
     try:
         claim = store.claim(
             lc.db,
@@ -145,6 +153,7 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
                 traceparent=message.traceparent,
                 account=request.account,
                 labels=request.account_labels,
+                tenant=tenant,
             ),
             lease_seconds=lc.settings.start_timeout_seconds,
         )
@@ -188,6 +197,10 @@ def _after_claim(
         logger.info("start request %s: stopped before it started, no vendor call", request_id)
         metrics.record_start("cancelled")
         return StartOutcome(request_id, claim.status, "stopped before it started")
+    if claim.outcome is store.ClaimOutcome.REFUSED:
+        logger.warning("start request %s refused: its tenant's waiting cap", request_id)
+        metrics.record_start("failed")
+        return StartOutcome(request_id, claim.status, f"{store.TENANT_WAITING_CAP}")
     if claim.ticket is not None:
         return start_claimed(lc, claim.ticket)
     if claim.outcome is store.ClaimOutcome.NEW:  # waiting for a slot

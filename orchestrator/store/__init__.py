@@ -31,6 +31,8 @@ from orchestrator.store.accounts import (
 from orchestrator.store.admission import (
     ADMISSION_LOCK_KEY,
     CLAIM_FUNCTION_MIGRATION,
+    DEFAULT_TENANT,
+    TENANT_WAITING_CAP,
     AdmissionBusy,
     AdmissionState,
     Claim,
@@ -97,9 +99,11 @@ from orchestrator.store.waiting import admit, expire_waiting, has_waiting, open_
 __all__ = [
     "ADMISSION_LOCK_KEY",
     "CLAIM_FUNCTION_MIGRATION",
+    "DEFAULT_TENANT",
     "END_REASON_LENGTH",
     "LEASE_GRACE_SECONDS",
     "MAX_DURATION_REACHED",
+    "TENANT_WAITING_CAP",
     "USER_CLOSED",
     "AccountState",
     "AdmissionBusy",

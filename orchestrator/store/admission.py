@@ -35,13 +35,16 @@ from orchestrator.store.rows import (
 )
 from orchestrator.store.starts import StartTicket
 
-CLAIM_FUNCTION_MIGRATION = "0007"  # defines the orchestrator_claim called
+CLAIM_FUNCTION_MIGRATION = "0009"  # defines the orchestrator_claim called
 # The previous release's one admission lock. A claim or admission that may use ``default``
 # still takes it while releases before accounts may run beside this one (migration 0007).
 ADMISSION_LOCK_KEY = 0x5E5511
 # A claim waits this long at most for its locks; past it, AdmissionBusy (retried).
 ADMISSION_LOCK_WAIT_SECONDS = 5.0
 VENDOR_ACCOUNT = "default"  # the account of today's single-account settings
+DEFAULT_TENANT = "default"  # the tenant of a start that names none
+# A request its tenant's waiting cap refused (docs/admission.md, "Tenants").
+TENANT_WAITING_CAP = "TENANT_WAITING_CAP"
 LOCK_NOT_AVAILABLE = "55P03"
 # A request's labels: None is SQL NULL ("any account"), never the JSON value null.
 LABELS = JSONB(none_as_null=True)
@@ -62,6 +65,7 @@ class ClaimOutcome(Enum):
     DUPLICATE = "duplicate"  # another message with the same request_id and payload
     CONFLICT = "conflict"  # same request_id, different payload: ignored, recorded
     CANCELLED = "cancelled"  # a stop came before the start: recorded as ended
+    REFUSED = "refused"  # its tenant's waiting cap refused it: recorded as failed
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,11 @@ class Claim:
 
 
 _CLAIM = text(
-    "SELECT session_id, status, account, cap, live, free_elsewhere, cancelled, at"
+    "SELECT session_id, status, account, cap, live, free_elsewhere, cancelled, at, refused"
     " FROM orchestrator_claim("
     ":id, :request_id, :claim_id, :avatar_id, :payload, :digest, :metadata,"
     " :max_duration_seconds, :start_deadline_seconds, :traceparent, CAST(:account AS text),"
-    " :labels, :attempt_owner, :lease_seconds, :lock_timeout_ms)"
+    " :labels, CAST(:tenant AS text), :attempt_owner, :lease_seconds, :lock_timeout_ms)"
 ).bindparams(
     bindparam("payload", type_=JSONDocument),
     bindparam("metadata", type_=JSONDocument),
@@ -101,6 +105,7 @@ class ClaimRequest:
     traceparent: str | None
     account: str | None = None  # the account the request names (none: any eligible)
     labels: Mapping[str, str] | None = None  # labels every eligible account must carry
+    tenant: str = DEFAULT_TENANT  # whose guarantees, maximum and waiting cap apply
 
 
 def claim(
@@ -147,6 +152,7 @@ def _try_claim(
                 "traceparent": request.traceparent,
                 "account": request.account,
                 "labels": dict(request.labels) if request.labels else None,
+                "tenant": request.tenant,
                 "attempt_owner": owner,
                 "lease_seconds": lease_seconds,
                 "lock_timeout_ms": max(1, round(lock_wait_seconds * 1000)),
@@ -156,6 +162,10 @@ def _try_claim(
         cancelled = _record_cancelled(db, request)
         if cancelled is not None:
             return Claim(ClaimOutcome.CANCELLED, cancelled, S.ENDED.value)
+    elif found.refused is not None:
+        refused = record_refused(db, request, TENANT_WAITING_CAP, found.refused)
+        if refused is not None:
+            return Claim(ClaimOutcome.REFUSED, refused, S.FAILED.value)
     elif found.session_id is not None:
         if found.status == S.WAITING:
             # The message is acknowledged on the strength of this claim, which committed
@@ -244,6 +254,7 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
                     "traceparent": request.traceparent,
                     "created_at": now,
                     "stop_requested_at": early.requested_at,
+                    "tenant": request.tenant,
                     "account": request.account,
                     "requested_account": request.account,
                     "requested_labels": dict(request.labels) if request.labels else null(),
@@ -260,6 +271,45 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
         )
         end_row(session, row, S.ENDED, end_reason=early.reason, stopped_before_start=True)
         return session_id
+
+
+def record_refused(
+    db: Database, request: ClaimRequest, error_code: str, reason: str
+) -> uuid.UUID | None:
+    """The row of a request refused before admission (its tenant's waiting cap, a tenant it
+    may not claim): ``failed`` at once, naming the reason. None if a row was there already."""
+    with db.transaction() as session:
+        now = db_now(session)
+        new_id = session.execute(
+            insert_ignoring_conflict(
+                {
+                    "id": uuid.uuid4(),
+                    "request_id": request.request_id,
+                    "claim_id": request.claim_id,
+                    "status": S.WAITING.value,
+                    "avatar_id": request.avatar_id,
+                    "request_payload": request.payload,
+                    "payload_sha256": request.digest,
+                    "session_metadata": request.metadata,
+                    "max_duration_seconds": request.max_duration_seconds,
+                    "traceparent": request.traceparent,
+                    "created_at": now,
+                    "tenant": request.tenant,
+                    "account": request.account,
+                    "requested_account": request.account,
+                    "requested_labels": dict(request.labels) if request.labels else null(),
+                }
+            )
+        ).scalar_one_or_none()
+        if new_id is None:
+            return None
+        row = session.get_one(SessionRow, new_id)
+        history.log(
+            session, EventKind.CREATED, row=row, claim_id=request.claim_id, status="waiting"
+        )
+        refused_id: uuid.UUID = row.id
+        end_row(session, row, S.FAILED, error_code=error_code, error_message=reason)
+        return refused_id
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,16 @@ rows. The design: docs/admission.md ("One decision", "First in first out")."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import Row, bindparam, func, select, text
+from sqlalchemy.orm import Session
 
 from orchestrator.db import Database, EventKind, SessionRow
 from orchestrator.db.types import JSONDocument
-from orchestrator.store import history
+from orchestrator.store import history, tenant_order
 from orchestrator.store.admission import VENDOR_ACCOUNT, lock_admission
 from orchestrator.store.ending import end
 from orchestrator.store.rows import S, db_now
@@ -24,14 +28,30 @@ _LOCK_OPEN_ACCOUNT = text(
     " FOR UPDATE"
 )
 # The oldest waiting requests this account may serve: bound to it, or to none with labels it
-# carries. Rows another transaction holds (a stop ending them) are skipped, not waited for:
-# their lock comes before the account's in every other path.
+# carries, of a tenant below its maximum. Rows another transaction holds (a stop ending them)
+# are skipped, not waited for: their lock comes before the account's in every other path.
 _ELIGIBLE_WAITING = text(
-    "SELECT id FROM sessions"
-    " WHERE status = 'waiting' AND (account = :account OR (account IS NULL"
-    "   AND (requested_labels IS NULL OR CAST(:labels AS jsonb) @> requested_labels)))"
-    " ORDER BY created_at, id LIMIT :limit FOR UPDATE SKIP LOCKED"
+    "SELECT s.id, s.tenant FROM sessions s"
+    " WHERE s.status = 'waiting' AND (s.account = :account OR (s.account IS NULL"
+    "   AND (s.requested_labels IS NULL OR CAST(:labels AS jsonb) @> s.requested_labels)))"
+    "   AND NOT (s.tenant = ANY(CAST(:full AS text[])))"
+    " ORDER BY s.created_at, s.id LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
 ).bindparams(bindparam("labels", type_=JSONDocument))
+# The tenants at their maximum (one pass over the configured tenants, not per waiting row).
+_FULL_TENANTS = text(
+    "SELECT coalesce(array_agg(p.name), '{}') FROM tenants p JOIN tenant_usage u"
+    " ON u.name = p.name WHERE p.maximum IS NOT NULL AND u.in_use >= p.maximum"
+)
+# The slots the tenants of those requests may still take (none: no maximum), their usage
+# rows locked after the account's, by name (docs/admission.md, "The lock scheme").
+_LOCK_TENANTS = text(
+    "SELECT u.name, p.maximum - u.in_use AS room FROM tenant_usage u"
+    " LEFT JOIN tenants p ON p.name = u.name"
+    " WHERE u.name = ANY(:names) ORDER BY u.name FOR UPDATE OF u"
+)
+
+
+MAX_PASSES = 16
 
 
 def admit(db: Database, *, account: str = VENDOR_ACCOUNT) -> list[tuple[uuid.UUID, str]]:
@@ -50,34 +70,83 @@ def admit(db: Database, *, account: str = VENDOR_ACCOUNT) -> list[tuple[uuid.UUI
             free = found.effective_cap - found.in_use
         if not free or free <= 0:
             return admitted
-        ids = session.scalars(
-            _ELIGIBLE_WAITING, {"account": account, "labels": found.labels, "limit": free}
-        ).all()
-        if not ids:
-            return admitted
         now = db_now(session)
-        rows = session.scalars(
-            select(SessionRow)
-            .where(SessionRow.id.in_(ids))
-            .order_by(SessionRow.created_at, SessionRow.id)
-        ).all()
-        for row in rows:
-            row.status = S.STARTING.value
-            row.account = account
-            row.claim_id = f"admit-{uuid.uuid4()}"
-            row.admitted_at = now
-            row.attempt_owner = None
-            row.attempt_lease_until = None
-            waited = (now - row.created_at).total_seconds()
-            history.log(
-                session,
-                EventKind.ADMITTED,
-                row=row,
-                account=account,
-                waited_seconds=round(waited, 3),
+        waiting = tenant_order.backlog(session, account, found.labels)
+        if len(waiting) > 1:  # several tenants wait for this account: their order decides
+            ids = tenant_order.admit_in_order(
+                session, account=account, labels=found.labels, free=free, now=now, waiting=waiting
             )
-            admitted.append((row.id, row.claim_id))
+            _to_starting(session, ids, account, now, admitted)
+            return admitted
+        # One tenant (or none): its oldest first, up to its maximum. Each pass after the
+        # first follows the tenant reaching its maximum within the batch; bounded all the same.
+        for _ in range(MAX_PASSES):
+            if free <= 0:
+                break
+            full = list(session.scalar(_FULL_TENANTS) or [])
+            candidates = session.execute(
+                _ELIGIBLE_WAITING,
+                {"account": account, "labels": found.labels, "limit": free, "full": full},
+            ).all()
+            ids = _within_maximums(session, candidates)
+            _to_starting(session, ids, account, now, admitted)
+            free -= len(ids)
+            if len(ids) == len(candidates):  # none held back by a maximum: no more wait
+                break
+            session.flush()  # the tenants' counters (the trigger) before the next look
     return admitted
+
+
+def _to_starting(
+    session: Session,
+    ids: Sequence[uuid.UUID],
+    account: str,
+    now: datetime,
+    admitted: list[tuple[uuid.UUID, str]],
+) -> None:
+    if not ids:
+        return
+    rows = session.scalars(
+        select(SessionRow)
+        .where(SessionRow.id.in_(ids))
+        .order_by(SessionRow.created_at, SessionRow.id)
+    ).all()
+    for row in rows:
+        row.status = S.STARTING.value
+        row.account = account
+        row.claim_id = f"admit-{uuid.uuid4()}"
+        row.admitted_at = now
+        row.attempt_owner = None
+        row.attempt_lease_until = None
+        waited = (now - row.created_at).total_seconds()
+        history.log(
+            session,
+            EventKind.ADMITTED,
+            row=row,
+            account=account,
+            waited_seconds=round(waited, 3),
+        )
+        admitted.append((row.id, row.claim_id))
+
+
+def _within_maximums(session: Session, candidates: Sequence[Row[Any]]) -> list[uuid.UUID]:
+    """The candidates (oldest first) their tenants' maximums let in now: the tenants' usage
+    rows are locked, so no claim of theirs on another account admits meanwhile."""
+    names = sorted({c.tenant for c in candidates})
+    if not names:
+        return []
+    room: dict[str, int | None] = {
+        r.name: r.room for r in session.execute(_LOCK_TENANTS, {"names": names})
+    }
+    chosen: list[uuid.UUID] = []
+    for candidate in candidates:
+        left = room.get(candidate.tenant)
+        if left is not None:
+            if left <= 0:
+                continue
+            room[candidate.tenant] = left - 1
+        chosen.append(candidate.id)
+    return chosen
 
 
 def open_accounts(db: Database) -> list[str]:

@@ -36,6 +36,7 @@ from orchestrator.messaging import (
     Topology,
 )
 from orchestrator.publishing import PublishError, topology
+from orchestrator.worker import tenant_binding
 from orchestrator.worker.app import OrchestratorCelery
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ def retry_when_database_is_away(task: AnyTask) -> Iterator[None]:
         _retry(task, later.delay, str(later), headers)
     except (PoolTimeout, DBAPIError) as error:
         _retry(task, _backoff(task), _outage(task, error), _carried(task))
+
+
+def _retry(
+    task: AnyTask, delay: float, why: str, headers: dict[str, str] | None = None
+) -> NoReturn:
+    """:func:`_republish`, keeping the tenant the broker vouched for (tenant_binding)."""
+    carried_headers, properties = tenant_binding.retry_carry(task.request, _settings(task))
+    _republish(task, delay, why, {**(headers or {}), **carried_headers}, properties)
 
 
 @contextmanager
@@ -141,8 +150,8 @@ def _backoff(task: AnyTask) -> float:
     return backoff.delay(int(task.request.retries) + 1)
 
 
-def _retry(
-    task: AnyTask, delay: float, why: str, headers: dict[str, str] | None = None
+def _republish(
+    task: AnyTask, delay: float, why: str, headers: dict[str, str], properties: dict[str, str]
 ) -> NoReturn:
     _, limit = retries.database_outage(_settings(task))
     if task.request.retries >= limit:
@@ -158,7 +167,10 @@ def _retry(
     logger.warning("%s: %s, retry in %.1f s", task.name, why, countdown)
     # Our own limit above acts first; Celery's would log the arguments. On quorum queues the
     # retry waits in the broker (native delayed delivery), not in a worker's memory.
-    raise task.retry(countdown=countdown, max_retries=limit + 1, headers=headers or {}) from None
+    options: dict[str, Any] = dict(properties)  # AMQP properties (user_id) of the retry
+    raise task.retry(
+        countdown=countdown, max_retries=limit + 1, headers=headers, **options
+    ) from None
 
 
 def _settings(task: AnyTask) -> Settings | None:
@@ -233,8 +245,16 @@ def start_session(task: OrchestratorTask, *args: Any, **kwargs: Any) -> dict[str
             traceparent=task.traceparent(),
             abandoned_attempt=task.abandoned_attempt(),
             stopped_vendor_session=task.stopped_vendor_session(),
+            vouched_tenant=_vouched(task),
         )
     return {"request_id": outcome.request_id, "status": outcome.status}
+
+
+def _vouched(task: AnyTask) -> str | None:
+    settings = _settings(task)
+    if settings is None or not settings.tenant_from_user_id:
+        return None
+    return tenant_binding.vouched_tenant(task.request, settings)
 
 
 def start_admitted(task: OrchestratorTask, session_id: str, claim_id: str) -> dict[str, str]:

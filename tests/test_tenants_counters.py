@@ -1,0 +1,239 @@
+"""Tenants on real Postgres, without a vendor (migration 0009): the per-tenant counters equal
+a recount after any mix of claims, admissions and ends over two accounts; a tenant's maximum
+holds across accounts under concurrent claims; the waiting cap refuses with a ``failed`` row
+naming the reason; a tenant at its maximum holds no other tenant back."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from orchestrator import store
+from orchestrator.db import Database, SessionRow
+from orchestrator.db.migrate import upgrade
+from orchestrator.store.ending import end
+from orchestrator.store.rows import S
+from orchestrator.store.tenants import policies, set_policy, tenant_drift, usage
+from orchestrator.tenants import TenantPolicy
+from tests.conftest import fresh_postgres_database
+
+pytestmark = pytest.mark.postgres
+
+CAPS = {"a": 3, "b": 4}
+MAXIMUMS = {"small": 2, "mid": 3}
+SEEDS = [1, 2, 3]
+
+
+@pytest.fixture
+def pool(db: Database) -> Database:
+    store.sync_catalog(db, [store.CatalogEntry(n, cap, 1.0, {}) for n, cap in CAPS.items()])
+    with db.transaction() as session:  # only the two accounts of this test admit
+        session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
+    for name, maximum in MAXIMUMS.items():
+        set_policy(db, TenantPolicy(name=name, maximum=maximum))
+    return db
+
+
+def claim(db: Database, request_id: str, tenant: str, **wish: object) -> store.Claim:
+    return store.claim(
+        db,
+        store.ClaimRequest(
+            request_id=request_id,
+            claim_id=f"t-{request_id}",
+            payload={"avatar_id": "x"},
+            digest="d",
+            avatar_id="x",
+            metadata=None,
+            max_duration_seconds=None,
+            start_deadline_seconds=None,
+            traceparent=None,
+            tenant=tenant,
+            **wish,  # type: ignore[arg-type]
+        ),
+        lease_seconds=60,
+    )
+
+
+def live_by_tenant(db: Database) -> dict[str, int]:
+    with db.transaction() as session:
+        found = session.execute(
+            text(
+                "SELECT tenant, count(*) FROM sessions"
+                " WHERE status IN ('starting', 'active', 'stopping') GROUP BY tenant"
+            )
+        ).all()
+    return {str(t): int(n) for t, n in found}
+
+
+def end_one(db: Database, rng: random.Random) -> None:
+    with db.transaction() as session:
+        ids = list(
+            session.scalars(
+                text(
+                    "SELECT id FROM sessions WHERE status IN ('starting', 'waiting')"
+                    " ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED"
+                )
+            )
+        )
+        if ids:
+            end(
+                session, ids, rng.choice([S.ENDED, S.FAILED]), from_statuses=[S.STARTING, S.WAITING]
+            )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_concurrent_claims_never_exceed_a_tenants_maximum_and_the_counters_stay_exact(
+    pool: Database, seed: int
+) -> None:
+    """Six threads claim for three tenants (two with maximums), end and admit at random over
+    two accounts while a watcher reads the live rows per tenant."""
+    db = pool
+    tenants = ["small", "mid", "default"]
+    over: list[dict[str, int]] = []
+    peak = dict.fromkeys(MAXIMUMS, 0)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            live = live_by_tenant(db)
+            if any(live.get(t, 0) > m for t, m in MAXIMUMS.items()):
+                over.append(live)
+            for name in MAXIMUMS:
+                peak[name] = max(peak[name], live.get(name, 0))
+
+    def worker(index: int) -> None:
+        rng = random.Random(seed * 100 + index)
+        for step in range(40):
+            action = rng.random()
+            if action < 0.6:
+                claim(db, f"{seed}-{index}-{step}", rng.choice(tenants))
+            elif action < 0.85:
+                end_one(db, rng)
+            else:
+                store.admit(db, account=rng.choice(list(CAPS)))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+            assert not t.is_alive()
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    assert over == []
+    assert peak == MAXIMUMS  # each tenant reached its maximum, never passed it
+    assert tenant_drift(db) == []
+    assert store.drift(db) == []
+    counted = {u.name: u.in_use for u in usage(db)}
+    assert {t: counted.get(t, 0) for t in tenants} == {
+        t: live_by_tenant(db).get(t, 0) for t in tenants
+    }
+
+
+def test_a_tenant_at_its_maximum_holds_no_other_tenant_back(pool: Database) -> None:
+    db = pool
+    for i in range(2):
+        assert claim(db, f"s{i}", "small").status == "starting"
+    held = claim(db, "s-held", "small")
+    assert held.status == "waiting"  # at its maximum, slots free
+    later = claim(db, "d-later", "default")
+    assert later.status == "starting"  # not behind small's request, which may not go
+    assert store.admit(db, account="a") == []  # a slot is free, but not for small
+    with db.transaction() as session:
+        first = session.scalars(text("SELECT id FROM sessions WHERE request_id = 's0'")).one()
+        end(session, [first], S.ENDED, from_statuses=[S.STARTING])
+    admitted = store.admit(db, account="a") + store.admit(db, account="b")
+    assert [session_id for session_id, _ in admitted] == [held.session_id]
+    assert live_by_tenant(db)["small"] == 2
+    assert tenant_drift(db) == []
+
+
+def test_the_waiting_cap_refuses_with_a_failed_row_naming_the_reason(pool: Database) -> None:
+    db = pool
+    set_policy(db, TenantPolicy(name="capped", maximum=1, waiting_cap=1))
+    assert claim(db, "c0", "capped").status == "starting"
+    assert claim(db, "c1", "capped").status == "waiting"
+    refused = claim(db, "c2", "capped")
+    assert (refused.outcome, refused.status) == (store.ClaimOutcome.REFUSED, "failed")
+    with db.transaction() as session:
+        row = session.get_one(SessionRow, refused.session_id)
+        assert (row.tenant, row.error_code) == ("capped", store.TENANT_WAITING_CAP)
+        assert "capped" in (row.error_message or "")
+        assert "max_waiting" in (row.error_message or "")
+    again = claim(db, "c2", "capped")  # a redelivery finds its row
+    assert (again.outcome, again.session_id) == (store.ClaimOutcome.RESUME, refused.session_id)
+    assert tenant_drift(db) == []
+    (capped,) = [u for u in usage(db) if u.name == "capped"]
+    assert (capped.in_use, capped.waiting) == (1, 1)
+
+
+def test_a_policy_set_applies_at_the_next_claim(pool: Database) -> None:
+    db = pool
+    assert claim(db, "m0", "grow").status == "starting"
+    set_policy(db, TenantPolicy(name="grow", maximum=1))
+    assert claim(db, "m1", "grow").status == "waiting"
+    set_policy(db, TenantPolicy(name="grow", maximum=2, weight=3.0))
+    assert policies(db)["grow"] == TenantPolicy(name="grow", maximum=2, weight=3.0)
+    assert [i for i, _ in store.admit(db, account="b")] == [claim(db, "m1", "grow").session_id]
+
+
+def test_ended_sessions_charge_their_tenant_seconds(pool: Database) -> None:
+    db = pool
+    claimed = claim(db, "u0", "mid")
+    with db.transaction() as session:
+        session.execute(
+            text("UPDATE sessions SET admitted_at = now() - interval '100 seconds' WHERE id = :i"),
+            {"i": claimed.session_id},
+        )
+        end(session, [claimed.session_id], S.ENDED, from_statuses=[S.STARTING])
+    (mid,) = [u for u in usage(db) if u.name == "mid"]
+    assert 99 <= mid.used_seconds <= 110
+    assert mid.in_use == 0
+
+
+def test_the_migration_gives_existing_rows_the_default_tenant_and_counts_them() -> None:
+    with fresh_postgres_database("orch_tenants_recount") as url:
+        upgrade(url, "0007")
+        database = Database(url, pool_size=1)
+        try:
+            with database.transaction() as session:
+                for i, status in enumerate(["active", "stopping", "waiting", "ended", "starting"]):
+                    session.execute(
+                        text(
+                            "INSERT INTO sessions (id, request_id, status, request_payload,"
+                            " payload_sha256, created_at, attempts, stop_attempts)"
+                            " VALUES (:id, :r, :s, '{}', 'x', now(), 0, 0)"
+                        ),
+                        {"id": uuid.uuid4(), "r": f"old-{i}", "s": status},
+                    )
+            upgrade(url)
+            (default,) = usage(database)
+            assert (default.name, default.in_use, default.waiting) == ("default", 3, 1)
+            assert tenant_drift(database) == []
+        finally:
+            database.dispose()
+
+
+def test_one_admission_stops_a_tenant_at_its_maximum_and_fills_the_rest(pool: Database) -> None:
+    db = pool
+    full = [claim(db, f"d{i}", "default") for i in range(sum(CAPS.values()))]
+    assert all(c.status == "starting" for c in full)
+    small = [claim(db, f"s{i}", "small") for i in range(3)]
+    young = claim(db, "d-young", "default")
+    assert all(c.status == "waiting" for c in [*small, young])
+    on_b = [c.session_id for c in full if c.account == "b"][:3]
+    with db.transaction() as session:
+        end(session, on_b, S.ENDED, from_statuses=[S.STARTING])
+    admitted = [session_id for session_id, _ in store.admit(db, account="b")]
+    # Three free slots: small's two oldest (its maximum), then the next tenant's request.
+    assert admitted == [small[0].session_id, small[1].session_id, young.session_id]
+    assert live_by_tenant(db)["small"] == 2
+    assert tenant_drift(db) == []
