@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -241,24 +242,7 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
         now = db_now(session)
         new_id = session.execute(
             insert_ignoring_conflict(
-                {
-                    "id": uuid.uuid4(),
-                    "request_id": request.request_id,
-                    "claim_id": request.claim_id,
-                    "status": S.WAITING.value,
-                    "avatar_id": request.avatar_id,
-                    "request_payload": request.payload,
-                    "payload_sha256": request.digest,
-                    "session_metadata": request.metadata,
-                    "max_duration_seconds": request.max_duration_seconds,
-                    "traceparent": request.traceparent,
-                    "created_at": now,
-                    "stop_requested_at": early.requested_at,
-                    "tenant": request.tenant,
-                    "account": request.account,
-                    "requested_account": request.account,
-                    "requested_labels": dict(request.labels) if request.labels else null(),
-                }
+                _waiting_row(request, now, stop_requested_at=early.requested_at)
             )
         ).scalar_one_or_none()
         if new_id is None:
@@ -273,6 +257,29 @@ def _record_cancelled(db: Database, request: ClaimRequest) -> uuid.UUID | None:
         return session_id
 
 
+def _waiting_row(request: ClaimRequest, now: datetime, **extra: object) -> dict[str, Any]:
+    """The columns of a ``waiting`` row for ``request``, created ``now`` (an early stop's
+    cancelled request and a refused one start from it, then end at once)."""
+    return {
+        "id": uuid.uuid4(),
+        "request_id": request.request_id,
+        "claim_id": request.claim_id,
+        "status": S.WAITING.value,
+        "avatar_id": request.avatar_id,
+        "request_payload": request.payload,
+        "payload_sha256": request.digest,
+        "session_metadata": request.metadata,
+        "max_duration_seconds": request.max_duration_seconds,
+        "traceparent": request.traceparent,
+        "created_at": now,
+        "tenant": request.tenant,
+        "account": request.account,
+        "requested_account": request.account,
+        "requested_labels": dict(request.labels) if request.labels else null(),
+        **extra,
+    }
+
+
 def record_refused(
     db: Database, request: ClaimRequest, error_code: str, reason: str
 ) -> uuid.UUID | None:
@@ -281,25 +288,7 @@ def record_refused(
     with db.transaction() as session:
         now = db_now(session)
         new_id = session.execute(
-            insert_ignoring_conflict(
-                {
-                    "id": uuid.uuid4(),
-                    "request_id": request.request_id,
-                    "claim_id": request.claim_id,
-                    "status": S.WAITING.value,
-                    "avatar_id": request.avatar_id,
-                    "request_payload": request.payload,
-                    "payload_sha256": request.digest,
-                    "session_metadata": request.metadata,
-                    "max_duration_seconds": request.max_duration_seconds,
-                    "traceparent": request.traceparent,
-                    "created_at": now,
-                    "tenant": request.tenant,
-                    "account": request.account,
-                    "requested_account": request.account,
-                    "requested_labels": dict(request.labels) if request.labels else null(),
-                }
-            )
+            insert_ignoring_conflict(_waiting_row(request, now))
         ).scalar_one_or_none()
         if new_id is None:
             return None
