@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
+from orchestrator import store
 from orchestrator.db import Database, OutboxEvent, SessionEvent, SessionRow
+from orchestrator.store.ending import end
+from orchestrator.store.rows import S
 
 
 def row(db: Database, request_id: str) -> SessionRow:
@@ -78,3 +82,54 @@ def insert_live_row(db: Database, request_id: str, vendor_id: str, age: float = 
                 expires_at=started + timedelta(hours=1),
             )
         )
+
+
+def claim_request(db: Database, request_id: str, **wish: object) -> store.Claim:
+    """``store.claim`` of a minimal request, no vendor involved; ``wish`` is the request's
+    account, labels or tenant."""
+    return store.claim(
+        db,
+        store.ClaimRequest(
+            request_id=request_id,
+            claim_id=f"t-{request_id}",
+            payload={"avatar_id": "x"},
+            digest="d",
+            avatar_id="x",
+            metadata=None,
+            max_duration_seconds=None,
+            start_deadline_seconds=None,
+            traceparent=None,
+            **wish,  # type: ignore[arg-type]
+        ),
+        lease_seconds=60,
+    )
+
+
+def live_counts(db: Database, column: str) -> dict[str, int]:
+    """Live rows (starting, active, stopping) counted by ``column`` (account or tenant)."""
+    assert column in ("account", "tenant")
+    with db.transaction() as session:
+        found = session.execute(
+            text(
+                f"SELECT {column}, count(*) FROM sessions"
+                " WHERE status IN ('starting', 'active', 'stopping') GROUP BY 1"
+            )
+        ).all()
+    return {str(key): int(n) for key, n in found}
+
+
+def end_one_at_random(db: Database, rng: random.Random) -> None:
+    """End one starting or waiting row, as any terminal path would."""
+    with db.transaction() as session:
+        ids = list(
+            session.scalars(
+                text(
+                    "SELECT id FROM sessions WHERE status IN ('starting', 'waiting')"
+                    " ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED"
+                )
+            )
+        )
+        if ids:
+            end(
+                session, ids, rng.choice([S.ENDED, S.FAILED]), from_statuses=[S.STARTING, S.WAITING]
+            )

@@ -20,6 +20,8 @@ from orchestrator.db.migrate import upgrade
 from orchestrator.store.ending import end
 from orchestrator.store.rows import S
 from tests.conftest import fresh_postgres_database
+from tests.helpers import claim_request as claim
+from tests.helpers import end_one_at_random, live_counts
 
 pytestmark = pytest.mark.postgres
 
@@ -32,53 +34,6 @@ SEEDS = [1, 2, 3]
 def accounts(db: Database) -> Database:
     store.sync_catalog(db, [store.CatalogEntry(n, cap, 1.0, LABELS[n]) for n, cap in CAPS.items()])
     return db
-
-
-def claim(db: Database, request_id: str, **wish: object) -> store.Claim:
-    return store.claim(
-        db,
-        store.ClaimRequest(
-            request_id=request_id,
-            claim_id=f"t-{request_id}",
-            payload={"avatar_id": "x"},
-            digest="d",
-            avatar_id="x",
-            metadata=None,
-            max_duration_seconds=None,
-            start_deadline_seconds=None,
-            traceparent=None,
-            **wish,  # type: ignore[arg-type]
-        ),
-        lease_seconds=60,
-    )
-
-
-def live_by_account(db: Database) -> dict[str, int]:
-    with db.transaction() as session:
-        found = session.execute(
-            text(
-                "SELECT account, count(*) FROM sessions"
-                " WHERE status IN ('starting', 'active', 'stopping') GROUP BY account"
-            )
-        ).all()
-    return {str(a): int(n) for a, n in found}
-
-
-def end_some(db: Database, rng: random.Random) -> None:
-    """End one live or waiting row, as any terminal path would."""
-    with db.transaction() as session:
-        ids = list(
-            session.scalars(
-                text(
-                    "SELECT id FROM sessions WHERE status IN ('starting', 'waiting')"
-                    " ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED"
-                )
-            )
-        )
-        if ids:
-            end(
-                session, ids, rng.choice([S.ENDED, S.FAILED]), from_statuses=[S.STARTING, S.WAITING]
-            )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -103,7 +58,7 @@ def test_concurrent_claims_and_ends_over_three_accounts_never_exceed_a_cap(
 
     def watch() -> None:
         while not done.is_set():
-            live = live_by_account(db)
+            live = live_counts(db, "account")
             if any(live.get(n, 0) > cap for n, cap in CAPS.items()):
                 over.append(live)
             for name in CAPS:
@@ -116,7 +71,7 @@ def test_concurrent_claims_and_ends_over_three_accounts_never_exceed_a_cap(
             if action < 0.6:
                 claim(db, f"{seed}-{index}-{step}", **rng.choice(wishes))
             elif action < 0.85:
-                end_some(db, rng)
+                end_one_at_random(db, rng)
             else:
                 store.admit(db, account=rng.choice(list(CAPS)))
 
@@ -137,7 +92,7 @@ def test_concurrent_claims_and_ends_over_three_accounts_never_exceed_a_cap(
     assert store.drift(db) == []
     states = {s.name: s for s in store.account_states(db)}
     for name, cap in CAPS.items():
-        assert states[name].in_use == live_by_account(db).get(name, 0) <= cap
+        assert states[name].in_use == live_counts(db, "account").get(name, 0) <= cap
     # Nothing waits that an account with a free slot could take (no lost wake-up), once
     # every account has run its admission.
     for name in CAPS:
@@ -274,7 +229,7 @@ def test_the_previous_releases_claim_and_this_ones_share_the_cap_of_default(
                 ]
             )
             assert outcomes.count("starting") <= cap, round_no
-            assert live_by_account(db).get("default", 0) <= cap, round_no
+            assert live_counts(db, "account").get("default", 0) <= cap, round_no
             assert store.drift(db) == []
             with db.transaction() as session:  # everything ends: the next round starts empty
                 ids = list(session.scalars(text("SELECT id FROM sessions WHERE status <> 'ended'")))

@@ -20,6 +20,7 @@ from orchestrator.store.rows import S
 from orchestrator.store.tenants import policies, set_policy, tenant_drift, usage
 from orchestrator.tenants import TenantPolicy
 from tests.conftest import fresh_postgres_database
+from tests.helpers import claim_request, end_one_at_random, live_counts
 
 pytestmark = pytest.mark.postgres
 
@@ -39,50 +40,7 @@ def pool(db: Database) -> Database:
 
 
 def claim(db: Database, request_id: str, tenant: str, **wish: object) -> store.Claim:
-    return store.claim(
-        db,
-        store.ClaimRequest(
-            request_id=request_id,
-            claim_id=f"t-{request_id}",
-            payload={"avatar_id": "x"},
-            digest="d",
-            avatar_id="x",
-            metadata=None,
-            max_duration_seconds=None,
-            start_deadline_seconds=None,
-            traceparent=None,
-            tenant=tenant,
-            **wish,  # type: ignore[arg-type]
-        ),
-        lease_seconds=60,
-    )
-
-
-def live_by_tenant(db: Database) -> dict[str, int]:
-    with db.transaction() as session:
-        found = session.execute(
-            text(
-                "SELECT tenant, count(*) FROM sessions"
-                " WHERE status IN ('starting', 'active', 'stopping') GROUP BY tenant"
-            )
-        ).all()
-    return {str(t): int(n) for t, n in found}
-
-
-def end_one(db: Database, rng: random.Random) -> None:
-    with db.transaction() as session:
-        ids = list(
-            session.scalars(
-                text(
-                    "SELECT id FROM sessions WHERE status IN ('starting', 'waiting')"
-                    " ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED"
-                )
-            )
-        )
-        if ids:
-            end(
-                session, ids, rng.choice([S.ENDED, S.FAILED]), from_statuses=[S.STARTING, S.WAITING]
-            )
+    return claim_request(db, request_id, tenant=tenant, **wish)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -99,7 +57,7 @@ def test_concurrent_claims_never_exceed_a_tenants_maximum_and_the_counters_stay_
 
     def watch() -> None:
         while not done.is_set():
-            live = live_by_tenant(db)
+            live = live_counts(db, "tenant")
             if any(live.get(t, 0) > m for t, m in MAXIMUMS.items()):
                 over.append(live)
             for name in MAXIMUMS:
@@ -112,7 +70,7 @@ def test_concurrent_claims_never_exceed_a_tenants_maximum_and_the_counters_stay_
             if action < 0.6:
                 claim(db, f"{seed}-{index}-{step}", rng.choice(tenants))
             elif action < 0.85:
-                end_one(db, rng)
+                end_one_at_random(db, rng)
             else:
                 store.admit(db, account=rng.choice(list(CAPS)))
 
@@ -134,7 +92,7 @@ def test_concurrent_claims_never_exceed_a_tenants_maximum_and_the_counters_stay_
     assert store.drift(db) == []
     counted = {u.name: u.in_use for u in usage(db)}
     assert {t: counted.get(t, 0) for t in tenants} == {
-        t: live_by_tenant(db).get(t, 0) for t in tenants
+        t: live_counts(db, "tenant").get(t, 0) for t in tenants
     }
 
 
@@ -152,7 +110,7 @@ def test_a_tenant_at_its_maximum_holds_no_other_tenant_back(pool: Database) -> N
         end(session, [first], S.ENDED, from_statuses=[S.STARTING])
     admitted = store.admit(db, account="a") + store.admit(db, account="b")
     assert [session_id for session_id, _ in admitted] == [held.session_id]
-    assert live_by_tenant(db)["small"] == 2
+    assert live_counts(db, "tenant")["small"] == 2
     assert tenant_drift(db) == []
 
 
@@ -235,5 +193,5 @@ def test_one_admission_stops_a_tenant_at_its_maximum_and_fills_the_rest(pool: Da
     admitted = [session_id for session_id, _ in store.admit(db, account="b")]
     # Three free slots: small's two oldest (its maximum), then the next tenant's request.
     assert admitted == [small[0].session_id, small[1].session_id, young.session_id]
-    assert live_by_tenant(db)["small"] == 2
+    assert live_counts(db, "tenant")["small"] == 2
     assert tenant_drift(db) == []
