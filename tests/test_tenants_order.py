@@ -18,7 +18,8 @@ from orchestrator.store.ending import end
 from orchestrator.store.rows import S
 from orchestrator.store.tenants import set_policy, tenant_drift
 from orchestrator.tenants import TenantPolicy
-from tests.test_tenants_counters import CAPS, claim, live_by_tenant
+from tests.helpers import live_counts
+from tests.test_tenants_counters import CAPS, claim
 
 pytestmark = pytest.mark.postgres
 
@@ -102,18 +103,18 @@ def test_seeded_schedules_keep_guarantees_first_maximums_and_exact_counters(
         action = rng.random()
         if action < 0.55:
             tenant = rng.choice(tenants)
-            held = live_by_tenant(db).get(tenant, 0)
+            held = live_counts(db, "tenant").get(tenant, 0)
             claimed = claim(db, f"{seed}-{step}", tenant)
             maximum = policies[tenant].maximum if tenant in policies else None
             if claimed.status == "starting" and maximum is not None:
                 assert held < maximum, (step, tenant, held)
         elif action < 0.95:
-            before_live, before_waiting = live_by_tenant(db), waiting_by_tenant(db)
+            before_live, before_waiting = live_counts(db, "tenant"), waiting_by_tenant(db)
             freed = end_one_live(db, rng)
             if freed is None:
                 continue
             # The live counts the decision saw: the ended session's tenant one fewer.
-            before_live = live_by_tenant(db)
+            before_live = live_counts(db, "tenant")
             admitted = store.admit(db, account=freed)
             below = {
                 t
@@ -138,4 +139,4 @@ def test_seeded_schedules_keep_guarantees_first_maximums_and_exact_counters(
             )
             set_policy(db, policies[name])
         assert tenant_drift(db) == [], step
-    assert sum(live_by_tenant(db).values()) <= sum(CAPS.values())
+    assert sum(live_counts(db, "tenant").values()) <= sum(CAPS.values())
