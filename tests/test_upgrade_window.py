@@ -18,12 +18,13 @@ from orchestrator.config import Settings
 from orchestrator.db.compatibility import TABLE
 from orchestrator.db.migrate import alembic_config, downgrade, upgrade
 from orchestrator.preflight import NotMigrated, schema_revision
-from tests.conftest import WorkerProcess, fresh_postgres_database, settings_env
+from tests.conftest import WorkerProcess, fresh_postgres_database, settings_env, wait_until
 from tests.test_cli_errors import one_line, orchestrator
 
 pytestmark = pytest.mark.postgres
 FUTURE = "9000_from_a_later_release"
 BEAT_SECONDS = 4.0
+BEAT_START_TIMEOUT = 60.0
 
 
 def head(url: str) -> str:
@@ -134,17 +135,29 @@ def test_worker_and_beat_start_on_a_later_revision_that_serves_them(
         assert worker.process.poll() is None, worker.log()
     finally:
         worker.stop()
-    beat = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "beat"],
-        env={**settings_env(settings), "ORCHESTRATOR_STATE_DIR": str(tmp_path / "beat")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log_path = tmp_path / "beat.log"
+    with log_path.open("w") as log:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "beat"],
+            env={**settings_env(settings), "ORCHESTRATOR_STATE_DIR": str(tmp_path / "beat")},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def started() -> bool:
+        output = log_path.read_text()
+        return beat.poll() is not None or any(
+            line in output for line in ("Scheduler: Sending due task", "beat: Starting")
+        )
+
     try:
-        time.sleep(BEAT_SECONDS)  # a refusal exits at once (the test above)
-        assert beat.poll() is None, beat.communicate(timeout=10)[0]
+        # A refusal exits at once (the test above); a loaded machine may take a while to start.
+        wait_until(started, timeout=BEAT_START_TIMEOUT, what="beat's start line")
+        time.sleep(BEAT_SECONDS)
+        assert beat.poll() is None, log_path.read_text()
     finally:
         beat.terminate()
-        output = beat.communicate(timeout=30)[0]
+        beat.wait(timeout=30)
+    output = log_path.read_text()
     assert "Scheduler: Sending due task" in output or "beat: Starting" in output, output

@@ -23,6 +23,9 @@ from tests.faults.tcp_proxy import TcpProxy
 from tests.helpers import event_kinds, row, row_or_none
 from tests.threads import in_background
 
+PATIENT_VENDOR_SECONDS = 20.0
+SLOW_REPLY = 10.0  # inside PATIENT_VENDOR_SECONDS, longer than a crash and restart under load
+
 pytestmark = [pytest.mark.postgres, pytest.mark.faults]
 
 
@@ -38,6 +41,24 @@ def crash_lifecycle(
     crashable: CrashablePostgres, settings_for: Callable[..., Settings], simulator: SimulatorServer
 ) -> Iterator[Lifecycle]:
     lc = inline_lifecycle(settings_for(database_url=crashable.url, max_concurrent_sessions=1))
+    yield lc
+    lc.close()
+
+
+@pytest.fixture
+def patient_crash_lifecycle(
+    crashable: CrashablePostgres, settings_for: Callable[..., Settings], simulator: SimulatorServer
+) -> Iterator[Lifecycle]:
+    """A vendor timeout long enough for a slow reply to outlast a crash and restart of
+    Postgres on a loaded machine (with the tests' 5 s a 4 s reply had to beat the restart)."""
+    settings = settings_for(
+        database_url=crashable.url,
+        max_concurrent_sessions=1,
+        vendor_timeout_seconds=PATIENT_VENDOR_SECONDS,
+        start_timeout_seconds=3 * PATIENT_VENDOR_SECONDS,
+        orphan_grace_seconds=4 * PATIENT_VENDOR_SECONDS,
+    )
+    lc = inline_lifecycle(settings)
     yield lc
     lc.close()
 
@@ -89,15 +110,16 @@ def test_a_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_dropped(
 @pytest.mark.parametrize("status", [400, 409], ids=["refused", "at-its-limit"])
 def test_a_refused_start_whose_row_was_lost_in_a_crash_is_claimed_again_not_acked(
     crashable: CrashablePostgres,
-    crash_lifecycle: Lifecycle,
+    patient_crash_lifecycle: Lifecycle,
     simulator: SimulatorServer,
     status: int,
 ) -> None:
     """Every outcome of the vendor call, not only its yes: a refusal (recorded as ``failed``)
     and "the account is at its limit" (back to ``waiting``) find no row after the crash."""
-    lc = crash_lifecycle
-    # Long enough for the crash, the restart and the pool's renewal to happen inside the call.
-    simulator.push_fault({"endpoint": "start", "status": status, "delay_seconds": 4.0})
+    lc = patient_crash_lifecycle
+    # Long enough for the crash, the restart and the pool's renewal to happen inside the call,
+    # also on a loaded machine (4 s was not, once: the reply found the dead pool).
+    simulator.push_fault({"endpoint": "start", "status": status, "delay_seconds": SLOW_REPLY})
     first_delivery = in_background(lambda: start(lc, "t-1", "refused"))
     wait_until(lambda: simulator.stats()["endpoints"]["start"]["calls"] > 0, 5, 0.01)
     crashable.crash()  # the claim had not reached the disk
