@@ -39,6 +39,9 @@ def test_a_claim_leaves_the_slots_another_tenants_reservation_needs(pool: Databa
     set_policy(db, TenantPolicy(name="vip", guaranteed=3, reserved=3))
     # Seven slots, three kept for vip: the fifth claim of bulk waits.
     assert statuses(db, "bulk", 5, "bulk-") == ["starting"] * 4 + ["waiting"]
+    # The admission its commit asks for (a slot is free) keeps them too, with one tenant
+    # waiting as with several.
+    assert store.admit(db, account="a") == [] and store.admit(db, account="b") == []
     # vip takes its reserved slots at once, past bulk's older request the reservation keeps
     # out; its fourth request finds the pool full.
     assert statuses(db, "vip", 4, "vip-") == ["starting"] * 3 + ["waiting"]

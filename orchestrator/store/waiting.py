@@ -72,7 +72,9 @@ def admit(db: Database, *, account: str = VENDOR_ACCOUNT) -> list[tuple[uuid.UUI
             return admitted
         now = db_now(session)
         waiting = tenant_order.backlog(session, account, found.labels)
-        if len(waiting) > 1:  # several tenants wait for this account: their order decides
+        # Several tenants wait for this account, or reservations may keep its free slots:
+        # the tenants' order decides.
+        if len(waiting) > 1 or (waiting and session.scalar(tenant_order.ANY_RESERVATION)):
             ids = tenant_order.admit_in_order(
                 session, account=account, labels=found.labels, free=free, now=now, waiting=waiting
             )
