@@ -82,6 +82,38 @@ def test_a_claim_that_names_no_account_does_not_wait_for_a_decision_on_another(
     assert (claimed.status, claimed.account) == ("starting", "b")
 
 
+def test_a_claim_passes_over_the_first_ranked_account_while_another_decision_holds_it(
+    db: Database,
+) -> None:
+    """``a`` and ``b`` have the same free share, so ``a`` ranks first (by name) for every claim
+    that names no account. While a transaction holds ``a``'s row (as a claim deciding on
+    ``a`` would), the next such claim does not queue behind it: it takes ``b``."""
+    store.sync_catalog(
+        db,
+        [store.CatalogEntry("a", 10, 1.0, {}), store.CatalogEntry("b", 10, 1.0, {})],
+    )
+    with db.transaction() as session:  # only a and b admit in this test
+        session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold_a() -> None:
+        with db.transaction() as session:
+            session.execute(text("SELECT FROM vendor_accounts WHERE name = 'a' FOR UPDATE"))
+            holding.set()
+            release.wait(HELD_SECONDS)
+
+    holder = in_background(hold_a)
+    try:
+        assert holding.wait(HELD_SECONDS)
+        claimed = claim_quickly(db, "second", tenant="other")
+    finally:
+        release.set()
+        holder.result(timeout=HELD_SECONDS)
+    assert (claimed.status, claimed.account) == ("starting", "b")
+    assert claim_request(db, "third").account == "a"  # a ranks first again once free
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13, 14])
 def test_unnamed_claims_over_many_accounts_hold_every_cap_without_a_deadlock(
     db: Database, seed: int

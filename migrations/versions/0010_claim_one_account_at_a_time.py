@@ -19,9 +19,12 @@ p_keep_reservations boolean)``: 0009's claim with two changes.
   the reservations below) and inserts the row ``starting`` there; a rejected account's lock
   (and the tenant's, taken after it) is released by ending the subtransaction before the next
   is tried. A claim never holds two accounts' rows, so the order it tries them in cannot
-  deadlock with anything. If none takes it, the row is inserted ``waiting`` (the account it
-  names, if any, locked first: the counter's trigger locks it, and always before the
-  tenant's row) and the caller re-reads the eligible accounts' counters after the commit,
+  deadlock with anything. Unnamed claims rank alike, so the first sweep locks with ``SKIP
+  LOCKED`` (an account another decision holds is passed over for the next in rank); only if
+  none took the request does a second sweep wait for those passed over, in rank order. If
+  none takes it, the row is inserted ``waiting`` (the account it names, if any, locked
+  first: the counter's trigger locks it, and always before the tenant's row) and the caller
+  re-reads the eligible accounts' counters after the commit,
   admitting if a slot is free (the lost wake-up, docs/admission.md "One decision" step 4).
 - **Reservations** (``p_keep_reservations``): a claim of a tenant without an unfilled
   reservation of its own takes a slot only if the pool's free slots, less this one, still
@@ -102,7 +105,9 @@ CREATE FUNCTION orchestrator_claim(
 ) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     starting boolean;
-    candidate record;
+    ranked text[];
+    passed_over text[];
+    candidate text;
     locked_name text;
     locked_cap integer;
     locked_live integer;
@@ -145,66 +150,86 @@ BEGIN
     tenant_full := tenant_maximum IS NOT NULL AND coalesce(
         (SELECT u.in_use FROM tenant_usage u WHERE u.name = p_tenant), 0) >= tenant_maximum;
     reservations := p_keep_reservations AND EXISTS (SELECT FROM tenants p WHERE p.reserved > 0);
-    -- Rank without locks; lock, re-check and take one account at a time.
-    FOR candidate IN
-        SELECT a.name FROM vendor_accounts a
+    -- Rank without locks; lock, re-check and take one account at a time: first passing over
+    -- the accounts another decision holds (SKIP LOCKED), then, if every one was held (or
+    -- none took the request), waiting for those passed over, in rank order.
+    SELECT array_agg(r.name ORDER BY r.share DESC, r.name) INTO ranked FROM (
+        SELECT a.name,
+               a.weight * CASE WHEN coalesce(a.effective_cap, 0) = 0 THEN 1.0
+                               ELSE (a.effective_cap - a.in_use)::float8 / a.effective_cap
+                          END AS share
+          FROM vendor_accounts a
          WHERE NOT tenant_full AND {OPEN}
            AND {ELIGIBLE}
-           AND {FREE}
-         ORDER BY a.weight * CASE WHEN coalesce(a.effective_cap, 0) = 0 THEN 1.0
-                                  ELSE (a.effective_cap - a.in_use)::float8 / a.effective_cap
-                             END DESC, a.name
-    LOOP
-        free_elsewhere := true;
-        BEGIN
-            locked_name := NULL;
-            SELECT a.name, a.effective_cap, a.in_use, a.labels
-              INTO locked_name, locked_cap, locked_live, locked_labels
-              FROM vendor_accounts a
-             WHERE a.name = candidate.name AND {OPEN}
-               AND {ELIGIBLE}
-             FOR UPDATE;
-            IF locked_name IS NULL
-               OR NOT (locked_cap IS NULL OR locked_live < locked_cap) THEN
-                RAISE EXCEPTION USING ERRCODE = '{NOT_HERE}';
-            END IF;
-            -- The tenant's usage row, after the account's (its maximum holds across accounts).
-            INSERT INTO tenant_usage (name) VALUES (p_tenant) ON CONFLICT (name) DO NOTHING;
-            SELECT u.in_use, u.waiting INTO tenant_live, tenant_waiting
-              FROM tenant_usage u WHERE u.name = p_tenant FOR UPDATE;
-            IF tenant_maximum IS NOT NULL AND tenant_live >= tenant_maximum THEN
-                tenant_full := true;  -- PL/pgSQL variables survive the rollback below
-                RAISE EXCEPTION USING ERRCODE = '{NOT_HERE}';
-            END IF;
-            -- The reservations: a slot taken now by a tenant without an unfilled one of its
-            -- own must leave the pool enough free slots for every unfilled one.
-            IF reservations THEN
-                {RESERVATIONS};
-                kept := NOT pool_unbounded AND pool_free - 1 < all_unfilled;
-                IF kept AND own_unfilled = 0 THEN
+           AND {FREE}) AS r;
+    free_elsewhere := ranked IS NOT NULL;
+    FOR sweep IN 1..2 LOOP
+        passed_over := '{{}}';
+        FOREACH candidate IN ARRAY coalesce(ranked, '{{}}') LOOP
+            BEGIN
+                locked_name := NULL;
+                IF sweep = 1 THEN
+                    SELECT a.name, a.effective_cap, a.in_use, a.labels
+                      INTO locked_name, locked_cap, locked_live, locked_labels
+                      FROM vendor_accounts a
+                     WHERE a.name = candidate AND {OPEN}
+                       AND {ELIGIBLE}
+                     FOR UPDATE SKIP LOCKED;
+                    IF locked_name IS NULL THEN
+                        passed_over := passed_over || candidate;  -- held, or closed meanwhile
+                    END IF;
+                ELSE
+                    SELECT a.name, a.effective_cap, a.in_use, a.labels
+                      INTO locked_name, locked_cap, locked_live, locked_labels
+                      FROM vendor_accounts a
+                     WHERE a.name = candidate AND {OPEN}
+                       AND {ELIGIBLE}
+                     FOR UPDATE;
+                END IF;
+                IF locked_name IS NULL
+                   OR NOT (locked_cap IS NULL OR locked_live < locked_cap) THEN
                     RAISE EXCEPTION USING ERRCODE = '{NOT_HERE}';
                 END IF;
-            END IF;
-            -- Rule 4: no waiting request this account could serve first (one whose tenant is
-            -- at its maximum could not, nor one the reservations keep out of the free slots).
-            IF EXISTS (
-                   SELECT FROM sessions w
-                    WHERE w.status = 'waiting'
-                      AND (w.account = locked_name
-                           OR (w.account IS NULL
-                               AND (w.requested_labels IS NULL
-                                    OR locked_labels @> w.requested_labels)))
-                      AND NOT {AT_MAXIMUM.format(t="w.tenant")}
-                      AND NOT (kept AND NOT w.tenant = ANY(unfilled_tenants))) THEN
-                RAISE EXCEPTION USING ERRCODE = '{NOT_HERE}';
-            END IF;
-            account := locked_name;
-            cap := locked_cap;
-            live := locked_live;
-        EXCEPTION WHEN SQLSTATE '{NOT_HERE}' THEN
-            NULL;  -- the subtransaction's end released this account's and the tenant's rows
-        END;
+                -- The tenant's usage row, after the account's (its maximum holds across accounts).
+                INSERT INTO tenant_usage (name) VALUES (p_tenant) ON CONFLICT (name) DO NOTHING;
+                SELECT u.in_use, u.waiting INTO tenant_live, tenant_waiting
+                  FROM tenant_usage u WHERE u.name = p_tenant FOR UPDATE;
+                IF tenant_maximum IS NOT NULL AND tenant_live >= tenant_maximum THEN
+                    tenant_full := true;  -- PL/pgSQL variables survive the rollback below
+                    RAISE EXCEPTION USING ERRCODE = '{NOT_HERE}';
+                END IF;
+                -- The reservations: a slot taken now by a tenant without an unfilled one of its
+                -- own must leave the pool enough free slots for every unfilled one.
+                IF reservations THEN
+                    {RESERVATIONS};
+                    kept := NOT pool_unbounded AND pool_free - 1 < all_unfilled;
+                    IF kept AND own_unfilled = 0 THEN
+                        RAISE EXCEPTION USING ERRCODE = '{NOT_HERE}';
+                    END IF;
+                END IF;
+                -- Rule 4: no waiting request this account could serve first (one whose tenant is
+                -- at its maximum could not, nor one the reservations keep out of the free slots).
+                IF EXISTS (
+                       SELECT FROM sessions w
+                        WHERE w.status = 'waiting'
+                          AND (w.account = locked_name
+                               OR (w.account IS NULL
+                                   AND (w.requested_labels IS NULL
+                                        OR locked_labels @> w.requested_labels)))
+                          AND NOT {AT_MAXIMUM.format(t="w.tenant")}
+                          AND NOT (kept AND NOT w.tenant = ANY(unfilled_tenants))) THEN
+                    RAISE EXCEPTION USING ERRCODE = '{NOT_HERE}';
+                END IF;
+                account := locked_name;
+                cap := locked_cap;
+                live := locked_live;
+            EXCEPTION WHEN SQLSTATE '{NOT_HERE}' THEN
+                NULL;  -- the subtransaction's end released this account's and the tenant's rows
+            END;
+            EXIT WHEN account IS NOT NULL OR tenant_full;
+        END LOOP;
         EXIT WHEN account IS NOT NULL OR tenant_full;
+        ranked := passed_over;
     END LOOP;
     starting := account IS NOT NULL;
     IF NOT starting THEN
