@@ -238,9 +238,12 @@ def test_the_accounts_command_shows_and_steers_the_accounts_and_never_a_key(
 def test_an_account_answering_5xx_is_cut_off_after_three_calls_and_back_after_a_good_list(
     pool: Lifecycle, sim: SimulatorServer
 ) -> None:
+    from orchestrator.lifecycle import admit_waiting
+
     sim.configure_account("a", server_errors=True)
     outcomes = [start(pool, f"bad-{i}", account="a") for i in range(3)]
-    assert outcomes == ["failed"] * 3  # each a failed call on a (its retries are one call)
+    assert outcomes == ["waiting"] * 3  # they name a: they wait for it (the first failed once)
+    admit_waiting(pool)  # a is tried again for the two oldest: three failed calls in all
     states = {s.name: s for s in store.account_states(pool.db)}
     assert states["a"].health == "circuit-open"
     assert states["a"].consecutive_failures == 3 and states["a"].last_error
@@ -251,10 +254,14 @@ def test_an_account_answering_5xx_is_cut_off_after_three_calls_and_back_after_a_
     sim.configure_account("a", server_errors=False)
     reconcile(pool)  # a's list, the cheap call, succeeds: the circuit closes
     assert {s.name: s.health for s in store.account_states(pool.db)}["a"] == "ok"
-    from orchestrator.lifecycle import admit_waiting
-
-    admit_waiting(pool)
-    assert (row(pool.db, "named-a").status, row(pool.db, "named-a").account) == ("active", "a")
+    admit_waiting(pool)  # a's two slots go to the oldest requests waiting for it
+    named = ["bad-0", "bad-1", "bad-2", "named-a"]
+    assert [(row(pool.db, r).status, row(pool.db, r).account) for r in named] == [
+        ("active", "a"),
+        ("active", "a"),
+        ("waiting", "a"),
+        ("waiting", "a"),
+    ]
 
 
 def test_a_refused_key_disables_its_account_and_nothing_else(
@@ -447,3 +454,35 @@ def test_a_pool_wide_start_its_account_fails_waits_for_that_list_then_goes_anywh
     reconcile(pool)  # a's list is read: its circuit closes and the bound requests go free
     admit_waiting(pool)
     assert [row(pool.db, f"p-{i}").status for i in range(6)] == ["active"] * 6
+
+
+def test_a_start_naming_an_unhealthy_account_waits_for_it_until_its_deadline(
+    pool: Lifecycle, sim: SimulatorServer
+) -> None:
+    """Account a answers 5xx to every call. A start that names a is not failed: it waits
+    for a alone (the failure uncertain, so bound to a in any case) while a's circuit opens,
+    and goes active on a once a good list closes it. One that names a and whose deadline
+    passes while a is still sick fails then, naming a."""
+    from orchestrator.lifecycle import admit_waiting
+
+    sim.configure_account("a", server_errors=True)
+    assert start(pool, "named", account="a") == "waiting"
+    assert start(pool, "short", account="a", start_deadline_seconds=2) == "waiting"
+    for _ in range(3):  # admission passes try a again while its circuit is closed
+        admit_waiting(pool)
+    assert {s.name: s.health for s in store.account_states(pool.db)}["a"] == "circuit-open"
+    named = row(pool.db, "named")
+    assert (named.status, named.account) == ("waiting", "a")
+    deadline = time.monotonic() + 10
+    while row(pool.db, "short").status == "waiting" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        admit_waiting(pool)
+    short = row(pool.db, "short")
+    assert (short.status, short.error_code) == ("failed", "CAPACITY_TIMEOUT")
+    assert "account a" in (short.error_message or ""), short.error_message
+    assert "circuit open" in (short.error_message or ""), short.error_message
+    sim.configure_account("a", server_errors=False)
+    reconcile(pool)  # a's list succeeds: the circuit closes
+    admit_waiting(pool)
+    named = row(pool.db, "named")
+    assert (named.status, named.account) == ("active", "a")

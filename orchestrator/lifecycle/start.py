@@ -42,6 +42,7 @@ from orchestrator.lifecycle.start_refused import (
     note_limit,
     uncertain_failure,
     wait_for_another_account,
+    wait_for_its_account,
 )
 from orchestrator.lifecycle.tenancy import tenant_of
 from orchestrator.retries import waits_for_a_slot_again
@@ -336,7 +337,7 @@ def _call_vendor(
                 return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure: DeepBrainError = error
     except (VendorUnavailable, VendorServerError) as error:
-        if wait_for_another_account(lc, ticket, error):
+        if wait_for_another_account(lc, ticket, error) or wait_for_its_account(lc, ticket, error):
             return StartOutcome(ticket.request_id, "waiting", error.error_code)
         failure = error
     except DeepBrainError as error:

@@ -1,7 +1,7 @@
 """What a start does when its account refuses or fails it: the vendor's limit reply lowers
 the account's cap, a pool-wide start waits for another account (an uncertain one only once
-its account's list has been read), and a row lost in a crash of the database is claimed
-again."""
+its account's list has been read), a start naming its account waits for that account, and a
+row lost in a crash of the database is claimed again."""
 
 from __future__ import annotations
 
@@ -42,6 +42,33 @@ def wait_for_another_account(
         ticket.account,
         error.error_code,
         "for its list to be read" if uncertain else "for another account",
+        error,
+    )
+    return True
+
+
+def wait_for_its_account(lc: Lifecycle, ticket: store.StartTicket, error: DeepBrainError) -> bool:
+    """A start that names its account, which failed it (unreachable, 5xx, timeout), waits for
+    that account alone (its waiting deadline fails it, naming the account) instead of failing:
+    while the account's circuit is open (the account is sick, not the request), or while
+    attempts remain (the circuit opens after a few failed calls in a row)."""
+    circuit_open = store.named_account_circuit_open(lc.db, ticket)
+    if circuit_open is None:
+        return False  # it names no account: wait_for_another_account decides
+    if not (circuit_open or waits_for_a_slot_again(lc.settings, ticket.attempt)):
+        return False
+    uncertain = uncertain_failure(error)
+    waiting = store.back_to_waiting(
+        lc.db, ticket, vendor_error=error.error_code, uncertain=uncertain
+    )
+    claim_again_if_gone(waiting)
+    if waiting is not store.Recorded.YES:
+        return False
+    logger.warning(
+        "start of %s failed on the account it names, %s (%s), waiting for it: %s",
+        ticket.request_id,
+        ticket.account,
+        error.error_code,
         error,
     )
     return True

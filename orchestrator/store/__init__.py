@@ -46,6 +46,7 @@ from orchestrator.store.invalid import record_invalid
 from orchestrator.store.rewaiting import (
     another_account_may_serve,
     back_to_waiting,
+    named_account_circuit_open,
     release_uncertain_waits,
 )
 from orchestrator.store.rows import (
@@ -150,6 +151,7 @@ __all__ = [
     "log_compensation",
     "log_orphan_stop",
     "lower_cap_to_in_use",
+    "named_account_circuit_open",
     "open_accounts",
     "owned_vendor_ids",
     "probe_cap_up",

@@ -1,6 +1,7 @@
 """Admission: the claim of a new request (one statement, ``orchestrator_claim``: the request's
-lock, then the eligible accounts' rows), the move of waiting rows into an account's free slots,
-and deadlines of waiting rows. docs/admission.md is the design.
+lock, then one eligible account's row at a time in rank order, each given up before the next
+is locked), the move of waiting rows into an account's free slots, and deadlines of waiting
+rows. docs/admission.md is the design.
 
 ``orchestrator_claim`` (the version this code calls) is defined by migration
 :data:`CLAIM_FUNCTION_MIGRATION`; tests/test_store.py pins its lock keys to
@@ -36,7 +37,7 @@ from orchestrator.store.rows import (
 )
 from orchestrator.store.starts import StartTicket
 
-CLAIM_FUNCTION_MIGRATION = "0009"  # defines the orchestrator_claim called
+CLAIM_FUNCTION_MIGRATION = "0010"  # defines the orchestrator_claim called
 # The previous release's one admission lock. A claim or admission that may use ``default``
 # still takes it while releases before accounts may run beside this one (migration 0007).
 ADMISSION_LOCK_KEY = 0x5E5511
@@ -83,7 +84,8 @@ _CLAIM = text(
     " FROM orchestrator_claim("
     ":id, :request_id, :claim_id, :avatar_id, :payload, :digest, :metadata,"
     " :max_duration_seconds, :start_deadline_seconds, :traceparent, CAST(:account AS text),"
-    " :labels, CAST(:tenant AS text), :attempt_owner, :lease_seconds, :lock_timeout_ms)"
+    " :labels, CAST(:tenant AS text), :attempt_owner, :lease_seconds, :lock_timeout_ms,"
+    " true)"  # keep the slots other tenants' unfilled reservations need
 ).bindparams(
     bindparam("payload", type_=JSONDocument),
     bindparam("metadata", type_=JSONDocument),
@@ -119,9 +121,11 @@ def claim(
     """Create the row for the request — ``starting`` on the eligible open account with the
     most weighted free share (its first attempt counted, its lease taken from when the locks
     were granted) if one has a slot no older waiting request could take, else ``waiting`` —
-    or say why this message finds one already. A stop that came first ends the request here,
-    with no vendor call. AdmissionBusy if the locks are not granted within
-    ``lock_wait_seconds``."""
+    or say why this message finds one already. A slot the other tenants' unfilled
+    reservations need is not taken. A row that waits is followed, after its commit, by a
+    look at the eligible accounts' counters: a slot freed meanwhile admits (no lost
+    wake-up). A stop that came first ends the request here, with no vendor call.
+    AdmissionBusy if the locks are not granted within ``lock_wait_seconds``."""
     for _ in range(3):
         claimed = _try_claim(db, request, lease_seconds, lock_wait_seconds)
         if claimed is not None:
@@ -172,7 +176,7 @@ def _try_claim(
             # The message is acknowledged on the strength of this claim, which committed
             # without waiting for the disk: make it durable first.
             db.durability_barrier()
-            if found.free_elsewhere:
+            if found.free_elsewhere or _free_slot_for(db, request):
                 db.fire(AfterCommit.SLOT_FREED)  # older requests wait while slots are free
             return Claim(ClaimOutcome.NEW, found.session_id, found.status, None, found.account)
         ticket = StartTicket(
@@ -188,6 +192,35 @@ def _try_claim(
         )
         return Claim(ClaimOutcome.NEW, found.session_id, found.status, ticket, found.account)
     return _existing_row(db, request)
+
+
+# After a claim committed its row ``waiting``: is a slot free on an open account it may use,
+# its tenant below its maximum? The claim held one account's row at a time, so a slot may
+# have freed on another after the claim looked at it; the freer's own admission ran before
+# the row was there (docs/admission.md, "One decision", step 4).
+_FREE_SLOT_FOR = text(
+    "SELECT EXISTS (SELECT FROM vendor_accounts a"
+    "   WHERE a.in_catalog AND a.enabled AND NOT a.draining"
+    "     AND (a.circuit_open_until IS NULL OR a.circuit_open_until <= clock_timestamp())"
+    "     AND (CAST(:account AS text) IS NULL OR a.name = :account)"
+    "     AND (CAST(:labels AS jsonb) IS NULL OR a.labels @> CAST(:labels AS jsonb))"
+    "     AND (a.effective_cap IS NULL OR a.in_use < a.effective_cap))"
+    " AND NOT EXISTS (SELECT FROM tenants p JOIN tenant_usage u ON u.name = p.name"
+    "   WHERE p.name = :tenant AND p.maximum IS NOT NULL AND u.in_use >= p.maximum)"
+).bindparams(bindparam("labels", type_=LABELS))
+
+
+def _free_slot_for(db: Database, request: ClaimRequest) -> bool:
+    with db.autocommit() as connection:
+        free = connection.execute(
+            _FREE_SLOT_FOR,
+            {
+                "account": request.account,
+                "labels": dict(request.labels) if request.labels else None,
+                "tenant": request.tenant,
+            },
+        ).scalar_one()
+    return bool(free)
 
 
 @contextmanager

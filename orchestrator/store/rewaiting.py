@@ -40,6 +40,22 @@ def another_account_may_serve(db: Database, ticket: StartTicket) -> bool:
         return bool(found)
 
 
+_CIRCUIT_OPEN = text(
+    "SELECT coalesce(circuit_open_until > clock_timestamp(), false) FROM vendor_accounts"
+    " WHERE name = :account"
+)
+
+
+def named_account_circuit_open(db: Database, ticket: StartTicket) -> bool | None:
+    """Whether the account a start names has its circuit open now; None if the request
+    names no account (or its row is gone)."""
+    with db.transaction() as session:
+        row = session.get(SessionRow, ticket.session_id)
+        if row is None or row.requested_account is None:
+            return None
+        return bool(session.scalar(_CIRCUIT_OPEN, {"account": row.requested_account}))
+
+
 def back_to_waiting(
     db: Database, ticket: StartTicket, *, vendor_error: str, uncertain: bool = False
 ) -> Recorded | NotRecorded:

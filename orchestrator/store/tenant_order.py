@@ -49,12 +49,21 @@ _NEXT = text(
 # Whether requests of more than one tenant wait anywhere: a look at the usage rows, so the
 # common case (one tenant waits) reads no waiting row here.
 _SEVERAL_WAIT = text("SELECT count(*) FROM (SELECT FROM tenant_usage WHERE waiting > 0 LIMIT 2) w")
+# Whether any tenant has a non-lendable reservation (then even one tenant's requests go
+# through ``choose``, which keeps the free slots the others' reservations need).
+ANY_RESERVATION = text("SELECT EXISTS (SELECT FROM tenants WHERE reserved > 0)")
+
+
+def needs_order(session: Session) -> bool:
+    """Whether a freed slot's taker is for ``choose`` to decide: requests of several tenants
+    wait, or a reservation may keep the slot."""
+    return (session.scalar(_SEVERAL_WAIT) or 0) >= 2 or bool(session.scalar(ANY_RESERVATION))
 
 
 def backlog(session: Session, account: str, labels: object) -> list[Row[tuple[str, int, datetime]]]:
-    """Per tenant, the requests waiting that ``account`` may serve; none if at most one
-    tenant has requests waiting at all (its oldest go first, no order to decide)."""
-    if (session.scalar(_SEVERAL_WAIT) or 0) < 2:
+    """Per tenant, the requests waiting that ``account`` may serve; none if no order is to
+    be decided (:func:`needs_order`: one tenant waits, no reservation; its oldest go first)."""
+    if not needs_order(session):
         return []
     return list(session.execute(_BACKLOG, {"account": account, "labels": labels}).all())
 

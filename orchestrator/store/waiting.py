@@ -72,7 +72,9 @@ def admit(db: Database, *, account: str = VENDOR_ACCOUNT) -> list[tuple[uuid.UUI
             return admitted
         now = db_now(session)
         waiting = tenant_order.backlog(session, account, found.labels)
-        if len(waiting) > 1:  # several tenants wait for this account: their order decides
+        # Several tenants wait for this account, or reservations may keep its free slots:
+        # the tenants' order decides.
+        if len(waiting) > 1 or (waiting and session.scalar(tenant_order.ANY_RESERVATION)):
             ids = tenant_order.admit_in_order(
                 session, account=account, labels=found.labels, free=free, now=now, waiting=waiting
             )
@@ -163,23 +165,46 @@ def open_accounts(db: Database) -> list[str]:
         )
 
 
+# Why an account gave a request bound to it no slot (its name is the operator's, no secret).
+_ACCOUNT_STATE = text(
+    "SELECT CASE WHEN NOT in_catalog THEN 'not in the catalog'"
+    " WHEN NOT enabled THEN 'disabled' WHEN draining THEN 'draining'"
+    " WHEN circuit_open_until > clock_timestamp() THEN 'circuit open'"
+    " ELSE 'no slot free' END FROM vendor_accounts WHERE name = :account"
+)
+
+
 def expire_waiting(db: Database) -> list[str]:
-    """``waiting`` rows past their ``start_deadline_at`` → ``failed`` ``CAPACITY_TIMEOUT``."""
+    """``waiting`` rows past their ``start_deadline_at`` → ``failed`` ``CAPACITY_TIMEOUT``; a
+    request bound to an account (named, or an uncertain failure's) is told which, and why."""
+    expired: list[str] = []
     with db.transaction() as session:
-        ids = session.scalars(
-            select(SessionRow.id)
+        found = session.execute(
+            select(SessionRow.id, SessionRow.account)
             .where(SessionRow.status == S.WAITING.value, SessionRow.start_deadline_at <= func.now())
             .with_for_update(skip_locked=True)
         ).all()
-        ended = end(
-            session,
-            ids,
-            S.FAILED,
-            from_statuses=[S.WAITING],
-            error_code="CAPACITY_TIMEOUT",
-            error_message="no free session slot before start_deadline_seconds passed",
-        )
-        return [e.request_id for e in ended]
+        by_account: dict[str | None, list[uuid.UUID]] = {}
+        for row_id, account in found:
+            by_account.setdefault(account, []).append(row_id)
+        for account, ids in sorted(by_account.items(), key=lambda item: item[0] or ""):
+            message = "no free session slot before start_deadline_seconds passed"
+            if account is not None:
+                why = session.scalar(_ACCOUNT_STATE, {"account": account}) or "unknown"
+                message = (
+                    f"no free session slot on account {account} ({why})"
+                    " before start_deadline_seconds passed"
+                )
+            ended = end(
+                session,
+                ids,
+                S.FAILED,
+                from_statuses=[S.WAITING],
+                error_code="CAPACITY_TIMEOUT",
+                error_message=message,
+            )
+            expired += [e.request_id for e in ended]
+    return expired
 
 
 def has_waiting(db: Database) -> bool:
