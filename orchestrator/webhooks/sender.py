@@ -1,12 +1,14 @@
 """The sender: ``orchestrator webhooks send``, its own process (its own deployment in the
 chart), needing the database and the receivers, not the broker nor the vendor.
 
-Each pass turns new outbox events into deliveries, leases what is due (bounded per endpoint,
-in order per session) and hands each attempt to a thread of a bounded pool; each thread
-records its outcome. Nothing waits on a slow receiver but the threads it holds, at most
+Each pass records the successes the threads gathered since the last one (one statement for
+the lot), turns new outbox events into deliveries, leases what is due (bounded per endpoint,
+in order per session) and hands each attempt to a thread of a bounded pool; a thread records
+a failure itself. Nothing waits on a slow receiver but the threads it holds, at most
 ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY of them, each for at most the attempt timeout.
-A sender killed mid-attempt leaves a lease that runs out: the delivery goes again, with the
-same ``webhook-id`` (at least once).
+A delivery stays in flight (its slot held) until its outcome is recorded. A sender killed
+mid-attempt, or after a success it had not yet recorded, leaves a lease that runs out: the
+delivery goes again, with the same ``webhook-id`` (at least once).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from orchestrator.db import Database
 from orchestrator.webhooks.addresses import AddressPolicy, Resolver, system_resolver
 from orchestrator.webhooks.attempt import attempt
 from orchestrator.webhooks.deliveries import Claimed, claim_due, fan_out
-from orchestrator.webhooks.outcomes import record
+from orchestrator.webhooks.outcomes import Success, record, record_successes
 from orchestrator.webhooks.secrets import SecretBox
 from orchestrator.webhooks.settings import WebhookSettings
 from orchestrator.webhooks.transport import CheckedTransport
@@ -58,7 +60,8 @@ class Sender:
             trust_env=False,
         )
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="webhook")
-        self._in_flight = 0
+        self._in_flight = 0  # claimed, outcome not yet recorded
+        self._succeeded: list[Success] = []  # recorded by the next pass
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._heartbeat = heartbeat
@@ -87,7 +90,9 @@ class Sender:
             self.close()
 
     def pass_once(self) -> int:
-        """Fan out new events, claim what is due and start its attempts; returns how many."""
+        """Record the successes gathered since the last pass, fan out new events, claim what
+        is due and start its attempts; returns how many were started."""
+        self._record_successes()
         fan_out(self._db)
         with self._lock:
             free = self._settings.concurrency - self._in_flight
@@ -117,17 +122,26 @@ class Sender:
             return self._in_flight
 
     def _send(self, delivery: Claimed) -> None:
+        recorded = True  # False: a success, handed to the next pass
         try:
             outcome = attempt(
                 self._client, self._box, delivery, timeout=self._settings.timeout_seconds
             )
-            if not outcome.delivered:
-                logger.info(
-                    "webhook %s to endpoint %s failed: %s",
-                    delivery.webhook_id,
-                    delivery.endpoint_id,
-                    outcome.error,
+            if outcome.delivered:
+                assert outcome.status_code is not None
+                success = Success(
+                    delivery.id, delivery.endpoint_id, outcome.status_code, outcome.duration_ms
                 )
+                with self._lock:
+                    self._succeeded.append(success)
+                recorded = False
+                return
+            logger.info(
+                "webhook %s to endpoint %s failed: %s",
+                delivery.webhook_id,
+                delivery.endpoint_id,
+                outcome.error,
+            )
             record(
                 self._db,
                 delivery.id,
@@ -139,10 +153,28 @@ class Sender:
             # The lease runs out and the delivery is tried again.
             logger.warning("webhook delivery %s not recorded", delivery.id, exc_info=True)
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            if recorded:
+                with self._lock:
+                    self._in_flight -= 1
             self._wake.set()
 
+    def _record_successes(self) -> None:
+        """Record the gathered successes in one statement. If that fails they are dropped:
+        each goes again, same ``webhook-id``, once its lease runs out (as after a crash)."""
+        with self._lock:
+            batch, self._succeeded = self._succeeded, []
+        if not batch:
+            return
+        try:
+            record_successes(self._db, batch)
+        except Exception:
+            logger.warning("%d webhook successes not recorded", len(batch), exc_info=True)
+        finally:
+            with self._lock:
+                self._in_flight -= len(batch)
+
     def close(self) -> None:
+        """Let the attempts under way finish and record their outcomes."""
         self._pool.shutdown(wait=True)
+        self._record_successes()
         self._client.close()
