@@ -5,9 +5,9 @@ A 410 disables the endpoint, and so does failing for ORCHESTRATOR_WEBHOOK_DISABL
 deliveries (``webhooks enable`` then ``webhooks replay`` brings them back within retention)
 and writes an ``endpoint.disabled`` event into the outbox, in the same transaction.
 
-The successes a sender gathered since its last pass are recorded together, in one statement
-(:func:`record_successes`); a failure, rarer and with more to decide, in a transaction of its
-own (:func:`record`)."""
+Successes are recorded in groups, in one statement (:func:`record_successes`: the sender's
+threads hand theirs to the one recording); a failure, rarer and with more to decide, in a
+transaction of its own (:func:`record`)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ _ATTEMPT = text(
     "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, duration_ms, error)"
     " VALUES (:id, now(), :code, :ms, :error)"
 )
-# The successes of a pass in one autocommitted statement (one round trip for the lot): their
+# A group of successes in one autocommitted statement (one round trip for the lot): their
 # attempt rows, the deliveries delivered, their endpoints' failing clocks cleared (locked in id
 # order: two senders clearing the same endpoints never deadlock). A delivery removed meanwhile
 # (its endpoint removed) is skipped, not an error that would lose the others' records.

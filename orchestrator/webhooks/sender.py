@@ -1,14 +1,17 @@
 """The sender: ``orchestrator webhooks send``, its own process (its own deployment in the
 chart), needing the database and the receivers, not the broker nor the vendor.
 
-Each pass records the successes the threads gathered since the last one (one statement for
-the lot), turns new outbox events into deliveries, leases what is due (bounded per endpoint,
-in order per session) and hands each attempt to a thread of a bounded pool; a thread records
-a failure itself. Nothing waits on a slow receiver but the threads it holds, at most
-ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY of them, each for at most the attempt timeout.
-A delivery stays in flight (its slot held) until its outcome is recorded. A sender killed
-mid-attempt, or after a success it had not yet recorded, leaves a lease that runs out: the
-delivery goes again, with the same ``webhook-id`` (at least once).
+Each pass turns new outbox events into deliveries, leases what is due (bounded per endpoint,
+in order per session) and hands each attempt to a thread of a bounded pool. A thread records
+a failure itself. Successes are recorded in groups (group commit): a thread with a success
+records it, and every success the other threads finished meanwhile, in one statement, unless
+another thread is already recording, which then takes it in its next statement. So a busy
+sender records many successes per round trip and no slot waits for a pass. Nothing waits on
+a slow receiver but the threads it holds, at most ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY
+of them, each for at most the attempt timeout. A delivery stays in flight (its slot held)
+until its outcome is recorded. A sender killed mid-attempt, or after a success it had not yet
+recorded, leaves a lease that runs out: the delivery goes again, with the same
+``webhook-id`` (at least once).
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ class Sender:
         )
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="webhook")
         self._in_flight = 0  # claimed, outcome not yet recorded
-        self._succeeded: list[Success] = []  # recorded by the next pass
+        self._succeeded: list[Success] = []  # waiting for the thread that records
+        self._recording = False  # a thread is recording successes
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._heartbeat = heartbeat
@@ -90,9 +94,7 @@ class Sender:
             self.close()
 
     def pass_once(self) -> int:
-        """Record the successes gathered since the last pass, fan out new events, claim what
-        is due and start its attempts; returns how many were started."""
-        self._record_successes()
+        """Fan out new events, claim what is due and start its attempts; returns how many."""
         fan_out(self._db)
         with self._lock:
             free = self._settings.concurrency - self._in_flight
@@ -122,7 +124,7 @@ class Sender:
             return self._in_flight
 
     def _send(self, delivery: Claimed) -> None:
-        recorded = True  # False: a success, handed to the next pass
+        recorded = True  # False: a success, counted out by the thread that records it
         try:
             outcome = attempt(
                 self._client, self._box, delivery, timeout=self._settings.timeout_seconds
@@ -134,7 +136,11 @@ class Sender:
                 )
                 with self._lock:
                     self._succeeded.append(success)
+                    leader = not self._recording
+                    self._recording = True
                 recorded = False
+                if leader:
+                    self._record_successes()
                 return
             logger.info(
                 "webhook %s to endpoint %s failed: %s",
@@ -159,22 +165,26 @@ class Sender:
             self._wake.set()
 
     def _record_successes(self) -> None:
-        """Record the gathered successes in one statement. If that fails they are dropped:
-        each goes again, same ``webhook-id``, once its lease runs out (as after a crash)."""
-        with self._lock:
-            batch, self._succeeded = self._succeeded, []
-        if not batch:
-            return
-        try:
-            record_successes(self._db, batch)
-        except Exception:
-            logger.warning("%d webhook successes not recorded", len(batch), exc_info=True)
-        finally:
+        """Record the gathered successes, one statement per group, until none is left (those
+        finished during a statement make the next group). A group whose statement fails is
+        dropped: each goes again, same ``webhook-id``, once its lease runs out (as after a
+        crash)."""
+        while True:
             with self._lock:
-                self._in_flight -= len(batch)
+                batch, self._succeeded = self._succeeded, []
+                if not batch:
+                    self._recording = False
+                    return
+            try:
+                record_successes(self._db, batch)
+            except Exception:
+                logger.warning("%d webhook successes not recorded", len(batch), exc_info=True)
+            finally:
+                with self._lock:
+                    self._in_flight -= len(batch)
+                self._wake.set()
 
     def close(self) -> None:
         """Let the attempts under way finish and record their outcomes."""
         self._pool.shutdown(wait=True)
-        self._record_successes()
         self._client.close()

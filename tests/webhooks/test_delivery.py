@@ -243,41 +243,6 @@ def wait_for_requests(receiver: Receiver, count: int, timeout: float = 10.0) -> 
     assert len(receiver.requests()) == count
 
 
-def test_a_success_not_yet_recorded_goes_again_with_the_same_id(
-    wdb: Database,
-    box: SecretBox,
-    webhook_settings: Callable[..., WebhookSettings],
-    make_sender: Callable[..., Sender],
-) -> None:
-    """Successes are recorded by the sender's next pass, together. A sender that dies before
-    (here: one that never passes again) leaves the delivery pending under its lease; once the
-    lease runs out another sender sends it again, same ``webhook-id``, same body, signed."""
-    settings = webhook_settings()
-    with receiving() as receiver:
-        added = add(wdb, box, settings, receiver.url)
-        emit_events(wdb, "req-k", ["ended"])
-        dying = make_sender(settings)
-        assert dying.pass_once() == 1
-        wait_for_requests(receiver, 1)
-        time.sleep(0.3)  # its answer is in: the success waits for a pass that never comes
-        [row] = deliveries(wdb)
-        assert (row["status"], row["attempts"], row["lease_until"] is not None) == (
-            "pending",
-            0,
-            True,
-        )
-        with wdb.transaction() as session:  # the dead sender's lease runs out
-            session.execute(text("UPDATE webhook_deliveries SET lease_until = now()"))
-        drain(make_sender(settings), lambda: deliveries(wdb)[0]["status"] == "delivered")
-        first, again = receiver.requests()
-        assert again.webhook_id == first.webhook_id
-        assert again.body == first.body
-        Webhook(added.secret).verify(again.body, again.headers)
-        with wdb.transaction() as session:
-            codes = session.execute(text("SELECT status_code FROM webhook_attempts")).scalars()
-            assert list(codes) == [204]  # the second sender's; the first never recorded its
-
-
 def test_a_stopped_sender_records_the_successes_it_gathered(
     wdb: Database,
     box: SecretBox,
