@@ -62,7 +62,9 @@ class Sender:
             follow_redirects=False,
             trust_env=False,
         )
-        self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="webhook")
+        # One thread more than attempts at once: the one recording a group of successes may
+        # go on recording after its own delivery is counted out, and no attempt waits for it.
+        self._pool = ThreadPoolExecutor(settings.concurrency + 1, thread_name_prefix="webhook")
         self._in_flight = 0  # claimed, outcome not yet recorded
         self._succeeded: list[Success] = []  # waiting for the thread that records
         self._recording = False  # a thread is recording successes
