@@ -3,11 +3,16 @@ or scheduled again (``next_attempt_at`` from :mod:`.schedule`); the endpoint's f
 A 410 disables the endpoint, and so does failing for ORCHESTRATOR_WEBHOOK_DISABLE_AFTER_SECONDS
 (``failing_since``, cleared by any success). Disabling gives up the endpoint's pending
 deliveries (``webhooks enable`` then ``webhooks replay`` brings them back within retention)
-and writes an ``endpoint.disabled`` event into the outbox, in the same transaction."""
+and writes an ``endpoint.disabled`` event into the outbox, in the same transaction.
+
+Successes are recorded in groups, in one statement (:func:`record_successes`: the sender's
+threads hand theirs to the one recording); a failure, rarer and with more to decide, in a
+transaction of its own (:func:`record`)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import text
@@ -37,18 +42,32 @@ _ATTEMPT = text(
     "INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, duration_ms, error)"
     " VALUES (:id, now(), :code, :ms, :error)"
 )
-# A success in one statement (one round trip, not three, while the endpoint's slot is held):
-# the attempt row, the delivery delivered, the endpoint's failing clock cleared.
-_DELIVERED = text(
-    "WITH attempt AS ("
-    " INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, duration_ms, error)"
-    " VALUES (:id, now(), :code, :ms, :error)"
-    "), delivered AS ("
-    " UPDATE webhook_deliveries SET status = 'delivered', attempts = attempts + 1,"
-    " finished_at = now(), lease_until = NULL, lease_owner = NULL"
-    " WHERE id = :id AND status = 'pending'"
-    ") UPDATE webhook_endpoints SET failing_since = NULL"
-    " WHERE id = :endpoint AND failing_since IS NOT NULL"
+# A group of successes in one autocommitted statement (one round trip for the lot): their
+# attempt rows, the deliveries delivered, their endpoints' failing clocks cleared (locked in id
+# order: two senders clearing the same endpoints never deadlock). A delivery removed meanwhile
+# (its endpoint removed) is skipped, not an error that would lose the others' records.
+_SUCCESSES = text(
+    """
+WITH done AS (
+    SELECT t.id, t.code, t.ms
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:codes AS integer[]), CAST(:ms AS integer[]))
+           AS t(id, code, ms)
+      JOIN webhook_deliveries d ON d.id = t.id
+), attempt AS (
+    INSERT INTO webhook_attempts (delivery_id, attempted_at, status_code, duration_ms, error)
+    SELECT id, now(), code, ms, NULL FROM done
+), delivered AS (
+    UPDATE webhook_deliveries d
+       SET status = 'delivered', attempts = d.attempts + 1, finished_at = now(),
+           lease_until = NULL, lease_owner = NULL
+      FROM done WHERE d.id = done.id AND d.status = 'pending'
+), recovered AS (
+    SELECT e.id FROM webhook_endpoints e
+     WHERE e.id = ANY(CAST(:endpoints AS uuid[])) AND e.failing_since IS NOT NULL
+     ORDER BY e.id FOR UPDATE
+)
+UPDATE webhook_endpoints e SET failing_since = NULL FROM recovered WHERE e.id = recovered.id
+"""
 )
 _FAILED = text(
     "UPDATE webhook_deliveries SET attempts = attempts + 1 WHERE id = :id AND status = 'pending'"
@@ -69,6 +88,34 @@ _FAILING = text(
 )
 
 
+@dataclass(frozen=True)
+class Success:
+    """A 2xx answer to one delivery, still to be recorded."""
+
+    delivery_id: int
+    endpoint_id: uuid.UUID
+    status_code: int
+    duration_ms: int
+
+
+def record_successes(db: Database, successes: Sequence[Success]) -> None:
+    """Record ``successes`` whole (:data:`_SUCCESSES`), all or none: a sender that dies before
+    this leaves them leased, and each is sent again, same ``webhook-id``, when its lease runs
+    out (at least once)."""
+    if not successes:
+        return
+    with db.autocommit() as connection:
+        connection.execute(
+            _SUCCESSES,
+            {
+                "ids": [s.delivery_id for s in successes],
+                "codes": [s.status_code for s in successes],
+                "ms": [s.duration_ms for s in successes],
+                "endpoints": sorted({s.endpoint_id for s in successes}),
+            },
+        )
+
+
 def record(
     db: Database,
     delivery_id: int,
@@ -77,12 +124,15 @@ def record(
     *,
     disable_after_seconds: float,
 ) -> None:
+    """Record one attempt in a transaction of its own (a success as :func:`record_successes`)."""
+    if outcome.delivered:
+        assert outcome.status_code is not None
+        success = Success(delivery_id, endpoint_id, outcome.status_code, outcome.duration_ms)
+        record_successes(db, [success])
+        return
     error = outcome.error[:ERROR_LENGTH] if outcome.error else None
     row = {"id": delivery_id, "code": outcome.status_code, "ms": outcome.duration_ms}
     with db.transaction() as session:
-        if outcome.delivered:
-            session.execute(_DELIVERED, {**row, "error": error, "endpoint": endpoint_id})
-            return
         session.execute(_ATTEMPT, {**row, "error": error})
         _failed(session, delivery_id, endpoint_id, outcome, disable_after_seconds)
 

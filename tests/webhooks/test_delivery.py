@@ -236,6 +236,35 @@ def test_a_success_records_its_attempt_and_clears_the_failing_clock(
     assert failing is None
 
 
+def wait_for_requests(receiver: Receiver, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(receiver.requests()) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(receiver.requests()) == count
+
+
+def test_a_stopped_sender_records_the_successes_it_gathered(
+    wdb: Database,
+    box: SecretBox,
+    webhook_settings: Callable[..., WebhookSettings],
+    make_sender: Callable[..., Sender],
+) -> None:
+    """SIGTERM (``close``): the attempts under way finish and their successes are recorded
+    before the sender exits, so nothing it sent is sent again."""
+    settings = webhook_settings()
+    with receiving() as receiver:
+        add(wdb, box, settings, receiver.url)
+        for n in range(3):
+            emit_events(wdb, f"req-t{n}", ["ended"])
+        sender = make_sender(settings)
+        assert sender.pass_once() == 3
+        wait_for_requests(receiver, 3)
+        sender.close()
+        assert [(d["status"], d["attempts"]) for d in deliveries(wdb)] == [("delivered", 1)] * 3
+        assert make_sender(settings).pass_once() == 0
+        assert len(receiver.requests()) == 3
+
+
 def test_a_session_s_events_arrive_in_order_and_a_given_up_one_lets_the_next_go(
     wdb: Database,
     box: SecretBox,

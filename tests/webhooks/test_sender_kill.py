@@ -1,7 +1,8 @@
 """The sender SIGKILLed during a burst (2,000 events: 200 sessions of 10, the issue's 10,000
 scaled down for CI): every event is delivered, duplicates share their ``webhook-id`` and body,
-and each session's events arrive in order. The sender needs no broker, so a broker restart
-is no fault of its own (it is not tested here: this machine's RabbitMQ is shared)."""
+and each session's events arrive in order. And SIGKILLed between a receiver's answer and its
+record: the delivery goes again, same ``webhook-id``. The sender needs no broker, so a broker
+restart is no fault of its own (it is not tested here: this machine's RabbitMQ is shared)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.webhooks import endpoints
 from orchestrator.webhooks.secrets import SecretBox
-from orchestrator.webhooks.sender import policy_for
+from orchestrator.webhooks.sender import Sender, policy_for
 from orchestrator.webhooks.settings import WebhookSettings
 from tests.conftest import settings_env
 from tests.webhooks.receiver import Received, receiving
-from tests.webhooks.support import KEY, emit_events
+from tests.webhooks.support import KEY, drain, emit_events
 
 pytestmark = [pytest.mark.postgres, pytest.mark.faults]
 # 2,000 events in CI; WEBHOOK_BURST_SESSIONS=1000 gives the 10,000 of the issue (run by hand).
@@ -43,13 +44,7 @@ def start_sender(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def test_sigkill_during_a_burst_loses_nothing_and_keeps_order(
-    settings_for: Callable[..., Settings],
-    wdb: Database,
-    box: SecretBox,
-    webhook_settings: Callable[..., WebhookSettings],
-    tmp_path: Path,
-) -> None:
+def sender_env(settings_for: Callable[..., Settings]) -> dict[str, str]:
     env = settings_env(settings_for())
     env.update(
         ORCHESTRATOR_WEBHOOK_SECRET_KEY=KEY,
@@ -58,6 +53,90 @@ def test_sigkill_during_a_burst_loses_nothing_and_keeps_order(
         ORCHESTRATOR_WEBHOOK_POLL_INTERVAL_SECONDS="0.05",
         ORCHESTRATOR_LOG_FORMAT="text",
     )
+    return env
+
+
+def test_sigkill_after_an_answer_before_its_record_sends_it_again(
+    settings_for: Callable[..., Settings],
+    wdb: Database,
+    box: SecretBox,
+    webhook_settings: Callable[..., WebhookSettings],
+    make_sender: Callable[..., Sender],
+    tmp_path: Path,
+) -> None:
+    """The receiver answered 204; the sender's record of it is held (a row lock on the
+    delivery, taken once the request is out) and the sender is killed there, its record
+    never run. The delivery is
+    still pending under the dead sender's lease; once that runs out another sender sends it
+    again: same ``webhook-id``, same body, signatures valid (at least once)."""
+    log = tmp_path / "sender.log"
+    locker = wdb.engine.connect()
+    held = threading.Event()
+
+    def answer(_got: Received) -> tuple[int, dict[str, str], float]:
+        if not held.is_set():  # the claim committed before the request went out
+            locker.execute(text("SELECT 1 FROM webhook_deliveries FOR UPDATE"))
+            held.set()
+        return 204, {}, 0.0
+
+    with receiving(answer) as receiver:
+        added = endpoints.add(wdb, box, policy_for(webhook_settings()), receiver.url)
+        emit_events(wdb, "kill-r", ["ended"])
+        sender = start_sender(sender_env(settings_for), log)
+        try:
+            assert held.wait(30), log.read_text()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the record is waiting for the row lock
+                with wdb.transaction() as session:
+                    waiting = session.execute(
+                        text(
+                            "SELECT pid FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                            " AND query LIKE '%INSERT INTO webhook_attempts%'"
+                        )
+                    ).scalar()
+                if waiting:
+                    break
+                time.sleep(0.05)
+            assert waiting, log.read_text()
+        finally:
+            os.kill(sender.pid, signal.SIGKILL)
+            sender.wait(10)
+        # A sender killed before its record reached the server: its statement must not run
+        # either (a backend waiting for a lock notices its client gone only after the wait).
+        with wdb.transaction() as session:
+            ended = session.execute(
+                text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": waiting}
+            )
+            assert ended.scalar()  # waited for: the backend is gone
+        locker.rollback()
+        locker.close()
+        with wdb.transaction() as session:
+            row = session.execute(
+                text("SELECT status, attempts, lease_until IS NOT NULL FROM webhook_deliveries")
+            ).one()
+            assert tuple(row) == ("pending", 0, True)
+            session.execute(text("UPDATE webhook_deliveries SET lease_until = now()"))
+        drain(make_sender(webhook_settings()), lambda: len(receiver.requests()) == 2)
+        first, again = receiver.requests()
+    assert again.webhook_id == first.webhook_id
+    assert again.body == first.body
+    for got in (first, again):
+        Webhook(added.secret).verify(got.body, got.headers)
+    with wdb.transaction() as session:
+        assert session.execute(text("SELECT status FROM webhook_deliveries")).scalar() == (
+            "delivered"
+        )
+
+
+def test_sigkill_during_a_burst_loses_nothing_and_keeps_order(
+    settings_for: Callable[..., Settings],
+    wdb: Database,
+    box: SecretBox,
+    webhook_settings: Callable[..., WebhookSettings],
+    tmp_path: Path,
+) -> None:
+    env = sender_env(settings_for)
     log = tmp_path / "sender.log"
     total = SESSIONS * PER_SESSION
     # Each request is verified when it arrives: the specification's verifier refuses a
