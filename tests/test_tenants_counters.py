@@ -20,7 +20,7 @@ from orchestrator.store.rows import S
 from orchestrator.store.tenants import policies, set_policy, tenant_drift, usage
 from orchestrator.tenants import TenantPolicy
 from tests.conftest import fresh_postgres_database
-from tests.helpers import claim_request, end_one_at_random, live_counts
+from tests.helpers import claim_request, end_one_at_random, live_counts, only_accounts
 
 pytestmark = pytest.mark.postgres
 
@@ -32,9 +32,7 @@ OTHERS_NAME = ("mid", "default")  # tenants whose requests in the stress test ma
 
 @pytest.fixture
 def pool(db: Database) -> Database:
-    store.sync_catalog(db, [store.CatalogEntry(n, cap, 1.0, {}) for n, cap in CAPS.items()])
-    with db.transaction() as session:  # only the two accounts of this test admit
-        session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
+    only_accounts(db, CAPS)
     for name, maximum in MAXIMUMS.items():
         set_policy(db, TenantPolicy(name=name, maximum=maximum))
     return db

@@ -35,11 +35,11 @@ from orchestrator.store.tenant_order import AGING_SECONDS, HORIZON_SECONDS
 from orchestrator.store.tenants import set_policy, tenant_drift
 from orchestrator.tenants import TenantPolicy
 from tests.conftest import empty
-from tests.helpers import claim_request
+from tests.helpers import claim_request, only_accounts
+from tests.test_tenants_counters import CAPS
 
 pytestmark = pytest.mark.postgres
 
-CAPS = {"a": 3, "b": 4}
 CAPACITY = sum(CAPS.values())
 #: Tenants that may be given a guarantee (their requests name no account, so every freed
 #: slot may serve them) and tenants whose requests may name an account.
@@ -50,13 +50,12 @@ OTHERS = ("bulk", "default")
 def open_pool(db: Database) -> None:
     """The database emptied, accounts ``a`` and ``b`` the only ones that admit."""
     empty(db)
-    store.sync_catalog(db, [store.CatalogEntry(n, cap, 1.0, {}) for n, cap in CAPS.items()])
-    with db.transaction() as session:
-        session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
+    only_accounts(db, CAPS)
 
 
 def let_time_pass(db: Database, seconds: float) -> None:
-    """Every timestamp admission reads, ``seconds`` earlier: as if that much time passed."""
+    """Every timestamp admission reads, ``seconds`` earlier: as if that much time passed
+    (ended rows are charged already; admission reads none of theirs)."""
     shift = {"dt": seconds}
     with db.transaction() as session:
         session.execute(
@@ -65,6 +64,7 @@ def let_time_pass(db: Database, seconds: float) -> None:
                 " admitted_at = admitted_at - make_interval(secs => :dt),"
                 " start_sent_at = start_sent_at - make_interval(secs => :dt),"
                 " started_at = started_at - make_interval(secs => :dt)"
+                " WHERE status IN ('waiting', 'starting', 'active', 'stopping')"
             ),
             shift,
         )
@@ -370,6 +370,8 @@ def test_backlogged_tenants_service_follows_the_weights_within_the_bound(
     received since the start, n: the most slots held):
 
     S_t / w_t - S_u / w_u  <=  (H + n_t * D) / w_t  +  H * n_u / w_u
+
+    and at the end each tenant's share of the session-seconds is within 0.05 of its weight's.
     """
     rng = random.Random(seed)
     open_pool(db)
@@ -382,25 +384,22 @@ def test_backlogged_tenants_service_follows_the_weights_within_the_bound(
     received = dict.fromkeys(weights, 0.0)  # session-seconds of ended sessions
     peak = dict.fromkeys(weights, 0)
 
-    def refill() -> None:
-        waiting = snapshot(db).waiting
-        for name in weights:
-            for _ in range(QUEUE - sum(1 for w in waiting if w.tenant == name)):
-                claim_request(db, f"{name}-{next(serial)}", tenant=name)
-
-    def started(ids: list[uuid.UUID]) -> None:
-        live = snapshot(db).live
+    def started_and_refilled(ids: list[uuid.UUID]) -> None:
+        """The admitted sessions' ends drawn; each tenant's queue topped up to QUEUE."""
+        now = snapshot(db)
         for i in ids:
-            tenant, account = live[i]
+            tenant, account = now.live[i]
             ends[i] = (clock + rng.uniform(1.0, D_SECONDS), clock, tenant, account)
         for name in weights:
             peak[name] = max(peak[name], sum(1 for e in ends.values() if e[2] == name))
+            for _ in range(QUEUE - sum(1 for w in now.waiting if w.tenant == name)):
+                claim_request(db, f"{name}-{next(serial)}", tenant=name)
+        assert max(w.age for w in now.waiting) < AGING_SECONDS  # the share decides, not age
 
     for _ in range(3):  # the pool fills in turn, then each keeps QUEUE waiting
         for name in weights:
             claim_request(db, f"{name}-{next(serial)}", tenant=name)
-    started(list(snapshot(db).live))
-    refill()
+    started_and_refilled(list(snapshot(db).live))
     while clock < 2400.0:
         chosen = min(ends, key=lambda i: ends[i][0])
         finish, begun, tenant, account = ends.pop(chosen)
@@ -409,9 +408,7 @@ def test_backlogged_tenants_service_follows_the_weights_within_the_bound(
         with db.transaction() as session:
             end(session, [chosen], S.ENDED, from_statuses=[S.STARTING])
         received[tenant] += finish - begun
-        started([i for i, _ in store.admit(db, account=account)])
-        refill()
-        assert max(w.age for w in snapshot(db).waiting) < AGING_SECONDS  # the share decides
+        started_and_refilled([i for i, _ in store.admit(db, account=account)])
         used = {
             n: received[n] + sum(clock - e[1] for e in ends.values() if e[2] == n) for n in weights
         }
@@ -421,4 +418,8 @@ def test_backlogged_tenants_service_follows_the_weights_within_the_bound(
                 HORIZON_SECONDS * peak[u] / weights[u]
             )
             assert gap <= bound, f"{t} is ahead of {u} by {gap:.0f} > {bound:.0f} at {clock:.0f}s"
+    total = sum(used.values())
+    for name, weight in weights.items():  # and the shares of session-seconds converge
+        share, fair = used[name] / total, weight / sum(weights.values())
+        assert abs(share - fair) <= 0.05, f"{name}: share {share:.3f}, weight share {fair:.3f}"
     assert len(ends) == CAPACITY

@@ -18,7 +18,7 @@ from orchestrator.store.ending import end
 from orchestrator.store.rows import S
 from orchestrator.store.tenants import set_policy, tenant_drift
 from orchestrator.tenants import TenantPolicy
-from tests.helpers import live_counts
+from tests.helpers import live_counts, only_accounts
 from tests.test_tenants_counters import CAPS, claim
 
 pytestmark = pytest.mark.postgres
@@ -26,9 +26,7 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def pool(db: Database) -> Database:
-    store.sync_catalog(db, [store.CatalogEntry(n, cap, 1.0, {}) for n, cap in CAPS.items()])
-    with db.transaction() as session:
-        session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
+    only_accounts(db, CAPS)
     return db
 
 
