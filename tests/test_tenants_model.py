@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -248,6 +249,17 @@ class TenantAdmissionOnPostgres(RuleBasedStateMachine):
 
     # --- rules -----------------------------------------------------------------------------
 
+    @initialize(
+        guaranteed=st.tuples(st.integers(0, 4), st.integers(0, 3)),
+        reserved_half=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    )
+    def guarantees_from_the_start(
+        self, guaranteed: tuple[int, int], reserved_half: tuple[int, int]
+    ) -> None:
+        """Both guaranteed tenants start with a policy: reservations and guarantees compete."""
+        for tenant, g, r in zip(GUARANTEED, guaranteed, reserved_half, strict=True):
+            self.change_policy(tenant, g, None, 1.0, r)
+
     @rule(tenant=st.sampled_from(GUARANTEED), count=st.integers(1, 4))
     def arrive_anywhere(self, tenant: str, count: int) -> None:
         self.arrive(tenant, count, None)
@@ -423,3 +435,29 @@ def test_backlogged_tenants_service_follows_the_weights_within_the_bound(
         share, fair = used[name] / total, weight / sum(weights.values())
         assert abs(share - fair) <= 0.05, f"{name}: share {share:.3f}, weight share {fair:.3f}"
     assert len(ends) == CAPACITY
+
+
+def test_a_reservation_takes_the_freed_slot_before_a_larger_guarantee_deficit(
+    db: Database,
+) -> None:
+    """A schedule the random ones rarely reach, driven through the same checks: ``gold``
+    (guarantee 2, one slot non-lendable) and ``silver`` (guarantee 4) both wait with nothing
+    live in a full pool; the first freed slot is ``gold``'s, though ``silver`` is further
+    below its guarantee."""
+    machine = TenantAdmissionOnPostgres(db)
+    machine.change_policy("gold", 2, None, 1.0, 1)
+    machine.change_policy("silver", 4, None, 1.0, 0)
+    machine.arrive("bulk", 4, None)
+    machine.arrive("default", 3, None)
+    machine.caps_maximums_counters_and_the_guarantees_bound()
+    machine.arrive_anywhere("silver", 4)
+    machine.arrive_anywhere("gold", 2)
+    machine.caps_maximums_counters_and_the_guarantees_bound()
+    live = snapshot(db)
+    assert len(live.live) == CAPACITY and len(live.waiting) == 6
+    for _ in range(CAPACITY):
+        machine.end_one(0)
+        machine.caps_maximums_counters_and_the_guarantees_bound()
+    assert snapshot(db).live_of("gold") == 2
+    assert snapshot(db).live_of("silver") == 4
+    machine.teardown()
