@@ -49,6 +49,7 @@ BENCHMARKS = (
     "benchmarks.p5_admission",
     "benchmarks.webhooks_isolation",
     "benchmarks.pa_accounts",
+    "benchmarks.pt_tenants",
 )
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -119,10 +119,8 @@ def database_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    """The run's database, emptied before each test (worker processes need committed rows)."""
-    database = Database(database_url, pool_size=5)
+def empty(database: Database) -> None:
+    """Every row a test may have written gone, the accounts' health and switches reset."""
     with database.engine.begin() as conn:
         conn.execute(
             text(
@@ -141,6 +139,13 @@ def db(database_url: str) -> Iterator[Database]:
                 " circuit_cooldown_seconds = NULL, last_error = NULL, last_error_at = NULL"
             )
         )
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """The run's database, emptied before each test (worker processes need committed rows)."""
+    database = Database(database_url, pool_size=5)
+    empty(database)
     yield database
     database.dispose()
 

@@ -133,3 +133,14 @@ def end_one_at_random(db: Database, rng: random.Random) -> None:
             end(
                 session, ids, rng.choice([S.ENDED, S.FAILED]), from_statuses=[S.STARTING, S.WAITING]
             )
+
+
+def only_accounts(db: Database, caps: dict[str, int]) -> None:
+    """The accounts of ``caps`` (weight 1, no labels) in the catalog, and only they: the
+    ``default`` account the migrations make stops admitting."""
+    store.sync_catalog(db, [store.CatalogEntry(n, cap, 1.0, {}) for n, cap in caps.items()])
+    with db.transaction() as session:
+        session.execute(
+            text("UPDATE vendor_accounts SET in_catalog = (name = ANY(:names))"),
+            {"names": list(caps)},
+        )

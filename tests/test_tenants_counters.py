@@ -20,20 +20,19 @@ from orchestrator.store.rows import S
 from orchestrator.store.tenants import policies, set_policy, tenant_drift, usage
 from orchestrator.tenants import TenantPolicy
 from tests.conftest import fresh_postgres_database
-from tests.helpers import claim_request, end_one_at_random, live_counts
+from tests.helpers import claim_request, end_one_at_random, live_counts, only_accounts
 
 pytestmark = pytest.mark.postgres
 
 CAPS = {"a": 3, "b": 4}
 MAXIMUMS = {"small": 2, "mid": 3}
 SEEDS = [1, 2, 3]
+OTHERS_NAME = ("mid", "default")  # tenants whose requests in the stress test may name an account
 
 
 @pytest.fixture
 def pool(db: Database) -> Database:
-    store.sync_catalog(db, [store.CatalogEntry(n, cap, 1.0, {}) for n, cap in CAPS.items()])
-    with db.transaction() as session:  # only the two accounts of this test admit
-        session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
+    only_accounts(db, CAPS)
     for name, maximum in MAXIMUMS.items():
         set_policy(db, TenantPolicy(name=name, maximum=maximum))
     return db
@@ -43,14 +42,30 @@ def claim(db: Database, request_id: str, tenant: str, **wish: object) -> store.C
     return claim_request(db, request_id, tenant=tenant, **wish)
 
 
+# The stress test's other policies: a guarantee with a non-lendable part under a maximum, and a
+# guarantee alone; changed (guarantees, reservations, weights; never a maximum) while it runs.
+STRESS_POLICIES = [
+    TenantPolicy(name="gold", guaranteed=2, maximum=4, weight=2.0, reserved=1),
+    TenantPolicy(name="silver", guaranteed=1, weight=0.5),
+]
+STRESS_MAXIMUMS = {**MAXIMUMS, "gold": 4}
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_concurrent_claims_never_exceed_a_tenants_maximum_and_the_counters_stay_exact(
     pool: Database, seed: int
 ) -> None:
-    """Six threads claim for three tenants (two with maximums), end and admit at random over
-    two accounts while a watcher reads the live rows per tenant."""
+    """Sixteen threads claim for five tenants (three with maximums, two with guarantees, one
+    of them partly non-lendable; some requests naming an account), end, admit and change the
+    guarantees at random over two accounts while a watcher reads the live rows per tenant
+    and per account."""
     db = pool
-    tenants = ["small", "mid", "default"]
+    for policy in STRESS_POLICIES:
+        set_policy(db, policy)
+    for name, maximum in MAXIMUMS.items():  # fair sharing would favour them: maximums decide
+        set_policy(db, TenantPolicy(name=name, maximum=maximum, weight=5.0))
+    tenants = ["small", "mid", "gold", "silver", "default"]
+    pressed = ["small", "small", "mid", "mid", "mid", *tenants[2:]]  # on the maximums
     over: list[dict[str, int]] = []
     peak = dict.fromkeys(MAXIMUMS, 0)
     done = threading.Event()
@@ -58,36 +73,56 @@ def test_concurrent_claims_never_exceed_a_tenants_maximum_and_the_counters_stay_
     def watch() -> None:
         while not done.is_set():
             live = live_counts(db, "tenant")
-            if any(live.get(t, 0) > m for t, m in MAXIMUMS.items()):
+            if any(live.get(t, 0) > m for t, m in STRESS_MAXIMUMS.items()):
                 over.append(live)
             for name in MAXIMUMS:
                 peak[name] = max(peak[name], live.get(name, 0))
+            by_account = live_counts(db, "account")
+            if any(by_account.get(a, 0) > cap for a, cap in CAPS.items()):
+                over.append(by_account)
 
     def worker(index: int) -> None:
         rng = random.Random(seed * 100 + index)
         for step in range(40):
             action = rng.random()
             if action < 0.6:
-                claim(db, f"{seed}-{index}-{step}", rng.choice(tenants))
+                tenant = rng.choice(pressed)
+                wish = {"account": rng.choice(list(CAPS))} if tenant in OTHERS_NAME else {}
+                claim(db, f"{seed}-{index}-{step}", tenant, **wish)
             elif action < 0.85:
                 end_one_at_random(db, rng)
-            else:
+                for account in CAPS:  # the slot-freed wake-up, as the service sends it
+                    store.admit(db, account=account)
+            elif action < 0.97:
                 store.admit(db, account=rng.choice(list(CAPS)))
+            else:
+                old = rng.choice(STRESS_POLICIES)
+                guaranteed = rng.randint(0, 2)
+                set_policy(
+                    db,
+                    TenantPolicy(
+                        name=old.name,
+                        guaranteed=guaranteed,
+                        maximum=old.maximum,
+                        weight=rng.choice([0.5, 1.0, 3.0]),
+                        reserved=rng.randint(0, guaranteed),
+                    ),
+                )
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=240)
             assert not t.is_alive()
     finally:
         done.set()
         watcher.join(timeout=10)
     assert over == []
-    assert peak == MAXIMUMS  # each tenant reached its maximum, never passed it
+    assert all(peak[n] <= m for n, m in MAXIMUMS.items()), peak
     assert tenant_drift(db) == []
     assert store.drift(db) == []
     counted = {u.name: u.in_use for u in usage(db)}
