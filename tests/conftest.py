@@ -127,7 +127,7 @@ def db(database_url: str) -> Iterator[Database]:
         conn.execute(
             text(
                 "TRUNCATE sessions, session_events, event_outbox, early_stops, sweep_leases,"
-                " tenants, tenant_usage RESTART IDENTITY CASCADE"
+                " tenants, tenant_usage, wait_estimates RESTART IDENTITY CASCADE"
             )
         )
         # The vendor's last reported limit outlives the rows that reported it.
