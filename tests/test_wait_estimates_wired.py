@@ -278,3 +278,31 @@ def test_beat_sends_the_estimate_pass_as_an_admission_pass_and_the_event_reaches
     assert [
         (m.delivery_info["routing_key"], json.loads(m.body)["request_id"]) for m in received
     ] == [("session.waiting", rid) for rid in waiters]
+
+
+def test_arrivals_beyond_twice_what_the_pool_serves_are_read_as_twice() -> None:
+    """Each run simulates every arrival until the last waiter is admitted: in an overload its
+    cost grew with the arrival rate times the longest wait (308 s of CPU for one pass over
+    10,000 waiters at 17 requests/s on 100 one-hour slots; 3.9 s once capped)."""
+    from orchestrator.lifecycle.waits import OVERLOAD, bounded_arrivals
+    from orchestrator.tenants import Pool
+
+    def pool(rates: dict[str, float]) -> Pool:
+        return Pool(
+            capacity=10,
+            live=[],
+            waiters=[],
+            policies={},
+            durations={"a": [600.0] * 5},
+            now=0.0,
+            max_duration=3600.0,
+            arrival_rates=rates,
+        )
+
+    served = 10 / 600.0
+    calm = pool({"a": served / 2, "b": served / 2})
+    assert bounded_arrivals(calm) is calm
+    flooded = bounded_arrivals(pool({"a": 10.0, "b": 30.0}))
+    assert flooded.arrival_rates is not None
+    assert sum(flooded.arrival_rates.values()) == pytest.approx(OVERLOAD * served)
+    assert flooded.arrival_rates["b"] == pytest.approx(3 * flooded.arrival_rates["a"])
