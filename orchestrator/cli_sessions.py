@@ -134,6 +134,10 @@ def _print_info(info: Any) -> None:
         "end_reason": info.end_reason,
         "error_code": info.error_code,
         "error_message": info.error_message,
+        "position": info.position,
+        "wait_p50_seconds": info.wait_p50_seconds,
+        "wait_p90_seconds": info.wait_p90_seconds,
+        "estimated_at": utc_iso(info.estimated_at),
     }
     click.echo(json.dumps({k: v for k, v in fields.items() if v is not None}, indent=2))
     if info.status == "failed":
@@ -143,8 +147,9 @@ def _print_info(info: Any) -> None:
 @click.command()
 @click.argument("request_id")
 def status(request_id: str) -> None:
-    """Print one request's state (JSON), including its LiveKit credentials while active;
-    exit 3 if the request failed."""
+    """Print one request's state (JSON), including its LiveKit credentials while active and
+    its position and expected wait (p50, p90 in seconds) while waiting; exit 3 if the
+    request failed."""
     from orchestrator.producer import Producer, SessionNotFound
 
     producer = Producer(cli_settings())

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     tenant_from_user_id: bool = False
     reaper_interval_seconds: PositiveSeconds = 5.0
     reconcile_interval_seconds: PositiveSeconds = 30.0
+    # How often beat estimates every waiting request's wait (docs/admission.md "The expected
+    # wait"); a request's first estimate comes within one interval of its wait's start.
+    wait_estimate_interval_seconds: float = Field(default=10.0, ge=1, le=3600)
     orphan_grace_seconds: float = Field(default=60.0, ge=0)
     start_timeout_seconds: PositiveSeconds = 120.0
     vendor_timeout_seconds: PositiveSeconds = 30.0

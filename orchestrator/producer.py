@@ -18,6 +18,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Self
 
 from kombu import Queue
@@ -33,6 +35,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.messaging import START_TASK, STOP_TASK, TopologyMismatch, events_exchange
 from orchestrator.publishing import PublishError, retryable_publish_errors, topology
 from orchestrator.session_info import SessionInfo
+from orchestrator.store.wait_estimates import latest_wait
 
 __all__ = [  # PublishError is the producer's documented error (defined with the publisher)
     "Producer",
@@ -157,13 +160,22 @@ class Producer:
             ).one_or_none()
             if row is None:
                 raise SessionNotFound(request_id)
-            return SessionInfo.from_row(row)
+            wait = latest_wait(session, row.id) if row.status == "waiting" else None
+            return SessionInfo.from_row(row, wait)
 
-    def wait_for_session(self, request_id: str, timeout: float = 60.0) -> SessionInfo:
-        """Poll until the request is ``active``, ``ended`` or ``failed``; TimeoutError if not."""
+    def wait_for_session(
+        self,
+        request_id: str,
+        timeout: float = 60.0,
+        on_waiting: Callable[[SessionInfo], None] | None = None,
+    ) -> SessionInfo:
+        """Poll until the request is ``active``, ``ended`` or ``failed``; TimeoutError if not.
+        While it waits for a slot, ``on_waiting`` gets each new wait estimate (its
+        ``position``, ``wait_p50_seconds``, ``wait_p90_seconds``, ``estimated_at``)."""
         deadline = time.monotonic() + timeout
         delay = 0.05
         last: SessionInfo | None = None
+        told: datetime | None = None
         while True:
             try:
                 last = self.session_info(request_id)
@@ -171,8 +183,14 @@ class Producer:
                 last = None
             if last is not None and last.status in FINAL_FOR_WAIT:
                 return last
+            if on_waiting is not None and last is not None and last.estimated_at != told:
+                told = last.estimated_at
+                if told is not None:
+                    on_waiting(last)
             if time.monotonic() >= deadline:
                 state = last.status if last else "not picked up by a worker yet"
+                if last is not None and last.position is not None:
+                    state += f" (position {last.position}, p50 {last.wait_p50_seconds} s)"
                 raise TimeoutError(f"request {request_id} still {state} after {timeout:g} s")
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 0.5)
@@ -344,5 +362,9 @@ def request_stop(
     default_producer().request_stop(request_id=request_id, session_id=session_id, reason=reason)
 
 
-def wait_for_session(request_id: str, timeout: float = 60.0) -> SessionInfo:
-    return default_producer().wait_for_session(request_id, timeout)
+def wait_for_session(
+    request_id: str,
+    timeout: float = 60.0,
+    on_waiting: Callable[[SessionInfo], None] | None = None,
+) -> SessionInfo:
+    return default_producer().wait_for_session(request_id, timeout, on_waiting)

@@ -47,7 +47,7 @@ VIEWS_0002 = {
     "admin_waiting_queue",
     "admin_stuck",
 }
-VIEWS = VIEWS_0002 | {"admin_webhook_endpoints"}  # 0008
+VIEWS = VIEWS_0002 | {"admin_webhook_endpoints", "admin_waiting_estimates"}  # 0008, 0011
 TABLES_0001 = {"sessions", "session_events", "event_outbox"}
 TABLES = TABLES_0001 | {
     "early_stops",
@@ -60,7 +60,8 @@ TABLES = TABLES_0001 | {
     "webhook_attempts",
     "tenants",
     "tenant_usage",
-}  # 0004 to 0009
+    "wait_estimates",
+}  # 0004 to 0011
 SECRET = "SECRET"  # in every secret value inserted below; no view or query may show it
 FORBIDDEN_COLUMN = re.compile(r"token|payload|secret|claim|traceparent|password|sha256")
 MINUTE = timedelta(minutes=1)
@@ -326,6 +327,27 @@ def build(sc: Scenario) -> None:
     sc.event("duplicate_conflict", -100, "w1", claim_id=f"claim-{SECRET}-2", note=note)
     sc.event("duplicate_conflict", -50, "f3", claim_id=f"claim-{SECRET}-3", error="bad avatar")
     sc.event("duplicate_conflict", -9 * 24 * h, "e1", claim_id=f"claim-{SECRET}-4", note=note)
+
+    # wait estimates (migration 0011): w1 next, w2 after it; w3 not estimated yet
+    for request_id, position, p50, p90, sent in [
+        ("w1", 1, 12.5, 40.0, 2),
+        ("w2", 2, 70.0, None, 1),
+    ]:
+        sc.conn.execute(
+            text(
+                "INSERT INTO wait_estimates (session_id, position, p50_seconds, p90_seconds,"
+                " estimated_at, sent_at, sent_count) VALUES (:id, :position, :p50, :p90,"
+                " :at, :at, :sent)"
+            ),
+            {
+                "id": sc.ids[request_id],
+                "position": position,
+                "p50": p50,
+                "p90": p90,
+                "at": sc.at(-3),
+                "sent": sent,
+            },
+        )
 
     # outbox: one published (its body holds a token), two waiting for the broker
     for routing_key, created, published in [
@@ -599,6 +621,17 @@ def check_webhook_endpoints_view(sc: Scenario, r: Result) -> None:
     ]
 
 
+def check_waiting_estimates_view(sc: Scenario, r: Result) -> None:
+    assert r.pick(
+        "request_id", "position", "p50_seconds", "p90_seconds", "estimated_at", "events_sent"
+    ) == [
+        ("w1", 1, 12.5, 40.0, sc.at(-3), 2),
+        ("w2", 2, 70.0, None, sc.at(-3), 1),
+        ("w3", None, None, None, None, 0),  # waiting, no pass has estimated it yet
+    ]
+    assert r.pick("waiting_for") == [(s(300),), (s(120),), (s(30),)]
+
+
 VIEW_CHECKS = {
     "admin_live_sessions": check_live_sessions,
     "admin_sessions_by_avatar": check_by_avatar,
@@ -609,6 +642,7 @@ VIEW_CHECKS = {
     "admin_waiting_queue": check_waiting_queue,
     "admin_stuck": check_stuck,
     "admin_webhook_endpoints": check_webhook_endpoints_view,
+    "admin_waiting_estimates": check_waiting_estimates_view,
 }
 
 

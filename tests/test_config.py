@@ -36,6 +36,14 @@ def test_queue_type_is_quorum_or_classic_and_only_rabbitmq_is_quorum() -> None:
         load_settings(delivery_limit=0)
 
 
+def test_the_wait_estimate_interval_is_between_a_second_and_an_hour() -> None:
+    assert load_settings().wait_estimate_interval_seconds == 10
+    assert load_settings(wait_estimate_interval_seconds=3600).wait_estimate_interval_seconds == 3600
+    for bad in (0.5, 3601, 0):
+        with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_WAIT_ESTIMATE_INTERVAL_SECONDS: "):
+            load_settings(wait_estimate_interval_seconds=bad)
+
+
 def test_a_failover_list_reaches_kombu_as_one_list_without_spaces() -> None:
     from kombu import Connection
 

@@ -432,3 +432,54 @@ def test_skipped_vendor_values_and_failed_reconcile_passes_are_counted(
         lifecycle.close()
     assert skipped() == skipped_before + 1
     assert failed("vendor_error") == failed_before + 1
+
+
+def test_per_tenant_metrics_keep_configured_names_and_fold_the_rest_into_other(
+    telemetry: Telemetry, db: Database, settings_for: Callable[..., Settings]
+) -> None:
+    """In use, waiting, admitted and the wait of the admitted, by tenant: a tenant with a
+    policy row (and default) keeps its name, any other name a message brings is ``other``."""
+    from orchestrator.lifecycle.metrics import tenant_labels
+    from orchestrator.store.tenants import set_policy
+    from orchestrator.tenants import TenantPolicy
+
+    set_policy(db, TenantPolicy(name="gold", guaranteed=1))
+    tenant_labels.forget()  # the policy was set just now
+    lc = inline_lifecycle(settings_for(max_concurrent_sessions=2))
+    try:
+        register_gauges(lc.db)
+
+        def by_tenant(name: str) -> dict[str, float]:
+            return {p.attributes["tenant"]: p.value for p in telemetry.metric_points(name)}
+
+        before = by_tenant("orchestrator.tenant.admitted")
+        for rid, tenant in [("g1", "gold"), ("x1", "stranger-1"), ("g2", "gold"), ("y1", "zz")]:
+            message = {"avatar_id": "m", "request_id": rid, "tenant": tenant}
+            handle_start_message(lc, (), message, claim_id=rid)
+        assert [row(db, r).status for r in ("g1", "x1", "g2", "y1")] == ["active"] * 2 + [
+            "waiting"
+        ] * 2
+        assert by_tenant("orchestrator.tenant.waiting") == {"gold": 1, "other": 1}
+        with db.transaction() as session:  # as if they had waited a minute
+            session.execute(
+                text(
+                    "UPDATE sessions SET created_at = created_at - interval '60 s'"
+                    " WHERE status = 'waiting'"
+                )
+            )
+        request_stop(lc, request_id="g1")
+        request_stop(lc, request_id="x1")  # each freed slot admits a waiting request
+        assert [row(db, r).status for r in ("g2", "y1")] == ["active"] * 2
+        assert by_tenant("orchestrator.tenant.in_use") == {"gold": 1, "other": 1}
+        admitted = by_tenant("orchestrator.tenant.admitted")
+        assert admitted["gold"] - before.get("gold", 0) == 2
+        assert admitted["other"] - before.get("other", 0) == 2
+        assert not any(t.startswith(("stranger", "zz")) for t in admitted)
+        waits = {
+            p.attributes["tenant"]: p
+            for p in telemetry.metric_points("orchestrator.tenant.wait_time")
+        }
+        assert {"gold", "other"} <= set(waits) <= {"gold", "other", "default"}
+        assert waits["gold"].max >= 59 and waits["other"].max >= 59
+    finally:
+        lc.close()

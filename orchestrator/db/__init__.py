@@ -21,6 +21,7 @@ from orchestrator.db.models import (
     Tenant,
     TenantUsage,
     VendorAccount,
+    WaitEstimate,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Tenant",
     "TenantUsage",
     "VendorAccount",
+    "WaitEstimate",
     "after_commit",
     "normalize_database_url",
 ]

@@ -318,3 +318,23 @@ class TenantUsage(Base):
     waiting: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     used_seconds: Mapped[float] = mapped_column(Float, server_default=text("0"))
     used_at: Mapped[datetime | None] = mapped_column(server_default=func.now())
+
+
+class WaitEstimate(Base):
+    """A waiting request's latest wait estimate and what its last ``session.waiting`` event
+    said (migration 0011; docs/admission.md, "The expected wait"). No foreign key: its check
+    would lock the waiting row admission takes with ``SKIP LOCKED``."""
+
+    __tablename__ = "wait_estimates"
+
+    session_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    #: Seconds from ``estimated_at``; None: no end in sight within the look-ahead.
+    p50_seconds: Mapped[float | None] = mapped_column(Float)
+    p90_seconds: Mapped[float | None] = mapped_column(Float)
+    estimated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None]
+    #: When the last event expected the admission (None: infinite).
+    sent_p50_at: Mapped[datetime | None]
+    sent_p90_at: Mapped[datetime | None]
+    sent_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))

@@ -7,10 +7,12 @@ from orchestrator.lifecycle.reaper import ReapReport, reap
 from orchestrator.lifecycle.reconciler import ReconcileReport, reconcile
 from orchestrator.lifecycle.start import handle_start_message, run_start
 from orchestrator.lifecycle.stop import StopResult, request_stop
+from orchestrator.lifecycle.waits import EstimateReport, estimate_waits_pass
 
 __all__ = [
     "AdmitReport",
     "DispatchAfterCommit",
+    "EstimateReport",
     "Lifecycle",
     "ReapReport",
     "ReconcileReport",
@@ -18,6 +20,7 @@ __all__ = [
     "StartOutcome",
     "StopResult",
     "admit_waiting",
+    "estimate_waits_pass",
     "handle_start_message",
     "reap",
     "reconcile",

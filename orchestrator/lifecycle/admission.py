@@ -8,7 +8,9 @@ import logging
 from dataclasses import dataclass
 
 from orchestrator import store
+from orchestrator.lifecycle import metrics
 from orchestrator.lifecycle.context import Lifecycle
+from orchestrator.store.admitted import admitted_waits
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +26,11 @@ def admit_waiting(lc: Lifecycle) -> AdmitReport:
     expired = store.expire_waiting(lc.db)
     if expired:
         logger.warning("%d waiting request(s) failed with CAPACITY_TIMEOUT", len(expired))
-    admitted = 0
+    admitted = []
     for account in store.open_accounts(lc.db):
         for session_id, claim_id in store.admit(lc.db, account=account):
             lc.dispatcher.start_admitted(session_id, claim_id)
-            admitted += 1
-    return AdmitReport(admitted, len(expired))
+            admitted.append(session_id)
+    for tenant, waited in admitted_waits(lc.db, admitted):
+        metrics.record_admitted(lc.db, tenant, waited)
+    return AdmitReport(len(admitted), len(expired))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from sqlalchemy import func, select, text
 from orchestrator.db import Database, SessionRow
 from orchestrator.db.types import utcnow
 from orchestrator.deepbrain import DeepBrainError
+from orchestrator.tenants import DEFAULT_TENANT
 
 meter = metrics.get_meter("orchestrator.lifecycle")
 starts = meter.create_counter(
@@ -50,6 +52,61 @@ account_events = meter.create_counter(
     unit="{event}",
     description="Account health changes (circuit_opened, disabled, limit_lowered) by account",
 )
+
+
+tenant_admitted = meter.create_counter(
+    "orchestrator.tenant.admitted",
+    unit="{request}",
+    description="Requests given a slot, at their claim or after waiting, by tenant",
+)
+tenant_wait = meter.create_histogram(
+    "orchestrator.tenant.wait_time",
+    unit="s",
+    description="Arrival to admission of requests that waited for a slot, by tenant",
+)
+#: The label of every tenant without a policy row (docs/operations.md, "Metrics by tenant").
+OTHER_TENANTS = "other"
+
+
+class TenantLabels:
+    """Tenant names come from messages, so a label per name would let any producer grow the
+    metrics without bound. A tenant with a policy row (``orchestrator tenants set``) and
+    ``default`` keep their names; every other is :data:`OTHER_TENANTS`. The configured names
+    are read again at most every ``refresh`` seconds."""
+
+    def __init__(self, refresh: float = 30.0) -> None:
+        self._refresh = refresh
+        self._names: frozenset[str] = frozenset()
+        self._read_at: float | None = None
+        self._lock = threading.Lock()
+
+    def names(self, db: Database) -> frozenset[str]:
+        with self._lock:
+            if self._read_at is None or time.monotonic() - self._read_at >= self._refresh:
+                with db.transaction() as session:
+                    found = session.scalars(text("SELECT name FROM tenants")).all()
+                self._names = frozenset(found) | {DEFAULT_TENANT}
+                self._read_at = time.monotonic()
+            return self._names
+
+    def label(self, db: Database, tenant: str) -> str:
+        return tenant if tenant in self.names(db) else OTHER_TENANTS
+
+    def forget(self) -> None:
+        """Read the configured names again at the next label (after a policy change)."""
+        with self._lock:
+            self._read_at = None
+
+
+tenant_labels = TenantLabels()
+
+
+def record_admitted(db: Database, tenant: str, waited: float | None = None) -> None:
+    """A request given a slot: at its claim (``waited`` None), or after waiting that long."""
+    label = {"tenant": tenant_labels.label(db, tenant)}
+    tenant_admitted.add(1, label)
+    if waited is not None:
+        tenant_wait.record(max(0.0, waited), label)
 
 
 @contextmanager
@@ -140,5 +197,30 @@ def register_gauges(db: Database) -> None:
         meter.create_observable_gauge(
             f"orchestrator.account.{column}",
             callbacks=[per_account(column)],
+            description=description,
+        )
+
+    def per_tenant(column: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            with db.transaction() as session:
+                rows = session.execute(
+                    text("SELECT name, in_use, waiting FROM tenant_usage ORDER BY name")
+                ).all()
+            totals: dict[str, int] = {}
+            for row in rows:
+                label = tenant_labels.label(db, row.name)
+                totals[label] = totals.get(label, 0) + int(getattr(row, column))
+            for label, value in totals.items():
+                yield Observation(value, {"tenant": label})
+
+        return observe
+
+    for column, description in (
+        ("in_use", "starting + active + stopping, per tenant (unconfigured ones: other)"),
+        ("waiting", "requests waiting for a slot, per tenant (unconfigured ones: other)"),
+    ):
+        meter.create_observable_gauge(
+            f"orchestrator.tenant.{column}",
+            callbacks=[per_tenant(column)],
             description=description,
         )

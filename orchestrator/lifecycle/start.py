@@ -167,6 +167,8 @@ def _admit(lc: Lifecycle, message: _Message) -> StartOutcome:
         sqlstate = getattr(error.orig, "sqlstate", None) or "unknown"
         reason = f"the database cannot store this request (SQLSTATE {sqlstate})"
         return _failed(lc, message, request_id, reason)
+    if claim.outcome is store.ClaimOutcome.NEW and claim.ticket is not None:
+        metrics.record_admitted(lc.db, tenant)  # admitted at once, no wait
     return _after_claim(lc, message, request_id, claim)
 
 

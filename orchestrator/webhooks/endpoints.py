@@ -19,7 +19,13 @@ from orchestrator.webhooks.disabling import ENDPOINT_DISABLED, disable
 from orchestrator.webhooks.models import WebhookEndpoint, WebhookSecret
 from orchestrator.webhooks.secrets import SecretBox, new_secret
 
-EVENT_TYPES = ("session.active", "session.ended", "session.failed", ENDPOINT_DISABLED)
+EVENT_TYPES = (
+    "session.active",
+    "session.ended",
+    "session.failed",
+    ENDPOINT_DISABLED,
+    "session.waiting",  # asked for only: a request's expected wait (docs/messages.md)
+)
 DEFAULT_EVENT_TYPES = ("session.active", "session.ended", "session.failed")
 
 

@@ -22,7 +22,7 @@ from orchestrator.messaging import (
 from orchestrator.worker.app import OrchestratorCelery
 from orchestrator.worker.consumer import DeadLetteringConsumer
 from orchestrator.worker.steps import HeartbeatScheduler, WorkerHeartbeat
-from orchestrator.worker.tasks import register
+from orchestrator.worker.tasks import ESTIMATE_WAITS_HEADER, register
 
 __all__ = ["OrchestratorCelery", "celery_config", "create_app"]
 
@@ -65,6 +65,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": ADMIT_TASK,
                 "schedule": settings.reaper_interval_seconds,
                 "options": beat_options,
+            },
+            # An admission pass that then estimates every waiting request's wait; sent as the
+            # admission task with a header, so a worker of the previous release (a rolling
+            # upgrade) runs a plain admission pass instead of dead-lettering an unknown task.
+            "estimate-waits": {
+                "task": ADMIT_TASK,
+                "schedule": settings.wait_estimate_interval_seconds,
+                "options": {**beat_options, "headers": {ESTIMATE_WAITS_HEADER: "1"}},
             },
             "reconcile-with-vendor": {
                 "task": RECONCILE_TASK,

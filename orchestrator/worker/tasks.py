@@ -315,12 +315,30 @@ def publish_events(task: OrchestratorTask) -> None:
     task.orchestrator.dispatcher.relay.relay_now()
 
 
+#: Beat's wait-estimate pass is an admission backstop message with this header set
+#: (celery_app.celery_config): a worker of a release without the estimate runs the
+#: admission pass it knows instead of dead-lettering a task it does not know.
+ESTIMATE_WAITS_HEADER = "orchestrator_estimate_waits"
+
+
 def admit_waiting(task: OrchestratorTask) -> dict[str, int]:
-    """An admission pass: waiting requests into free slots."""
+    """An admission pass: waiting requests into free slots; with the estimate header, then
+    every request still waiting gets its expected wait (lifecycle.waits)."""
     with task.guarded(outage_retries=False):
         report = lifecycle.admit_waiting(task.lifecycle())
-        return {"admitted": report.admitted, "expired": report.expired}
+        done = {"admitted": report.admitted, "expired": report.expired}
+        if _asks_for_estimates(task):
+            done |= lifecycle.estimate_waits_pass(task.lifecycle()).as_dict()
+        return done
     return SKIPPED
+
+
+def _asks_for_estimates(task: AnyTask) -> bool:
+    """The estimate header, as a worker delivers it (an attribute of the request) or as an
+    eager call passes it (in ``request.headers``)."""
+    headers = getattr(task.request, "headers", None) or {}
+    value = getattr(task.request, ESTIMATE_WAITS_HEADER, None) or headers.get(ESTIMATE_WAITS_HEADER)
+    return value == "1"
 
 
 TASKS: dict[str, Callable[..., Any]] = {
