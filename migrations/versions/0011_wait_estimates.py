@@ -74,7 +74,7 @@ def upgrade() -> None:
         ),
     )
     op.execute(ADMIN_VIEW)
-    declare(revision, down_revision, oldest_served="0004")  # an expansion: the oldest release served stays
+    declare(revision, down_revision, oldest_served="0004")  # an expansion: v0.1.0 still served
 
 
 def downgrade() -> None:
