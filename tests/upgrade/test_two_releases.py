@@ -224,6 +224,13 @@ def test_a_rolling_upgrade_and_a_rollback_serve_every_start_once(
             old_beat.stop()
             new_beat = launch(NEW, "beat", "new-beat")
             time.sleep(PHASE_SECONDS)
+            # On a loaded machine the new beat may start late: the phase lasts until the new
+            # worker has served a sweep of its own (the assertion on its log below).
+            wait_until(
+                lambda: "Task orchestrator.reap_sessions[" in new_worker.log(),
+                timeout=SETTLE_SECONDS,
+                what="the new worker serves a sweep",
+            )
             # The rollback: the new release's pods go, the old beat comes back.
             traffic.phase = "rolled back"
             new_beat.stop()
