@@ -88,7 +88,7 @@ class Pool:
     max_duration: float
     #: Session-seconds per tenant over the fair-share window (choice.TenantState.used_seconds).
     usage: Mapping[str, float] | None = None
-    #: Recent arrivals per second, per tenant (only tenants with a guarantee are read).
+    #: Recent arrivals per second, per tenant (every tenant given is simulated arriving).
     arrival_rates: Mapping[str, float] | None = None
 
 
