@@ -10,6 +10,7 @@ from sqlalchemy import select, text
 
 from orchestrator import store
 from orchestrator.db import Database, OutboxEvent, SessionEvent, SessionRow
+from orchestrator.store.admission import ADMISSION_LOCK_WAIT_SECONDS
 from orchestrator.store.ending import end
 from orchestrator.store.rows import S
 
@@ -84,7 +85,13 @@ def insert_live_row(db: Database, request_id: str, vendor_id: str, age: float = 
         )
 
 
-def claim_request(db: Database, request_id: str, **wish: object) -> store.Claim:
+def claim_request(
+    db: Database,
+    request_id: str,
+    *,
+    lock_wait_seconds: float = ADMISSION_LOCK_WAIT_SECONDS,
+    **wish: object,
+) -> store.Claim:
     """``store.claim`` of a minimal request, no vendor involved; ``wish`` is the request's
     account, labels or tenant."""
     return store.claim(
@@ -102,6 +109,7 @@ def claim_request(db: Database, request_id: str, **wish: object) -> store.Claim:
             **wish,  # type: ignore[arg-type]
         ),
         lease_seconds=60,
+        lock_wait_seconds=lock_wait_seconds,
     )
 
 

@@ -26,23 +26,7 @@ HELD_SECONDS = 10.0  # how long the test holds an account's row at most
 
 def claim_quickly(db: Database, request_id: str, **wish: object) -> store.Claim:
     """A claim that waits at most half a second for its locks (AdmissionBusy past it)."""
-    return store.claim(
-        db,
-        store.ClaimRequest(
-            request_id=request_id,
-            claim_id=f"t-{request_id}",
-            payload={"avatar_id": "x"},
-            digest="d",
-            avatar_id="x",
-            metadata=None,
-            max_duration_seconds=None,
-            start_deadline_seconds=None,
-            traceparent=None,
-            **wish,  # type: ignore[arg-type]
-        ),
-        lease_seconds=60,
-        lock_wait_seconds=0.5,
-    )
+    return claim_request(db, request_id, lock_wait_seconds=0.5, **wish)
 
 
 def test_a_claim_that_names_no_account_does_not_wait_for_a_decision_on_another(

@@ -30,21 +30,8 @@ def wait_for_another_account(
     if not store.another_account_may_serve(lc.db, ticket):
         return False  # one account, or a request naming it: it fails, as before accounts
     uncertain = uncertain_failure(error)
-    waiting = store.back_to_waiting(
-        lc.db, ticket, vendor_error=error.error_code, uncertain=uncertain
-    )
-    claim_again_if_gone(waiting)
-    if waiting is not store.Recorded.YES:
-        return False
-    logger.warning(
-        "start of %s failed on account %s (%s), waiting %s: %s",
-        ticket.request_id,
-        ticket.account,
-        error.error_code,
-        "for its list to be read" if uncertain else "for another account",
-        error,
-    )
-    return True
+    for_what = "for its list to be read" if uncertain else "for another account"
+    return _back_to_waiting(lc, ticket, error, uncertain=uncertain, for_what=for_what)
 
 
 def wait_for_its_account(lc: Lifecycle, ticket: store.StartTicket, error: DeepBrainError) -> bool:
@@ -57,7 +44,24 @@ def wait_for_its_account(lc: Lifecycle, ticket: store.StartTicket, error: DeepBr
         return False  # it names no account: wait_for_another_account decides
     if not (circuit_open or waits_for_a_slot_again(lc.settings, ticket.attempt)):
         return False
-    uncertain = uncertain_failure(error)
+    return _back_to_waiting(
+        lc,
+        ticket,
+        error,
+        uncertain=uncertain_failure(error),
+        for_what="for the account it names",
+    )
+
+
+def _back_to_waiting(
+    lc: Lifecycle,
+    ticket: store.StartTicket,
+    error: DeepBrainError,
+    *,
+    uncertain: bool,
+    for_what: str,
+) -> bool:
+    """The failed start's row back to ``waiting`` (a lost row is claimed again), logged."""
     waiting = store.back_to_waiting(
         lc.db, ticket, vendor_error=error.error_code, uncertain=uncertain
     )
@@ -65,10 +69,11 @@ def wait_for_its_account(lc: Lifecycle, ticket: store.StartTicket, error: DeepBr
     if waiting is not store.Recorded.YES:
         return False
     logger.warning(
-        "start of %s failed on the account it names, %s (%s), waiting for it: %s",
+        "start of %s failed on account %s (%s), waiting %s: %s",
         ticket.request_id,
         ticket.account,
         error.error_code,
+        for_what,
         error,
     )
     return True
