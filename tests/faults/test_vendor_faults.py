@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator import store
 from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.lifecycle import Lifecycle, handle_start_message, reconcile, request_stop
@@ -24,6 +25,7 @@ from orchestrator.simulator import SimulatorServer
 from tests.conftest import WorkerProcess
 from tests.faults.conftest import (
     FAULT_ACCOUNTS,
+    SECOND_ACCOUNT,
     audit_vendor,
     event_counts,
     rows_by_request,
@@ -35,10 +37,16 @@ pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 MAX_ATTEMPTS = 4  # the client's default RetryPolicy: bounded retries
 MAX_BACKOFF_TOTAL = 0.5 + 1.0 + 2.0  # its capped delays before retries 2, 3 and 4
 MIN_BACKOFF_TOTAL = MAX_BACKOFF_TOTAL / 2  # the same with the least jitter ("equal" jitter)
-# These tests hold what one account's failures do to a request. With two accounts
-# (FAULTS_ACCOUNTS=2) a pool-wide request that its account fails waits for the other one
-# instead (reliability row 82, tested in test_accounts_admission.py), so here it names one.
-ONE_ACCOUNT: dict[str, str] = {"account": "default"} if FAULT_ACCOUNTS == 2 else {}
+
+
+def one_account_serving(db: Database) -> None:
+    """These tests hold what one account's failures do to a request. With two accounts
+    (FAULTS_ACCOUNTS=2) a pool-wide request that its account fails waits for the other one
+    (reliability row 82), and one that names its account waits for it (row 93), both tested
+    in test_accounts_admission.py; so here the second account is drained, and the request
+    has nowhere else to go, as with one account."""
+    if FAULT_ACCOUNTS == 2:
+        assert store.switch(db, SECOND_ACCOUNT, store.Switch.DRAIN), "no second account row"
 
 
 @pytest.fixture
@@ -73,7 +81,7 @@ def start_times(simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch) -> 
 
 def start(lc: Lifecycle, request_id: str, **kwargs: Any) -> Any:
     kwargs.setdefault("avatar_id", "avatar-f")
-    kwargs = {**ONE_ACCOUNT, **kwargs}
+    one_account_serving(lc.db)
     started = time.monotonic()
     handle_start_message(lc, (), {"request_id": request_id, **kwargs}, claim_id=f"t-{request_id}")
     row = rows_by_request(lc.db, [request_id])[request_id]
@@ -293,15 +301,16 @@ def test_hanging_vendor_cannot_hang_a_request_whatever_the_pool(
     settings = fault_settings(vendor_timeout_seconds=0.5)
     start_worker(settings, "--pool", pool, "--concurrency", "2")
     big_vendor.push_fault({"endpoint": "start", "delay_seconds": 1.0, "count": MAX_ATTEMPTS})
+    one_account_serving(db)
     producer = Producer(settings)
     try:
-        producer.enqueue_start_session(request_id="slow", avatar_id="a", **ONE_ACCOUNT)
+        producer.enqueue_start_session(request_id="slow", avatar_id="a")
         started = time.monotonic()
         row = wait_settled(db, ["slow"], timeout=20, allowed=("failed",))["slow"]
         took = time.monotonic() - started
         # ...and the worker still serves the next request once the vendor answers again.
         wait_vendor_idle(big_vendor)
-        producer.enqueue_start_session(request_id="fast", avatar_id="a", **ONE_ACCOUNT)
+        producer.enqueue_start_session(request_id="fast", avatar_id="a")
         assert wait_settled(db, ["fast"], timeout=20)["fast"].status == "active"
     finally:
         producer.close()
