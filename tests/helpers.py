@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -152,3 +153,18 @@ def only_accounts(db: Database, caps: dict[str, int]) -> None:
             text("UPDATE vendor_accounts SET in_catalog = (name = ANY(:names))"),
             {"names": list(caps)},
         )
+
+
+def insert_rows_of_an_older_schema(database: Database, statuses: list[str]) -> None:
+    """One row per status (``old-0``, ``old-1``, …) with only the columns every migrated
+    schema has: the rows a migration that adds counters must count."""
+    with database.transaction() as session:
+        for i, status in enumerate(statuses):
+            session.execute(
+                text(
+                    "INSERT INTO sessions (id, request_id, status, request_payload,"
+                    " payload_sha256, created_at, attempts, stop_attempts)"
+                    " VALUES (:id, :r, :s, '{}', 'x', now(), 0, 0)"
+                ),
+                {"id": uuid.uuid4(), "r": f"old-{i}", "s": status},
+            )

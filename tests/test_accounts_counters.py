@@ -21,7 +21,7 @@ from orchestrator.store.ending import end
 from orchestrator.store.rows import S
 from tests.conftest import fresh_postgres_database
 from tests.helpers import claim_request as claim
-from tests.helpers import end_one_at_random, live_counts
+from tests.helpers import end_one_at_random, insert_rows_of_an_older_schema, live_counts
 
 pytestmark = pytest.mark.postgres
 
@@ -133,16 +133,9 @@ def test_the_migration_counts_the_rows_that_were_there() -> None:
         upgrade(url, "0006")
         database = Database(url, pool_size=1)
         try:
-            with database.transaction() as session:
-                for i, status in enumerate(["active", "stopping", "waiting", "ended", "starting"]):
-                    session.execute(
-                        text(
-                            "INSERT INTO sessions (id, request_id, status, request_payload,"
-                            " payload_sha256, created_at, attempts, stop_attempts)"
-                            " VALUES (:id, :r, :s, '{}', 'x', now(), 0, 0)"
-                        ),
-                        {"id": uuid.uuid4(), "r": f"old-{i}", "s": status},
-                    )
+            insert_rows_of_an_older_schema(
+                database, ["active", "stopping", "waiting", "ended", "starting"]
+            )
             upgrade(url)
             (default,) = [s for s in store.account_states(database) if s.name == "default"]
             assert (default.in_use, default.waiting) == (3, 1)

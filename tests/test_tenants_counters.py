@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import threading
-import uuid
 
 import pytest
 from sqlalchemy import text
@@ -20,7 +19,13 @@ from orchestrator.store.rows import S
 from orchestrator.store.tenants import policies, set_policy, tenant_drift, usage
 from orchestrator.tenants import TenantPolicy
 from tests.conftest import fresh_postgres_database
-from tests.helpers import claim_request, end_one_at_random, live_counts, only_accounts
+from tests.helpers import (
+    claim_request,
+    end_one_at_random,
+    insert_rows_of_an_older_schema,
+    live_counts,
+    only_accounts,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -197,16 +202,9 @@ def test_the_migration_gives_existing_rows_the_default_tenant_and_counts_them() 
         upgrade(url, "0007")
         database = Database(url, pool_size=1)
         try:
-            with database.transaction() as session:
-                for i, status in enumerate(["active", "stopping", "waiting", "ended", "starting"]):
-                    session.execute(
-                        text(
-                            "INSERT INTO sessions (id, request_id, status, request_payload,"
-                            " payload_sha256, created_at, attempts, stop_attempts)"
-                            " VALUES (:id, :r, :s, '{}', 'x', now(), 0, 0)"
-                        ),
-                        {"id": uuid.uuid4(), "r": f"old-{i}", "s": status},
-                    )
+            insert_rows_of_an_older_schema(
+                database, ["active", "stopping", "waiting", "ended", "starting"]
+            )
             upgrade(url)
             (default,) = usage(database)
             assert (default.name, default.in_use, default.waiting) == ("default", 3, 1)
