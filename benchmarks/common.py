@@ -17,6 +17,7 @@ from kombu import Connection
 from benchmarks.harness import plain_conninfo, wait_for
 from orchestrator.config import load_settings
 from orchestrator.producer import Producer
+from orchestrator.store.admission import ClaimRequest
 
 AVATAR = "bench-avatar"
 
@@ -24,6 +25,23 @@ AVATAR = "bench-avatar"
 def make_producer(database_url: str, broker_url: str, **overrides: Any) -> Producer:
     """The real Python producer API (validation, publisher confirms, traceparent header)."""
     return Producer(load_settings(database_url=database_url, broker_url=broker_url, **overrides))
+
+
+def claim_request(rid: str, **wish: Any) -> ClaimRequest:
+    """A minimal request for ``store.claim`` in process (no vendor); ``wish`` is its
+    account, labels or tenant."""
+    return ClaimRequest(
+        request_id=rid,
+        claim_id=f"c-{rid}",
+        payload={"avatar_id": "bench"},
+        digest=rid,
+        avatar_id="bench",
+        metadata=None,
+        max_duration_seconds=3600,
+        start_deadline_seconds=None,
+        traceparent=None,
+        **wish,
+    )
 
 
 def start_kwargs(tag: str, i: int, **extra: Any) -> dict[str, Any]:

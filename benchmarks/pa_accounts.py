@@ -35,12 +35,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PgWaitSampler, make_producer, row_times, start_kwargs, wait_settled
+from benchmarks.common import (
+    PgWaitSampler,
+    claim_request,
+    make_producer,
+    row_times,
+    start_kwargs,
+    wait_settled,
+)
 from benchmarks.harness import BenchContext, log, orchestrator_env, start_orchestrator_worker
 from benchmarks.stats import percentile, ratio, steady_rate, summary_ms
 from orchestrator.db import Database
 from orchestrator.store.accounts import CatalogEntry, sync_catalog
-from orchestrator.store.admission import ClaimRequest, claim
+from orchestrator.store.admission import claim
 
 NAME = "PA"
 TITLE = "Accounts: 60 accounts of cap 100 against one of cap 6,000, 200 ms vendor latency"
@@ -73,18 +80,7 @@ def _claim_phase(ctx: BenchContext, pool: str, *, named: bool = False) -> dict[s
             if i is None:
                 return
             rid = f"p6-{pool}-{i:06d}-{uuid.uuid4().hex[:6]}"
-            request = ClaimRequest(
-                request_id=rid,
-                claim_id=f"c-{rid}",
-                payload={"avatar_id": "bench"},
-                digest=rid,
-                avatar_id="bench",
-                metadata=None,
-                max_duration_seconds=3600,
-                start_deadline_seconds=None,
-                traceparent=None,
-                account=names[i % len(names)] if named else None,
-            )
+            request = claim_request(rid, account=names[i % len(names)] if named else None)
             began = time.perf_counter()
             found = claim(db, request, lease_seconds=3600)
             took = time.perf_counter() - began

@@ -24,11 +24,12 @@ from typing import Any
 
 from sqlalchemy import text
 
+from benchmarks.common import claim_request
 from benchmarks.harness import BenchContext, log
 from benchmarks.stats import ratio, summary_ms
 from orchestrator.db import Database
 from orchestrator.store.accounts import CatalogEntry, sync_catalog
-from orchestrator.store.admission import ClaimRequest, claim
+from orchestrator.store.admission import claim
 from orchestrator.store.ending import end
 from orchestrator.store.rows import S
 from orchestrator.store.tenant_order import backlog
@@ -54,21 +55,6 @@ _WAITING_ROWS = text(
 )
 
 
-def _request(rid: str, tenant: str) -> ClaimRequest:
-    return ClaimRequest(
-        request_id=rid,
-        claim_id=f"c-{rid}",
-        payload={"avatar_id": "bench"},
-        digest=rid,
-        avatar_id="bench",
-        metadata=None,
-        max_duration_seconds=3600,
-        start_deadline_seconds=None,
-        traceparent=None,
-        tenant=tenant,
-    )
-
-
 def _prepare(db: Database, tenants: int) -> None:
     sync_catalog(db, [CatalogEntry(ACCOUNT, CAP, 1.0, {})])
     rng = random.Random(9)
@@ -84,7 +70,9 @@ def _prepare(db: Database, tenants: int) -> None:
                 ),
             )
     for i in range(CAP):  # the pool full, before anyone waits
-        found = claim(db, _request(f"pt-l-{i}", f"t{(i * 7) % tenants}"), lease_seconds=3600)
+        found = claim(
+            db, claim_request(f"pt-l-{i}", tenant=f"t{(i * 7) % tenants}"), lease_seconds=3600
+        )
         if found.status != "starting":
             raise RuntimeError(f"live claim {i}: {found.status}")
     with db.transaction() as session:
