@@ -35,6 +35,7 @@ class Receiver:
     def __init__(self, answer: Callable[[Received], Answer] | None = None) -> None:
         self.answer = answer or (lambda _r: (204, {}, 0.0))
         self.received: list[Received] = []
+        self.truncated = 0
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -48,6 +49,11 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(length)
+                if len(body) < length:  # the sender died mid-body: no request, as for any server
+                    with receiver._lock:
+                        receiver.truncated += 1
+                    self.close_connection = True
+                    return
                 got = Received({k.lower(): v for k, v in self.headers.items()}, body, time.time())
                 with receiver._lock:
                     receiver.received.append(got)
