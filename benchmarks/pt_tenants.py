@@ -79,7 +79,7 @@ def _prepare(db: Database, tenants: int) -> None:
         session.execute(_WAITING_ROWS, {"n": WAITING, "tenants": tenants})
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("ANALYZE sessions"))
-        conn.execute(text("ANALYZE tenant_usage"))
+        conn.execute(text("ANALYZE tenant_account_usage"))
 
 
 def _measure(ctx: BenchContext, tenants: int, decisions: int) -> dict[str, Any]:

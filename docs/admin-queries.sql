@@ -186,8 +186,8 @@ SELECT u.name AS tenant, coalesce(p.guaranteed, 0) AS guaranteed, coalesce(p.res
        (SELECT min(s.created_at) FROM sessions s
          WHERE s.status = 'waiting' AND s.tenant = u.name) AS oldest_waiting_at,
        round(u.used_seconds::numeric, 1) AS used_seconds_decayed, p.updated_at AS policy_updated_at
-FROM tenant_usage u LEFT JOIN tenants p ON p.name = u.name
+FROM tenant_totals u LEFT JOIN tenants p ON p.name = u.name
 UNION ALL
 SELECT p.name, p.guaranteed, p.reserved, p.maximum, p.weight, p.max_waiting, 0, 0, NULL, 0, p.updated_at
-FROM tenants p WHERE NOT EXISTS (SELECT FROM tenant_usage u WHERE u.name = p.name)
+FROM tenants p WHERE NOT EXISTS (SELECT FROM tenant_totals u WHERE u.name = p.name)
 ORDER BY tenant;

@@ -1,6 +1,7 @@
 """``orchestrator tenants``: each tenant's policy beside its usage (``tenants`` and
-``tenant_usage``, migration 0009), and ``tenants set`` to change a policy: the next claim or
-admission applies it, no restart (added to the group of :mod:`orchestrator.cli`)."""
+``tenant_totals``, migrations 0009 and 0012), and ``tenants set`` to change a policy: the
+next claim or admission applies it, no restart (added to the group of
+:mod:`orchestrator.cli`)."""
 
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ def empty(database: Database) -> None:
         conn.execute(
             text(
                 "TRUNCATE sessions, session_events, event_outbox, early_stops, sweep_leases,"
-                " tenants, tenant_usage, wait_estimates RESTART IDENTITY CASCADE"
+                " tenants, tenant_usage, tenant_account_usage, wait_estimates"
+                " RESTART IDENTITY CASCADE"
             )
         )
         # The vendor's last reported limit outlives the rows that reported it.

@@ -66,6 +66,50 @@ def test_a_claim_that_names_no_account_does_not_wait_for_a_decision_on_another(
     assert (claimed.status, claimed.account) == ("starting", "b")
 
 
+def test_claims_of_one_tenant_without_a_maximum_on_different_accounts_do_not_wait(
+    db: Database,
+) -> None:
+    """The same as above within one tenant (``default``, no policy): the end on ``a`` changes
+    the tenant's counters on ``a`` only (per tenant and account), so the tenant's claim that
+    goes to ``b`` waits for nothing. A counter per tenant (0009 to 0011) was locked by that
+    end until its commit, and every start of the tenant queued there."""
+    store.sync_catalog(
+        db, [store.CatalogEntry("a", 10, 1.0, {}), store.CatalogEntry("b", 10, 1.0, {})]
+    )
+    with db.transaction() as session:  # only a and b admit in this test
+        session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
+    for i in range(6):
+        assert claim_request(db, f"on-a-{i}", account="a").status == "starting"
+    holding = threading.Event()
+    release = threading.Event()
+
+    def end_one_on_a_slowly() -> None:
+        with db.transaction() as session:
+            victim = session.scalar(
+                text("SELECT id FROM sessions WHERE account = 'a' ORDER BY created_at LIMIT 1")
+            )
+            end(session, [victim], S.ENDED, from_statuses=[S.STARTING])  # a's counters
+            holding.set()
+            release.wait(HELD_SECONDS)
+
+    holder = in_background(end_one_on_a_slowly)
+    try:
+        assert holding.wait(HELD_SECONDS)
+        started = time.monotonic()
+        claimed = claim_quickly(db, "same-tenant")
+        named = claim_quickly(db, "same-tenant-on-b", account="b")
+        # A wait in the counters' trigger (after the claim's own bounded locks) would last
+        # until the holder lets go, HELD_SECONDS.
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        holder.result(timeout=HELD_SECONDS)
+    assert (claimed.status, claimed.account) == ("starting", "b")
+    assert (named.status, named.account) == ("starting", "b")
+    assert took < HELD_SECONDS / 2
+    assert live_counts(db, "tenant") == {"default": 7}
+
+
 def test_a_claim_passes_over_the_first_ranked_account_while_another_decision_holds_it(
     db: Database,
 ) -> None:
@@ -171,8 +215,9 @@ class AdmitEveryAccount:
 def test_a_slot_freed_while_a_claim_decides_to_wait_is_not_lost(db: Database) -> None:
     """The claim finds ``a`` full and, before its waiting row commits, the session on ``a``
     ends and its admission runs (finding nothing to admit): held here by the test keeping
-    the tenant's usage row, which a waiting claim locks last. After the claim's commit its
-    look at the eligible accounts' counters sees the free slot and admits the request."""
+    the tenant's policy row (it has a maximum), which a waiting claim locks last. After the
+    claim's commit its look at the eligible accounts' counters sees the free slot and admits
+    the request."""
     store.sync_catalog(db, [store.CatalogEntry("a", 1, 1.0, {})])
     with db.transaction() as session:  # only account a admits in this test
         session.execute(text("UPDATE vendor_accounts SET in_catalog = (name = 'a')"))
@@ -182,9 +227,12 @@ def test_a_slot_freed_while_a_claim_decides_to_wait_is_not_lost(db: Database) ->
     holding = threading.Event()
     release = threading.Event()
 
+    with db.transaction() as session:  # a maximum: a waiting claim locks its policy row
+        session.execute(text("INSERT INTO tenants (name, maximum) VALUES ('late', 5)"))
+
     def hold_the_tenant() -> None:
         with db.transaction() as session:
-            session.execute(text("INSERT INTO tenant_usage (name) VALUES ('late')"))
+            session.execute(text("SELECT FROM tenants WHERE name = 'late' FOR UPDATE"))
             holding.set()
             release.wait(HELD_SECONDS)
 

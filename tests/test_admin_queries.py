@@ -60,8 +60,9 @@ TABLES = TABLES_0001 | {
     "webhook_attempts",
     "tenants",
     "tenant_usage",
+    "tenant_account_usage",
     "wait_estimates",
-}  # 0004 to 0011
+}  # 0004 to 0012
 SECRET = "SECRET"  # in every secret value inserted below; no view or query may show it
 FORBIDDEN_COLUMN = re.compile(r"token|payload|secret|claim|traceparent|password|sha256")
 MINUTE = timedelta(minutes=1)

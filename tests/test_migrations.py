@@ -33,6 +33,7 @@ TABLES = {
     "webhook_attempts",
     "tenants",
     "tenant_usage",
+    "tenant_account_usage",
     "wait_estimates",
 }
 

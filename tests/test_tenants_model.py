@@ -70,7 +70,8 @@ def let_time_pass(db: Database, seconds: float) -> None:
             shift,
         )
         session.execute(
-            text("UPDATE tenant_usage SET used_at = used_at - make_interval(secs => :dt)"), shift
+            text("UPDATE tenant_account_usage SET used_at = used_at - make_interval(secs => :dt)"),
+            shift,
         )
 
 

@@ -307,13 +307,28 @@ class Tenant(Base):
 
 
 class TenantUsage(Base):
-    """Per tenant, across every account: ``in_use`` and ``waiting`` kept exact by triggers on
-    ``sessions`` (migration 0009), ``used_seconds`` the session-seconds of its ended sessions,
-    decayed with a time constant of an hour as of ``used_at``."""
+    """0009's per-tenant counters, no longer kept from migration 0012 on (its rows emptied;
+    the table stays for expand/contract): read ``tenant_totals`` (the sums of
+    :class:`TenantAccountUsage`) instead."""
 
     __tablename__ = "tenant_usage"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    in_use: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    waiting: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    used_seconds: Mapped[float] = mapped_column(Float, server_default=text("0"))
+    used_at: Mapped[datetime | None] = mapped_column(server_default=func.now())
+
+
+class TenantAccountUsage(Base):
+    """One tenant's counters on one account (``''``: its waiting requests bound to none),
+    kept exact by the triggers on ``sessions`` (migration 0012, replacing ``tenant_usage``'s
+    upkeep); the view ``tenant_totals`` sums them per tenant."""
+
+    __tablename__ = "tenant_account_usage"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), primary_key=True)
     in_use: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     waiting: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     used_seconds: Mapped[float] = mapped_column(Float, server_default=text("0"))

@@ -204,7 +204,7 @@ def register_gauges(db: Database) -> None:
         def observe(_: CallbackOptions) -> Iterable[Observation]:
             with db.transaction() as session:
                 rows = session.execute(
-                    text("SELECT name, in_use, waiting FROM tenant_usage ORDER BY name")
+                    text("SELECT name, in_use, waiting FROM tenant_totals ORDER BY name")
                 ).all()
             totals: dict[str, int] = {}
             for row in rows:

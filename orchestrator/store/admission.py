@@ -205,7 +205,7 @@ _FREE_SLOT_FOR = text(
     "     AND (CAST(:account AS text) IS NULL OR a.name = :account)"
     "     AND (CAST(:labels AS jsonb) IS NULL OR a.labels @> CAST(:labels AS jsonb))"
     "     AND (a.effective_cap IS NULL OR a.in_use < a.effective_cap))"
-    " AND NOT EXISTS (SELECT FROM tenants p JOIN tenant_usage u ON u.name = p.name"
+    " AND NOT EXISTS (SELECT FROM tenants p JOIN tenant_totals u ON u.name = p.name"
     "   WHERE p.name = :tenant AND p.maximum IS NOT NULL AND u.in_use >= p.maximum)"
 ).bindparams(bindparam("labels", type_=LABELS))
 

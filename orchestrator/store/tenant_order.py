@@ -1,7 +1,8 @@
 """Whose waiting request an account's free slot goes to when several tenants wait for it:
 :func:`orchestrator.tenants.choose` over the tenants' usage rows (docs/admission.md, "The
 order when a slot frees"), first in first out within a tenant. Called by ``admit`` under the
-account's row lock; the backlogged tenants' usage rows are locked after it, by name."""
+account's row lock; the policy rows of the backlogged tenants with a maximum are locked
+after it, by name."""
 
 from __future__ import annotations
 
@@ -30,11 +31,15 @@ _BACKLOG = text(
     f"SELECT s.tenant, count(*) AS waiting, min(s.created_at) AS oldest FROM sessions s"  # noqa: S608
     f" WHERE {_ELIGIBLE} GROUP BY s.tenant"
 ).bindparams(bindparam("labels", type_=JSONDocument))
-_LOCK_USAGE = text(
-    "SELECT name, in_use, used_seconds, used_at FROM tenant_usage"
-    " WHERE name = ANY(:names) ORDER BY name FOR UPDATE"
+# The backlogged tenants with a maximum: their policy rows locked after the account's, by
+# name, so none of their claims on another account admits meanwhile (a tenant without a
+# maximum needs no tenant-wide lock). Then every tenant's usage, summed over the accounts.
+_LOCK_CAPPED = text(
+    "SELECT name FROM tenants WHERE name = ANY(:names) AND maximum IS NOT NULL"
+    " ORDER BY name FOR UPDATE"
 )
-_OTHERS_LIVE = text("SELECT name, in_use FROM tenant_usage WHERE in_use > 0")
+_USAGE = text("SELECT name, used_seconds, used_at FROM tenant_totals WHERE name = ANY(:names)")
+_OTHERS_LIVE = text("SELECT name, in_use FROM tenant_totals WHERE in_use > 0")
 _POOL = text(
     "SELECT coalesce(sum(effective_cap), 0) AS cap FROM vendor_accounts"
     " WHERE in_catalog AND enabled AND NOT draining"
@@ -48,7 +53,10 @@ _NEXT = text(
 
 # Whether requests of more than one tenant wait anywhere: a look at the usage rows, so the
 # common case (one tenant waits) reads no waiting row here.
-_SEVERAL_WAIT = text("SELECT count(*) FROM (SELECT FROM tenant_usage WHERE waiting > 0 LIMIT 2) w")
+_SEVERAL_WAIT = text(
+    "SELECT count(*) FROM (SELECT DISTINCT tenant FROM tenant_account_usage"
+    " WHERE waiting > 0 LIMIT 2) w"
+)
 # Whether any tenant has a non-lendable reservation (then even one tenant's requests go
 # through ``choose``, which keeps the free slots the others' reservations need).
 ANY_RESERVATION = text("SELECT EXISTS (SELECT FROM tenants WHERE reserved > 0)")
@@ -79,7 +87,8 @@ def admit_in_order(
 ) -> list[uuid.UUID]:
     """Up to ``free`` waiting requests for ``account``, in the tenants' order (each id once)."""
     names = sorted(r.tenant for r in waiting)
-    usage = {r.name: r for r in session.execute(_LOCK_USAGE, {"names": names})}
+    session.execute(_LOCK_CAPPED, {"names": names})
+    usage = {r.name: r for r in session.execute(_USAGE, {"names": names})}
     policies = policies_in(session)
     live = {r.name: int(r.in_use) for r in session.execute(_OTHERS_LIVE)}
     states: dict[str, TenantState] = {n: TenantState(in_use=i) for n, i in live.items()}

@@ -1,6 +1,6 @@
 """Tenants in the database: their policies (``tenants``, set with the CLI, read by the next
-admission decision) and their usage (``tenant_usage``, kept exact by triggers on ``sessions``,
-migration 0009). docs/admission.md ("Tenants") is the design."""
+admission decision) and their usage (``tenant_totals``, kept exact by triggers on ``sessions``,
+migrations 0009 and 0012). docs/admission.md ("Tenants") is the design."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from orchestrator.db import Database, Tenant
 from orchestrator.tenants import TenantPolicy
 
-USAGE_WINDOW_SECONDS = 3600.0  # the decay of tenant_usage.used_seconds (migration 0009)
+USAGE_WINDOW_SECONDS = 3600.0  # the decay of used_seconds (migrations 0009, 0012)
 
 
 def set_policy(db: Database, policy: TenantPolicy) -> None:
@@ -79,7 +79,7 @@ def usage(db: Database) -> list[TenantUsageState]:
                 "SELECT u.name, u.in_use, u.waiting, u.used_seconds,"
                 " (SELECT min(s.created_at) FROM sessions s"
                 "   WHERE s.status = 'waiting' AND s.tenant = u.name) AS oldest_waiting_at"
-                " FROM tenant_usage u ORDER BY u.name"
+                " FROM tenant_totals u ORDER BY u.name"
             )
         ).all()
     return [

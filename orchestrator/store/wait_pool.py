@@ -63,7 +63,7 @@ _ARRIVALS = text(
     f" WHERE status IN {_ALL_STATUSES}"
     f" AND created_at > now() - make_interval(secs => {ARRIVAL_WINDOW_SECONDS}) GROUP BY tenant"
 )
-_USAGE = text("SELECT name, used_seconds, used_at FROM tenant_usage WHERE used_seconds > 0")
+_USAGE = text("SELECT name, used_seconds, used_at FROM tenant_totals WHERE used_seconds > 0")
 
 
 @dataclass(frozen=True)

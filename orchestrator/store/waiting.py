@@ -39,15 +39,20 @@ _ELIGIBLE_WAITING = text(
 ).bindparams(bindparam("labels", type_=JSONDocument))
 # The tenants at their maximum (one pass over the configured tenants, not per waiting row).
 _FULL_TENANTS = text(
-    "SELECT coalesce(array_agg(p.name), '{}') FROM tenants p JOIN tenant_usage u"
+    "SELECT coalesce(array_agg(p.name), '{}') FROM tenants p JOIN tenant_totals u"
     " ON u.name = p.name WHERE p.maximum IS NOT NULL AND u.in_use >= p.maximum"
 )
-# The slots the tenants of those requests may still take (none: no maximum), their usage
-# rows locked after the account's, by name (docs/admission.md, "The lock scheme").
-_LOCK_TENANTS = text(
-    "SELECT u.name, p.maximum - u.in_use AS room FROM tenant_usage u"
-    " LEFT JOIN tenants p ON p.name = u.name"
-    " WHERE u.name = ANY(:names) ORDER BY u.name FOR UPDATE OF u"
+# Of those requests' tenants, the ones with a maximum: their policy rows locked after the
+# account's, by name (docs/admission.md, "The lock scheme"), so no claim of theirs on another
+# account admits meanwhile; then the slots each may still take, summed over the accounts.
+_LOCK_CAPPED = text(
+    "SELECT name FROM tenants WHERE name = ANY(:names) AND maximum IS NOT NULL"
+    " ORDER BY name FOR UPDATE"
+)
+_ROOM = text(
+    "SELECT p.name, p.maximum - coalesce(u.in_use, 0) AS room FROM tenants p"
+    " LEFT JOIN tenant_totals u ON u.name = p.name"
+    " WHERE p.name = ANY(:names) AND p.maximum IS NOT NULL"
 )
 
 
@@ -132,13 +137,15 @@ def _to_starting(
 
 
 def _within_maximums(session: Session, candidates: Sequence[Row[Any]]) -> list[uuid.UUID]:
-    """The candidates (oldest first) their tenants' maximums let in now: the tenants' usage
-    rows are locked, so no claim of theirs on another account admits meanwhile."""
+    """The candidates (oldest first) their tenants' maximums let in now: the policy rows of
+    the tenants with one are locked, so no claim of theirs on another account admits
+    meanwhile."""
     names = sorted({c.tenant for c in candidates})
     if not names:
         return []
+    capped = list(session.scalars(_LOCK_CAPPED, {"names": names}))
     room: dict[str, int | None] = {
-        r.name: r.room for r in session.execute(_LOCK_TENANTS, {"names": names})
+        r.name: r.room for r in session.execute(_ROOM, {"names": capped})
     }
     chosen: list[uuid.UUID] = []
     for candidate in candidates:
