@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import text
@@ -29,6 +31,31 @@ def claim_quickly(db: Database, request_id: str, **wish: object) -> store.Claim:
     return claim_request(db, request_id, lock_wait_seconds=0.5, **wish)
 
 
+@contextmanager
+def ending_one_on_a_held_open(db: Database) -> Iterator[None]:
+    """A transaction that ends the oldest session on account ``a`` (its counters' triggers
+    lock what they update) and stays open while the block runs."""
+    holding = threading.Event()
+    release = threading.Event()
+
+    def end_one_on_a_slowly() -> None:
+        with db.transaction() as session:
+            victim = session.scalar(
+                text("SELECT id FROM sessions WHERE account = 'a' ORDER BY created_at LIMIT 1")
+            )
+            end(session, [victim], S.ENDED, from_statuses=[S.STARTING])
+            holding.set()
+            release.wait(HELD_SECONDS)
+
+    holder = in_background(end_one_on_a_slowly)
+    try:
+        assert holding.wait(HELD_SECONDS)
+        yield
+    finally:
+        release.set()
+        holder.result(timeout=HELD_SECONDS)
+
+
 def test_a_claim_that_names_no_account_does_not_wait_for_a_decision_on_another(
     db: Database,
 ) -> None:
@@ -44,25 +71,8 @@ def test_a_claim_that_names_no_account_does_not_wait_for_a_decision_on_another(
     )
     for i in range(6):
         assert claim_request(db, f"on-a-{i}", account="a").status == "starting"
-    holding = threading.Event()
-    release = threading.Event()
-
-    def end_one_on_a_slowly() -> None:
-        with db.transaction() as session:
-            victim = session.scalar(
-                text("SELECT id FROM sessions WHERE account = 'a' ORDER BY created_at LIMIT 1")
-            )
-            end(session, [victim], S.ENDED, from_statuses=[S.STARTING])  # locks a's row
-            holding.set()
-            release.wait(HELD_SECONDS)
-
-    holder = in_background(end_one_on_a_slowly)
-    try:
-        assert holding.wait(HELD_SECONDS)
+    with ending_one_on_a_held_open(db):  # holds a's row (its counter's trigger)
         claimed = claim_quickly(db, "anywhere", tenant="other")
-    finally:
-        release.set()
-        holder.result(timeout=HELD_SECONDS)
     assert (claimed.status, claimed.account) == ("starting", "b")
 
 
@@ -80,30 +90,13 @@ def test_claims_of_one_tenant_without_a_maximum_on_different_accounts_do_not_wai
         session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
     for i in range(6):
         assert claim_request(db, f"on-a-{i}", account="a").status == "starting"
-    holding = threading.Event()
-    release = threading.Event()
-
-    def end_one_on_a_slowly() -> None:
-        with db.transaction() as session:
-            victim = session.scalar(
-                text("SELECT id FROM sessions WHERE account = 'a' ORDER BY created_at LIMIT 1")
-            )
-            end(session, [victim], S.ENDED, from_statuses=[S.STARTING])  # a's counters
-            holding.set()
-            release.wait(HELD_SECONDS)
-
-    holder = in_background(end_one_on_a_slowly)
-    try:
-        assert holding.wait(HELD_SECONDS)
+    with ending_one_on_a_held_open(db):  # a's counters, the tenant's on a among them
         started = time.monotonic()
         claimed = claim_quickly(db, "same-tenant")
         named = claim_quickly(db, "same-tenant-on-b", account="b")
         # A wait in the counters' trigger (after the claim's own bounded locks) would last
         # until the holder lets go, HELD_SECONDS.
         took = time.monotonic() - started
-    finally:
-        release.set()
-        holder.result(timeout=HELD_SECONDS)
     assert (claimed.status, claimed.account) == ("starting", "b")
     assert (named.status, named.account) == ("starting", "b")
     assert took < HELD_SECONDS / 2
