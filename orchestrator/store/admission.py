@@ -37,7 +37,7 @@ from orchestrator.store.rows import (
 )
 from orchestrator.store.starts import StartTicket
 
-CLAIM_FUNCTION_MIGRATION = "0010"  # defines the orchestrator_claim called
+CLAIM_FUNCTION_MIGRATION = "0012"  # defines the orchestrator_claim called
 # The previous release's one admission lock. A claim or admission that may use ``default``
 # still takes it while releases before accounts may run beside this one (migration 0007).
 ADMISSION_LOCK_KEY = 0x5E5511

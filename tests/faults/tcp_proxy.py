@@ -67,6 +67,11 @@ class TcpProxy:
     def refusing(self) -> bool:
         return not self._serving.is_set()
 
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._pairs)
+
     def cut(self) -> int:
         """Stop listening (new connections are refused) and reset every open connection.
         Returns how many connections were cut."""

@@ -73,6 +73,8 @@ def test_database_outage_during_a_stream_of_starts(
     try:
         enqueuer = in_background(stream)
         time.sleep(OUTAGE_AFTER_SECONDS)
+        # A worker slow to start (a loaded machine) has no connection to cut yet.
+        wait_until(lambda: pg_proxy.open_connections, what="the worker's database connections")
         cut = pg_proxy.cut()  # open connections reset, new ones refused
         time.sleep(OUTAGE_SECONDS)
         pg_proxy.restore()
@@ -103,19 +105,31 @@ def test_database_outage_during_a_stream_of_starts(
     assert not failed, f"requests failed during the outage: {failed}"
     assert_rows_are_final_and_explained(final, request_ids)
     counts = event_counts(db, ("active", "ended", "failed"))
+    log = worker.log()
+    lines = [line for line in log.splitlines() if "stopped vendor session of request" in line]
+    # The one documented exception (docs/reliability.md row 44): a record whose commit landed
+    # but whose reply the cut lost, the row unreadable until the record window closed (zero
+    # here: the orphan grace equals the vendor timeout), has its session stopped at once and
+    # its row ended ERROR by the retry. Each such row is one the worker compensated.
+    lost_replies = set()
     for rid in request_ids:
         assert counts.get((rid, "active"), 0) == 1, rid
         assert counts.get((rid, "ended"), 0) + counts.get((rid, "failed"), 0) <= 1, rid
         r = final[rid]
+        if (r.status, r.end_reason) == ("ended", "ERROR"):
+            assert any(f"request {rid} again" in line for line in lines), (rid, lines)
+            stopped = audit.owned[str(r.vendor_session_id)]  # by the worker, at once
+            assert (stopped["end_reason"], stopped["ended_by"]) == ("ERROR", "stop"), stopped
+            lost_replies.add(rid)
+            continue
         expected = ("ended", "MAX_DURATION_REACHED") if rid in short_lived else ("active", None)
         assert (r.status, r.end_reason) == expected, rid
     # Every vendor session no row records was stopped by compensation (the worker, reason
     # ERROR), none was left to the reconciler (ZOMBIE_SESSION_REAP).
-    log = worker.log()
-    compensated = log.count("stopped vendor session of request")
+    compensated = len(lines)
     for s in audit.unowned:
         assert (s["status"], s["end_reason"], s["ended_by"]) == ("ended", "ERROR", "stop"), s
-    assert compensated == len(audit.unowned), (compensated, audit.unowned)
+    assert compensated == len(audit.unowned) + len(lost_replies), (lines, audit.unowned)
     assert audit.longest_unowned_life() <= ORPHAN_BOUND_SECONDS, audit.unowned
     assert_live_vendor_sessions_have_live_rows(db, sim)
     assert "database unavailable" in log, "the outage must have hit at least one start"
@@ -126,7 +140,8 @@ def test_database_outage_during_a_stream_of_starts(
         f"\npostgres outage: {cut} + {dropped_again} connections cut; final "
         f"{dict(Counter(r.status for r in final.values()))}; {log.count('database unavailable')} "
         f"task retries; {len(audit.unowned)} unrecorded vendor sessions ({compensated} "
-        f"compensated at once, {recorded} of them recorded; {orphans} stopped by the reconciler)"
+        f"compensated at once, {recorded} of them recorded; {orphans} stopped by the reconciler;"
+        f" {len(lost_replies)} lost commit replies)"
     )
 
 
