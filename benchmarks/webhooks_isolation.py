@@ -4,6 +4,7 @@ request received), p50/p99/max, beside the same load with no dead endpoint (same
 
     python -m benchmarks.run --only P6 --repeat 1       # in the harness (make bench runs it)
     python -m benchmarks.webhooks_isolation [--rate 200] [--seconds 30] [--healthy 2] [--no-dead]
+        [--processes 1]
 
 Real parts: a database of its own on the local PostgreSQL (migrated to head), events written
 through the outbox one transaction each (as transitions write them), the sender
@@ -131,8 +132,11 @@ def measure(
     healthy: int,
     dead: bool,
     per_endpoint: int = 16,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """One measurement on a fresh (migrated, empty) database: endpoints, the sender, events."""
+    """One measurement on a fresh (migrated, empty) database: endpoints, the sender(s), events.
+    ``processes`` senders share the work as the chart's replicas do (claims leased in the
+    database); the sender CPU reported is theirs together."""
     key = new_key()
     settings = load_webhook_settings(secret_key=key, allow="127.0.0.0/8", timeout_seconds=30.0)
     box = SecretBox(SecretStr(key))
@@ -146,34 +150,40 @@ def measure(
             endpoints.add(db, box, policy, f"http://127.0.0.1:{port}/hook")
         for url_ in receivers.urls:
             endpoints.add(db, box, policy, url_)
-        sender = ManagedProcess(
-            name=f"webhooks-{'dead' if dead else 'healthy'}",
-            command=[sys.executable, "-m", "orchestrator.cli", "webhooks", "send"],
-            env=python_env(
-                {
-                    "ORCHESTRATOR_DATABASE_URL": url,
-                    "ORCHESTRATOR_WEBHOOK_SECRET_KEY": key,
-                    "ORCHESTRATOR_WEBHOOK_ALLOW": "127.0.0.0/8",
-                    "ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS": str(DEAD_TIMEOUT_SECONDS),
-                    "ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY": str(per_endpoint),
-                    "ORCHESTRATOR_LOG_LEVEL": "WARNING",
-                    "ORCHESTRATOR_STATE_DIR": str(work_dir),
-                }
-            ),
-            log_path=work_dir / f"sender-{'dead' if dead else 'healthy'}.log",
-        )
-        stack.callback(sender.stop, 5.0)
-        stack.callback(sender.process.kill)  # the dead endpoint's attempts would hold SIGTERM
-        # Steady state: events are written once the sender has made its first pass (its
-        # heartbeat), or the first second's events would measure the process's start-up.
-        wait_for(
-            lambda: age_seconds(work_dir, "webhooks") is not None,
-            60,
-            "the sender's first pass",
-        )
+        senders: list[ManagedProcess] = []
+        for i in range(processes):
+            state = work_dir / f"sender-{i}"
+            state.mkdir(parents=True, exist_ok=True)
+            sender = ManagedProcess(
+                name=f"webhooks-{'dead' if dead else 'healthy'}-{i}",
+                command=[sys.executable, "-m", "orchestrator.cli", "webhooks", "send"],
+                env=python_env(
+                    {
+                        "ORCHESTRATOR_DATABASE_URL": url,
+                        "ORCHESTRATOR_WEBHOOK_SECRET_KEY": key,
+                        "ORCHESTRATOR_WEBHOOK_ALLOW": "127.0.0.0/8",
+                        "ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS": str(DEAD_TIMEOUT_SECONDS),
+                        "ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY": str(per_endpoint),
+                        "ORCHESTRATOR_LOG_LEVEL": "WARNING",
+                        "ORCHESTRATOR_STATE_DIR": str(state),
+                    }
+                ),
+                log_path=work_dir / f"sender-{'dead' if dead else 'healthy'}-{i}.log",
+            )
+            senders.append(sender)
+            stack.callback(sender.stop, 5.0)
+            stack.callback(sender.process.kill)  # the dead endpoint's attempts hold SIGTERM
+        # Steady state: events are written once every sender has made its first pass (its
+        # heartbeat), or the first second's events would measure the processes' start-up.
+        for i in range(processes):
+            wait_for(
+                lambda i=i: age_seconds(work_dir / f"sender-{i}", "webhooks") is not None,
+                60,
+                "the sender's first pass",
+            )
         count = int(rate * seconds)
         busy = cpu_busy_fraction()
-        cpu0, runner0 = cpu_seconds(sender.pid), time.process_time()
+        cpu0, runner0 = sum(cpu_seconds(x.pid) for x in senders), time.process_time()
         receivers0 = cpu_seconds(receivers.process.pid)
         began = time.monotonic()
         for n in range(count):
@@ -190,7 +200,7 @@ def measure(
         drain_deadline = time.monotonic() + 30
         while time.monotonic() < drain_deadline and any(n < count for n in receivers.counts()):
             time.sleep(0.1)
-        sender_cpu = cpu_seconds(sender.pid) - cpu0
+        sender_cpu = sum(cpu_seconds(x.pid) for x in senders) - cpu0
         runner_cpu = time.process_time() - runner0  # this process alone: the writer
         receivers_cpu = cpu_seconds(receivers.process.pid) - receivers0
         machine_busy = busy()
@@ -328,6 +338,12 @@ def main() -> None:
     parser.add_argument("--healthy", type=int, default=HEALTHY)
     parser.add_argument("--per-endpoint", type=int, default=16)
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="sender processes (the chart's webhooks.replicas); each 64 attempts, 16 per endpoint",
+    )
+    parser.add_argument(
         "--dead",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -350,6 +366,7 @@ def main() -> None:
             healthy=args.healthy,
             dead=args.dead,
             per_endpoint=args.per_endpoint,
+            processes=args.processes,
         )
     print(json.dumps(result, indent=2))
 
