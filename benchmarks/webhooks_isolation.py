@@ -3,21 +3,25 @@ events at a fixed rate; the delivery latency to the healthy endpoints (event com
 request received), p50/p99/max, beside the same load with no dead endpoint (same run).
 
     python -m benchmarks.run --only P6 --repeat 1       # in the harness (make bench runs it)
-    python -m benchmarks.webhooks_isolation [--rate 200] [--seconds 30] [--healthy 2]
+    python -m benchmarks.webhooks_isolation [--rate 200] [--seconds 30] [--healthy 2] [--no-dead]
+        [--processes 1]
 
 Real parts: a database of its own on the local PostgreSQL (migrated to head), events written
 through the outbox one transaction each (as transitions write them), the sender
 (`orchestrator webhooks send`, 64 attempts at once, 16 per endpoint) in a process of its
-own, the receivers on loopback in this one (allow-listed). The dead endpoint accepts TCP
-connections and never answers.
+own, the healthy receivers on loopback in another (:mod:`benchmarks.webhook_receiver`, asyncio,
+keep-alive, 204 at once: they stand in for the receivers' systems, whose CPU is not the
+sender's), allow-listed. The dead endpoint (a socket in this process) accepts TCP connections
+and never answers. CPU per delivery is reported for the sender, the receivers, and this process
+alone (the writer).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
-import os
 import socket
 import sys
 import time
@@ -46,7 +50,6 @@ from orchestrator.webhooks import endpoints
 from orchestrator.webhooks.secrets import SecretBox, new_key
 from orchestrator.webhooks.sender import policy_for
 from orchestrator.webhooks.settings import load_webhook_settings
-from tests.webhooks.receiver import Receiver, receiving
 
 NAME = "P6"
 TITLE = "Webhook isolation: delivery latency to healthy endpoints beside a dead one"
@@ -54,6 +57,58 @@ RATE = 200.0
 HEALTHY = 2
 DEAD_TIMEOUT_SECONDS = 30.0
 TARGET_P99_S = 1.0
+
+
+class Receivers:
+    """The healthy endpoints (:mod:`benchmarks.webhook_receiver`) in their own process."""
+
+    def __init__(self, process: ManagedProcess, ports: list[int]) -> None:
+        self.process = process
+        self.ports = ports
+        self.urls = [f"http://127.0.0.1:{port}/hook" for port in ports]
+
+    def _get(self, port: int, path: str) -> Any:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("GET", path)
+            return json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+
+    def counts(self) -> list[int]:
+        """Distinct ``webhook-id`` received, per endpoint."""
+        return [int(self._get(port, "/_count")) for port in self.ports]
+
+    def records(self) -> list[tuple[str, float, str]]:
+        """Every request received: webhook-id, arrival (epoch s), the event's timestamp."""
+        return [tuple(r) for port in self.ports for r in self._get(port, "/_records")]
+
+
+@contextlib.contextmanager
+def receiving(work_dir: Path, count: int) -> Iterator[Receivers]:
+    ready = work_dir / "receivers.ports"
+    ready.unlink(missing_ok=True)
+    process = ManagedProcess(
+        name="receivers",
+        command=[
+            sys.executable,
+            "-m",
+            "benchmarks.webhook_receiver",
+            "--ports",
+            str(count),
+            "--ready",
+            str(ready),
+        ],
+        env=python_env({}),
+        log_path=work_dir / "receivers.log",
+    )
+    try:
+        wait_for(lambda: ready.exists() or not process.alive(), 30, "the receivers' start-up")
+        if not process.alive():
+            raise RuntimeError(f"the receivers exited:\n{process.log_tail()}")
+        yield Receivers(process, json.loads(ready.read_text()))
+    finally:
+        process.stop(5.0)
 
 
 @contextlib.contextmanager
@@ -77,51 +132,59 @@ def measure(
     healthy: int,
     dead: bool,
     per_endpoint: int = 16,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """One measurement on a fresh (migrated, empty) database: endpoints, the sender, events."""
+    """One measurement on a fresh (migrated, empty) database: endpoints, the sender(s), events.
+    ``processes`` senders share the work as the chart's replicas do (claims leased in the
+    database); the sender CPU reported is theirs together."""
     key = new_key()
     settings = load_webhook_settings(secret_key=key, allow="127.0.0.0/8", timeout_seconds=30.0)
     box = SecretBox(SecretStr(key))
     db = Database(url, pool_size=4)
     with contextlib.ExitStack() as stack:
         stack.callback(db.dispose)
-        live: list[Receiver] = [stack.enter_context(receiving()) for _ in range(healthy)]
-        for receiver in live:  # keep-alive, as real receivers do (the tests' default is 1.0)
-            receiver.server.RequestHandlerClass.protocol_version = "HTTP/1.1"  # type: ignore[attr-defined]
+        receivers = stack.enter_context(receiving(work_dir, healthy))
         policy = policy_for(settings)
         if dead:
             port = stack.enter_context(dead_endpoint())
             endpoints.add(db, box, policy, f"http://127.0.0.1:{port}/hook")
-        for receiver in live:
-            endpoints.add(db, box, policy, receiver.url)
-        sender = ManagedProcess(
-            name=f"webhooks-{'dead' if dead else 'healthy'}",
-            command=[sys.executable, "-m", "orchestrator.cli", "webhooks", "send"],
-            env=python_env(
-                {
-                    "ORCHESTRATOR_DATABASE_URL": url,
-                    "ORCHESTRATOR_WEBHOOK_SECRET_KEY": key,
-                    "ORCHESTRATOR_WEBHOOK_ALLOW": "127.0.0.0/8",
-                    "ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS": str(DEAD_TIMEOUT_SECONDS),
-                    "ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY": str(per_endpoint),
-                    "ORCHESTRATOR_LOG_LEVEL": "WARNING",
-                    "ORCHESTRATOR_STATE_DIR": str(work_dir),
-                }
-            ),
-            log_path=work_dir / f"sender-{'dead' if dead else 'healthy'}.log",
-        )
-        stack.callback(sender.stop, 5.0)
-        stack.callback(sender.process.kill)  # the dead endpoint's attempts would hold SIGTERM
-        # Steady state: events are written once the sender has made its first pass (its
-        # heartbeat), or the first second's events would measure the process's start-up.
-        wait_for(
-            lambda: age_seconds(work_dir, "webhooks") is not None,
-            60,
-            "the sender's first pass",
-        )
+        for url_ in receivers.urls:
+            endpoints.add(db, box, policy, url_)
+        senders: list[ManagedProcess] = []
+        for i in range(processes):
+            state = work_dir / f"sender-{i}"
+            state.mkdir(parents=True, exist_ok=True)
+            sender = ManagedProcess(
+                name=f"webhooks-{'dead' if dead else 'healthy'}-{i}",
+                command=[sys.executable, "-m", "orchestrator.cli", "webhooks", "send"],
+                env=python_env(
+                    {
+                        "ORCHESTRATOR_DATABASE_URL": url,
+                        "ORCHESTRATOR_WEBHOOK_SECRET_KEY": key,
+                        "ORCHESTRATOR_WEBHOOK_ALLOW": "127.0.0.0/8",
+                        "ORCHESTRATOR_WEBHOOK_TIMEOUT_SECONDS": str(DEAD_TIMEOUT_SECONDS),
+                        "ORCHESTRATOR_WEBHOOK_PER_ENDPOINT_CONCURRENCY": str(per_endpoint),
+                        "ORCHESTRATOR_LOG_LEVEL": "WARNING",
+                        "ORCHESTRATOR_STATE_DIR": str(state),
+                    }
+                ),
+                log_path=work_dir / f"sender-{'dead' if dead else 'healthy'}-{i}.log",
+            )
+            senders.append(sender)
+            stack.callback(sender.stop, 5.0)
+            stack.callback(sender.process.kill)  # the dead endpoint's attempts hold SIGTERM
+        # Steady state: events are written once every sender has made its first pass (its
+        # heartbeat), or the first second's events would measure the processes' start-up.
+        for i in range(processes):
+            wait_for(
+                lambda i=i: age_seconds(work_dir / f"sender-{i}", "webhooks") is not None,
+                60,
+                "the sender's first pass",
+            )
         count = int(rate * seconds)
         busy = cpu_busy_fraction()
-        cpu0, runner0 = cpu_seconds(sender.pid), cpu_seconds(os.getpid())
+        cpu0, runner0 = sum(cpu_seconds(x.pid) for x in senders), time.process_time()
+        receivers0 = cpu_seconds(receivers.process.pid)
         began = time.monotonic()
         for n in range(count):
             wait = began + n / rate - time.monotonic()
@@ -135,19 +198,15 @@ def measure(
                 )
         produced = time.monotonic() - began
         drain_deadline = time.monotonic() + 30
-        while time.monotonic() < drain_deadline and any(
-            len({r.webhook_id for r in x.requests()}) < count for x in live
-        ):
+        while time.monotonic() < drain_deadline and any(n < count for n in receivers.counts()):
             time.sleep(0.1)
-        sender_cpu = cpu_seconds(sender.pid) - cpu0
-        runner_cpu = cpu_seconds(os.getpid()) - runner0
+        sender_cpu = sum(cpu_seconds(x.pid) for x in senders) - cpu0
+        runner_cpu = time.process_time() - runner0  # this process alone: the writer
+        receivers_cpu = cpu_seconds(receivers.process.pid) - receivers0
         machine_busy = busy()
-        latencies = [
-            r.at - datetime.fromisoformat(r.document["timestamp"]).timestamp()
-            for x in live
-            for r in x.requests()
-        ]
-        delivered = sum(len({r.webhook_id for r in x.requests()}) for x in live)
+        records = receivers.records()
+        latencies = [at - datetime.fromisoformat(stamp).timestamp() for _, at, stamp in records]
+        delivered = sum(receivers.counts())
     return {
         "events": count,
         "rate_written": round(count / produced, 1),
@@ -158,6 +217,7 @@ def measure(
         "max_s": round(max(latencies), 3) if latencies else float("nan"),
         "sender_cpu_ms_per_delivery": round(1000 * sender_cpu / max(delivered, 1), 3),
         "runner_cpu_ms_per_delivery": round(1000 * runner_cpu / max(delivered, 1), 3),
+        "receivers_cpu_ms_per_delivery": round(1000 * receivers_cpu / max(delivered, 1), 3),
         "machine_cpu_busy": round(machine_busy, 2),
     }
 
@@ -217,7 +277,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     return {
         "notes": [
             f"{RATE:g} events/s for {seconds:g} s through the outbox, {HEALTHY} healthy endpoints"
-            " (loopback, answering 204 at once) and one that accepts connections and never"
+            " (loopback, in a process of their own, answering 204 at once) and one that accepts"
+            " connections and never"
             f" answers ({DEAD_TIMEOUT_SECONDS:g} s timeouts); one sender process (64 attempts at"
             " once, 16 per endpoint, poll 0.2 s). Latency: the event's timestamp (just before"
             " its commit) to the request's arrival; every delivery to the healthy endpoints"
@@ -276,6 +337,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--healthy", type=int, default=HEALTHY)
     parser.add_argument("--per-endpoint", type=int, default=16)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="sender processes (the chart's webhooks.replicas); each 64 attempts, 16 per endpoint",
+    )
+    parser.add_argument(
+        "--dead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with the dead endpoint (default) or, --no-dead, the healthy endpoints only",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         ctx = BenchContext(
@@ -291,8 +364,9 @@ def main() -> None:
             rate=args.rate,
             seconds=args.seconds,
             healthy=args.healthy,
-            dead=True,
+            dead=args.dead,
             per_endpoint=args.per_endpoint,
+            processes=args.processes,
         )
     print(json.dumps(result, indent=2))
 

@@ -4,6 +4,7 @@ connects to the address it checked (the DNS rebinding case)."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import httpx
 import pytest
@@ -86,6 +87,27 @@ def test_dns_rebinding_cannot_send_the_request_elsewhere() -> None:
         assert resolver.calls == 2
         assert len(receiver.requests()) == 1
         assert receiver.requests()[0].headers["host"] == f"hooks.example.test:{receiver.port}"
+
+
+def test_a_kept_connection_is_reused_until_its_keep_alive_runs_out_then_checked_anew() -> None:
+    """The sender's pool keeps connections (keep-alive): each was made to a checked address;
+    once one has been idle past its expiry the next request makes a new one, which looks
+    the name up and checks it again (no lookup is ever skipped by an old connection)."""
+    resolver = SecondAnswerPrivate()
+    with receiving() as receiver:
+        receiver.server.RequestHandlerClass.protocol_version = "HTTP/1.1"  # type: ignore[attr-defined]
+        url = f"http://hooks.example.test:{receiver.port}/hook"
+        limits = httpx.Limits(max_keepalive_connections=8, keepalive_expiry=0.2)
+        transport = CheckedTransport(LOOPBACK_ONLY, resolver=resolver, limits=limits)
+        with httpx.Client(transport=transport, follow_redirects=False) as client:
+            for _ in range(3):
+                assert client.post(url, content=b"{}").status_code == 204
+            assert resolver.calls == 1  # one connection, kept and reused
+            time.sleep(0.4)
+            with pytest.raises(Refused, match=r"10\.1\.2\.3"):
+                client.post(url, content=b"{}")
+        assert resolver.calls == 2
+        assert len(receiver.requests()) == 3
 
 
 def test_loopback_is_refused_without_an_allow_list() -> None:
