@@ -47,39 +47,41 @@ RETURNING (SELECT count(*) FROM made)
 """
 )
 
-# Only endpoints with a free slot are looked at (a dead endpoint's backlog, its slots all held
-# by attempts waiting out the timeout, costs nothing). A session's chain of pending deliveries
-# to one endpoint moves only at its head (the lowest outbox id): heads come from one ordered
-# pass over the pending index (DISTINCT ON), linear whatever the planner's statistics say.
+# Only endpoints with a free slot are looked at, and of each only as many due deliveries as
+# it has free slots: a dead endpoint's backlog (its slots all held by attempts waiting out the
+# timeout) costs nothing. The count of what is in flight reads the leased deliveries alone
+# (migration 0013's index). Each open endpoint's due deliveries are walked in the order they
+# are due (0013's (endpoint, next attempt) index, LIMIT its free slots, so the plan does not
+# depend on the planner's guess of that endpoint's share of the table); a delivery is taken
+# only if it heads its session's chain to that endpoint (no pending delivery of the same
+# session with a lower outbox id: one probe of the pending-order index).
 _CLAIM = text(
     """
 WITH inflight AS MATERIALIZED (
     SELECT endpoint_id, count(*) AS n FROM webhook_deliveries
-     WHERE status = 'pending' AND lease_until > now() GROUP BY endpoint_id
+     WHERE status = 'pending' AND lease_until IS NOT NULL AND lease_until > now()
+     GROUP BY endpoint_id
 ), open AS MATERIALIZED (
     SELECT e.id AS endpoint_id, :per_endpoint - coalesce(i.n, 0) AS free
       FROM webhook_endpoints e LEFT JOIN inflight i ON i.endpoint_id = e.id
      WHERE e.disabled_at IS NULL AND coalesce(i.n, 0) < :per_endpoint
-), heads AS (
-    (SELECT DISTINCT ON (d.endpoint_id, d.order_key)
-            d.id, d.endpoint_id, d.outbox_id, d.next_attempt_at, d.lease_until
-       FROM webhook_deliveries d JOIN open o ON o.endpoint_id = d.endpoint_id
-      WHERE d.status = 'pending' AND d.order_key IS NOT NULL
-      ORDER BY d.endpoint_id, d.order_key, d.outbox_id)
-    UNION ALL
-    (SELECT d.id, d.endpoint_id, d.outbox_id, d.next_attempt_at, d.lease_until
-       FROM webhook_deliveries d JOIN open o ON o.endpoint_id = d.endpoint_id
-      WHERE d.status = 'pending' AND d.order_key IS NULL)
 ), due AS (
-    SELECT h.id, h.endpoint_id,
-           row_number() OVER (PARTITION BY h.endpoint_id
-                              ORDER BY h.next_attempt_at, h.outbox_id) AS rn
-      FROM heads h
-     WHERE h.next_attempt_at <= now() AND (h.lease_until IS NULL OR h.lease_until <= now())
+    SELECT h.id, row_number() OVER (PARTITION BY h.endpoint_id
+                                    ORDER BY h.next_attempt_at, h.outbox_id) AS rn
+      FROM open o CROSS JOIN LATERAL (
+          SELECT d.id, d.endpoint_id, d.next_attempt_at, d.outbox_id
+            FROM webhook_deliveries d
+           WHERE d.endpoint_id = o.endpoint_id AND d.status = 'pending'
+             AND d.next_attempt_at <= now()
+             AND (d.lease_until IS NULL OR d.lease_until <= now())
+             AND (d.order_key IS NULL OR NOT EXISTS (
+                 SELECT FROM webhook_deliveries p
+                  WHERE p.endpoint_id = d.endpoint_id AND p.status = 'pending'
+                    AND p.order_key = d.order_key AND p.outbox_id < d.outbox_id))
+           ORDER BY d.next_attempt_at, d.outbox_id
+           LIMIT o.free) AS h
 ), chosen AS (
-    SELECT due.id FROM due JOIN open o USING (endpoint_id)
-     WHERE due.rn <= o.free
-     ORDER BY due.rn, due.id LIMIT :limit
+    SELECT due.id FROM due ORDER BY due.rn, due.id LIMIT :limit
 )
 UPDATE webhook_deliveries d
    SET lease_until = now() + make_interval(secs => :lease), lease_owner = :owner

@@ -90,6 +90,20 @@ class WebhookDelivery(Base):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_webhook_deliveries_outbox_id", "outbox_id"),
+        # Each endpoint's pending deliveries in the order they fall due (0013).
+        Index(
+            "ix_webhook_deliveries_endpoint_due",
+            "endpoint_id",
+            "next_attempt_at",
+            "outbox_id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # The deliveries in flight (leased), counted per endpoint by every claim (0013).
+        Index(
+            "ix_webhook_deliveries_in_flight",
+            "endpoint_id",
+            postgresql_where=text("status = 'pending' AND lease_until IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger(), primary_key=True, autoincrement=True)
