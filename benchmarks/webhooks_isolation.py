@@ -205,8 +205,14 @@ def measure(
         receivers_cpu = cpu_seconds(receivers.process.pid) - receivers0
         machine_busy = busy()
         records = receivers.records()
-        latencies = [at - datetime.fromisoformat(stamp).timestamp() for _, at, stamp in records]
+        stamped = [(datetime.fromisoformat(stamp).timestamp(), at) for _, at, stamp in records]
+        latencies = [at - written for written, at in stamped]
         delivered = sum(receivers.counts())
+        # p99 by second of writing: when the latency builds up, not only how much.
+        start = min((written for written, _ in stamped), default=0.0)
+        by_second: dict[int, list[float]] = {}
+        for written, at in stamped:
+            by_second.setdefault(int(written - start), []).append(at - written)
     return {
         "events": count,
         "rate_written": round(count / produced, 1),
@@ -219,6 +225,7 @@ def measure(
         "runner_cpu_ms_per_delivery": round(1000 * runner_cpu / max(delivered, 1), 3),
         "receivers_cpu_ms_per_delivery": round(1000 * receivers_cpu / max(delivered, 1), 3),
         "machine_cpu_busy": round(machine_busy, 2),
+        "p99_s_by_second": [round(percentile(by_second[k], 99), 3) for k in sorted(by_second)],
     }
 
 
