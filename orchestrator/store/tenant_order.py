@@ -6,7 +6,6 @@ after it, by name."""
 
 from __future__ import annotations
 
-import math
 import uuid
 from datetime import datetime
 
@@ -14,7 +13,7 @@ from sqlalchemy import Row, bindparam, text
 from sqlalchemy.orm import Session
 
 from orchestrator.db.types import JSONDocument
-from orchestrator.store.tenants import USAGE_WINDOW_SECONDS, policies_in
+from orchestrator.store.tenants import decayed_usage, lock_capped, policies_in
 from orchestrator.tenants import TenantState, choose
 
 #: A request waiting this long goes before fair sharing (docs/admission.md, "Aging").
@@ -31,18 +30,6 @@ _BACKLOG = text(
     f"SELECT s.tenant, count(*) AS waiting, min(s.created_at) AS oldest FROM sessions s"  # noqa: S608
     f" WHERE {_ELIGIBLE} GROUP BY s.tenant"
 ).bindparams(bindparam("labels", type_=JSONDocument))
-# The backlogged tenants with a maximum: their policy rows locked after the account's, by
-# name, so none of their claims on another account admits meanwhile (a tenant without a
-# maximum needs no tenant-wide lock). Then every tenant's usage, summed over the accounts.
-# (A join, not ``= ANY(:names)``: with a thousand names that compares each row with each.)
-_LOCK_CAPPED = text(
-    "SELECT p.name FROM tenants p JOIN unnest(CAST(:names AS text[])) AS n(name)"
-    " ON n.name = p.name WHERE p.maximum IS NOT NULL ORDER BY p.name FOR UPDATE OF p"
-)
-# The session-seconds per tenant and account, decayed here (summed per tenant).
-_USAGE = text(
-    "SELECT tenant, used_seconds, used_at FROM tenant_account_usage WHERE used_seconds > 0"
-)
 _OTHERS_LIVE = text("SELECT name, in_use FROM tenant_totals WHERE in_use > 0")
 _POOL = text(
     "SELECT coalesce(sum(effective_cap), 0) AS cap FROM vendor_accounts"
@@ -91,22 +78,17 @@ def admit_in_order(
 ) -> list[uuid.UUID]:
     """Up to ``free`` waiting requests for ``account``, in the tenants' order (each id once)."""
     names = sorted(r.tenant for r in waiting)
-    session.execute(_LOCK_CAPPED, {"names": names})
-    used: dict[str, float] = {}
-    for u in session.execute(_USAGE):
-        age = max(0.0, (now - u.used_at).total_seconds()) if u.used_at is not None else 0.0
-        decayed = float(u.used_seconds) * math.exp(-age / USAGE_WINDOW_SECONDS)
-        used[u.tenant] = used.get(u.tenant, 0.0) + decayed
+    lock_capped(session, names)  # a tenant without a maximum needs no tenant-wide lock
+    used = decayed_usage(session, now)
     policies = policies_in(session)
     live = {r.name: int(r.in_use) for r in session.execute(_OTHERS_LIVE)}
     states: dict[str, TenantState] = {n: TenantState(in_use=i) for n, i in live.items()}
     for r in waiting:
-        decayed = used.get(r.tenant, 0.0)
         states[r.tenant] = TenantState(
             in_use=live.get(r.tenant, 0),
             waiting=int(r.waiting),
             oldest_since=r.oldest.timestamp(),
-            used_seconds=decayed,
+            used_seconds=used.get(r.tenant, 0.0),
         )
     in_use = sum(s.in_use for s in states.values())
     capacity = max(int(session.scalar(_POOL) or 0), in_use + free)

@@ -4,6 +4,7 @@ migrations 0009 and 0012). docs/admission.md ("Tenants") is the design."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,6 +16,36 @@ from orchestrator.db import Database, Tenant
 from orchestrator.tenants import TenantPolicy
 
 USAGE_WINDOW_SECONDS = 3600.0  # the decay of used_seconds (migrations 0009, 0012)
+
+# The session-seconds per tenant and account, decayed in Python and summed per tenant: the
+# view tenant_totals does the same, but aggregates every row where this reads them as they are.
+_USED = text(
+    "SELECT tenant, used_seconds, used_at FROM tenant_account_usage WHERE used_seconds > 0"
+)
+# The tenants among ``names`` that have a maximum, their policy rows locked by name (after the
+# account's row: docs/admission.md, "The lock scheme"). A join, not ``= ANY(:names)``: with a
+# thousand names that compares each row with each.
+_LOCK_CAPPED = text(
+    "SELECT p.name FROM tenants p JOIN unnest(CAST(:names AS text[])) AS n(name)"
+    " ON n.name = p.name WHERE p.maximum IS NOT NULL ORDER BY p.name FOR UPDATE OF p"
+)
+
+
+def decayed_usage(session: Session, now: datetime) -> dict[str, float]:
+    """Each tenant's session-seconds decayed to ``now``, summed over its accounts (as
+    admission and the wait estimate read them)."""
+    used: dict[str, float] = {}
+    for r in session.execute(_USED):
+        age = max(0.0, (now - r.used_at).total_seconds()) if r.used_at is not None else 0.0
+        decayed = float(r.used_seconds) * math.exp(-age / USAGE_WINDOW_SECONDS)
+        used[r.tenant] = used.get(r.tenant, 0.0) + decayed
+    return used
+
+
+def lock_capped(session: Session, names: list[str]) -> list[str]:
+    """Lock the policy rows of the tenants among ``names`` with a maximum, so no claim of
+    theirs on another account admits meanwhile; their names, sorted."""
+    return list(session.scalars(_LOCK_CAPPED, {"names": names}))
 
 
 def set_policy(db: Database, policy: TenantPolicy) -> None:

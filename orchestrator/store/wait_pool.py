@@ -6,7 +6,6 @@ taken: admission never waits for it."""
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Database
-from orchestrator.store.tenants import USAGE_WINDOW_SECONDS, policies_in
+from orchestrator.store.tenants import decayed_usage, policies_in
 from orchestrator.tenants import LiveSession, Pool, Waiter
 
 #: Arrival rates are counted over this many seconds before now.
@@ -63,7 +62,6 @@ _ARRIVALS = text(
     f" WHERE status IN {_ALL_STATUSES}"
     f" AND created_at > now() - make_interval(secs => {ARRIVAL_WINDOW_SECONDS}) GROUP BY tenant"
 )
-_USAGE = text("SELECT name, used_seconds, used_at FROM tenant_totals WHERE used_seconds > 0")
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,7 @@ def read_pool(db: Database, *, max_waiters: int, max_duration: float) -> PoolSna
             durations=_lengths(session),
             now=at,
             max_duration=max_duration,
-            usage=_usage(session, now),
+            usage=decayed_usage(session, now),
             arrival_rates={
                 r.tenant: int(r.arrived) / ARRIVAL_WINDOW_SECONDS
                 for r in session.execute(_ARRIVALS)
@@ -129,12 +127,3 @@ def _lengths(session: Session) -> dict[str, list[float]]:
     for r in session.execute(_LENGTHS):
         lengths.setdefault(r.tenant, []).append(float(r.seconds))
     return lengths
-
-
-def _usage(session: Session, now: datetime) -> dict[str, float]:
-    """Each tenant's used seconds decayed to ``now`` (as admission reads them)."""
-    usage = {}
-    for r in session.execute(_USAGE):
-        age = max(0.0, (now - r.used_at).total_seconds()) if r.used_at is not None else 0.0
-        usage[r.name] = float(r.used_seconds) * math.exp(-age / USAGE_WINDOW_SECONDS)
-    return usage

@@ -18,6 +18,7 @@ from orchestrator.store import history, tenant_order
 from orchestrator.store.admission import VENDOR_ACCOUNT, lock_admission
 from orchestrator.store.ending import end
 from orchestrator.store.rows import S, db_now
+from orchestrator.store.tenants import lock_capped
 
 # The account's row, locked, if it is open (in the catalog, enabled, not draining, circuit
 # closed); its free slots (none known: as many as wait).
@@ -42,13 +43,7 @@ _FULL_TENANTS = text(
     "SELECT coalesce(array_agg(p.name), '{}') FROM tenants p JOIN tenant_totals u"
     " ON u.name = p.name WHERE p.maximum IS NOT NULL AND u.in_use >= p.maximum"
 )
-# Of those requests' tenants, the ones with a maximum: their policy rows locked after the
-# account's, by name (docs/admission.md, "The lock scheme"), so no claim of theirs on another
-# account admits meanwhile; then the slots each may still take, summed over the accounts.
-_LOCK_CAPPED = text(
-    "SELECT name FROM tenants WHERE name = ANY(:names) AND maximum IS NOT NULL"
-    " ORDER BY name FOR UPDATE"
-)
+# The slots each tenant with a maximum may still take, summed over the accounts.
 _ROOM = text(
     "SELECT p.name, p.maximum - coalesce(u.in_use, 0) AS room FROM tenants p"
     " LEFT JOIN tenant_totals u ON u.name = p.name"
@@ -143,7 +138,7 @@ def _within_maximums(session: Session, candidates: Sequence[Row[Any]]) -> list[u
     names = sorted({c.tenant for c in candidates})
     if not names:
         return []
-    capped = list(session.scalars(_LOCK_CAPPED, {"names": names}))
+    capped = lock_capped(session, names)
     room: dict[str, int | None] = {
         r.name: r.room for r in session.execute(_ROOM, {"names": capped})
     }
