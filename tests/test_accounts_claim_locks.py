@@ -8,11 +8,12 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from orchestrator import store
 from orchestrator.db import Database
@@ -32,28 +33,38 @@ def claim_quickly(db: Database, request_id: str, **wish: object) -> store.Claim:
 
 
 @contextmanager
-def ending_one_on_a_held_open(db: Database) -> Iterator[None]:
-    """A transaction that ends the oldest session on account ``a`` (its counters' triggers
-    lock what they update) and stays open while the block runs."""
+def held_open(db: Database, work: Callable[[Session], object]) -> Iterator[None]:
+    """A transaction, in another thread, that does ``work`` and stays open (its locks held)
+    while the block runs; it commits when the block ends."""
     holding = threading.Event()
     release = threading.Event()
 
-    def end_one_on_a_slowly() -> None:
+    def hold() -> None:
         with db.transaction() as session:
-            victim = session.scalar(
-                text("SELECT id FROM sessions WHERE account = 'a' ORDER BY created_at LIMIT 1")
-            )
-            end(session, [victim], S.ENDED, from_statuses=[S.STARTING])
+            work(session)
             holding.set()
             release.wait(HELD_SECONDS)
 
-    holder = in_background(end_one_on_a_slowly)
+    holder = in_background(hold)
     try:
         assert holding.wait(HELD_SECONDS)
         yield
     finally:
         release.set()
         holder.result(timeout=HELD_SECONDS)
+
+
+def ending_one_on_a_held_open(db: Database) -> AbstractContextManager[None]:
+    """The oldest session on account ``a`` ended (its counters' triggers lock what they
+    update) in a transaction held open while the block runs."""
+
+    def end_one_on_a(session: Session) -> None:
+        victim = session.scalar(
+            text("SELECT id FROM sessions WHERE account = 'a' ORDER BY created_at LIMIT 1")
+        )
+        end(session, [victim], S.ENDED, from_statuses=[S.STARTING])
+
+    return held_open(db, end_one_on_a)
 
 
 def test_a_claim_that_names_no_account_does_not_wait_for_a_decision_on_another(
@@ -115,22 +126,9 @@ def test_a_claim_passes_over_the_first_ranked_account_while_another_decision_hol
     )
     with db.transaction() as session:  # only a and b admit in this test
         session.execute(text("UPDATE vendor_accounts SET in_catalog = (name IN ('a', 'b'))"))
-    holding = threading.Event()
-    release = threading.Event()
-
-    def hold_a() -> None:
-        with db.transaction() as session:
-            session.execute(text("SELECT FROM vendor_accounts WHERE name = 'a' FOR UPDATE"))
-            holding.set()
-            release.wait(HELD_SECONDS)
-
-    holder = in_background(hold_a)
-    try:
-        assert holding.wait(HELD_SECONDS)
+    hold_a = text("SELECT FROM vendor_accounts WHERE name = 'a' FOR UPDATE")
+    with held_open(db, lambda session: session.execute(hold_a)):
         claimed = claim_quickly(db, "second", tenant="other")
-    finally:
-        release.set()
-        holder.result(timeout=HELD_SECONDS)
     assert (claimed.status, claimed.account) == ("starting", "b")
     assert claim_request(db, "third").account == "a"  # a ranks first again once free
 
@@ -217,34 +215,21 @@ def test_a_slot_freed_while_a_claim_decides_to_wait_is_not_lost(db: Database) ->
     assert claim_request(db, "first", account="a").status == "starting"
     hooks = AdmitEveryAccount()
     hooked = Database(db.engine.url.render_as_string(hide_password=False), hooks=hooks)
-    holding = threading.Event()
-    release = threading.Event()
-
     with db.transaction() as session:  # a maximum: a waiting claim locks its policy row
         session.execute(text("INSERT INTO tenants (name, maximum) VALUES ('late', 5)"))
-
-    def hold_the_tenant() -> None:
-        with db.transaction() as session:
-            session.execute(text("SELECT FROM tenants WHERE name = 'late' FOR UPDATE"))
-            holding.set()
-            release.wait(HELD_SECONDS)
-
-    holder = in_background(hold_the_tenant)
+    hold_the_tenant = text("SELECT FROM tenants WHERE name = 'late' FOR UPDATE")
     try:
-        assert holding.wait(HELD_SECONDS)
-        claimed = in_background(lambda: claim_request(hooked, "late", tenant="late"))
-        deadline = time.monotonic() + HELD_SECONDS
-        while not waiting_for_a_lock(db) and time.monotonic() < deadline:  # the claim waits
-            time.sleep(0.02)
-        with db.transaction() as session:  # the first session ends: a is free
-            first = session.scalar(text("SELECT id FROM sessions WHERE request_id = 'first'"))
-            end(session, [first], S.ENDED, from_statuses=[S.STARTING])
-        assert store.admit(db, account="a") == []  # its admission: nothing waits yet
-        release.set()
-        holder.result(timeout=HELD_SECONDS)
+        with held_open(db, lambda session: session.execute(hold_the_tenant)):
+            claimed = in_background(lambda: claim_request(hooked, "late", tenant="late"))
+            deadline = time.monotonic() + HELD_SECONDS
+            while not waiting_for_a_lock(db) and time.monotonic() < deadline:  # it waits
+                time.sleep(0.02)
+            with db.transaction() as session:  # the first session ends: a is free
+                first = session.scalar(text("SELECT id FROM sessions WHERE request_id = 'first'"))
+                end(session, [first], S.ENDED, from_statuses=[S.STARTING])
+            assert store.admit(db, account="a") == []  # its admission: nothing waits yet
         result = claimed.result(timeout=HELD_SECONDS)
     finally:
-        release.set()
         hooked.dispose()
     assert result.status == "waiting"
     assert hooks.admitted == [str(result.session_id)]
