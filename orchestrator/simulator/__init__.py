@@ -1,4 +1,5 @@
-"""A fake DeepBrain AI Streamer API (aiohttp), written from deepbrain-api.md only.
+"""A fake DeepBrain AI Streamer API (aiohttp), written from the vendor's API documentation
+only (its replies as a schema: tests/hostile/schema.py).
 
 It shares no code with the orchestrator's DeepBrain client, so a test of one
 against the other proves something. Vendor endpoints live under

@@ -1,6 +1,6 @@
 """Knobs of the DeepBrain simulator.
 
-Written from the vendor API description (``deepbrain-api.md``) only, never
+Written from the vendor's API documentation only (tests/hostile/schema.py), never
 from the orchestrator's own DeepBrain client.
 """
 

@@ -24,7 +24,7 @@ DEFAULT_MESSAGES: Final[Mapping[int, str]] = {
 
 
 def default_code_for_status(status: int) -> int:
-    """The envelope code the vendor pairs with an HTTP status (deepbrain-api.md table)."""
+    """The envelope code the vendor pairs with an HTTP status (its documented table of errors)."""
     known = {400: 4000, 422: 4000, 401: 4010, 402: 4020, 403: 4030, 404: 4040, 409: 4090}
     if status in known:
         return known[status]

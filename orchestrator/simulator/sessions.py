@@ -239,7 +239,7 @@ class SessionBook:
         return chosen
 
 
-#: Top-level start fields the vendor documents (deepbrain-api.md section 2).
+#: Top-level start fields the vendor documents (its start-session page).
 DOCUMENTED_START_FIELDS = frozenset(
     {"avatar_id", "avatar_persona", "max_session_duration", "lip_audio_mode", "greeting_text"}
 )
